@@ -1,0 +1,399 @@
+"""GeoTIFF segmentation datasets: the base class every dataset builds on, and a folder layout.
+
+A dataset reads its samples with rasterio and returns dicts with fixed keys::
+
+    {"image": float32 tensor (C, H, W), "mask": int64 tensor (H, W), "index": int}
+
+A subclass only says where its files are and how they are laid out:
+
+* ``available_bands``: band names in file (channel) order;
+* :meth:`GeoTIFFSegmentationDataset.list_samples`: the :class:`Sample` records of one split;
+* optionally :meth:`GeoTIFFSegmentationDataset.read_image` / ``read_mask`` when a sample is not
+  one multi-band image file plus one single-band mask file (MADOS keeps one band per file);
+* optionally ``nodata`` (an image value meaning "no data", read as 0), ``label_offset`` (subtracted
+  from the stored mask, e.g. 1 for MADOS where 0 means unlabelled) and ``georeferenced`` (False
+  silences rasterio's ``NotGeoreferencedWarning`` for files that legitimately lack it).
+
+Everything else (validation of the configuration, NaN and no-data handling, mapping out-of-range
+labels to ``ignore_index``, georeferencing of predictions) lives here once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import rasterio
+import torch
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample on disk.
+
+    Args:
+        name: a name unique within the split, used for prediction file names.
+        mask: the label GeoTIFF; its georeferencing is the sample's georeferencing.
+        images: the image file(s), keyed as the dataset's ``read_image`` expects; the default
+            reader expects a single multi-band file under ``"image"``.
+    """
+
+    name: str
+    mask: Path
+    images: dict[str, Path] = field(default_factory=dict)
+
+
+@contextmanager
+def _open_raster(path: Path, georeferenced: bool = True) -> Iterator[rasterio.DatasetReader]:
+    """Open ``path`` with rasterio; errors name the file and what to do about it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"GeoTIFF {str(path)!r} does not exist; check dataset.root and that the dataset is "
+            "fully unpacked"
+        )
+    with warnings.catch_warnings():
+        if not georeferenced:
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            src = rasterio.open(path)
+        except RasterioError as err:
+            raise OSError(
+                f"cannot read GeoTIFF {str(path)!r} (corrupt or not a raster?): {err}; "
+                "re-download or re-extract this file"
+            ) from err
+        with src:
+            yield src
+
+
+def read_raster(
+    path: Path, indexes: list[int] | None = None, georeferenced: bool = True
+) -> np.ndarray:
+    """Read bands ``indexes`` (1-based, rasterio convention; all bands when None) of a GeoTIFF.
+
+    Returns an array (C, H, W) in the file's dtype. A file rasterio cannot read raises an
+    ``OSError`` naming the file.
+    """
+    with _open_raster(path, georeferenced) as src:
+        return _read_bands(src, path, indexes)
+
+
+def _read_bands(src: rasterio.DatasetReader, path: Path, indexes: list[int] | None) -> np.ndarray:
+    if indexes is not None and max(indexes, default=0) > src.count:
+        raise ValueError(
+            f"GeoTIFF {str(path)!r} has {src.count} bands but band {max(indexes)} was "
+            "requested; the file does not match the dataset's available_bands"
+        )
+    try:
+        return src.read(indexes)  # (C, H, W)
+    except RasterioError as err:
+        raise OSError(
+            f"cannot read pixels of GeoTIFF {str(path)!r} (truncated or corrupt?): {err}; "
+            "re-download or re-extract this file"
+        ) from err
+
+
+class GeoTIFFSegmentationDataset(Dataset):
+    """Base class of the segmentation datasets: GeoTIFF images and masks read with rasterio.
+
+    All arguments are keyword-only plain types, as Hydra passes them from the dataset YAML;
+    unknown keys are an error.
+
+    Args:
+        root: folder holding the dataset in its published layout.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        bands: bands to load, by name, in this order (a subset of ``available_bands``).
+        classes: class names; mask values outside ``[0, len(classes))`` become ``ignore_index``.
+        band_stats: ``{"mean": {band: float}, "std": {band: float}}`` covering ``bands``, in the
+            units of the files (see ``reflectance_scale``).
+        img_size: native crop size hint for the model; stored only.
+        ignore_index: label of pixels that carry no class; must lie outside ``[0, num_classes)``.
+        reflectance_scale: the file value of reflectance 1.0 (10000 for integer L2A products,
+            1.0 for float reflectance); stored for consumers that need physical reflectance
+            (spectral indices). Images are returned in file units.
+        spectral_indices: names of spectral indices to derive (spyndex names); stored only.
+        transform: joint ``(image, mask) -> (image, mask)`` transform on tensors, normally a
+            :class:`datasets.transforms.JointTransform` that also normalises; without one the
+            image is returned raw.
+    """
+
+    available_bands: ClassVar[list[str]] = []
+    nodata: ClassVar[float | None] = None
+    label_offset: ClassVar[int] = 0
+    georeferenced: ClassVar[bool] = True
+    layout: ClassVar[str] = "see the dataset's docstring"
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        split: str,
+        bands: list[str],
+        classes: list[str],
+        band_stats: dict[str, dict[str, float]],
+        img_size: int,
+        ignore_index: int = -1,
+        reflectance_scale: float = 1.0,
+        spectral_indices: list[str] | None = None,
+        transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if split not in SPLITS:
+            raise ValueError(f"{name}: split {split!r} is not one of {list(SPLITS)}")
+        self.split = split
+        self.bands = self._validated_bands(bands)
+        self.classes = list(classes)
+        if not self.classes:
+            raise ValueError(f"{name}: classes is empty; list the class names in dataset.classes")
+        self.ignore_index = int(ignore_index)
+        if 0 <= self.ignore_index < len(self.classes):
+            raise ValueError(
+                f"{name}: ignore_index={self.ignore_index} is a valid class id "
+                f"(0..{len(self.classes) - 1}, {self.classes[self.ignore_index]!r}); set "
+                "dataset.ignore_index to a value outside that range, e.g. -1"
+            )
+        self.band_stats = self._validated_band_stats(band_stats)
+        if not reflectance_scale > 0:
+            raise ValueError(
+                f"{name}: reflectance_scale={reflectance_scale} must be > 0 (10000 for integer "
+                "reflectance, 1.0 for float reflectance)"
+            )
+        self.reflectance_scale = float(reflectance_scale)
+        self.img_size = int(img_size)
+        self.spectral_indices = list(spectral_indices or [])
+        self.transform = transform
+
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"{name}: dataset root {str(self.root)!r} does not exist; download the dataset "
+                "there or set dataset.root=<path to the unpacked dataset>"
+            )
+        self.samples = self.list_samples(split)
+        if not self.samples:
+            raise ValueError(
+                f"{name}: split {split!r} has no samples under {str(self.root)!r}; check that "
+                f"dataset.root points at the unpacked dataset (expected layout: {self.layout})"
+            )
+
+    # ----------------------------------------------------------------------------- validation
+
+    def _validated_bands(self, bands: list[str]) -> list[str]:
+        name = type(self).__name__
+        bands = list(bands)
+        if not bands:
+            raise ValueError(f"{name}: bands is empty; choose from {self.available_bands}")
+        for band in bands:
+            if band not in self.available_bands:
+                raise ValueError(
+                    f"{name}: band {band!r} is not available; available bands are "
+                    f"{self.available_bands}; fix dataset.bands"
+                )
+        duplicates = sorted({b for b in bands if bands.count(b) > 1})
+        if duplicates:
+            raise ValueError(f"{name}: bands {duplicates} are listed twice in dataset.bands")
+        return bands
+
+    def _validated_band_stats(self, band_stats: dict) -> dict[str, dict[str, float]]:
+        name = type(self).__name__
+        stats: dict[str, dict[str, float]] = {}
+        for key in ("mean", "std"):
+            table = band_stats.get(key) if hasattr(band_stats, "get") else None
+            if table is None:
+                raise ValueError(
+                    f"{name}: band_stats has no {key!r} table; give dataset.band_stats."
+                    f"{key} as {{band: value}} for bands {self.bands}"
+                )
+            missing = [b for b in self.bands if b not in table]
+            if missing:
+                raise ValueError(
+                    f"{name}: band_stats.{key} lacks bands {missing}; add them to "
+                    f"dataset.band_stats.{key}"
+                )
+            stats[key] = {b: float(table[b]) for b in self.bands}
+        for band, std in stats["std"].items():
+            if not std > 0:
+                raise ValueError(
+                    f"{name}: band_stats.std of band {band!r} is {std}; it must be > 0 (it "
+                    "divides the image); fix dataset.band_stats.std"
+                )
+        return stats
+
+    # ---------------------------------------------------------------------- subclass hooks
+
+    def list_samples(self, split: str) -> list[Sample]:
+        """Return the samples of ``split`` (an empty list if there are none)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement list_samples(split)")
+
+    def read_image(self, sample: Sample) -> np.ndarray:
+        """Read the raw bands ``self.bands`` of ``sample`` in that order: (C, H, W).
+
+        The default reads one multi-band GeoTIFF ``sample.images["image"]`` whose bands are
+        ``available_bands`` in order. NaN and ``nodata`` handling happen in the caller.
+        """
+        path = sample.images["image"]
+        with _open_raster(path, self.georeferenced) as src:
+            if src.count != len(self.available_bands):
+                raise ValueError(
+                    f"GeoTIFF {str(path)!r} has {src.count} bands but {type(self).__name__} "
+                    f"expects {len(self.available_bands)} ({self.available_bands}); the file is "
+                    "not from this dataset or is damaged"
+                )
+            indexes = [self.available_bands.index(b) + 1 for b in self.bands]
+            return _read_bands(src, path, indexes)  # (C, H, W)
+
+    def read_mask(self, sample: Sample) -> np.ndarray:
+        """Read the stored label of ``sample`` (first band of ``sample.mask``): (H, W)."""
+        return read_raster(sample.mask, [1], self.georeferenced)[0]  # (H, W)
+
+    # ---------------------------------------------------------------------------- reading
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (mask values ``0 .. num_classes - 1``)."""
+        return len(self.classes)
+
+    @property
+    def mean(self) -> list[float]:
+        """Per-band mean in ``bands`` order, in file units."""
+        return [self.band_stats["mean"][b] for b in self.bands]
+
+    @property
+    def std(self) -> list[float]:
+        """Per-band standard deviation in ``bands`` order, in file units."""
+        return [self.band_stats["std"][b] for b in self.bands]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sample_name(self, index: int) -> str:
+        """Name of sample ``index``, unique within the split."""
+        return self.samples[index].name
+
+    def georeference(self, index: int) -> tuple[CRS | None, Affine]:
+        """CRS (None if the file has none) and affine transform of sample ``index``'s mask."""
+        with _open_raster(self.samples[index].mask, self.georeferenced) as src:
+            return src.crs, src.transform
+
+    def read_sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw image (C, H, W) float32 with NaN and no-data set to 0, and mask (H, W) int64.
+
+        Mask values outside ``[0, num_classes)`` after ``label_offset`` become ``ignore_index``.
+        """
+        sample = self.samples[index]
+        image = np.asarray(self.read_image(sample), dtype=np.float32)  # (C, H, W)
+        invalid = ~np.isfinite(image)
+        if self.nodata is not None:
+            invalid |= image == np.float32(self.nodata)
+        image[invalid] = 0.0
+
+        raw_mask = np.asarray(self.read_mask(sample))  # (H, W)
+        if image.shape[1:] != raw_mask.shape:
+            raise ValueError(
+                f"{type(self).__name__}: sample {sample.name!r} has image {image.shape[1:]} but "
+                f"mask {raw_mask.shape} ({str(sample.mask)!r}); image and mask must align"
+            )
+        if np.issubdtype(raw_mask.dtype, np.floating):
+            finite = np.isfinite(raw_mask)
+            raw_mask = np.where(finite, raw_mask, -1)
+        mask = raw_mask.astype(np.int64) - self.label_offset  # (H, W)
+        mask[(mask < 0) | (mask >= self.num_classes)] = self.ignore_index
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask = self.read_sample(index)
+        image_t = torch.from_numpy(image)  # (C, H, W)
+        mask_t = torch.from_numpy(mask)  # (H, W)
+        if self.transform is not None:
+            image_t, mask_t = self.transform(image_t, mask_t)
+        return {"image": image_t, "mask": mask_t, "index": index}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+            f"samples={len(self)}, bands={self.bands}, classes={self.num_classes})"
+        )
+
+
+class FolderSegmentation(GeoTIFFSegmentationDataset):
+    """Image/mask GeoTIFF pairs in one folder per split.
+
+    Layout::
+
+        <root>/<split>/<name>_image.tif   multi-band image, bands = available_bands in order
+        <root>/<split>/<name>_mask.tif    single-band class mask
+
+    Use it directly for your own data by giving ``available_bands`` in the YAML, or subclass it
+    with ``available_bands`` as a class attribute (the demo dataset does). Other arguments are
+    those of :class:`GeoTIFFSegmentationDataset`.
+
+    Args:
+        available_bands: band names of the image files in order; defaults to the class attribute.
+    """
+
+    image_suffix: ClassVar[str] = "_image.tif"
+    mask_suffix: ClassVar[str] = "_mask.tif"
+    layout: ClassVar[str] = "<root>/<split>/<name>_image.tif + <name>_mask.tif"
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        split: str,
+        bands: list[str],
+        classes: list[str],
+        band_stats: dict[str, dict[str, float]],
+        img_size: int,
+        ignore_index: int = -1,
+        reflectance_scale: float = 1.0,
+        spectral_indices: list[str] | None = None,
+        transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
+        available_bands: list[str] | None = None,
+    ) -> None:
+        if available_bands is not None:
+            self.available_bands = list(available_bands)
+        if not self.available_bands:
+            raise ValueError(
+                f"{type(self).__name__}: available_bands is not set; give dataset."
+                "available_bands as the image files' band names in order"
+            )
+        super().__init__(
+            root=root,
+            split=split,
+            bands=bands,
+            classes=classes,
+            band_stats=band_stats,
+            img_size=img_size,
+            ignore_index=ignore_index,
+            reflectance_scale=reflectance_scale,
+            spectral_indices=spectral_indices,
+            transform=transform,
+        )
+
+    def list_samples(self, split: str) -> list[Sample]:
+        """Pairs ``<name>_mask.tif`` with ``<name>_image.tif`` in ``<root>/<split>``, by name."""
+        folder = self.root / split
+        samples = []
+        for mask in sorted(folder.glob(f"*{self.mask_suffix}")):
+            name = mask.name[: -len(self.mask_suffix)]
+            image = folder / f"{name}{self.image_suffix}"
+            if not image.is_file():
+                raise FileNotFoundError(
+                    f"{type(self).__name__}: mask {str(mask)!r} has no image {str(image)!r}; "
+                    "restore the image or remove the mask"
+                )
+            samples.append(Sample(name=name, mask=mask, images={"image": image}))
+        return samples

@@ -1,0 +1,198 @@
+"""Joint image/mask transforms on tensors: random crop, flips, 90° rotations, normalisation.
+
+Geometric operations act on the last two (spatial) axes of both the image (C, H, W) and the
+mask (H, W) with the same random draw, so band order is never touched and labels stay aligned
+with pixels. Randomness comes from torch's global RNG: seeding torch (and the data-loader's
+per-worker seeding) makes the augmentation reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class JointTransform:
+    """Random crop, flips and 90° rotations of image and mask together, then normalisation.
+
+    Called as ``image, mask = t(image, mask)`` with ``image`` (C, H, W) and ``mask`` (H, W).
+
+    Args:
+        mean: per-band mean, in the image's channel order and units.
+        std: per-band standard deviation, same order; every value must be > 0.
+        crop_size: side of the square random crop; None keeps the whole image. Images smaller
+            than the crop are padded at the bottom/right with 0 (image, before normalisation,
+            i.e. the no-data value) and ``ignore_index`` (mask).
+        hflip: probability of a horizontal flip (along the width axis).
+        vflip: probability of a vertical flip (along the height axis).
+        rot90: rotate by a random multiple of 90°; non-square images only by 0° or 180° so
+            their shape is kept.
+        ignore_index: mask value of unlabelled pixels.
+        min_labelled_fraction: when > 0, redraw the crop (up to ``max_crop_tries`` times) until
+            at least this fraction of its pixels is labelled; if no draw reaches it, a crop
+            centred on a random labelled pixel is also tried and the best crop is kept. For
+            sparse labels (MADOS) where a random crop can hold no label at all.
+        max_crop_tries: random crop draws before the fallback.
+    """
+
+    def __init__(
+        self,
+        mean: list[float],
+        std: list[float],
+        crop_size: int | None = None,
+        hflip: float = 0.0,
+        vflip: float = 0.0,
+        rot90: bool = False,
+        ignore_index: int = -1,
+        min_labelled_fraction: float = 0.0,
+        max_crop_tries: int = 10,
+    ) -> None:
+        if len(mean) != len(std):
+            raise ValueError(
+                f"JointTransform: mean has {len(mean)} values but std has {len(std)}; give one "
+                "per band in both"
+            )
+        for i, s in enumerate(std):
+            if not float(s) > 0:
+                raise ValueError(
+                    f"JointTransform: std of band index {i} is {s}; it must be > 0 (it divides "
+                    "the image); fix the band statistics"
+                )
+        if crop_size is not None and crop_size < 1:
+            raise ValueError(f"JointTransform: crop_size={crop_size} must be >= 1 or None")
+        for name, p in (("hflip", hflip), ("vflip", vflip)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"JointTransform: {name}={p} is a probability; use [0, 1]")
+        if not 0.0 <= min_labelled_fraction <= 1.0:
+            raise ValueError(
+                f"JointTransform: min_labelled_fraction={min_labelled_fraction} must be in [0, 1]"
+            )
+        if max_crop_tries < 1:
+            raise ValueError(f"JointTransform: max_crop_tries={max_crop_tries} must be >= 1")
+        self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32)  # (C,)
+        self.std = torch.tensor([float(s) for s in std], dtype=torch.float32)  # (C,)
+        self.crop_size = crop_size
+        self.hflip = float(hflip)
+        self.vflip = float(vflip)
+        self.rot90 = bool(rot90)
+        self.ignore_index = int(ignore_index)
+        self.min_labelled_fraction = float(min_labelled_fraction)
+        self.max_crop_tries = int(max_crop_tries)
+
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.ndim != 3 or mask.ndim != 2 or image.shape[-2:] != mask.shape:
+            raise ValueError(
+                f"JointTransform: expected image (C, H, W) and mask (H, W) of the same H, W; "
+                f"got image {tuple(image.shape)} and mask {tuple(mask.shape)}"
+            )
+        if image.shape[0] != self.mean.numel():
+            raise ValueError(
+                f"JointTransform: image has {image.shape[0]} channels but mean/std have "
+                f"{self.mean.numel()} values; the band statistics must match dataset.bands"
+            )
+        image = image.float()
+        if self.crop_size is not None:
+            image, mask = self._crop(image, mask)
+        if self.hflip > 0 and torch.rand(()).item() < self.hflip:
+            image, mask = image.flip(-1), mask.flip(-1)
+        if self.vflip > 0 and torch.rand(()).item() < self.vflip:
+            image, mask = image.flip(-2), mask.flip(-2)
+        if self.rot90:
+            height, width = mask.shape
+            # A non-square image keeps its shape (and batches) only under 0° or 180°.
+            choices = 4 if height == width else 2
+            k = int(torch.randint(choices, ()).item()) * (4 // choices)
+            image, mask = image.rot90(k, dims=(-2, -1)), mask.rot90(k, dims=(-2, -1))
+        image = (image - self.mean[:, None, None]) / self.std[:, None, None]  # (C, H, W)
+        return image.contiguous(), mask.contiguous()
+
+    def _crop(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.crop_size
+        assert size is not None
+        height, width = mask.shape
+        pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+        if pad_h or pad_w:
+            image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=self.ignore_index)
+            height, width = mask.shape
+
+        def window(top: int, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rows, cols = slice(top, top + size), slice(left, left + size)
+            return image[:, rows, cols], mask[rows, cols]
+
+        def draw() -> tuple[int, int]:
+            top = int(torch.randint(height - size + 1, ()).item())
+            left = int(torch.randint(width - size + 1, ()).item())
+            return top, left
+
+        if self.min_labelled_fraction <= 0:
+            return window(*draw())
+
+        best, best_fraction = (0, 0), -1.0
+        for _ in range(self.max_crop_tries):
+            top, left = draw()
+            fraction = self._labelled_fraction(window(top, left)[1])
+            if fraction >= self.min_labelled_fraction:
+                return window(top, left)
+            if fraction > best_fraction:
+                best, best_fraction = (top, left), fraction
+        labelled = (mask != self.ignore_index).nonzero()  # (N, 2)
+        if len(labelled):
+            row, col = labelled[int(torch.randint(len(labelled), ()).item())].tolist()
+            top = min(max(row - size // 2, 0), height - size)
+            left = min(max(col - size // 2, 0), width - size)
+            if self._labelled_fraction(window(top, left)[1]) > best_fraction:
+                best = (top, left)
+        return window(*best)
+
+    def _labelled_fraction(self, mask: torch.Tensor) -> float:
+        return (mask != self.ignore_index).float().mean().item()
+
+    def __repr__(self) -> str:
+        return (
+            f"JointTransform(crop_size={self.crop_size}, hflip={self.hflip}, vflip={self.vflip}, "
+            f"rot90={self.rot90}, min_labelled_fraction={self.min_labelled_fraction}, "
+            f"bands={self.mean.numel()})"
+        )
+
+
+def build_transform(
+    bands: list[str],
+    band_stats: dict[str, dict[str, float]],
+    train: bool,
+    crop_size: int | None,
+    hflip: float,
+    vflip: float,
+    rot90: bool,
+    ignore_index: int,
+    min_labelled_fraction: float = 0.0,
+) -> JointTransform:
+    """Build the :class:`JointTransform` of a split, picking the statistics by band name.
+
+    With ``train=False`` only normalisation remains: evaluation sees whole, unflipped images.
+    """
+    stats: dict[str, list[float]] = {}
+    for key in ("mean", "std"):
+        table = band_stats.get(key) if hasattr(band_stats, "get") else None
+        if table is None:
+            raise ValueError(f"band_stats has no {key!r} table; give {{band: value}} for {bands}")
+        missing = [b for b in bands if b not in table]
+        if missing:
+            raise ValueError(f"band_stats.{key} lacks bands {missing}; add them to band_stats")
+        stats[key] = [float(table[b]) for b in bands]
+    for band, s in zip(bands, stats["std"]):
+        if not s > 0:
+            raise ValueError(f"band_stats.std of band {band!r} is {s}; it must be > 0")
+    if not train:
+        return JointTransform(stats["mean"], stats["std"], ignore_index=ignore_index)
+    return JointTransform(
+        stats["mean"],
+        stats["std"],
+        crop_size=crop_size,
+        hflip=hflip,
+        vflip=vflip,
+        rot90=rot90,
+        ignore_index=ignore_index,
+        min_labelled_fraction=min_labelled_fraction,
+    )

@@ -102,8 +102,13 @@ def load_vit_checkpoint(
             old_size=(old_side, old_side),
             num_prefix_tokens=num_prefix,
         )
-        log.info("%s: resampled pos_embed from %dx%d to %s", name, old_side, old_side,
-                 tuple(model.patch_embed.grid_size))
+        log.info(
+            "%s: resampled pos_embed from %dx%d to %s",
+            name,
+            old_side,
+            old_side,
+            tuple(model.patch_embed.grid_size),
+        )
     mismatched = [k for k, v in state.items() if v.shape != own[k].shape]
     for k in mismatched:
         dropped.append(f"{k} (shape {tuple(state[k].shape)} != {tuple(own[k].shape)})")

@@ -1,0 +1,1 @@
+"""Training and evaluation engine: one Trainer, one Evaluator, distributed and checkpoint helpers."""

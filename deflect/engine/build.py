@@ -1,0 +1,139 @@
+"""Build every component from the composed config: the one place ``instantiate`` is called.
+
+Components take plain typed arguments; only this module reads the config tree.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from datasets.transforms import build_transform
+from deflect.engine.distributed import DistInfo, ShardSampler
+from segmentors import SegmentationLoss
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def build_dataset(cfg: DictConfig, split: str):
+    """The dataset of ``split`` with its joint transform (augmentation only for training)."""
+    aug = cfg.augmentation
+    transform = build_transform(
+        bands=list(cfg.dataset.bands),
+        band_stats=OmegaConf.to_container(cfg.dataset.band_stats, resolve=True),
+        train=split == "train",
+        crop_size=int(cfg.img_size),
+        hflip=float(aug.hflip),
+        vflip=float(aug.vflip),
+        rot90=bool(aug.rot90),
+        ignore_index=int(cfg.dataset.ignore_index),
+        min_labelled_fraction=float(aug.min_labelled_fraction),
+    )
+    return instantiate(cfg.dataset, split=split, transform=transform, _convert_="all")
+
+
+def build_loader(
+    dataset, cfg: DictConfig, info: DistInfo, train: bool, generator: torch.Generator | None = None
+) -> torch.utils.data.DataLoader:
+    """Training loader (shuffled, sharded by DistributedSampler, full batches) or an evaluation
+    loader (each sample exactly once across ranks)."""
+    if train:
+        if info.distributed:
+            sampler = torch.utils.data.DistributedSampler(
+                dataset,
+                info.world_size,
+                info.rank,
+                shuffle=True,
+                seed=int(cfg.seed),
+                drop_last=True,
+            )
+        else:
+            sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        batch_size = int(cfg.batch_size)
+        if len(sampler) < batch_size:
+            raise ValueError(
+                f"the training split has {len(sampler)} samples per process, fewer than "
+                f"batch_size={batch_size}; lower batch_size"
+            )
+    else:
+        sampler = ShardSampler(len(dataset), info.rank, info.world_size)
+        batch_size = int(cfg.eval_batch_size)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=int(cfg.num_workers),
+        drop_last=train,
+        pin_memory=info.device.type == "cuda",
+        generator=generator,
+        persistent_workers=False,  # persistent workers grew memory without bound in a peer
+    )
+
+
+def build_tuner_config(cfg: DictConfig):
+    """The fine-tuning method's config object (``finetune`` group)."""
+    return instantiate(cfg.finetune, _convert_="all")
+
+
+def build_model(cfg: DictConfig, input_bands: list[str], num_classes: int) -> nn.Module:
+    """Encoder -> fine-tuning method -> segmentor, seeded so frozen random weights are repeatable."""
+    from deflect.tuners import get_deflect_model
+
+    torch.manual_seed(int(cfg.seed))
+    encoder = instantiate(cfg.encoder, input_bands=list(input_bands), _convert_="all")
+    encoder = get_deflect_model(encoder, build_tuner_config(cfg))
+    return instantiate(cfg.segmentor, encoder=encoder, num_classes=num_classes, _convert_="all")
+
+
+def build_loss(cfg: DictConfig, num_classes: int) -> SegmentationLoss:
+    """Cross-entropy with ignore_index, optional class weights and dice."""
+    return SegmentationLoss(
+        num_classes=num_classes,
+        ignore_index=int(cfg.dataset.ignore_index),
+        class_weights=list(cfg.loss.class_weights) if cfg.loss.class_weights else None,
+        dice_weight=float(cfg.loss.dice_weight),
+    )
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser over trainable parameters; no weight decay on biases, norms and tokens."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters; check the finetune config")
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return instantiate(cfg.optimizer, _convert_="all")(groups)
+
+
+def build_scheduler(cfg: DictConfig, optimizer, total_steps: int):
+    """The per-step learning-rate schedule."""
+    return instantiate(cfg.scheduler, _convert_="all")(optimizer, total_steps=total_steps)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int | float]:
+    """Trainable and total parameters of the encoder (the GFM) and of the decoder."""
+    encoder = model.encoder
+    enc_params = {id(p): p for p in encoder.parameters()}
+    enc_total = sum(p.numel() for p in enc_params.values())
+    enc_trainable = sum(p.numel() for p in enc_params.values() if p.requires_grad)
+    dec = [p for p in model.parameters() if id(p) not in enc_params]
+    base = getattr(encoder, "base_model", encoder)
+    adapter_free = sum(
+        p.numel() for n, p in base.named_parameters() if "deflect_" not in n and "lora_" not in n
+    )
+    return {
+        "encoder_total": enc_total,
+        "encoder_trainable": enc_trainable,
+        "encoder_trainable_percent": 100.0 * enc_trainable / max(adapter_free, 1),
+        "decoder_trainable": sum(p.numel() for p in dec if p.requires_grad),
+        "total": enc_total + sum(p.numel() for p in dec),
+        "trainable": enc_trainable + sum(p.numel() for p in dec if p.requires_grad),
+    }

@@ -1,0 +1,98 @@
+"""Console and file logging, TensorBoard scalars and the per-class metrics table (rank 0 only)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger("deflect")
+
+
+def setup_logging(work_dir: Path | None, is_main: bool) -> None:
+    """INFO to the console and ``<work_dir>/train.log`` on rank 0; warnings only elsewhere."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if work_dir is not None and is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(work_dir / "train.log")
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+    logging.captureWarnings(True)
+
+
+class ScalarWriter:
+    """TensorBoard scalars on rank 0; does nothing on other ranks."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Write ``{tag: value}`` at ``step``."""
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def metric_scalars(prefix: str, metrics: dict) -> dict[str, float]:
+    """TensorBoard tags for the means and each class's IoU."""
+    out = {f"{prefix}/{k}": metrics[k] for k in ("mIoU", "mF1", "mPrecision", "mRecall", "OA")}
+    for name, values in metrics["per_class"].items():
+        out[f"{prefix}_IoU/{name}"] = values["IoU"]
+    return out
+
+
+def metrics_table(metrics: dict, title: str) -> str:
+    """The per-class table and the means, as text (also written to the log)."""
+    table = Table(title=title)
+    for column in ("class", "IoU", "F1", "Precision", "Recall", "pixels"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    for name, values in metrics["per_class"].items():
+        table.add_row(
+            name,
+            fmt(values["IoU"]),
+            fmt(values["F1"]),
+            fmt(values["Precision"]),
+            fmt(values["Recall"]),
+            str(values["support"]),
+        )
+    table.add_section()
+    table.add_row(
+        "mean",
+        fmt(metrics["mIoU"]),
+        fmt(metrics["mF1"]),
+        fmt(metrics["mPrecision"]),
+        fmt(metrics["mRecall"]),
+        str(metrics["pixels"]),
+    )
+    console = Console(width=100, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(table)
+    text = console.export_text()
+    text += f"overall accuracy (OA): {fmt(metrics['OA'])}"
+    if metrics["absent_classes"]:
+        text += f"; {metrics['absent_classes']} class(es) absent from this split, left out of means"
+    return text

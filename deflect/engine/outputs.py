@@ -1,0 +1,154 @@
+"""What a run leaves to look at: PNG panels (RGB | ground truth | prediction) and GeoTIFF
+predictions carrying the source tile's georeferencing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from PIL import Image, ImageDraw
+
+# A qualitative palette (tab20-like); the ignore index is drawn black.
+PALETTE = np.array(
+    [
+        [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+        [174, 199, 232], [255, 187, 120], [152, 223, 138], [255, 152, 150], [197, 176, 213],
+        [196, 156, 148], [247, 182, 210], [199, 199, 199], [219, 219, 141], [158, 218, 229],
+    ],
+    dtype=np.uint8,
+)  # fmt: skip
+
+
+def colorize(mask: np.ndarray, ignore_index: int) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) uint8 colours; ignored pixels black."""
+    out = PALETTE[np.clip(mask, 0, None) % len(PALETTE)]
+    out[mask == ignore_index] = 0
+    return out
+
+
+def rgb_composite(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) bands -> (H, W, 3) uint8, each band stretched between its 2nd and 98th percentile."""
+    out = np.empty(image.shape[1:] + (3,), dtype=np.uint8)
+    for c in range(3):
+        lo, hi = np.percentile(image[c], [2, 98])
+        out[..., c] = (np.clip((image[c] - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    return out
+
+
+def save_panels(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    class_names: list[str],
+    ignore_index: int,
+    path: Path,
+    scale: int = 4,
+) -> None:
+    """Write one PNG: a row per tile of RGB | ground truth | prediction, and a class legend."""
+    if not rows:
+        return
+    h, w = rows[0][1].shape
+    sh, sw = h * scale, w * scale
+    gap, header, legend_h = 4, 16, 16 * ((len(class_names) + 3) // 4) + 8
+    width = 3 * sw + 4 * gap
+    canvas = Image.new("RGB", (width, header + len(rows) * (sh + gap) + legend_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(("RGB", "ground truth", "prediction")):
+        draw.text((gap + i * (sw + gap), 2), title, fill="black")
+    for r, (rgb, target, prediction) in enumerate(rows):
+        top = header + r * (sh + gap)
+        for i, panel in enumerate(
+            (rgb, colorize(target, ignore_index), colorize(prediction, ignore_index))
+        ):
+            tile = Image.fromarray(panel).resize((sw, sh), Image.NEAREST)
+            canvas.paste(tile, (gap + i * (sw + gap), top))
+    top = header + len(rows) * (sh + gap) + 4
+    for k, name in enumerate(class_names):
+        x, y = gap + (k % 4) * (width // 4), top + 16 * (k // 4)
+        draw.rectangle(
+            [x, y, x + 10, y + 10], fill=tuple(int(v) for v in PALETTE[k % len(PALETTE)])
+        )
+        draw.text((x + 14, y - 1), name, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def write_prediction_geotiff(
+    prediction: np.ndarray, path: Path, crs, transform, class_names: list[str]
+) -> None:
+    """A single-band uint8 GeoTIFF of class indices with the source CRS and transform."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.tif")
+    profile = {
+        "driver": "GTiff",
+        "height": prediction.shape[0],
+        "width": prediction.shape[1],
+        "count": 1,
+        "dtype": "uint8",
+        "compress": "deflate",
+    }
+    if crs is not None:
+        profile["crs"] = crs
+    if transform is not None:
+        profile["transform"] = transform
+    with rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(prediction.astype(np.uint8), 1)
+        dst.set_band_description(1, "class")
+        dst.update_tags(classes=",".join(class_names))
+    tmp.replace(path)
+
+
+class PredictionWriter:
+    """Collects the first ``num_panels`` tiles for the PNG and writes every prediction as GeoTIFF.
+
+    Args:
+        dataset: the evaluated dataset (for names, georeferencing and band statistics).
+        out_dir: the run's folder; GeoTIFFs go to ``out_dir/predictions/``.
+        rgb_bands: bands of the RGB composite.
+        num_panels: tiles shown in the PNG (rank 0 only).
+        write_geotiffs: also write each prediction as a GeoTIFF.
+        is_main: whether this rank collects panels.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        out_dir: Path,
+        rgb_bands: list[str],
+        num_panels: int,
+        write_geotiffs: bool,
+        is_main: bool,
+    ) -> None:
+        self.dataset = dataset
+        self.out_dir = out_dir
+        self.rgb_index = [dataset.bands.index(b) for b in rgb_bands]
+        self.mean = np.asarray(dataset.mean, dtype=np.float32)[self.rgb_index, None, None]
+        self.std = np.asarray(dataset.std, dtype=np.float32)[self.rgb_index, None, None]
+        self.num_panels = num_panels if is_main else 0
+        self.write_geotiffs = write_geotiffs
+        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def __call__(self, batch: dict, prediction: torch.Tensor) -> None:
+        """Record one evaluated batch."""
+        prediction = prediction.cpu().numpy()
+        for j, index in enumerate(batch["index"].tolist()):
+            if self.write_geotiffs:
+                crs, transform = self.dataset.georeference(index)
+                name = self.dataset.sample_name(index)
+                write_prediction_geotiff(
+                    prediction[j],
+                    self.out_dir / "predictions" / f"{name}.tif",
+                    crs,
+                    transform,
+                    self.dataset.classes,
+                )
+            if len(self.rows) < self.num_panels:
+                image = batch["image"][j].numpy()[self.rgb_index] * self.std + self.mean
+                self.rows.append((rgb_composite(image), batch["mask"][j].numpy(), prediction[j]))
+
+    def save_png(self, path: Path) -> None:
+        """Write the collected panels."""
+        save_panels(self.rows, self.dataset.classes, self.dataset.ignore_index, path)

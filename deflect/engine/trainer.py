@@ -1,0 +1,283 @@
+"""The Trainer: one class, read top to bottom, no callbacks.
+
+Per step: autocast forward, loss (+ any auxiliary loss the encoder reports, e.g. DEFLECT's soft
+deflection), backward (through a GradScaler for fp16 only), gradient clipping, optimiser and
+per-step scheduler. Per epoch: validation, ``best.pt`` when the monitored metric improves,
+``last.pt`` always (both written atomically). ``resume`` restores model, optimiser, scheduler,
+scaler, epoch and RNG state, and every epoch re-seeds its randomness from (seed, epoch, rank), so a
+resumed run ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from deflect.engine.checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    check_fingerprint,
+    frozen_fingerprint,
+    load_checkpoint,
+    load_trainable_state,
+    rng_state,
+    set_rng_state,
+    trainable_state_dict,
+)
+from deflect.engine.distributed import DistInfo, all_reduce_mean
+from deflect.engine.evaluator import Evaluator, autocast_context
+from deflect.engine.logging import ScalarWriter, metric_scalars
+
+log = logging.getLogger(__name__)
+
+MAX_BAD_STEPS = 5  # consecutive non-finite gradient steps before giving up
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator | None) -> None:
+    """Seed Python, NumPy, torch and the loader's generator from (seed, epoch, rank)."""
+    value = (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**31)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    if generator is not None:
+        generator.manual_seed(value)
+
+
+class Trainer:
+    """Trains a segmentor and keeps its best and last checkpoints.
+
+    Args:
+        model: the model to step (DDP-wrapped under torchrun).
+        raw_model: the same model unwrapped (for state dicts, evaluation, auxiliary losses).
+        loss_fn: segmentation loss ``(logits, target) -> scalar``.
+        optimizer: optimiser over the trainable parameters only.
+        scheduler: per-step learning-rate scheduler.
+        train_loader: training batches; its sampler gets ``set_epoch`` when it has one.
+        loader_generator: the loader's generator, re-seeded each epoch.
+        evaluator: validation metrics.
+        val_loader: validation batches (each sample once across ranks).
+        work_dir: the run's folder.
+        epochs: number of epochs.
+        precision: fp32, fp16 or bf16.
+        grad_clip: max gradient norm (0 disables clipping).
+        info: rank, world size and device.
+        writer: TensorBoard scalars.
+        seed: base seed.
+        ignore_index: label value with no loss.
+        monitor: validation metric selecting ``best.pt`` (higher is better).
+        log_interval: steps between TensorBoard loss/lr points.
+        max_steps_per_epoch: cut epochs short (smoke tests); ``None`` for full epochs.
+        stop_after_epochs: leave ``fit`` after this many epochs in total, as a job killed by a
+            time limit would, keeping ``last.pt`` for ``resume=true``; ``None`` runs them all.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        raw_model: nn.Module,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_loader: torch.utils.data.DataLoader,
+        loader_generator: torch.Generator | None,
+        evaluator: Evaluator,
+        val_loader: torch.utils.data.DataLoader,
+        work_dir: Path,
+        epochs: int,
+        precision: str,
+        grad_clip: float,
+        info: DistInfo,
+        writer: ScalarWriter,
+        seed: int,
+        ignore_index: int,
+        monitor: str = "mIoU",
+        log_interval: int = 10,
+        max_steps_per_epoch: int | None = None,
+        stop_after_epochs: int | None = None,
+    ) -> None:
+        self.model, self.raw_model, self.loss_fn = model, raw_model, loss_fn
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.loader_generator = train_loader, loader_generator
+        self.evaluator, self.val_loader = evaluator, val_loader
+        self.work_dir, self.epochs, self.precision = work_dir, epochs, precision
+        self.grad_clip, self.info, self.writer, self.seed = grad_clip, info, writer, seed
+        self.ignore_index, self.monitor = ignore_index, monitor
+        self.log_interval, self.max_steps_per_epoch = log_interval, max_steps_per_epoch
+        self.stop_after_epochs = stop_after_epochs
+        self.params = [p for p in raw_model.parameters() if p.requires_grad]
+        # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+        self.start_epoch = 0
+        self.global_step = 0
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.best_metrics: dict | None = None
+        self.fingerprint = frozen_fingerprint(raw_model)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where ``best.pt`` and ``last.pt`` live."""
+        return self.work_dir / "checkpoints"
+
+    def resume(self, path: Path) -> None:
+        """Restore the full training state from ``last.pt``."""
+        state = load_checkpoint(path)
+        check_fingerprint(self.raw_model, state["frozen_fingerprint"], str(path))
+        load_trainable_state(self.raw_model, state["model"], str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][min(self.info.rank, len(state["rng"]) - 1)])
+        self.start_epoch = state["epoch"] + 1
+        self.global_step = state["global_step"]
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_metrics = json.loads(state["best_metrics"]) if state["best_metrics"] else None
+        log.info(
+            "resumed from %s: continuing at epoch %d of %d", path, self.start_epoch + 1, self.epochs
+        )
+
+    def fit(self) -> bool:
+        """Train the remaining epochs; True when all are done (False if stopped early)."""
+        last_epoch = self.epochs
+        if self.stop_after_epochs is not None:
+            last_epoch = min(self.epochs, self.stop_after_epochs)
+        for epoch in range(self.start_epoch, last_epoch):
+            seed_epoch(self.seed, epoch, self.info.rank, self.loader_generator)
+            sampler = getattr(self.train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            train_loss = self.train_one_epoch(epoch)
+            metrics = self.evaluator.evaluate(
+                self.raw_model, self.val_loader, desc=f"val {epoch + 1}/{self.epochs}"
+            )
+            score = metrics[self.monitor]
+            improved = score > self.best_score
+            if improved:
+                self.best_score, self.best_epoch, self.best_metrics = score, epoch, metrics
+            if self.info.is_main:
+                self.writer.scalars(metric_scalars("val", metrics), epoch + 1)
+                self.writer.scalars({"train/epoch_loss": train_loss}, epoch + 1)
+                log.info(
+                    "epoch %d/%d  train loss %.4f  val mIoU %.2f  mF1 %.2f  OA %.2f%s",
+                    epoch + 1,
+                    self.epochs,
+                    train_loss,
+                    100 * metrics["mIoU"],
+                    100 * metrics["mF1"],
+                    100 * metrics["OA"],
+                    "  (best)" if improved else "",
+                )
+                if improved:
+                    atomic_save(
+                        {
+                            "model": trainable_state_dict(self.raw_model),
+                            "frozen_fingerprint": self.fingerprint,
+                            "epoch": epoch,
+                            "metrics": json.dumps(metrics),
+                        },
+                        self.checkpoint_dir / "best.pt",
+                    )
+                self.save_last(epoch)
+        if self.info.is_main and self.best_metrics is not None:
+            atomic_write_text(
+                json.dumps({"epoch": self.best_epoch + 1, **self.best_metrics}, indent=2),
+                self.work_dir / "best_val_metrics.json",
+            )
+        return last_epoch == self.epochs
+
+    def train_one_epoch(self, epoch: int) -> float:
+        """One pass over the training loader; returns the mean loss over ranks."""
+        self.model.train()
+        total = torch.zeros((), device=self.info.device)
+        steps = 0
+        bad_steps = 0
+        n_batches = len(self.train_loader)
+        if self.max_steps_per_epoch:
+            n_batches = min(n_batches, self.max_steps_per_epoch)
+        bar = tqdm(
+            self.train_loader,
+            total=n_batches,
+            desc=f"train {epoch + 1}/{self.epochs}",
+            disable=not self.info.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for batch in bar:
+            if steps >= n_batches:
+                break
+            images = batch["image"].to(self.info.device, non_blocking=True)
+            target = batch["mask"].to(self.info.device, non_blocking=True)
+            with autocast_context(self.info.device, self.precision):
+                logits = self.model(images)
+            if (target != self.ignore_index).any():
+                loss = self.loss_fn(logits, target)
+            else:  # a crop without labels: no signal, but keep every rank's graph alike
+                loss = logits.float().sum() * 0.0
+            aux = self.raw_model.auxiliary_losses() if self.model.training else {}
+            objective = loss + sum(aux.values()) if aux else loss
+
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(objective).backward()
+            self.scaler.unscale_(self.optimizer)
+            max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if torch.isfinite(grad_norm):  # gradients are all-reduced: every rank agrees
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                if bad_steps >= MAX_BAD_STEPS and not self.scaler.is_enabled():
+                    raise RuntimeError(
+                        f"non-finite loss or gradients for {bad_steps} steps in a row at epoch "
+                        f"{epoch + 1}: lower optimizer.lr, use precision=fp32 or bf16, or check "
+                        "the data for NaN/inf values"
+                    )
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)  # skips the step itself on inf/NaN gradients
+                self.scaler.update()
+            elif torch.isfinite(grad_norm):
+                self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+            steps += 1
+            total += loss.detach()
+            if self.info.is_main:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if self.global_step % self.log_interval == 0:
+                    scalars = {
+                        "train/loss": loss.item(),
+                        "train/lr": self.optimizer.param_groups[0]["lr"],
+                        "train/grad_norm": grad_norm.item(),
+                    }
+                    scalars.update({f"train/{k}": v.item() for k, v in aux.items()})
+                    self.writer.scalars(scalars, self.global_step)
+        return float(all_reduce_mean(total / max(steps, 1), self.info))
+
+    def save_last(self, epoch: int) -> None:
+        """The full training state after ``epoch`` (rank 0 writes; RNG states of all ranks)."""
+        states = [rng_state()]
+        atomic_save(
+            {
+                "model": trainable_state_dict(self.raw_model),
+                "frozen_fingerprint": self.fingerprint,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": epoch,
+                "global_step": self.global_step,
+                "best_score": self.best_score,
+                "best_epoch": self.best_epoch,
+                "best_metrics": json.dumps(self.best_metrics) if self.best_metrics else "",
+                "rng": states,
+                "saved_at": time.time(),
+            },
+            self.checkpoint_dir / "last.pt",
+        )

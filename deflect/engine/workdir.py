@@ -1,0 +1,87 @@
+"""Run folders: ``<work_root>/<time>_<encoder>_<finetune>_<dataset>/``, decided by rank 0 only.
+
+Also rebuilds a finished run's config for evaluation, with command-line key overrides on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CONFIG_GROUPS = (
+    "encoder", "dataset", "segmentor", "augmentation", "finetune", "optimizer", "scheduler",
+)  # fmt: skip
+
+
+def run_suffix(cfg: DictConfig, choices: dict) -> str:
+    """``<encoder>_<finetune>_<dataset>`` from the chosen config files."""
+    return "_".join(
+        str(choices.get(group) or "custom") for group in ("encoder", "finetune", "dataset")
+    )
+
+
+def choose_work_dir(cfg: DictConfig, choices: dict) -> str:
+    """The run folder: ``work_dir`` if given, the newest matching run on ``resume=true``, else a
+    new timestamped folder. Called on rank 0 only; the result is broadcast."""
+    suffix = run_suffix(cfg, choices)
+    if cfg.work_dir:
+        work_dir = Path(cfg.work_dir).expanduser()
+        if (work_dir / "checkpoints" / "last.pt").is_file() and not cfg.resume:
+            raise FileExistsError(
+                f"work_dir {work_dir} already holds a run; pass resume=true to continue it, or "
+                "choose another work_dir (nothing was overwritten)"
+            )
+        work_dir.mkdir(parents=True, exist_ok=True)
+        return str(work_dir)
+    root = Path(cfg.work_root).expanduser()
+    if cfg.resume:
+        runs = sorted(
+            p.parent.parent for p in root.glob(f"*_{suffix}/checkpoints/last.pt") if p.is_file()
+        )
+        if runs:
+            return str(runs[-1])
+        log.warning(
+            "resume=true but no run *_%s in %s has a last checkpoint: starting anew", suffix, root
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work_dir = root / f"{stamp}_{suffix}"
+    n = 1
+    while work_dir.exists():
+        work_dir = root / f"{stamp}-{n}_{suffix}"
+        n += 1
+    work_dir.mkdir(parents=True)
+    return str(work_dir)
+
+
+def eval_config(work_dir: Path, overrides: list[str]) -> DictConfig:
+    """The config a run was trained with, updated by command-line key overrides.
+
+    ``dataset.root=...`` or ``batch_size=...`` apply; selecting another config group
+    (``dataset=other``) would evaluate a different experiment and is refused.
+    """
+    path = work_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"eval_dir {work_dir} is not a run folder (no config.yaml); point eval_dir at a "
+            "folder written by a training run, e.g. work_dirs/<time>_<encoder>_<finetune>_<dataset>"
+        )
+    saved = OmegaConf.load(path)
+    keep = []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key == "eval_dir":
+            continue
+        if key.startswith(("+", "~")) or key in CONFIG_GROUPS:
+            raise ValueError(
+                f"eval_dir: the override {item!r} changes the experiment; only key overrides "
+                "such as dataset.root=... or batch_size=... apply to a saved run"
+            )
+        keep.append(item)
+    merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(keep))
+    merged.eval_dir = str(work_dir)
+    return merged

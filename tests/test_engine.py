@@ -1,0 +1,153 @@
+"""Engine parts against independent oracles: metrics, sliding window, schedule, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import multiclass_jaccard_index
+
+from deflect.engine.checkpoint import atomic_save, load_checkpoint, trainable_state_dict
+from deflect.engine.distributed import DistInfo, ShardSampler
+from deflect.engine.evaluator import Evaluator, metrics_from_confusion
+from deflect.engine.inference import sliding_window_logits, window_starts
+from deflect.engine.scheduler import warmup_decay
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class LogitsAreInput(torch.nn.Module):
+    """A 'model' whose logits are its input: evaluation of a known prediction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_metrics_equal_hand_counted_confusion_matrix_with_ignored_pixels():
+    rng = np.random.default_rng(0)
+    k, ignore = 4, -1
+    target = rng.integers(0, 3, size=(3, 8, 8))  # class 3 never in the ground truth
+    target[:, :2, :] = ignore
+    prediction = rng.integers(0, 4, size=(3, 8, 8))
+    # Hand count over labelled pixels only: rows = truth, columns = prediction.
+    cm = np.zeros((k, k), dtype=np.int64)
+    for t, p in zip(target.ravel(), prediction.ravel()):
+        if t != ignore:
+            cm[t, p] += 1
+    logits = torch.nn.functional.one_hot(torch.from_numpy(prediction), k).permute(0, 3, 1, 2)
+    batch = {"image": logits.float(), "mask": torch.from_numpy(target)}
+    evaluator = Evaluator(
+        k, list("abcd"), ignore, window=8, stride=None, precision="fp32", info=CPU
+    )
+    metrics = evaluator.evaluate(LogitsAreInput(), [batch])
+    assert np.array_equal(np.array(metrics["confusion_matrix"]), cm)
+    for c, name in enumerate("abc"):
+        tp, fn, fp = cm[c, c], cm[c].sum() - cm[c, c], cm[:, c].sum() - cm[c, c]
+        per = metrics["per_class"][name]
+        assert per["IoU"] == pytest.approx(tp / (tp + fp + fn))
+        assert per["Precision"] == pytest.approx(tp / (tp + fp))  # of what was predicted c
+        assert per["Recall"] == pytest.approx(tp / (tp + fn))  # of what truly is c
+        assert per["F1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    # Class d is absent from the truth: no IoU, and not averaged in.
+    assert metrics["per_class"]["d"]["IoU"] is None and metrics["absent_classes"] == 1
+    ious = [metrics["per_class"][n]["IoU"] for n in "abc"]
+    assert metrics["mIoU"] == pytest.approx(np.mean(ious))
+    assert metrics["OA"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert metrics["pixels"] == int((target != ignore).sum())
+    # torchmetrics' own IoU agrees on the classes present.
+    tm = multiclass_jaccard_index(
+        torch.from_numpy(prediction), torch.from_numpy(target), k, average=None, ignore_index=ignore
+    )
+    assert np.allclose(tm[:3].numpy(), ious)
+
+
+def test_metrics_from_confusion_swapping_axes_would_fail():
+    cm = torch.tensor([[8, 2], [0, 10]])  # truth 0 predicted 1 twice
+    m = metrics_from_confusion(cm, ["x", "y"])
+    assert m["per_class"]["x"]["Recall"] == pytest.approx(0.8)
+    assert m["per_class"]["x"]["Precision"] == pytest.approx(1.0)
+    assert m["per_class"]["y"]["Precision"] == pytest.approx(10 / 12)
+
+
+def test_sliding_window_equals_direct_forward_for_a_local_model():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 5, kernel_size=1)
+    images = torch.randn(2, 3, 40, 37)
+    expected = model(images)
+    got = sliding_window_logits(model, images, window=16, stride=8, num_classes=5)
+    assert torch.allclose(got, expected, atol=1e-5)
+    small = torch.randn(1, 3, 10, 12)  # smaller than the window: padded then cropped
+    assert torch.allclose(
+        sliding_window_logits(model, small, window=16, stride=8, num_classes=5),
+        model(small),
+        atol=1e-5,
+    )
+
+
+def test_window_starts_cover_every_pixel():
+    for length, window, stride in [(40, 16, 8), (64, 32, 16), (33, 32, 16), (16, 16, 8)]:
+        starts = window_starts(length, window, stride)
+        covered = np.zeros(length, bool)
+        for s in starts:
+            assert 0 <= s and s + window <= max(length, window)
+            covered[s : s + window] = True
+        assert covered.all()
+
+
+def test_shard_sampler_evaluates_each_sample_exactly_once():
+    for n, world in [(10, 3), (7, 2), (2, 4)]:
+        seen = sorted(i for r in range(world) for i in ShardSampler(n, r, world))
+        assert seen == list(range(n))
+
+
+def test_warmup_then_cosine_reaches_min_lr():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = warmup_decay(opt, total_steps=100, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1 / 11)  # warmup starts near zero
+    assert lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0)  # peak after warmup
+    mid = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))
+    assert lrs[55] == pytest.approx(mid)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # ends at min_lr_ratio x lr
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_trainable_state_is_a_copy_not_a_reference():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model[0].weight.requires_grad_(False)
+    state = trainable_state_dict(model)
+    assert "0.weight" not in state and "0.bias" in state and "1.running_mean" in state
+    before = state["0.bias"].clone()
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # training moves the live weights...
+    assert torch.equal(state["0.bias"], before)  # ...but the saved "best" does not move
+
+
+def test_checkpoint_loading_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"fn": print}, path)  # a pickled callable, not weights
+    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+        load_checkpoint(path)

@@ -33,7 +33,7 @@ from deflect.engine.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from deflect.engine.evaluator import Evaluator
+from deflect.engine.evaluator import AUTOCAST_DTYPES, Evaluator
 from deflect.engine.logging import ScalarWriter, metric_scalars, metrics_table, setup_logging
 from deflect.engine.outputs import PredictionWriter
 from deflect.engine.trainer import Trainer
@@ -201,6 +201,8 @@ def evaluate(cfg: DictConfig, info: DistInfo) -> None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Entry point: one process or one torchrun rank."""
+    if cfg.precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision={cfg.precision!r} is not one of {list(AUTOCAST_DTYPES)}")
     info = init_distributed(cfg.device)
     try:
         if cfg.eval_dir:

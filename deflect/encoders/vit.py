@@ -113,6 +113,11 @@ class ViTEncoder(nn.Module):
             )
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
+        # Drop what the feature pyramid never uses (final norm, head, blocks after the last
+        # output layer): unused parameters get no gradient, which DDP rejects under `full`.
+        self.backbone.prune_intermediate_layers(
+            self.output_layers, prune_norm=True, prune_head=True
+        )
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch-grid size for an input of ``height`` x ``width`` pixels (the one source of truth)."""

@@ -251,7 +251,7 @@ class Trainer:
             total += loss.detach()
             if self.info.is_main:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-                if self.global_step % self.log_interval == 0:
+                if self.global_step % self.log_interval == 0 or steps == n_batches:
                     scalars = {
                         "train/loss": loss.item(),
                         "train/lr": self.optimizer.param_groups[0]["lr"],

@@ -1,0 +1,195 @@
+"""run.py end to end, as a user runs it: training, the run folder, evaluation from it, resume,
+and the bad inputs that must fail with one clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from PIL import Image
+
+from tests.conftest import TINY, run_cli
+
+
+def only_run(cwd: Path) -> Path:
+    runs = sorted((cwd / "work_dirs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory) -> tuple[Path, str]:
+    cwd = tmp_path_factory.mktemp("run")
+    proc = run_cli([*TINY, f"dataset.root={demo_root}", "finetune=frozen", "num_vis=3"], cwd)
+    return only_run(cwd), proc.stdout + proc.stderr
+
+
+def test_run_folder_holds_config_logs_metrics_checkpoints(trained):
+    work_dir, output = trained
+    assert work_dir.name.endswith("_tiny_vit_frozen_demo")
+    for name in (
+        "config.yaml",
+        "train.log",
+        "metrics.json",
+        "params.json",
+        "metrics_test.json",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "test_predictions.png",
+    ):
+        assert (work_dir / name).is_file(), name
+    summary = json.loads((work_dir / "metrics.json").read_text())
+    assert set(summary) >= {"best_val", "test", "params"}
+    assert 1 <= summary["best_val"]["epoch"] <= 2
+    assert set(summary["test"]["per_class"]) == {"bare", "sparse", "moderate", "dense"}
+    # What the user sees: the parameter count at start and the per-class table at the end.
+    assert "parameters: encoder 0 trainable" in output
+    assert "moderate" in output and "overall accuracy" in output
+
+
+def test_parameter_counts_match_the_model(trained, demo_root):
+    work_dir, _ = trained
+    counts = json.loads((work_dir / "params.json").read_text())
+    from omegaconf import OmegaConf
+
+    from deflect.engine import build
+
+    cfg = OmegaConf.load(work_dir / "config.yaml")
+    model = build.build_model(cfg, list(cfg.dataset.bands), 4)
+    decoder = [*model.neck.parameters(), *model.decode_head.parameters()]
+    assert counts["encoder_trainable"] == 0  # frozen
+    assert counts["decoder_trainable"] == sum(p.numel() for p in decoder)
+    assert counts["encoder_total"] == sum(p.numel() for p in model.encoder.parameters())
+
+
+def test_tensorboard_has_loss_lr_and_metric_curves(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work_dir, _ = trained
+    events = EventAccumulator(str(work_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/mIoU", "val_IoU/dense", "test/mIoU"} <= tags
+    assert [e.step for e in events.Scalars("val/mIoU")] == [1, 2]
+    best = json.loads((work_dir / "metrics.json").read_text())["best_val"]
+    logged = {e.step: e.value for e in events.Scalars("val/mIoU")}
+    assert logged[best["epoch"]] == pytest.approx(best["mIoU"], rel=1e-6)
+
+
+def test_geotiff_predictions_keep_georeferencing_and_match_metrics(trained, demo_root):
+    work_dir, _ = trained
+    metrics = json.loads((work_dir / "metrics_test.json").read_text())
+    predictions = sorted((work_dir / "predictions").glob("*.tif"))
+    masks = sorted((demo_root / "test").glob("*_mask.tif"))
+    assert len(predictions) == len(masks) == 5
+    cm = np.zeros((4, 4), dtype=np.int64)
+    for pred_path, mask_path in zip(predictions, masks):
+        assert pred_path.name == mask_path.name.replace("_mask", "")
+        with rasterio.open(pred_path) as pred, rasterio.open(mask_path) as mask:
+            assert pred.crs == mask.crs and pred.transform == mask.transform
+            p, t = pred.read(1).astype(int), mask.read(1).astype(int)
+        labelled = t < 4  # the demo stores pixels scored by another tile as 255
+        np.add.at(cm, (t[labelled], p[labelled]), 1)
+    # The confusion matrix recounted from the GeoTIFFs is the one the metrics came from.
+    assert cm.tolist() == metrics["confusion_matrix"]
+
+
+def test_prediction_png_shows_rgb_truth_prediction_rows(trained):
+    work_dir, _ = trained
+    image = np.asarray(Image.open(work_dir / "test_predictions.png").convert("RGB"))
+    tile = 64 * 4  # demo tiles, drawn 4x
+    assert image.shape[1] == 3 * tile + 4 * 4
+    assert image.shape[0] >= 16 + 3 * (tile + 4)
+    rgb_panel = image[16 : 16 + tile, 4 : 4 + tile]
+    assert rgb_panel.std() > 10  # a real picture, not a blank panel
+
+
+def test_eval_dir_reproduces_the_training_runs_test_metrics(trained, tmp_path):
+    work_dir, _ = trained
+    run_cli([f"eval_dir={work_dir}", "eval_batch_size=2", "num_vis=1"], tmp_path)
+    reported = json.loads((work_dir / "metrics_test.json").read_text())
+    again = json.loads((work_dir / "test_metrics.json").read_text())
+    assert again["confusion_matrix"] == reported["confusion_matrix"]
+    assert again["mIoU"] == reported["mIoU"]
+
+
+def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(demo_root, tmp_path):
+    args = [*TINY, f"dataset.root={demo_root}", "finetune=full", "save_predictions=false"]
+    run_cli([*args, f"work_dir={tmp_path / 'straight'}"], tmp_path)
+    stopped = tmp_path / "stopped"
+    run_cli([*args, f"work_dir={stopped}", "stop_after_epochs=1"], tmp_path)
+    first = torch.load(stopped / "checkpoints/last.pt", weights_only=True)
+    assert first["epoch"] == 0 and not (stopped / "metrics.json").exists()
+    run_cli([*args, f"work_dir={stopped}", "resume=true"], tmp_path)
+    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
+    b = torch.load(stopped / "checkpoints/last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1 and a["global_step"] == b["global_step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    ma = json.loads((tmp_path / "straight/metrics.json").read_text())
+    mb = json.loads((stopped / "metrics.json").read_text())
+    assert ma["test"]["confusion_matrix"] == mb["test"]["confusion_matrix"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dataset.bands=[B2,B3,B4,B99]"], "B99"),
+        (["dataset.bands=[B2,B3,B8]"], "B4"),
+        (["bogus_option=1"], "bogus_option"),
+        (["encoder.bogus_option=1"], "bogus_option"),
+        (["precision=fp8"], "fp8"),
+    ],
+    ids=["unknown-band", "lacks-rgb-band", "unknown-key", "unknown-nested-key", "bad-precision"],
+)
+def test_bad_input_fails_with_a_message_naming_it(overrides, message, demo_root, tmp_path):
+    proc = run_cli([*TINY, f"dataset.root={demo_root}", *overrides], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+
+
+def test_missing_dataset_root_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = run_cli(
+        [*TINY, "dataset=folder", f"dataset.root={missing}", "dataset.available_bands=[B2,B3,B4]",
+         "dataset.classes=[a,b]", "dataset.band_stats.mean={B2:0,B3:0,B4:0}",
+         "dataset.band_stats.std={B2:1,B3:1,B4:1}"],
+        tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr and "dataset.root" in proc.stderr
+
+
+def test_eval_dir_without_checkpoint_says_how_to_fix(trained, tmp_path):
+    work_dir, _ = trained
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(work_dir / "config.yaml", partial / "config.yaml")
+    proc = run_cli([f"eval_dir={partial}"], tmp_path, check=False)
+    assert proc.returncode != 0 and "no checkpoints/best.pt" in proc.stderr
+    proc = run_cli([f"eval_dir={tmp_path / 'nothing'}"], tmp_path, check=False)
+    assert proc.returncode != 0 and "not a run folder" in proc.stderr
+
+
+def test_corrupt_geotiff_is_named_and_earlier_outputs_survive(demo_root, tmp_path):
+    data = tmp_path / "demo"
+    shutil.copytree(demo_root, data)
+    bad = sorted((data / "test").glob("*_image.tif"))[0]
+    bad.write_bytes(b"this is not a GeoTIFF")
+    work_dir = tmp_path / "run"
+    proc = run_cli(
+        [*TINY, f"dataset.root={data}", "epochs=1", f"work_dir={work_dir}"], tmp_path, check=False
+    )
+    assert proc.returncode != 0 and bad.name in proc.stderr
+    # Training finished before the test split was read: its checkpoints are intact.
+    state = torch.load(work_dir / "checkpoints/best.pt", weights_only=True)
+    assert state["epoch"] == 0
+    # A second start in the same folder refuses to overwrite it.
+    again = run_cli([*TINY, f"dataset.root={data}", f"work_dir={work_dir}"], tmp_path, check=False)
+    assert again.returncode != 0 and "resume=true" in again.stderr
+    assert torch.load(work_dir / "checkpoints/best.pt", weights_only=True)["epoch"] == 0

@@ -1,0 +1,63 @@
+"""Base configuration of every tuner (PEFT's ``PeftConfig``).
+
+Configs are plain dataclasses, built by Hydra ``instantiate(cfg, _convert_="all")`` or by hand,
+checked in ``__post_init__`` (a config that cannot work fails when it is built), and
+JSON-serialisable through :meth:`TunerConfig.to_dict` / :meth:`TunerConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TunerConfig:
+    """What every tuner config has.
+
+    Args:
+        method: the registered method name; each subclass fixes it (``deflect``, ``frozen``, ...).
+        modules_to_save: names (or name suffixes) of base modules to train and save with the
+            adapter, e.g. ``["norm"]``. They are trained in place, not copied per adapter.
+    """
+
+    method: str = ""
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        expected = type(self).__dataclass_fields__["method"].default
+        if expected and self.method != expected:
+            raise ValueError(
+                f"{type(self).__name__} is for method {expected!r}, got method={self.method!r}"
+            )
+        if isinstance(self.modules_to_save, str):
+            raise ValueError(
+                f"modules_to_save must be a list of module names, got {self.modules_to_save!r}"
+            )
+        self.modules_to_save = [str(m) for m in self.modules_to_save]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TunerConfig:
+        """Build a config from :meth:`to_dict`'s output.
+
+        On :class:`TunerConfig` itself, the ``method`` key picks the registered config class.
+
+        Raises:
+            ValueError: an unknown method or unknown keys.
+        """
+        data = dict(data)
+        if cls is TunerConfig:
+            from deflect.tuners.registry import get_method
+
+            return get_method(str(data.get("method", ""))).config_cls.from_dict(data)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} got unknown keys {unknown}; known: {sorted(names)}")
+        return cls(**data)

@@ -1,0 +1,199 @@
+"""DEFLECT's adapter layers: the wrapped patch embedding and the wrapped transformer blocks.
+
+DEFLECT — Thoreau, Marsocci & Derksen, *Parameter-Efficient Adaptation of Geospatial Foundation
+Models through Embedding Deflection*, ICCV 2025, arXiv:2503.09493.
+
+How the spectral stream travels through timm's own ``forward``/``forward_features``/
+``forward_intermediates`` (which we do not fork):
+
+1. :class:`DeflectPatchEmbed` (wraps ``patch_embed``, ``takes_all_bands = True``) gets every band,
+   feeds the RGB bands (picked by name) to the frozen patch embedding (the geometry stream), and
+   computes the spectral patch tokens before norm matching; it opens a new forward in the shared
+   :class:`SpectralStreamState`.
+2. timm adds CLS and positional embedding. :class:`DeflectBlock` around ``blocks[0]`` sees x_P as
+   it enters the first block and finishes the spectral stream there (spectral CLS, norm matching),
+   once per forward.
+3. Each target block (a :class:`DeflectBlock` with an :class:`UntangledAttention` for the active
+   adapter) reads the finished stream; the last one clears it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from deflect.tuners.base import AdapterLayer
+from deflect.tuners.deflect.deflection import deflect_update, deflection_loss
+from deflect.tuners.deflect.uatt import UntangledAttention, untangled_attention
+from deflect.tuners.deflect.upe import UntangledPatchEmbedding
+
+
+class SpectralStreamState:
+    """The spectral stream of one forward pass, shared by all DEFLECT layers of a model.
+
+    Lives for one forward: :meth:`start` (in ``patch_embed``) replaces whatever a previous forward
+    left, :meth:`enter` (at ``blocks[0]``) finishes the stream, :meth:`consume` (in each target block)
+    reads it and drops it after the last target block. Holds no parameters; the soft-deflection
+    losses of the last training forward are kept until the next forward starts.
+    """
+
+    def __init__(self) -> None:
+        self.consumers: dict[str, int] = {}  # adapter name -> number of target blocks
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything of the previous forward."""
+        self._pending: torch.Tensor | None = None
+        self._finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._tokens: torch.Tensor | None = None
+        self._remaining = 0
+        self.aux: dict[str, list[torch.Tensor]] = {}
+
+    def start(
+        self,
+        pending: torch.Tensor,
+        finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        consumers: int,
+    ) -> None:
+        """Begin a forward with spectral patch tokens ``pending`` ``(B, N, D)``."""
+        self.reset()
+        self._pending, self._finish, self._remaining = pending, finish, consumers
+
+    def enter(self, x_p: torch.Tensor) -> None:
+        """Finish the spectral stream from x_P ``(B, P+N, D)``, the input of ``blocks[0]``."""
+        if self._pending is not None and self._finish is not None:
+            self._tokens = self._finish(self._pending, x_p)
+            self._pending = self._finish = None
+
+    def consume(self) -> torch.Tensor:
+        """The finished spectral stream x̃_A ``(B, P+N, D)``, for one target block."""
+        if self._tokens is None:
+            raise RuntimeError(
+                "DEFLECT target block ran without a spectral stream: call the model (its "
+                "patch_embed and blocks[0]) rather than blocks alone; activation checkpointing "
+                "of target blocks is not supported"
+            )
+        tokens = self._tokens
+        self._remaining -= 1
+        if self._remaining <= 0:
+            self._tokens = None
+        return tokens
+
+    def add_aux(self, name: str, value: torch.Tensor) -> None:
+        """Record one block's auxiliary loss term."""
+        self.aux.setdefault(name, []).append(value)
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward, each averaged over the target blocks."""
+        return {name: torch.stack(values).mean() for name, values in self.aux.items()}
+
+
+class DeflectPatchEmbed(AdapterLayer):
+    """The pretrained patch embedding plus UPE's spectral stream (one per adapter).
+
+    Takes every band; the frozen ``base_layer`` gets the RGB bands, picked by name. Its output is
+    the base layer's, untouched (the geometry stream).
+    """
+
+    takes_all_bands = True
+
+    def __init__(self, base_layer: nn.Module, state: SpectralStreamState, num_prefix: int) -> None:
+        super().__init__(base_layer)
+        self.deflect_upe = nn.ModuleDict()
+        self.state = state
+        self.num_prefix = num_prefix
+        self.rgb_index: dict[str, list[int]] = {}
+
+    def add_adapter(
+        self, adapter_name: str, upe: UntangledPatchEmbedding, rgb_bands: list[str]
+    ) -> None:
+        """Add the spectral stream of one adapter."""
+        self.deflect_upe[adapter_name] = upe
+        self.rgb_index[adapter_name] = [upe.bands.index(b) for b in rgb_bands]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove one adapter."""
+        super().delete_adapter(adapter_name)
+        self.rgb_index.pop(adapter_name, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All bands ``(B, C, H, W)`` -> the frozen patch embedding of the RGB bands."""
+        self.state.reset()
+        name = self.active_adapter
+        if name not in self.deflect_upe:
+            raise RuntimeError(f"DEFLECT adapter {name!r} has no patch embedding here")
+        upe = self.deflect_upe[name]
+        if x.shape[1] != len(upe.bands):
+            raise ValueError(
+                f"DEFLECT adapter {name!r} expects {len(upe.bands)} input bands {upe.bands}, got "
+                f"{x.shape[1]} channels; feed every band of DeflectConfig.bands, in order"
+            )
+        out = self.base_layer(x[:, self.rgb_index[name]])  # geometry stream, frozen
+        if not self.disable_adapters:
+            consumers = self.state.consumers.get(name, 0)
+            finish = _Finisher(upe, self.num_prefix)
+            self.state.start(upe(x), finish, consumers)  # (B, N, D)
+        return out
+
+
+class _Finisher:
+    """Bound call ``upe.finish(tokens, x_p, num_prefix)`` (kept for one forward only)."""
+
+    def __init__(self, upe: UntangledPatchEmbedding, num_prefix: int) -> None:
+        self.upe, self.num_prefix = upe, num_prefix
+
+    def __call__(self, tokens: torch.Tensor, x_p: torch.Tensor) -> torch.Tensor:
+        return self.upe.finish(tokens, x_p, self.num_prefix)
+
+
+class DeflectBlock(AdapterLayer):
+    """A frozen transformer block with uAtt and embedding deflection for some adapters.
+
+    For an adapter with an :class:`UntangledAttention` here:
+
+        u = norm1(x); δ_uAtt, δ_RGB = uAtt(u, x̃_A); δ = deflect(δ_uAtt, δ_RGB)
+        x ← x + drop_path(ls1(δ));  x ← x + drop_path(ls2(mlp(norm2(x))))
+
+    Otherwise (and when adapters are disabled) the block is its ``base_layer``. The wrapper of
+    ``blocks[0]`` (``is_entry``) also finishes the spectral stream from its input x_P.
+    """
+
+    def __init__(self, base_layer: nn.Module, state: SpectralStreamState, is_entry: bool) -> None:
+        super().__init__(base_layer)
+        self.deflect_uatt = nn.ModuleDict()
+        self.state = state
+        self.is_entry = is_entry
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """``(B, P+N, D) -> (B, P+N, D)``."""
+        block = self.base_layer
+        if self.disable_adapters or self.active_adapter not in self.deflect_uatt:
+            if self.is_entry and not self.disable_adapters:
+                self.state.enter(x)
+            if attn_mask is None and not is_causal:
+                return block(x)
+            return block(x, attn_mask=attn_mask, is_causal=is_causal)
+        if self.is_entry:
+            self.state.enter(x)
+        uatt: UntangledAttention = self.deflect_uatt[self.active_adapter]
+        spectral = self.state.consume()  # (B, P+N, D)
+        u = block.norm1(x)  # (B, P+N, D)
+        delta_uatt, delta_rgb = untangled_attention(
+            block.attn, u, uatt(spectral), uatt.temperature, attn_mask, is_causal
+        )  # (B, P+N, D) each
+        delta = deflect_update(delta_uatt, delta_rgb, uatt.deflection, uatt.eps)
+        if uatt.deflection == "soft" and self.training:
+            loss = deflection_loss(delta_uatt, delta_rgb, uatt.eps)
+            self.state.add_aux("deflection", uatt.lambda_deflection * loss)
+        proj_drop = getattr(block.attn, "proj_drop", None)
+        if proj_drop is not None:
+            delta = proj_drop(delta)
+        ls1, ls2 = getattr(block, "ls1", nn.Identity()), getattr(block, "ls2", nn.Identity())
+        drop1 = getattr(block, "drop_path1", getattr(block, "drop_path", nn.Identity()))
+        drop2 = getattr(block, "drop_path2", getattr(block, "drop_path", nn.Identity()))
+        x = x + drop1(ls1(delta))
+        return x + drop2(ls2(block.mlp(block.norm2(x))))

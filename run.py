@@ -100,11 +100,11 @@ def train(cfg: DictConfig, info: DistInfo) -> None:
     if info.is_main:
         atomic_write_text(json.dumps(counts, indent=2), work_dir / "params.json")
         log.info(
-            "parameters: encoder %s trainable of %s (%.3f%% of the GFM), decoder %s trainable; "
+            "parameters: encoder %s trainable (%.3f%% of the GFM's %s), decoder %s trainable; "
             "total %s trainable of %s",
             f"{counts['encoder_trainable']:,}",
-            f"{counts['encoder_total']:,}",
             counts["encoder_trainable_percent"],
+            f"{counts['gfm']:,}",
             f"{counts['decoder_trainable']:,}",
             f"{counts['trainable']:,}",
             f"{counts['total']:,}",

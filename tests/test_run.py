@@ -193,3 +193,46 @@ def test_corrupt_geotiff_is_named_and_earlier_outputs_survive(demo_root, tmp_pat
     again = run_cli([*TINY, f"dataset.root={data}", f"work_dir={work_dir}"], tmp_path, check=False)
     assert again.returncode != 0 and "resume=true" in again.stderr
     assert torch.load(work_dir / "checkpoints/best.pt", weights_only=True)["epoch"] == 0
+
+
+def test_deflect_run_checkpoint_adapter_export_and_aux_loss(demo_root, tmp_path):
+    """DEFLECT through run.py: soft deflection's loss is logged; best.pt holds only what trains;
+    the exported adapter on a fresh base encoder reproduces the trained encoder's features."""
+    from omegaconf import OmegaConf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deflect import DeflectModel
+    from deflect.engine import build
+    from deflect.engine.checkpoint import load_trainable_state
+
+    work_dir = tmp_path / "deflect"
+    args = [*TINY, f"dataset.root={demo_root}", "finetune=deflect", "finetune.deflection=soft",
+            "epochs=1", f"work_dir={work_dir}", "log_interval=1"]  # fmt: skip
+    proc = run_cli(args, tmp_path)
+    assert "% of the GFM" in proc.stdout + proc.stderr
+    events = EventAccumulator(str(work_dir / "tensorboard"))
+    events.Reload()
+    deflection = [e.value for e in events.Scalars("train/deflection")]
+    assert len(deflection) == 3 and all(v >= 0 for v in deflection)
+
+    cfg = OmegaConf.load(work_dir / "config.yaml")
+    trained = build.build_model(cfg, list(cfg.dataset.bands), 4)
+    state = torch.load(work_dir / "checkpoints/best.pt", weights_only=True)["model"]
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in trained.named_buffers()}
+    assert set(state) <= trainable | buffers and trainable <= set(state)
+    assert all("deflect_" in k for k in state if k.startswith("encoder.") and k in trainable)
+    load_trainable_state(trained, state, "best.pt")
+    trained.eval()
+
+    files = sorted(p.name for p in (work_dir / "adapter" / "default").iterdir())
+    assert files == ["deflect_config.json", "deflect_model.safetensors"]
+    torch.manual_seed(int(cfg.seed))  # the same random base weights as the run (no checkpoint)
+    base = build.instantiate(cfg.encoder, input_bands=list(cfg.dataset.bands), _convert_="all")
+    restored = DeflectModel.from_pretrained(base, work_dir / "adapter").eval()
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        expected = trained.encoder.forward_features(x)
+        got = restored.forward_features(x)
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)

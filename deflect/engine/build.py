@@ -119,21 +119,20 @@ def build_scheduler(cfg: DictConfig, optimizer, total_steps: int):
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int | float]:
-    """Trainable and total parameters of the encoder (the GFM) and of the decoder."""
-    encoder = model.encoder
-    enc_params = {id(p): p for p in encoder.parameters()}
-    enc_total = sum(p.numel() for p in enc_params.values())
-    enc_trainable = sum(p.numel() for p in enc_params.values() if p.requires_grad)
-    dec = [p for p in model.parameters() if id(p) not in enc_params]
-    base = getattr(encoder, "base_model", encoder)
-    adapter_free = sum(
-        p.numel() for n, p in base.named_parameters() if "deflect_" not in n and "lora_" not in n
-    )
+    """Trainable and total parameters of the encoder (the GFM, adapters counted apart) and of
+    the decoder; the percentage is of the GFM's own parameters, as the paper reports it."""
+    encoder_trainable, gfm = model.encoder.get_nb_trainable_parameters()
+    encoder_total = sum(p.numel() for p in model.encoder.parameters())
+    decoder = [p for name, p in model.named_parameters() if not name.startswith("encoder.")]
+    decoder_total = sum(p.numel() for p in decoder)
+    decoder_trainable = sum(p.numel() for p in decoder if p.requires_grad)
     return {
-        "encoder_total": enc_total,
-        "encoder_trainable": enc_trainable,
-        "encoder_trainable_percent": 100.0 * enc_trainable / max(adapter_free, 1),
-        "decoder_trainable": sum(p.numel() for p in dec if p.requires_grad),
-        "total": enc_total + sum(p.numel() for p in dec),
-        "trainable": enc_trainable + sum(p.numel() for p in dec if p.requires_grad),
+        "gfm": gfm,
+        "adapter": encoder_total - gfm,
+        "encoder_total": encoder_total,
+        "encoder_trainable": encoder_trainable,
+        "encoder_trainable_percent": 100.0 * encoder_trainable / max(gfm, 1),
+        "decoder_trainable": decoder_trainable,
+        "total": encoder_total + decoder_total,
+        "trainable": encoder_trainable + decoder_trainable,
     }

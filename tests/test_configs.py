@@ -103,3 +103,24 @@ def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     scheduler.step()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in model.decode_head.parameters())
+
+
+def test_every_method_starts_from_the_same_encoder_and_decoder(demo_root):
+    models = {}
+    for finetune in ("frozen", "full", "deflect"):
+        cfg = compose_with([f"finetune={finetune}", f"dataset.root={demo_root}", *SHRINK])
+        models[finetune] = build.build_model(cfg, ["B2", "B3", "B4", "B8"], 4)
+    reference = models["frozen"].state_dict()
+    for name, model in models.items():
+        state = model.state_dict()
+        decoder = [k for k in reference if not k.startswith("encoder.")]
+        assert all(torch.equal(state[k], reference[k]) for k in decoder), name
+        # DEFLECT wraps some modules (their weights move under `base_layer.`), adds `deflect_*`.
+        base = {
+            k.replace("base_layer.", ""): v
+            for k, v in model.encoder.base_model.backbone.state_dict().items()
+            if "deflect_" not in k
+        }
+        frozen = models["frozen"].encoder.base_model.backbone.state_dict()
+        assert base.keys() == frozen.keys(), name
+        assert all(torch.equal(base[k], frozen[k]) for k in frozen), name

@@ -82,12 +82,19 @@ def build_tuner_config(cfg: DictConfig):
 
 
 def build_model(cfg: DictConfig, input_bands: list[str], num_classes: int) -> nn.Module:
-    """Encoder -> fine-tuning method -> segmentor, seeded so frozen random weights are repeatable."""
+    """Encoder -> fine-tuning method -> segmentor.
+
+    Each part is seeded on its own, so frozen random weights are repeatable and every method
+    starts from the same encoder and the same decoder: an ablation compares methods, not seeds.
+    """
     from deflect.tuners import get_deflect_model
 
-    torch.manual_seed(int(cfg.seed))
+    seed = int(cfg.seed)
+    torch.manual_seed(seed)
     encoder = instantiate(cfg.encoder, input_bands=list(input_bands), _convert_="all")
+    torch.manual_seed(seed + 1)
     encoder = get_deflect_model(encoder, build_tuner_config(cfg))
+    torch.manual_seed(seed + 2)
     return instantiate(cfg.segmentor, encoder=encoder, num_classes=num_classes, _convert_="all")
 
 

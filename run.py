@@ -99,6 +99,7 @@ def train(cfg: DictConfig, info: DistInfo) -> None:
     counts = build.parameter_counts(model)
     if info.is_main:
         atomic_write_text(json.dumps(counts, indent=2), work_dir / "params.json")
+        log.info("bands:\n%s", build.band_table(model, train_set.bands))
         log.info(
             "parameters: encoder %s trainable (%.3f%% of the GFM's %s), decoder %s trainable; "
             "total %s trainable of %s",

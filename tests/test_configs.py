@@ -124,3 +124,18 @@ def test_every_method_starts_from_the_same_encoder_and_decoder(demo_root):
         frozen = models["frozen"].encoder.base_model.backbone.state_dict()
         assert base.keys() == frozen.keys(), name
         assert all(torch.equal(base[k], frozen[k]) for k in frozen), name
+
+
+def test_band_table_says_what_each_band_feeds(demo_root):
+    bands = ["B2", "B3", "B4", "B8"]
+    rows = {}
+    for finetune in ("frozen", "deflect"):
+        cfg = compose_with([f"finetune={finetune}", f"dataset.root={demo_root}", *SHRINK])
+        table = build.band_table(build.build_model(cfg, bands, 4), bands)
+        rows[finetune] = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert "input channel 0" in rows["frozen"]["B4"]  # encoder.rgb_bands = [B4, B3, B2]
+    assert "input channel 2" in rows["frozen"]["B2"]
+    assert rows["frozen"]["not"].endswith("B8")  # "not used by the encoder: B8"
+    b8 = rows["deflect"]["B8"]  # NIR: no RGB channel, but raw + every demo index needs it
+    assert "input channel" not in b8 and all(i in b8 for i in ("NDVI", "NDWI", "EVI", "SAVI"))
+    assert "NDWI" in rows["deflect"]["B3"] and "NDVI" not in rows["deflect"]["B3"]

@@ -236,3 +236,31 @@ def test_deflect_run_checkpoint_adapter_export_and_aux_loss(demo_root, tmp_path)
         got = restored.forward_features(x)
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_evaluates_reproducibly(precision, demo_root, tmp_path):
+    work_dir = tmp_path / precision
+    run_cli([*TINY, f"dataset.root={demo_root}", f"precision={precision}", "epochs=1",
+             f"work_dir={work_dir}", "save_predictions=false"], tmp_path)  # fmt: skip
+    last = torch.load(work_dir / "checkpoints/last.pt", weights_only=True)
+    assert last["scaler"] == {} if precision == "bf16" else last["scaler"]["scale"] > 0
+    reported = json.loads((work_dir / "metrics_test.json").read_text())
+    assert 0 < reported["mIoU"] <= 1
+    run_cli([f"eval_dir={work_dir}"], tmp_path)  # evaluation under the run's own autocast
+    again = json.loads((work_dir / "test_metrics.json").read_text())
+    assert again["confusion_matrix"] == reported["confusion_matrix"]
+
+
+def test_non_finite_training_stops_with_a_clear_error(demo_root, tmp_path):
+    """Inputs that normalise to inf: every gradient is non-finite; the run stops, never steps."""
+    data = tmp_path / "demo"
+    shutil.copytree(demo_root, data)
+    for path in (data / "train").glob("*_image.tif"):
+        with rasterio.open(path, "r+") as dst:
+            dst.write(np.full((dst.count, dst.height, dst.width), 65535, dst.dtypes[0]))
+    proc = run_cli([*TINY, f"dataset.root={data}", "max_steps_per_epoch=null",
+                    "dataset.band_stats.std={B2:1e-45,B3:1e-45,B4:1e-45,B8:1e-45}"],
+                   tmp_path, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "non-finite loss or gradients" in proc.stderr

@@ -143,3 +143,39 @@ def parameter_counts(model: nn.Module) -> dict[str, int | float]:
         "total": encoder_total + decoder_total,
         "trainable": encoder_trainable + decoder_trainable,
     }
+
+
+def band_table(model: nn.Module, bands: list[str]) -> str:
+    """What each dataset band feeds: the pretrained RGB patch embedding (which input channel)
+    and, under DEFLECT, the spectral stream (raw band, spectral indices). Logged at start so
+    nothing is mapped, filled or dropped unseen."""
+    import spyndex
+
+    from deflect.tuners import DeflectConfig
+    from deflect.tuners.deflect.indices import band_symbols
+
+    encoder = model.encoder
+    rgb = list(encoder.rgb_bands)
+    config = getattr(encoder, "peft_config", {}).get(getattr(encoder, "active_adapter", ""), None)
+    uses: dict[str, list[str]] = {b: [] for b in bands}
+    lines = []
+    if isinstance(config, DeflectConfig):
+        symbol_channel = band_symbols(bands, config.sensor, config.nir_from_b8a)
+        for index in config.resolved_indices():
+            for symbol in spyndex.indices[index].bands:
+                if symbol in symbol_channel:
+                    uses[bands[symbol_channel[symbol]]].append(index)
+    width = max(4, *(len(b) for b in bands))
+    lines.append(f"{'band':<{width}}  RGB patch embedding   spectral stream (DEFLECT UPE)")
+    for band in bands:
+        rgb_use = f"input channel {rgb.index(band)}" if band in rgb else "-"
+        if isinstance(config, DeflectConfig):
+            parts = (["raw"] if config.raw_bands else []) + uses[band]
+            spectral = ", ".join(parts) if parts else "unused"
+        else:
+            spectral = "-"
+        lines.append(f"{band:<{width}}  {rgb_use:<20}  {spectral}")
+    unused = [b for b in bands if b not in rgb and not isinstance(config, DeflectConfig)]
+    if unused:
+        lines.append(f"not used by the encoder: {', '.join(unused)}")
+    return "\n".join(lines)

@@ -40,6 +40,9 @@ from deflect.engine.logging import ScalarWriter, metric_scalars
 log = logging.getLogger(__name__)
 
 MAX_BAD_STEPS = 5  # consecutive non-finite gradient steps before giving up
+# Under fp16 the GradScaler skips overflowing steps and halves its scale each time; 30 halvings
+# take the default 65536 far below 1, so more skips in a row mean NaNs, not overflow.
+MAX_BAD_STEPS_FP16 = 30
 
 
 def seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator | None) -> None:
@@ -234,7 +237,8 @@ class Trainer:
                 bad_steps = 0
             else:
                 bad_steps += 1
-                if bad_steps >= MAX_BAD_STEPS and not self.scaler.is_enabled():
+                limit = MAX_BAD_STEPS_FP16 if self.scaler.is_enabled() else MAX_BAD_STEPS
+                if bad_steps >= limit:
                     raise RuntimeError(
                         f"non-finite loss or gradients for {bad_steps} steps in a row at epoch "
                         f"{epoch + 1}: lower optimizer.lr, use precision=fp32 or bf16, or check "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -151,3 +153,16 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
     torch.save({"fn": print}, path)  # a pickled callable, not weights
     with pytest.raises(RuntimeError, match="cannot read checkpoint"):
         load_checkpoint(path)
+
+
+def test_written_files_get_umask_permissions_not_private_ones(tmp_path):
+    from deflect.engine.checkpoint import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"a": 1}, tmp_path / "x.pt")
+        atomic_write_text("hi", tmp_path / "x.json")
+    finally:
+        os.umask(old)
+    for name in ("x.pt", "x.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644

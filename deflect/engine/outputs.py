@@ -10,6 +10,8 @@ import rasterio
 import torch
 from PIL import Image, ImageDraw
 
+from deflect.io import atomic_path
+
 # A qualitative palette (tab20-like); the ignore index is drawn black.
 PALETTE = np.array(
     [
@@ -70,18 +72,14 @@ def save_panels(
             [x, y, x + 10, y + 10], fill=tuple(int(v) for v in PALETTE[k % len(PALETTE)])
         )
         draw.text((x + 14, y - 1), name, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def write_prediction_geotiff(
     prediction: np.ndarray, path: Path, crs, transform, class_names: list[str]
 ) -> None:
     """A single-band uint8 GeoTIFF of class indices with the source CRS and transform."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.tif")
     profile = {
         "driver": "GTiff",
         "height": prediction.shape[0],
@@ -94,11 +92,10 @@ def write_prediction_geotiff(
         profile["crs"] = crs
     if transform is not None:
         profile["transform"] = transform
-    with rasterio.open(tmp, "w", **profile) as dst:
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(prediction.astype(np.uint8), 1)
         dst.set_band_description(1, "class")
         dst.update_tags(classes=",".join(class_names))
-    tmp.replace(path)
 
 
 class PredictionWriter:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deflect.io import atomic_path
 from deflect.tuners.base import BaseTuner, is_adapter_parameter
 from deflect.tuners.config import TunerConfig
 from deflect.tuners.registry import get_method
@@ -187,15 +188,16 @@ class DeflectModel(nn.Module):
                 k: v.detach().cpu().contiguous()
                 for k, v in self.tuner.adapter_state_dict(name).items()
             }
-            (folder / CONFIG_NAME).write_text(
-                json.dumps(self.tuner.configs[name].to_dict(), indent=2)
-            )
+            with atomic_path(folder / CONFIG_NAME) as tmp:
+                tmp.write_text(json.dumps(self.tuner.configs[name].to_dict(), indent=2))
             try:
                 from safetensors.torch import save_file
             except ImportError:  # pragma: no cover - safetensors is a dependency
-                torch.save(state, folder / WEIGHTS_NAME_PT)
+                with atomic_path(folder / WEIGHTS_NAME_PT) as tmp:
+                    torch.save(state, tmp)
             else:
-                save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+                with atomic_path(folder / WEIGHTS_NAME) as tmp:
+                    save_file(state, str(tmp), metadata={"format": "pt"})
 
     @staticmethod
     def _read_adapter(folder: Path) -> tuple[TunerConfig, dict[str, torch.Tensor]]:

@@ -166,3 +166,23 @@ def test_written_files_get_umask_permissions_not_private_ones(tmp_path):
         os.umask(old)
     for name in ("x.pt", "x.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+
+
+def test_optimizer_groups_scale_the_encoder_lr_and_skip_decay_on_vectors(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from deflect.engine import build
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["encoder=tiny_vit", "img_size=32", "finetune=full",
+                                           "encoder_lr_scale=0.1", "optimizer.lr=0.01",
+                                           f"dataset.root={tmp_path / 'demo'}"])  # fmt: skip
+    model = build.build_model(cfg, ["B2", "B3", "B4", "B8"], 4)
+    optimizer = build.build_optimizer(cfg, model)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert lr_of[id(param)] == pytest.approx(0.001 if name.startswith("encoder.") else 0.01)
+        assert wd_of[id(param)] == (0.05 if param.ndim >= 2 else 0.0), name
+    assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter in one group

@@ -264,3 +264,14 @@ def test_non_finite_training_stops_with_a_clear_error(demo_root, tmp_path):
                    tmp_path, check=False)  # fmt: skip
     assert proc.returncode != 0
     assert "non-finite loss or gradients" in proc.stderr
+
+
+def test_multirun_gives_each_method_its_own_run_folder(demo_root, tmp_path):
+    run_cli(["-m", "finetune=frozen,deflect", *TINY, f"dataset.root={demo_root}", "epochs=1",
+             "save_predictions=false"], tmp_path)  # fmt: skip
+    runs = sorted(p.name.split("_", 1)[1] for p in (tmp_path / "work_dirs").glob("2*"))
+    assert runs == ["tiny_vit_deflect_demo", "tiny_vit_frozen_demo"]
+    for path in (tmp_path / "work_dirs").glob("2*"):
+        summary = json.loads((path / "metrics.json").read_text())
+        assert 0 < summary["test"]["mIoU"] <= 1
+    assert len(list((tmp_path / "work_dirs" / "multirun").glob("*/multirun.yaml"))) == 1

@@ -109,15 +109,29 @@ def build_loss(cfg: DictConfig, num_classes: int) -> SegmentationLoss:
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser over trainable parameters; no weight decay on biases, norms and tokens."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    """The optimiser over trainable parameters, in four groups: encoder (adapters, or the whole
+    ViT under ``full``) at ``encoder_lr_scale`` x lr, decoder at lr; no weight decay on biases,
+    norms and tokens."""
+    optimizer = instantiate(cfg.optimizer, _convert_="all")
+    base_lr = float(cfg.optimizer.lr)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
+            key = (name.startswith("encoder."), param.ndim >= 2)
+            groups.setdefault(key, []).append(param)
+    if not groups:
         raise ValueError("the model has no trainable parameters; check the finetune config")
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return instantiate(cfg.optimizer, _convert_="all")(groups)
+    scale = float(cfg.encoder_lr_scale)
+    return optimizer(
+        [
+            {
+                "params": params,
+                "lr": base_lr * (scale if in_encoder else 1.0),
+                **({} if decay else {"weight_decay": 0.0}),
+            }
+            for (in_encoder, decay), params in sorted(groups.items())
+        ]
+    )
 
 
 def build_scheduler(cfg: DictConfig, optimizer, total_steps: int):

@@ -42,7 +42,9 @@ from deflect.engine.workdir import choose_work_dir, eval_config
 log = logging.getLogger("run")
 
 
-def test_and_report(cfg: DictConfig, model, work_dir: Path, info: DistInfo, out_name: str) -> dict:
+def test_and_report(
+    cfg: DictConfig, model, work_dir: Path, info: DistInfo, out_name: str, dataset=None
+) -> dict:
     """Load ``best.pt``, evaluate the test split, write metrics, panels and GeoTIFFs."""
     best = work_dir / "checkpoints" / "best.pt"
     if not best.is_file():
@@ -53,7 +55,7 @@ def test_and_report(cfg: DictConfig, model, work_dir: Path, info: DistInfo, out_
     state = load_checkpoint(best)
     check_fingerprint(model, state["frozen_fingerprint"], str(best))
     load_trainable_state(model, state["model"], str(best))
-    dataset = build.build_dataset(cfg, "test")
+    dataset = dataset if dataset is not None else build.build_dataset(cfg, "test")
     writer = PredictionWriter(
         dataset,
         work_dir,
@@ -93,7 +95,8 @@ def train(cfg: DictConfig, info: DistInfo) -> None:
     if info.is_main:
         atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), work_dir / "config.yaml")
         log.info("run folder: %s", work_dir)
-    datasets = {split: build.build_dataset(cfg, split) for split in ("train", "val")}
+    # All three splits are listed now, so a missing or empty test split fails before training.
+    datasets = {split: build.build_dataset(cfg, split) for split in build.SPLITS}
     train_set = datasets["train"]
     model = build.build_model(cfg, train_set.bands, train_set.num_classes).to(info.device)
     counts = build.parameter_counts(model)
@@ -172,7 +175,7 @@ def train(cfg: DictConfig, info: DistInfo) -> None:
         )
         writer.close()
         return
-    metrics = test_and_report(cfg, model, work_dir, info, "metrics_test.json")
+    metrics = test_and_report(cfg, model, work_dir, info, "metrics_test.json", datasets["test"])
     if info.is_main:
         best_val = json.loads((work_dir / "best_val_metrics.json").read_text())
         summary = {
@@ -196,7 +199,7 @@ def evaluate(cfg: DictConfig, info: DistInfo) -> None:
     setup_logging(None, info.is_main)
     dataset = build.build_dataset(run_cfg, "test")
     model = build.build_model(run_cfg, dataset.bands, dataset.num_classes).to(info.device)
-    test_and_report(run_cfg, model, work_dir, info, "test_metrics.json")
+    test_and_report(run_cfg, model, work_dir, info, "test_metrics.json", dataset)
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")

@@ -112,7 +112,6 @@ class ViTEncoder(nn.Module):
                 "encoder.checkpoint=/path/to/weights for real experiments"
             )
             warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
         # Drop what the feature pyramid never uses (final norm, head, blocks after the last
         # output layer): unused parameters get no gradient, which DDP rejects under `full`.
         self.backbone.prune_intermediate_layers(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -27,7 +28,13 @@ def setup_logging(work_dir: Path | None, is_main: bool) -> None:
         file_handler = logging.FileHandler(work_dir / "train.log")
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
-    logging.captureWarnings(True)
+    # Warnings (random weights, dropped checkpoint keys, ...) go to the console and train.log as
+    # one line each, without the file/line noise of the default format.
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
 class ScalarWriter:

@@ -37,7 +37,7 @@ from deflect.engine.evaluator import AUTOCAST_DTYPES, Evaluator
 from deflect.engine.logging import ScalarWriter, metric_scalars, metrics_table, setup_logging
 from deflect.engine.outputs import PredictionWriter
 from deflect.engine.trainer import Trainer
-from deflect.engine.workdir import choose_work_dir, eval_config
+from deflect.engine.workdir import choose_work_dir, eval_config, resume_config_changes
 
 log = logging.getLogger("run")
 
@@ -92,8 +92,20 @@ def train(cfg: DictConfig, info: DistInfo) -> None:
     """Train, keep the best checkpoint, test it, export the adapter."""
     work_dir = Path(broadcast_object(choose_work_dir(cfg, HydraConfig.get().runtime.choices), info))
     setup_logging(work_dir, info.is_main)
+    last = work_dir / "checkpoints" / "last.pt"
+    resuming = bool(cfg.resume) and last.is_file()
     if info.is_main:
-        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), work_dir / "config.yaml")
+        saved = work_dir / "config.yaml"
+        if resuming and saved.is_file():
+            changes = resume_config_changes(OmegaConf.load(saved), cfg)
+            if changes:
+                log.warning(
+                    "resuming %s with settings that differ from its saved config.yaml; the rest "
+                    "of the run uses the new ones:\n  %s",
+                    work_dir,
+                    "\n  ".join(changes),
+                )
+        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), saved)
         log.info("run folder: %s", work_dir)
     # All three splits are listed now, so a missing or empty test split fails before training.
     datasets = {split: build.build_dataset(cfg, split) for split in build.SPLITS}
@@ -160,8 +172,7 @@ def train(cfg: DictConfig, info: DistInfo) -> None:
         max_steps_per_epoch=cfg.max_steps_per_epoch,
         stop_after_epochs=cfg.stop_after_epochs,
     )
-    last = work_dir / "checkpoints" / "last.pt"
-    if cfg.resume and last.is_file():
+    if resuming:
         trainer.resume(last)
     start = time.time()
     finished = trainer.fit()

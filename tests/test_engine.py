@@ -186,3 +186,18 @@ def test_optimizer_groups_scale_the_encoder_lr_and_skip_decay_on_vectors(tmp_pat
         assert lr_of[id(param)] == pytest.approx(0.001 if name.startswith("encoder.") else 0.01)
         assert wd_of[id(param)] == (0.05 if param.ndim >= 2 else 0.0), name
     assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter in one group
+
+
+def test_resume_config_changes_lists_what_differs_but_not_free_keys():
+    from omegaconf import OmegaConf
+
+    from deflect.engine.workdir import resume_config_changes
+
+    saved = OmegaConf.create({"optimizer": {"lr": 1e-4}, "epochs": 10, "resume": False,
+                              "num_workers": 2, "loss": {"dice_weight": 0.0}})  # fmt: skip
+    current = OmegaConf.create({"optimizer": {"lr": 1e-3}, "epochs": 10, "resume": True,
+                                "num_workers": 0, "loss": {"dice_weight": 0.0}, "new": 1})  # fmt: skip
+    assert resume_config_changes(saved, current) == [
+        "new: '<absent>' -> 1",
+        "optimizer.lr: 0.0001 -> 0.001",
+    ]

@@ -125,7 +125,8 @@ def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(demo_root, tmp
     run_cli([*args, f"work_dir={stopped}", "stop_after_epochs=1"], tmp_path)
     first = torch.load(stopped / "checkpoints/last.pt", weights_only=True)
     assert first["epoch"] == 0 and not (stopped / "metrics.json").exists()
-    run_cli([*args, f"work_dir={stopped}", "resume=true"], tmp_path)
+    resumed = run_cli([*args, f"work_dir={stopped}", "resume=true"], tmp_path)
+    assert "differ from its saved config" not in resumed.stdout + resumed.stderr
     a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
     b = torch.load(stopped / "checkpoints/last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1 and a["global_step"] == b["global_step"]

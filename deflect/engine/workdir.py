@@ -85,3 +85,31 @@ def eval_config(work_dir: Path, overrides: list[str]) -> DictConfig:
     merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(keep))
     merged.eval_dir = str(work_dir)
     return merged
+
+
+# Keys that may change between a run and its resumption without changing the experiment.
+RESUME_FREE_KEYS = {
+    "resume", "work_dir", "work_root", "stop_after_epochs", "num_workers", "eval_dir",
+    "log_interval", "device",
+}  # fmt: skip
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
+    """``key: saved -> current`` for every setting a resumed run changes (free keys aside)."""
+    old = _flatten(OmegaConf.to_container(saved, resolve=True))
+    new = _flatten(OmegaConf.to_container(current, resolve=True))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in RESUME_FREE_KEYS or old.get(key) == new.get(key):
+            continue
+        changes.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    return changes

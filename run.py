@@ -224,6 +224,10 @@ def main(cfg: DictConfig) -> None:
             evaluate(cfg, info)
         else:
             train(cfg, info)
+        # Every rank is done with collectives before the group goes away (a rank tearing gloo
+        # down while another still works aborts the process). Not on errors: a failing rank
+        # must exit, never wait here for the others.
+        barrier(info)
     finally:
         cleanup_distributed()
 

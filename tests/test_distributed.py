@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from deflect.engine import build
-from deflect.engine.distributed import cleanup_distributed, init_distributed
+from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
 from tests.conftest import REPO, TINY, run_cli
 
 BANDS = ["B2", "B3", "B4", "B8"]
@@ -59,6 +59,8 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, batch_path: str, out
         if info.rank == 0:
             grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
             torch.save(grads, out)
+        del ddp  # release the reducer before the group goes away
+        barrier(info)  # both ranks done before either tears gloo down
     finally:
         cleanup_distributed()
 

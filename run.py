@@ -90,7 +90,9 @@ def test_and_report(
 
 def train(cfg: DictConfig, info: DistInfo) -> None:
     """Train, keep the best checkpoint, test it, export the adapter."""
-    work_dir = Path(broadcast_object(choose_work_dir(cfg, HydraConfig.get().runtime.choices), info))
+    # Rank 0 alone decides (and creates) the run folder; the others receive its path.
+    chosen = choose_work_dir(cfg, HydraConfig.get().runtime.choices) if info.is_main else None
+    work_dir = Path(broadcast_object(chosen, info))
     setup_logging(work_dir, info.is_main)
     last = work_dir / "checkpoints" / "last.pt"
     resuming = bool(cfg.resume) and last.is_file()

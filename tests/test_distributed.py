@@ -86,9 +86,10 @@ def test_ddp_gradients_equal_mean_of_half_batch_gradients(finetune, demo_root, t
 
 
 def test_torchrun_trains_and_evaluates_each_pixel_once(demo_root, tmp_path):
-    work_dir = tmp_path / "ddp"
-    run_cli([*TINY, f"dataset.root={demo_root}", f"work_dir={work_dir}", "epochs=1",
-             "batch_size=2"], tmp_path, nproc=2)  # fmt: skip
+    run_cli([*TINY, f"dataset.root={demo_root}", "epochs=1", "batch_size=2"], tmp_path, nproc=2)
+    runs = list((tmp_path / "work_dirs").iterdir())
+    assert len(runs) == 1, runs  # rank 0 alone names the run folder
+    work_dir = runs[0]
     reported = json.loads((work_dir / "metrics_test.json").read_text())
     assert reported["pixels"] == 64 * 300  # the whole test strip, each pixel once
     run_cli([f"eval_dir={work_dir}"], tmp_path)  # one process

@@ -347,22 +347,7 @@ class FolderSegmentation(GeoTIFFSegmentationDataset):
     mask_suffix: ClassVar[str] = "_mask.tif"
     layout: ClassVar[str] = "<root>/<split>/<name>_image.tif + <name>_mask.tif"
 
-    def __init__(
-        self,
-        *,
-        root: str,
-        split: str,
-        bands: list[str],
-        classes: list[str],
-        band_stats: dict[str, dict[str, float]],
-        img_size: int,
-        ignore_index: int = -1,
-        reflectance_scale: float = 1.0,
-        spectral_indices: list[str] | None = None,
-        transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-        | None = None,
-        available_bands: list[str] | None = None,
-    ) -> None:
+    def __init__(self, *, available_bands: list[str] | None = None, **kwargs: Any) -> None:
         if available_bands is not None:
             self.available_bands = list(available_bands)
         if not self.available_bands:
@@ -370,18 +355,7 @@ class FolderSegmentation(GeoTIFFSegmentationDataset):
                 f"{type(self).__name__}: available_bands is not set; give dataset."
                 "available_bands as the image files' band names in order"
             )
-        super().__init__(
-            root=root,
-            split=split,
-            bands=bands,
-            classes=classes,
-            band_stats=band_stats,
-            img_size=img_size,
-            ignore_index=ignore_index,
-            reflectance_scale=reflectance_scale,
-            spectral_indices=spectral_indices,
-            transform=transform,
-        )
+        super().__init__(**kwargs)  # unknown keys fail there, naming the base's arguments
 
     def list_samples(self, split: str) -> list[Sample]:
         """Pairs ``<name>_mask.tif`` with ``<name>_image.tif`` in ``<root>/<split>``, by name."""

@@ -50,7 +50,3 @@ class Segmentor(nn.Module):
         """Auxiliary losses the encoder reported for its last forward (e.g. soft deflection)."""
         fn = getattr(self.encoder, "auxiliary_losses", None)
         return fn() if callable(fn) else {}
-
-    def decoder_modules(self) -> dict[str, nn.Module]:
-        """The parts after the encoder, for parameter accounting."""
-        return {"neck": self.neck, "decode_head": self.decode_head}

@@ -25,6 +25,18 @@ TINY = [
 ]
 
 
+def tiny_timm_vit(**kwargs):
+    """A plain timm ViT (width 32, depth 4, patch 8, 32 px), seeded, in eval mode."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+        depth=4, num_heads=4, num_classes=0, **kwargs,
+    ).eval()  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """The demo dataset written once per test session."""

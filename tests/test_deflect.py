@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import spyndex
-import timm
 import torch
 
 from deflect import DeflectConfig, get_deflect_model
@@ -16,27 +15,12 @@ from deflect.encoders import ViTEncoder
 from deflect.tuners.deflect import layer as deflect_layer
 from deflect.tuners.deflect.indices import SpectralIndices, resolve_indices, wavelength_constants
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding, pixel_set_statistics
+from tests.conftest import tiny_timm_vit as tiny_vit
 
 S2_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
 DEMO_BANDS = ["B2", "B3", "B4", "B8"]
 SYMBOLS = {"B1": "A", "B2": "B", "B3": "G", "B4": "R", "B5": "RE1", "B6": "RE2", "B7": "RE3"}
 SYMBOLS |= {"B8": "N", "B8A": "N2", "B11": "S1", "B12": "S2"}
-
-
-def tiny_vit(**kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=4,
-        num_heads=4,
-        num_classes=0,
-        **kwargs,
-    )
-    return model.eval()
 
 
 def tiny_encoder(bands: list[str] = S2_BANDS) -> ViTEncoder:

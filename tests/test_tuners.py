@@ -26,24 +26,11 @@ from deflect import (
 from deflect.tuners import BaseTuner, DeflectTuner
 from deflect.tuners.deflect.layer import DeflectBlock, DeflectPatchEmbed
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding
+from tests.conftest import tiny_timm_vit as tiny_vit
 
 S2_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
 DEMO_BANDS = ["B2", "B3", "B4", "B8"]
 DEMO_INDICES = ["NDVI", "NDWI", "EVI", "SAVI"]
-
-
-def tiny_vit() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=4,
-        num_heads=4,
-        num_classes=0,
-    ).eval()
 
 
 def rgb(x: torch.Tensor) -> torch.Tensor:

@@ -118,10 +118,6 @@ class ViTEncoder(nn.Module):
             self.output_layers, prune_norm=True, prune_head=True
         )
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Patch-grid size for an input of ``height`` x ``width`` pixels (the one source of truth)."""
-        return height // self.patch_size, width // self.patch_size
-
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps ``(B, embed_dim, H/p, W/p)`` at each of ``output_layers``."""
         if x.shape[1] != len(self.input_bands):

@@ -139,7 +139,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][min(self.info.rank, len(state["rng"]) - 1)])
+        set_rng_state(state["rng"])
         self.start_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
@@ -266,8 +266,8 @@ class Trainer:
         return float(all_reduce_mean(total / max(steps, 1), self.info))
 
     def save_last(self, epoch: int) -> None:
-        """The full training state after ``epoch`` (rank 0 writes; RNG states of all ranks)."""
-        states = [rng_state()]
+        """The full training state after ``epoch`` (rank 0 writes it, with its RNG state; every
+        epoch re-seeds all ranks from (seed, epoch, rank), so other ranks need none)."""
         atomic_save(
             {
                 "model": trainable_state_dict(self.raw_model),
@@ -280,7 +280,7 @@ class Trainer:
                 "best_score": self.best_score,
                 "best_epoch": self.best_epoch,
                 "best_metrics": json.dumps(self.best_metrics) if self.best_metrics else "",
-                "rng": states,
+                "rng": rng_state(),
                 "saved_at": time.time(),
             },
             self.checkpoint_dir / "last.pt",

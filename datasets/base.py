@@ -4,18 +4,25 @@ A dataset reads its samples with rasterio and returns dicts with fixed keys::
 
     {"image": float32 tensor (C, H, W), "mask": int64 tensor (H, W), "index": int}
 
+Invalid image pixels (NaN in the file, or the dataset's no-data value) are NaN in ``image``;
+the model keeps them out of what it computes (see :mod:`deflect.data`).
+
+Everything the model needs to know about the data is :attr:`GeoTIFFSegmentationDataset.spec`, a
+:class:`~deflect.data.DataSpec` (bands, statistics, reflectance scale, no-data value, sensor,
+GSD, classes, ignore index, display bands) validated once, where it is built.
+
 A subclass only says where its files are and how they are laid out:
 
 * ``available_bands``: band names in file (channel) order;
 * :meth:`GeoTIFFSegmentationDataset.list_samples`: the :class:`Sample` records of one split;
 * optionally :meth:`GeoTIFFSegmentationDataset.read_image` / ``read_mask`` when a sample is not
   one multi-band image file plus one single-band mask file (MADOS keeps one band per file);
-* optionally ``nodata`` (an image value meaning "no data", read as 0), ``label_offset`` (subtracted
+* optionally the class defaults ``nodata``, ``sensor``, ``gsd``, ``label_offset`` (subtracted
   from the stored mask, e.g. 1 for MADOS where 0 means unlabelled) and ``georeferenced`` (False
   silences rasterio's ``NotGeoreferencedWarning`` for files that legitimately lack it).
 
-Everything else (validation of the configuration, NaN and no-data handling, mapping out-of-range
-labels to ``ignore_index``, georeferencing of predictions) lives here once.
+Everything else (NaN and no-data handling, mapping out-of-range labels to ``ignore_index``,
+georeferencing of predictions) lives here once.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch.utils.data import Dataset
+
+from deflect.data import DataSpec
 
 SPLITS = ("train", "val", "test")
 
@@ -117,19 +126,22 @@ class GeoTIFFSegmentationDataset(Dataset):
         classes: class names; mask values outside ``[0, len(classes))`` become ``ignore_index``.
         band_stats: ``{"mean": {band: float}, "std": {band: float}}`` covering ``bands``, in the
             units of the files (see ``reflectance_scale``).
-        img_size: native crop size hint for the model; stored only.
         ignore_index: label of pixels that carry no class; must lie outside ``[0, num_classes)``.
         reflectance_scale: the file value of reflectance 1.0 (10000 for integer L2A products,
-            1.0 for float reflectance); stored for consumers that need physical reflectance
-            (spectral indices). Images are returned in file units.
-        spectral_indices: names of spectral indices to derive (spyndex names); stored only.
+            1.0 for float reflectance). Images are returned in file units.
+        nodata: the file value meaning "no data" (default: the dataset's own, often none).
+        sensor: spyndex sensor of the bands (default: the dataset's own, ``sentinel2a``).
+        gsd: ground sample distance in metres (default: the dataset's own).
+        display_bands: red, green, blue bands of pictures (default B4, B3, B2 when loaded).
         transform: joint ``(image, mask) -> (image, mask)`` transform on tensors, normally a
             :class:`datasets.transforms.JointTransform` that also normalises; without one the
-            image is returned raw.
+            image is returned raw. May also be set after construction.
     """
 
     available_bands: ClassVar[list[str]] = []
     nodata: ClassVar[float | None] = None
+    sensor: ClassVar[str] = "sentinel2a"
+    gsd: ClassVar[float | None] = None
     label_offset: ClassVar[int] = 0
     georeferenced: ClassVar[bool] = True
     layout: ClassVar[str] = "see the dataset's docstring"
@@ -142,10 +154,12 @@ class GeoTIFFSegmentationDataset(Dataset):
         bands: list[str],
         classes: list[str],
         band_stats: dict[str, dict[str, float]],
-        img_size: int,
         ignore_index: int = -1,
         reflectance_scale: float = 1.0,
-        spectral_indices: list[str] | None = None,
+        nodata: float | None = None,
+        sensor: str | None = None,
+        gsd: float | None = None,
+        display_bands: list[str] | None = None,
         transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         | None = None,
     ) -> None:
@@ -153,26 +167,31 @@ class GeoTIFFSegmentationDataset(Dataset):
         if split not in SPLITS:
             raise ValueError(f"{name}: split {split!r} is not one of {list(SPLITS)}")
         self.split = split
-        self.bands = self._validated_bands(bands)
-        self.classes = list(classes)
-        if not self.classes:
+        bands = self._validated_bands(bands)
+        stats = band_stats if hasattr(band_stats, "get") else {}
+        for key in ("mean", "std"):
+            if stats.get(key) is None:
+                raise ValueError(
+                    f"{name}: band_stats has no {key!r} table; give dataset.band_stats.{key} as "
+                    f"{{band: value}} for bands {bands}"
+                )
+        if not list(classes):
             raise ValueError(f"{name}: classes is empty; list the class names in dataset.classes")
-        self.ignore_index = int(ignore_index)
-        if 0 <= self.ignore_index < len(self.classes):
-            raise ValueError(
-                f"{name}: ignore_index={self.ignore_index} is a valid class id "
-                f"(0..{len(self.classes) - 1}, {self.classes[self.ignore_index]!r}); set "
-                "dataset.ignore_index to a value outside that range, e.g. -1"
+        try:
+            self.spec = DataSpec(
+                bands=tuple(bands),
+                mean=stats["mean"],
+                std=stats["std"],
+                reflectance_scale=reflectance_scale,
+                nodata=type(self).nodata if nodata is None else nodata,
+                sensor=sensor or type(self).sensor,
+                gsd=type(self).gsd if gsd is None else gsd,
+                classes=tuple(classes),
+                ignore_index=ignore_index,
+                display_bands=None if display_bands is None else tuple(display_bands),
             )
-        self.band_stats = self._validated_band_stats(band_stats)
-        if not reflectance_scale > 0:
-            raise ValueError(
-                f"{name}: reflectance_scale={reflectance_scale} must be > 0 (10000 for integer "
-                "reflectance, 1.0 for float reflectance)"
-            )
-        self.reflectance_scale = float(reflectance_scale)
-        self.img_size = int(img_size)
-        self.spectral_indices = list(spectral_indices or [])
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
         self.transform = transform
 
         self.root = Path(root).expanduser()
@@ -201,35 +220,7 @@ class GeoTIFFSegmentationDataset(Dataset):
                     f"{name}: band {band!r} is not available; available bands are "
                     f"{self.available_bands}; fix dataset.bands"
                 )
-        duplicates = sorted({b for b in bands if bands.count(b) > 1})
-        if duplicates:
-            raise ValueError(f"{name}: bands {duplicates} are listed twice in dataset.bands")
         return bands
-
-    def _validated_band_stats(self, band_stats: dict) -> dict[str, dict[str, float]]:
-        name = type(self).__name__
-        stats: dict[str, dict[str, float]] = {}
-        for key in ("mean", "std"):
-            table = band_stats.get(key) if hasattr(band_stats, "get") else None
-            if table is None:
-                raise ValueError(
-                    f"{name}: band_stats has no {key!r} table; give dataset.band_stats."
-                    f"{key} as {{band: value}} for bands {self.bands}"
-                )
-            missing = [b for b in self.bands if b not in table]
-            if missing:
-                raise ValueError(
-                    f"{name}: band_stats.{key} lacks bands {missing}; add them to "
-                    f"dataset.band_stats.{key}"
-                )
-            stats[key] = {b: float(table[b]) for b in self.bands}
-        for band, std in stats["std"].items():
-            if not std > 0:
-                raise ValueError(
-                    f"{name}: band_stats.std of band {band!r} is {std}; it must be > 0 (it "
-                    "divides the image); fix dataset.band_stats.std"
-                )
-        return stats
 
     # ---------------------------------------------------------------------- subclass hooks
 
@@ -261,19 +252,24 @@ class GeoTIFFSegmentationDataset(Dataset):
     # ---------------------------------------------------------------------------- reading
 
     @property
+    def bands(self) -> list[str]:
+        """Bands loaded, in channel order."""
+        return list(self.spec.bands)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names."""
+        return list(self.spec.classes)
+
+    @property
+    def ignore_index(self) -> int:
+        """Label of pixels without a class."""
+        return self.spec.ignore_index
+
+    @property
     def num_classes(self) -> int:
         """Number of classes (mask values ``0 .. num_classes - 1``)."""
-        return len(self.classes)
-
-    @property
-    def mean(self) -> list[float]:
-        """Per-band mean in ``bands`` order, in file units."""
-        return [self.band_stats["mean"][b] for b in self.bands]
-
-    @property
-    def std(self) -> list[float]:
-        """Per-band standard deviation in ``bands`` order, in file units."""
-        return [self.band_stats["std"][b] for b in self.bands]
+        return self.spec.num_classes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -288,16 +284,17 @@ class GeoTIFFSegmentationDataset(Dataset):
             return src.crs, src.transform
 
     def read_sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw image (C, H, W) float32 with NaN and no-data set to 0, and mask (H, W) int64.
+        """Raw image (C, H, W) float32 with NaN at invalid pixels (non-finite or the no-data
+        value), and mask (H, W) int64.
 
         Mask values outside ``[0, num_classes)`` after ``label_offset`` become ``ignore_index``.
         """
         sample = self.samples[index]
-        image = np.asarray(self.read_image(sample), dtype=np.float32)  # (C, H, W)
+        image = np.array(self.read_image(sample), dtype=np.float32)  # (C, H, W)
         invalid = ~np.isfinite(image)
-        if self.nodata is not None:
-            invalid |= image == np.float32(self.nodata)
-        image[invalid] = 0.0
+        if self.spec.nodata is not None:
+            invalid |= image == np.float32(self.spec.nodata)
+        image[invalid] = np.nan
 
         raw_mask = np.asarray(self.read_mask(sample))  # (H, W)
         if image.shape[1:] != raw_mask.shape:

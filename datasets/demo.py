@@ -33,13 +33,11 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import spyndex
-import torch
 from affine import Affine
 from rasterio.crs import CRS
 
@@ -223,10 +221,11 @@ class DemoVegetation(FolderSegmentation):
 
     Arguments are those of :class:`~datasets.base.GeoTIFFSegmentationDataset`, with the demo's
     own values as defaults (all four bands, its four classes, ``DEMO_BAND_STATS``,
-    ``reflectance_scale=10000``, ``img_size=64``).
+    ``reflectance_scale=10000``).
     """
 
     available_bands = DEMO_BANDS
+    gsd = DEMO_PIXEL_SIZE
 
     def __init__(
         self,
@@ -236,12 +235,8 @@ class DemoVegetation(FolderSegmentation):
         bands: list[str] | None = None,
         classes: list[str] | None = None,
         band_stats: dict[str, dict[str, float]] | None = None,
-        img_size: int = DEMO_TILE_SIZE,
-        ignore_index: int = -1,
         reflectance_scale: float = DEMO_REFLECTANCE_SCALE,
-        spectral_indices: list[str] | None = None,
-        transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-        | None = None,
+        **kwargs,
     ) -> None:
         classes = list(DEMO_CLASSES if classes is None else classes)
         if len(classes) != len(DEMO_CLASSES):
@@ -256,9 +251,6 @@ class DemoVegetation(FolderSegmentation):
             bands=list(DEMO_BANDS if bands is None else bands),
             classes=classes,
             band_stats=DEMO_BAND_STATS if band_stats is None else band_stats,
-            img_size=img_size,
-            ignore_index=ignore_index,
             reflectance_scale=reflectance_scale,
-            spectral_indices=spectral_indices,
-            transform=transform,
+            **kwargs,
         )

@@ -2,13 +2,16 @@
 
 Geometric operations act on the last two (spatial) axes of both the image (C, H, W) and the
 mask (H, W) with the same random draw, so band order is never touched and labels stay aligned
-with pixels. Randomness comes from torch's global RNG: seeding torch (and the data-loader's
-per-worker seeding) makes the augmentation reproducible.
+with pixels. Padding marks the added pixels invalid: NaN in the image (as the sliding window
+pads at evaluation), ``ignore_index`` in the mask. Randomness comes from torch's global RNG:
+seeding torch (and the data-loader's per-worker seeding) makes the augmentation reproducible.
 """
 
 from __future__ import annotations
 
 import torch
+
+from deflect.data import DataSpec
 
 
 class JointTransform:
@@ -18,10 +21,11 @@ class JointTransform:
 
     Args:
         mean: per-band mean, in the image's channel order and units.
-        std: per-band standard deviation, same order; every value must be > 0.
+        std: per-band standard deviation, same order (validated by
+            :class:`~deflect.data.DataSpec`, see :func:`build_transform`).
         crop_size: side of the square random crop; None keeps the whole image. Images smaller
-            than the crop are padded at the bottom/right with 0 (image, before normalisation,
-            i.e. the no-data value) and ``ignore_index`` (mask).
+            than the crop are padded at the bottom/right with NaN (image: invalid pixels) and
+            ``ignore_index`` (mask).
         hflip: probability of a horizontal flip (along the width axis).
         vflip: probability of a vertical flip (along the height axis).
         rot90: rotate by a random multiple of 90°; non-square images only by 0° or 180° so
@@ -51,12 +55,6 @@ class JointTransform:
                 f"JointTransform: mean has {len(mean)} values but std has {len(std)}; give one "
                 "per band in both"
             )
-        for i, s in enumerate(std):
-            if not float(s) > 0:
-                raise ValueError(
-                    f"JointTransform: std of band index {i} is {s}; it must be > 0 (it divides "
-                    "the image); fix the band statistics"
-                )
         if crop_size is not None and crop_size < 1:
             raise ValueError(f"JointTransform: crop_size={crop_size} must be >= 1 or None")
         for name, p in (("hflip", hflip), ("vflip", vflip)):
@@ -113,7 +111,7 @@ class JointTransform:
         height, width = mask.shape
         pad_h, pad_w = max(size - height, 0), max(size - width, 0)
         if pad_h or pad_w:
-            image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=torch.nan)
             mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=self.ignore_index)
             height, width = mask.shape
 
@@ -158,41 +156,27 @@ class JointTransform:
 
 
 def build_transform(
-    bands: list[str],
-    band_stats: dict[str, dict[str, float]],
+    data: DataSpec,
     train: bool,
     crop_size: int | None,
-    hflip: float,
-    vflip: float,
-    rot90: bool,
-    ignore_index: int,
+    hflip: float = 0.0,
+    vflip: float = 0.0,
+    rot90: bool = False,
     min_labelled_fraction: float = 0.0,
 ) -> JointTransform:
-    """Build the :class:`JointTransform` of a split, picking the statistics by band name.
+    """The :class:`JointTransform` of a split, with the statistics and ignore index of ``data``.
 
     With ``train=False`` only normalisation remains: evaluation sees whole, unflipped images.
     """
-    stats: dict[str, list[float]] = {}
-    for key in ("mean", "std"):
-        table = band_stats.get(key) if hasattr(band_stats, "get") else None
-        if table is None:
-            raise ValueError(f"band_stats has no {key!r} table; give {{band: value}} for {bands}")
-        missing = [b for b in bands if b not in table]
-        if missing:
-            raise ValueError(f"band_stats.{key} lacks bands {missing}; add them to band_stats")
-        stats[key] = [float(table[b]) for b in bands]
-    for band, s in zip(bands, stats["std"]):
-        if not s > 0:
-            raise ValueError(f"band_stats.std of band {band!r} is {s}; it must be > 0")
+    stats = (data.mean_list(), data.std_list())
     if not train:
-        return JointTransform(stats["mean"], stats["std"], ignore_index=ignore_index)
+        return JointTransform(*stats, ignore_index=data.ignore_index)
     return JointTransform(
-        stats["mean"],
-        stats["std"],
+        *stats,
         crop_size=crop_size,
         hflip=hflip,
         vflip=vflip,
         rot90=rot90,
-        ignore_index=ignore_index,
+        ignore_index=data.ignore_index,
         min_labelled_fraction=min_labelled_fraction,
     )

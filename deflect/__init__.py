@@ -4,11 +4,14 @@ DEFLECT: Thoreau, Marsocci & Derksen, *Parameter-Efficient Adaptation of Geospat
 Models through Embedding Deflection*, ICCV 2025, arXiv:2503.09493.
 """
 
+from deflect.data import DataSpec
 from deflect.tuners import (
+    BitFitConfig,
     DeflectConfig,
     DeflectModel,
     FrozenConfig,
     FullConfig,
+    NormTuningConfig,
     TunerConfig,
     get_deflect_model,
     inject_adapter_in_model,
@@ -17,10 +20,13 @@ from deflect.tuners import (
 )
 
 __all__ = [
+    "BitFitConfig",
+    "DataSpec",
     "DeflectConfig",
     "DeflectModel",
     "FrozenConfig",
     "FullConfig",
+    "NormTuningConfig",
     "TunerConfig",
     "get_deflect_model",
     "inject_adapter_in_model",

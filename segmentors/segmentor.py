@@ -40,9 +40,19 @@ class Segmentor(nn.Module):
         )
         self.num_classes = num_classes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def data(self):
+        """The encoder's data description (:class:`~deflect.data.DataSpec`)."""
+        return self.encoder.data
+
+    @property
+    def metadata_keys(self) -> tuple[str, ...]:
+        """Per-sample metadata the encoder takes (e.g. ``gsd``)."""
+        return tuple(getattr(self.encoder, "metadata_keys", ()))
+
+    def forward(self, x: torch.Tensor, **metadata: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes, H, W)`` for an input ``(B, C, H, W)``."""
-        features = self.encoder.forward_features(x)
+        features = self.encoder.forward_features(x, **metadata)
         logits = self.decode_head(self.neck(features))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 

@@ -1,5 +1,6 @@
-"""Encoders: pretrained ViTs behind one contract (see :class:`ViTEncoder`)."""
+"""Encoders: pretrained ViTs behind one contract (:class:`Encoder`)."""
 
+from deflect.encoders.base import Encoder, fill_invalid
 from deflect.encoders.vit import ViTEncoder
 
-__all__ = ["ViTEncoder"]
+__all__ = ["Encoder", "ViTEncoder", "fill_invalid"]

@@ -1,11 +1,14 @@
 """Build every component from the composed config: the one place ``instantiate`` is called.
 
-Components take plain typed arguments; only this module reads the config tree.
+Components take plain typed arguments; only this module reads the config tree. The dataset's
+:class:`~deflect.data.DataSpec` is built once (by the dataset) and handed to the encoder, the
+tuner (through the encoder), the transforms, the evaluator and the outputs.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -13,29 +16,42 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from datasets.transforms import build_transform
-from deflect.engine.distributed import DistInfo, ShardSampler
+from deflect.data import DataSpec
+from deflect.engine.distributed import DistInfo, ShardSampler, distribute
+from deflect.engine.evaluator import EvalSettings, Evaluator
+from deflect.engine.logging import ScalarWriter
+from deflect.engine.trainer import Trainer, TrainSettings
 from segmentors import SegmentationLoss
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Keys of a dataset YAML that describe the run, not the dataset object.
+RUN_HINTS = ("img_size",)
 
 
 def build_dataset(cfg: DictConfig, split: str):
     """The dataset of ``split`` with its joint transform (augmentation only for training)."""
+    node = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key in RUN_HINTS:  # e.g. the dataset's native tile size, read as ${dataset.img_size}
+        node.pop(key, None)
+    dataset = instantiate(node, split=split, _convert_="all")
     aug = cfg.augmentation
-    transform = build_transform(
-        bands=list(cfg.dataset.bands),
-        band_stats=OmegaConf.to_container(cfg.dataset.band_stats, resolve=True),
+    dataset.transform = build_transform(
+        dataset.spec,
         train=split == "train",
         crop_size=int(cfg.img_size),
         hflip=float(aug.hflip),
         vflip=float(aug.vflip),
         rot90=bool(aug.rot90),
-        ignore_index=int(cfg.dataset.ignore_index),
         min_labelled_fraction=float(aug.min_labelled_fraction),
     )
-    return instantiate(cfg.dataset, split=split, transform=transform, _convert_="all")
+    return dataset
+
+
+def build_datasets(cfg: DictConfig) -> dict:
+    """All three splits, listed now so a missing or empty split fails before training."""
+    return {split: build_dataset(cfg, split) for split in SPLITS}
 
 
 def build_loader(
@@ -76,13 +92,8 @@ def build_loader(
     )
 
 
-def build_tuner_config(cfg: DictConfig):
-    """The fine-tuning method's config object (``finetune`` group)."""
-    return instantiate(cfg.finetune, _convert_="all")
-
-
-def build_model(cfg: DictConfig, input_bands: list[str], num_classes: int) -> nn.Module:
-    """Encoder -> fine-tuning method -> segmentor.
+def build_model(cfg: DictConfig, data: DataSpec) -> nn.Module:
+    """Encoder (told what the data hold) -> fine-tuning method -> segmentor.
 
     Each part is seeded on its own, so frozen random weights are repeatable and every method
     starts from the same encoder and the same decoder: an ablation compares methods, not seeds.
@@ -91,18 +102,21 @@ def build_model(cfg: DictConfig, input_bands: list[str], num_classes: int) -> nn
 
     seed = int(cfg.seed)
     torch.manual_seed(seed)
-    encoder = instantiate(cfg.encoder, input_bands=list(input_bands), _convert_="all")
+    # Partial, then called: Hydra would turn the DataSpec dataclass into a plain dict.
+    encoder = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=data)
     torch.manual_seed(seed + 1)
-    encoder = get_deflect_model(encoder, build_tuner_config(cfg))
+    encoder = get_deflect_model(encoder, instantiate(cfg.finetune, _convert_="all"))
     torch.manual_seed(seed + 2)
-    return instantiate(cfg.segmentor, encoder=encoder, num_classes=num_classes, _convert_="all")
+    return instantiate(
+        cfg.segmentor, encoder=encoder, num_classes=data.num_classes, _convert_="all"
+    )
 
 
-def build_loss(cfg: DictConfig, num_classes: int) -> SegmentationLoss:
+def build_loss(cfg: DictConfig, data: DataSpec) -> SegmentationLoss:
     """Cross-entropy with ignore_index, optional class weights and dice."""
     return SegmentationLoss(
-        num_classes=num_classes,
-        ignore_index=int(cfg.dataset.ignore_index),
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
         class_weights=list(cfg.loss.class_weights) if cfg.loss.class_weights else None,
         dice_weight=float(cfg.loss.dice_weight),
     )
@@ -139,6 +153,56 @@ def build_scheduler(cfg: DictConfig, optimizer, total_steps: int):
     return instantiate(cfg.scheduler, _convert_="all")(optimizer, total_steps=total_steps)
 
 
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    """The trainer's settings from the top-level keys."""
+    return TrainSettings(
+        epochs=int(cfg.epochs),
+        precision=str(cfg.precision),
+        grad_clip=float(cfg.grad_clip),
+        seed=int(cfg.seed),
+        monitor=str(cfg.monitor),
+        log_interval=int(cfg.log_interval),
+        max_steps_per_epoch=cfg.max_steps_per_epoch,
+        stop_after_epochs=cfg.stop_after_epochs,
+    )
+
+
+def eval_settings(cfg: DictConfig) -> EvalSettings:
+    """The evaluator's settings: window = the encoder input size, stride, precision."""
+    stride = int(cfg.eval_stride) if cfg.eval_stride else None
+    return EvalSettings(window=int(cfg.img_size), stride=stride, precision=str(cfg.precision))
+
+
+def build_trainer(
+    cfg: DictConfig, model: nn.Module, datasets: dict, work_dir: Path, info: DistInfo
+) -> Trainer:
+    """The trainer with everything it steps: (DDP) model, loaders, loss, optimiser, schedule,
+    validation, TensorBoard."""
+    ddp_model = distribute(model, info)
+    generator = torch.Generator()
+    train_loader = build_loader(datasets["train"], cfg, info, train=True, generator=generator)
+    settings = train_settings(cfg)
+    steps_per_epoch = len(train_loader)
+    if settings.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(settings.max_steps_per_epoch))
+    optimizer = build_optimizer(cfg, model)
+    return Trainer(
+        model=ddp_model,
+        raw_model=model,
+        settings=settings,
+        loss_fn=build_loss(cfg, model.data),
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, settings.epochs * steps_per_epoch),
+        train_loader=train_loader,
+        loader_generator=generator,
+        evaluator=Evaluator(eval_settings(cfg), model.data, info),
+        val_loader=build_loader(datasets["val"], cfg, info, train=False),
+        work_dir=work_dir,
+        info=info,
+        writer=ScalarWriter(work_dir / "tensorboard" if info.is_main else None),
+    )
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int | float]:
     """Trainable and total parameters of the encoder (the GFM, adapters counted apart) and of
     the decoder; the percentage is of the GFM's own parameters, as the paper reports it."""
@@ -159,37 +223,23 @@ def parameter_counts(model: nn.Module) -> dict[str, int | float]:
     }
 
 
-def band_table(model: nn.Module, bands: list[str]) -> str:
-    """What each dataset band feeds: the pretrained RGB patch embedding (which input channel)
-    and, under DEFLECT, the spectral stream (raw band, spectral indices). Logged at start so
-    nothing is mapped, filled or dropped unseen."""
-    import spyndex
-
-    from deflect.tuners import DeflectConfig
-    from deflect.tuners.deflect.indices import band_symbols
-
+def band_table(model: nn.Module) -> str:
+    """What each input band feeds, asked of each part: the encoder (its pretrained patch
+    embedding), the fine-tuning method (e.g. DEFLECT's spectral stream) and the pictures. Logged
+    at start so nothing is mapped, filled or dropped unseen."""
+    data: DataSpec = model.data
     encoder = model.encoder
-    rgb = list(encoder.rgb_bands)
-    config = getattr(encoder, "peft_config", {}).get(getattr(encoder, "active_adapter", ""), None)
-    uses: dict[str, list[str]] = {b: [] for b in bands}
-    lines = []
-    if isinstance(config, DeflectConfig):
-        symbol_channel = band_symbols(bands, config.sensor, config.nir_from_b8a)
-        for index in config.resolved_indices():
-            for symbol in spyndex.indices[index].bands:
-                if symbol in symbol_channel:
-                    uses[bands[symbol_channel[symbol]]].append(index)
-    width = max(4, *(len(b) for b in bands))
-    lines.append(f"{'band':<{width}}  RGB patch embedding   spectral stream (DEFLECT UPE)")
-    for band in bands:
-        rgb_use = f"input channel {rgb.index(band)}" if band in rgb else "-"
-        if isinstance(config, DeflectConfig):
-            parts = (["raw"] if config.raw_bands else []) + uses[band]
-            spectral = ", ".join(parts) if parts else "unused"
-        else:
-            spectral = "-"
-        lines.append(f"{band:<{width}}  {rgb_use:<20}  {spectral}")
-    unused = [b for b in bands if b not in rgb and not isinstance(config, DeflectConfig)]
+    columns = {
+        "encoder": encoder.base_model.band_usage(),
+        "fine-tuning method": encoder.adapter_band_usage(),
+        "pictures": {b: "RGB"[i] for i, b in enumerate(data.display_bands)},
+    }
+    rows = [["band", *columns]] + [
+        [band, *(column.get(band, "-") for column in columns.values())] for band in data.bands
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    unused = [b for b in data.bands if all(b not in c for c in list(columns.values())[:2])]
     if unused:
-        lines.append(f"not used by the encoder: {', '.join(unused)}")
+        lines.append(f"not used by the model: {', '.join(unused)}")
     return "\n".join(lines)

@@ -3,11 +3,14 @@
 A training checkpoint holds only what is not frozen: trainable parameters, buffers (BatchNorm
 statistics) and the training state. Frozen encoder weights come from the encoder checkpoint (or
 the seeded random init) at build time; a fingerprint of them is stored and checked on load, so a
-checkpoint is never silently combined with other frozen weights.
+checkpoint is never silently combined with other frozen weights. The band manifest (the
+:class:`~deflect.data.DataSpec` it was trained on) is stored too, and a model built for other
+bands or statistics is refused by name.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deflect.data import DataSpec
 from deflect.io import atomic_path
 
 
@@ -112,3 +116,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the path
         raise RuntimeError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+
+
+def check_manifest(model: nn.Module, saved: str, source: str) -> None:
+    """Refuse a checkpoint trained on other bands, statistics, scale or sensor than ``model``'s
+    data description (``saved``: the checkpoint's JSON band manifest; empty to skip)."""
+    data = getattr(model, "data", None)
+    if not saved or data is None:
+        return
+    differences = DataSpec.from_dict(json.loads(saved)).differences(data)
+    if differences:
+        raise RuntimeError(
+            f"checkpoint {source} was trained on other input data than this model takes: "
+            + "; ".join(differences)
+            + ". Use the dataset config (bands, band_stats, reflectance_scale) of the training run"
+        )
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """Check a training checkpoint's frozen-weight fingerprint and band manifest against
+    ``model``, then load its trainable state."""
+    check_fingerprint(model, state["frozen_fingerprint"], source)
+    check_manifest(model, state.get("data", ""), source)
+    load_trainable_state(model, state["model"], source)

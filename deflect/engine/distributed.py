@@ -78,6 +78,21 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def distribute(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``model`` as it is stepped: DDP-wrapped under torchrun (BatchNorm made SyncBatchNorm in
+    place, on multi-GPU only), itself in one process."""
+    if not info.distributed:
+        return model
+    if info.device.type == "cuda":  # SyncBatchNorm only where it can run: multi-GPU DDP
+        # Replaces the BatchNorm children in place (the parameters are kept, so an optimiser
+        # built on them stays valid); the root is not a BatchNorm, so `model` itself is kept.
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        assert converted is model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+    )
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op in one process)."""
     if info.distributed:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm import tqdm
 
+from deflect.data import DataSpec
 from deflect.engine.distributed import DistInfo
 from deflect.engine.inference import sliding_window_logits
 
@@ -33,6 +35,28 @@ def autocast_context(device: torch.device, precision: str):
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def batch_metadata(model: nn.Module, batch: dict, device: torch.device) -> dict:
+    """The per-sample metadata the model's encoder takes (its ``metadata_keys``) from a batch."""
+    keys = getattr(model, "metadata_keys", ())
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How to evaluate: the encoder input size (larger images go through a sliding window), the
+    window stride (default half the window) and the autocast precision of training."""
+
+    window: int
+    stride: int | None = None
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision={self.precision!r} is not one of {list(AUTOCAST_DTYPES)}")
+        if self.window < 1 or (self.stride is not None and self.stride < 1):
+            raise ValueError(f"window {self.window} and stride {self.stride} must be >= 1")
 
 
 def metrics_from_confusion(confusion: torch.Tensor, class_names: list[str]) -> dict:
@@ -81,31 +105,20 @@ class Evaluator:
     """Evaluates a segmentor on a data loader, exactly, on one process or many.
 
     Args:
-        num_classes: number of classes.
-        class_names: names for the per-class table.
-        ignore_index: label value left out of every metric.
-        window: encoder input size; larger inputs run through sliding-window inference.
-        stride: sliding-window stride (default half the window).
-        precision: fp32, fp16 or bf16 (the same autocast as training).
+        settings: window, stride and precision.
+        data: the data description (class names, ignore index).
         info: this process's rank, world size and device.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        class_names: list[str],
-        ignore_index: int,
-        window: int,
-        stride: int | None,
-        precision: str,
-        info: DistInfo,
-    ) -> None:
-        self.num_classes = num_classes
-        self.class_names = list(class_names)
-        self.ignore_index = ignore_index
-        self.window = window
-        self.stride = stride or max(window // 2, 1)
-        self.precision = precision
+    def __init__(self, settings: EvalSettings, data: DataSpec, info: DistInfo) -> None:
+        if not data.classes:
+            raise ValueError("the data description has no classes to evaluate")
+        self.num_classes = data.num_classes
+        self.class_names = list(data.classes)
+        self.ignore_index = data.ignore_index
+        self.window = settings.window
+        self.stride = settings.stride or max(settings.window // 2, 1)
+        self.precision = settings.precision
         self.info = info
 
     @torch.no_grad()
@@ -128,9 +141,10 @@ class Evaluator:
         for batch in bar:
             images = batch["image"].to(self.info.device, non_blocking=True)
             target = batch["mask"].to(self.info.device, non_blocking=True)
+            metadata = batch_metadata(model, batch, self.info.device)
             with autocast_context(self.info.device, self.precision):
                 logits = sliding_window_logits(
-                    model, images, self.window, self.stride, self.num_classes
+                    model, images, self.window, self.stride, self.num_classes, **metadata
                 )
             prediction = logits.argmax(dim=1)
             confusion.update(prediction, target)

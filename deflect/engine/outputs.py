@@ -32,11 +32,19 @@ def colorize(mask: np.ndarray, ignore_index: int) -> np.ndarray:
 
 
 def rgb_composite(image: np.ndarray) -> np.ndarray:
-    """(3, H, W) bands -> (H, W, 3) uint8, each band stretched between its 2nd and 98th percentile."""
-    out = np.empty(image.shape[1:] + (3,), dtype=np.uint8)
+    """(3, H, W) bands (or 1 band, drawn grey) -> (H, W, 3) uint8, each band stretched between
+    its 2nd and 98th percentile of valid pixels; invalid (NaN) pixels are black."""
+    if image.shape[0] == 1:
+        image = np.repeat(image, 3, axis=0)
+    out = np.zeros(image.shape[1:] + (3,), dtype=np.uint8)
     for c in range(3):
-        lo, hi = np.percentile(image[c], [2, 98])
-        out[..., c] = (np.clip((image[c] - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+        band = image[c]
+        valid = np.isfinite(band)
+        if not valid.any():
+            continue
+        lo, hi = np.percentile(band[valid], [2, 98])
+        scaled = np.clip((np.where(valid, band, lo) - lo) / max(hi - lo, 1e-6), 0, 1)
+        out[..., c] = np.where(valid, scaled * 255, 0).astype(np.uint8)
     return out
 
 
@@ -102,9 +110,9 @@ class PredictionWriter:
     """Collects the first ``num_panels`` tiles for the PNG and writes every prediction as GeoTIFF.
 
     Args:
-        dataset: the evaluated dataset (for names, georeferencing and band statistics).
+        dataset: the evaluated dataset (names, georeferencing, and its ``spec``: display bands,
+            band statistics, classes).
         out_dir: the run's folder; GeoTIFFs go to ``out_dir/predictions/``.
-        rgb_bands: bands of the RGB composite.
         num_panels: tiles shown in the PNG (rank 0 only).
         write_geotiffs: also write each prediction as a GeoTIFF.
         is_main: whether this rank collects panels.
@@ -114,16 +122,16 @@ class PredictionWriter:
         self,
         dataset,
         out_dir: Path,
-        rgb_bands: list[str],
         num_panels: int,
         write_geotiffs: bool,
         is_main: bool,
     ) -> None:
+        spec = dataset.spec
         self.dataset = dataset
         self.out_dir = out_dir
-        self.rgb_index = [dataset.bands.index(b) for b in rgb_bands]
-        self.mean = np.asarray(dataset.mean, dtype=np.float32)[self.rgb_index, None, None]
-        self.std = np.asarray(dataset.std, dtype=np.float32)[self.rgb_index, None, None]
+        self.rgb_index = spec.index_of(spec.display_bands, "the prediction pictures")
+        self.mean = np.asarray(spec.mean_list(), dtype=np.float32)[self.rgb_index, None, None]
+        self.std = np.asarray(spec.std_list(), dtype=np.float32)[self.rgb_index, None, None]
         self.num_panels = num_panels if is_main else 0
         self.write_geotiffs = write_geotiffs
         self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +26,15 @@ from tqdm import tqdm
 from deflect.engine.checkpoint import (
     atomic_save,
     atomic_write_text,
-    check_fingerprint,
     frozen_fingerprint,
     load_checkpoint,
-    load_trainable_state,
+    load_model_state,
     rng_state,
     set_rng_state,
     trainable_state_dict,
 )
 from deflect.engine.distributed import DistInfo, all_reduce_mean
-from deflect.engine.evaluator import Evaluator, autocast_context
+from deflect.engine.evaluator import AUTOCAST_DTYPES, Evaluator, autocast_context, batch_metadata
 from deflect.engine.logging import ScalarWriter, metric_scalars
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,47 @@ def seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator | No
         generator.manual_seed(value)
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train.
+
+    Args:
+        epochs: number of epochs.
+        precision: fp32, fp16 or bf16 (autocast; a GradScaler for fp16 only).
+        grad_clip: max gradient norm (0 disables clipping).
+        seed: base seed; every epoch re-seeds from (seed, epoch, rank).
+        monitor: validation metric selecting ``best.pt`` (higher is better).
+        log_interval: steps between TensorBoard loss/lr points.
+        max_steps_per_epoch: cut epochs short (smoke tests); ``None`` for full epochs.
+        stop_after_epochs: leave ``fit`` after this many epochs in total, as a job killed by a
+            time limit would, keeping ``last.pt`` for ``resume=true``; ``None`` runs them all.
+    """
+
+    epochs: int
+    precision: str = "fp32"
+    grad_clip: float = 1.0
+    seed: int = 0
+    monitor: str = "mIoU"
+    log_interval: int = 10
+    max_steps_per_epoch: int | None = None
+    stop_after_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision={self.precision!r} is not one of {list(AUTOCAST_DTYPES)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if self.monitor not in ("mIoU", "mF1", "mPrecision", "mRecall", "OA"):
+            raise ValueError(f"monitor={self.monitor!r}: use mIoU, mF1, mPrecision, mRecall or OA")
+
+
 class Trainer:
     """Trains a segmentor and keeps its best and last checkpoints.
 
     Args:
         model: the model to step (DDP-wrapped under torchrun).
         raw_model: the same model unwrapped (for state dicts, evaluation, auxiliary losses).
+        settings: epochs, precision, clipping, seed, ...
         loss_fn: segmentation loss ``(logits, target) -> scalar``.
         optimizer: optimiser over the trainable parameters only.
         scheduler: per-step learning-rate scheduler.
@@ -69,24 +104,15 @@ class Trainer:
         evaluator: validation metrics.
         val_loader: validation batches (each sample once across ranks).
         work_dir: the run's folder.
-        epochs: number of epochs.
-        precision: fp32, fp16 or bf16.
-        grad_clip: max gradient norm (0 disables clipping).
         info: rank, world size and device.
         writer: TensorBoard scalars.
-        seed: base seed.
-        ignore_index: label value with no loss.
-        monitor: validation metric selecting ``best.pt`` (higher is better).
-        log_interval: steps between TensorBoard loss/lr points.
-        max_steps_per_epoch: cut epochs short (smoke tests); ``None`` for full epochs.
-        stop_after_epochs: leave ``fit`` after this many epochs in total, as a job killed by a
-            time limit would, keeping ``last.pt`` for ``resume=true``; ``None`` runs them all.
     """
 
     def __init__(
         self,
         model: nn.Module,
         raw_model: nn.Module,
+        settings: TrainSettings,
         loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -95,36 +121,27 @@ class Trainer:
         evaluator: Evaluator,
         val_loader: torch.utils.data.DataLoader,
         work_dir: Path,
-        epochs: int,
-        precision: str,
-        grad_clip: float,
         info: DistInfo,
         writer: ScalarWriter,
-        seed: int,
-        ignore_index: int,
-        monitor: str = "mIoU",
-        log_interval: int = 10,
-        max_steps_per_epoch: int | None = None,
-        stop_after_epochs: int | None = None,
     ) -> None:
-        self.model, self.raw_model, self.loss_fn = model, raw_model, loss_fn
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.model, self.raw_model, self.settings = model, raw_model, settings
+        self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
         self.train_loader, self.loader_generator = train_loader, loader_generator
         self.evaluator, self.val_loader = evaluator, val_loader
-        self.work_dir, self.epochs, self.precision = work_dir, epochs, precision
-        self.grad_clip, self.info, self.writer, self.seed = grad_clip, info, writer, seed
-        self.ignore_index, self.monitor = ignore_index, monitor
-        self.log_interval, self.max_steps_per_epoch = log_interval, max_steps_per_epoch
-        self.stop_after_epochs = stop_after_epochs
+        self.work_dir, self.info, self.writer = work_dir, info, writer
+        self.epochs, self.precision = settings.epochs, settings.precision
+        self.ignore_index = evaluator.ignore_index
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=settings.precision == "fp16")
         self.start_epoch = 0
         self.global_step = 0
         self.best_score = -math.inf
         self.best_epoch = -1
         self.best_metrics: dict | None = None
         self.fingerprint = frozen_fingerprint(raw_model)
+        data = getattr(raw_model, "data", None)
+        self.manifest = json.dumps(data.to_dict()) if data is not None else ""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -134,8 +151,7 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Restore the full training state from ``last.pt``."""
         state = load_checkpoint(path)
-        check_fingerprint(self.raw_model, state["frozen_fingerprint"], str(path))
-        load_trainable_state(self.raw_model, state["model"], str(path))
+        load_model_state(self.raw_model, state, str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -151,10 +167,10 @@ class Trainer:
     def fit(self) -> bool:
         """Train the remaining epochs; True when all are done (False if stopped early)."""
         last_epoch = self.epochs
-        if self.stop_after_epochs is not None:
-            last_epoch = min(self.epochs, self.stop_after_epochs)
+        if self.settings.stop_after_epochs is not None:
+            last_epoch = min(self.epochs, self.settings.stop_after_epochs)
         for epoch in range(self.start_epoch, last_epoch):
-            seed_epoch(self.seed, epoch, self.info.rank, self.loader_generator)
+            seed_epoch(self.settings.seed, epoch, self.info.rank, self.loader_generator)
             sampler = getattr(self.train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
@@ -162,7 +178,7 @@ class Trainer:
             metrics = self.evaluator.evaluate(
                 self.raw_model, self.val_loader, desc=f"val {epoch + 1}/{self.epochs}"
             )
-            score = metrics[self.monitor]
+            score = metrics[self.settings.monitor]
             improved = score > self.best_score
             if improved:
                 self.best_score, self.best_epoch, self.best_metrics = score, epoch, metrics
@@ -184,6 +200,7 @@ class Trainer:
                         {
                             "model": trainable_state_dict(self.raw_model),
                             "frozen_fingerprint": self.fingerprint,
+                            "data": self.manifest,
                             "epoch": epoch,
                             "metrics": json.dumps(metrics),
                         },
@@ -204,8 +221,8 @@ class Trainer:
         steps = 0
         bad_steps = 0
         n_batches = len(self.train_loader)
-        if self.max_steps_per_epoch:
-            n_batches = min(n_batches, self.max_steps_per_epoch)
+        if self.settings.max_steps_per_epoch:
+            n_batches = min(n_batches, self.settings.max_steps_per_epoch)
         bar = tqdm(
             self.train_loader,
             total=n_batches,
@@ -219,8 +236,9 @@ class Trainer:
                 break
             images = batch["image"].to(self.info.device, non_blocking=True)
             target = batch["mask"].to(self.info.device, non_blocking=True)
+            metadata = batch_metadata(self.raw_model, batch, self.info.device)
             with autocast_context(self.info.device, self.precision):
-                logits = self.model(images)
+                logits = self.model(images, **metadata)
             if (target != self.ignore_index).any():
                 loss = self.loss_fn(logits, target)
             else:  # a crop without labels: no signal, but keep every rank's graph alike
@@ -231,7 +249,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(objective).backward()
             self.scaler.unscale_(self.optimizer)
-            max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+            clip = self.settings.grad_clip
+            max_norm = clip if clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
             if torch.isfinite(grad_norm):  # gradients are all-reduced: every rank agrees
                 bad_steps = 0
@@ -255,7 +274,7 @@ class Trainer:
             total += loss.detach()
             if self.info.is_main:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-                if self.global_step % self.log_interval == 0 or steps == n_batches:
+                if self.global_step % self.settings.log_interval == 0 or steps == n_batches:
                     scalars = {
                         "train/loss": loss.item(),
                         "train/lr": self.optimizer.param_groups[0]["lr"],
@@ -272,6 +291,7 @@ class Trainer:
             {
                 "model": trainable_state_dict(self.raw_model),
                 "frozen_fingerprint": self.fingerprint,
+                "data": self.manifest,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),

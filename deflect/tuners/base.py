@@ -1,21 +1,33 @@
-"""What every tuner shares: the adapter-layer base class, the backbone contract, trainability.
+"""What every tuner shares: the adapter-layer base class, the ViT parts tuners adapt, and the one
+source of truth for an adapter's parameters.
 
-Tuners follow Hugging Face PEFT: an adapter *wraps* the layer it adapts (kept as ``base_layer``),
-its parameters live under one name prefix (e.g. ``deflect_``) keyed by adapter name, trainability
-is decided in one place (:meth:`BaseTuner.mark_trainable`), and every adapter starts as the
-identity.
+Tuners follow Hugging Face PEFT. Two kinds of method fit one base class:
+
+* methods that **add modules** (DEFLECT, LoRA): an adapter wraps the layer it adapts (kept as
+  ``base_layer``, see :class:`AdapterLayer`), its modules live under one attribute prefix (e.g.
+  ``deflect_``) keyed by adapter name, and it starts as the identity;
+* methods that **select base parameters** (BitFit, norm tuning, full fine-tuning, and any
+  method's ``modules_to_save``): the selected tensors train in place; their pretrained values are
+  kept aside, so :meth:`BaseTuner.enable_adapters` (``disable_adapter()``) and
+  :meth:`BaseTuner.unload` give the base model back, and each adapter keeps its own values.
+
+:meth:`BaseTuner.adapter_tensor_names` is the single list every consumer reads: trainability,
+``save_pretrained``/``from_pretrained``, parameter counts, disabling, unloading and merging.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from deflect.data import DEFAULT_DISPLAY_BANDS, DataSpec
 from deflect.tuners.config import TunerConfig
 
 log = logging.getLogger(__name__)
@@ -57,12 +69,32 @@ class AdapterLayer(nn.Module):
                 del d[adapter_name]
 
 
-def find_vit(model: nn.Module) -> nn.Module:
-    """The module holding ``patch_embed`` and ``blocks``: ``model`` itself or ``model.backbone``.
+# ---- the ViT parts tuners adapt ------------------------------------------------------------------
+@dataclass
+class ViTParts:
+    """Where tuners inject: the module holding ``patch_embed`` and ``blocks``, and its geometry.
 
-    Raises:
-        ValueError: the model has neither ``blocks`` nor ``backbone.blocks``.
+    Found by :func:`vit_parts` from the framework's :class:`~deflect.encoders.Encoder` contract, or
+    from a bare ViT in the timm/DINO layout (``model.blocks`` or ``model.backbone.blocks``).
     """
+
+    owner: nn.Module
+    num_prefix_tokens: int
+    patch_size: int
+    tubelet_size: int | None
+    embed_dim: int
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks."""
+        return self.owner.blocks
+
+
+def _find_owner(model: nn.Module) -> nn.Module:
+    from deflect.encoders import Encoder
+
+    if isinstance(model, Encoder):
+        return model.vit
     if hasattr(model, "blocks"):
         return model
     backbone = getattr(model, "backbone", None)
@@ -74,16 +106,46 @@ def find_vit(model: nn.Module) -> nn.Module:
     )
 
 
-def check_vit_contract(vit: nn.Module, block_indices: list[int]) -> None:
-    """Check the timm/DINO ViT layout that DEFLECT relies on, naming the first missing attribute.
+def vit_parts(model: nn.Module) -> ViTParts:
+    """The :class:`ViTParts` of ``model`` (an ``Encoder`` or a bare timm/DINO ViT).
+
+    Raises:
+        ValueError: naming the first missing attribute.
+    """
+    from deflect.encoders import Encoder
+
+    owner = _find_owner(model)
+    for attr in ("patch_embed", "blocks"):
+        if not hasattr(owner, attr):
+            raise ValueError(f"model {type(owner).__name__} has no `{attr}` (timm/DINO ViT layout)")
+    if isinstance(model, Encoder):
+        return ViTParts(owner, model.num_prefix_tokens, model.patch_size, model.tubelet_size,
+                        model.embed_dim)  # fmt: skip
+    patch_embed = owner.patch_embed
+    patch_embed = getattr(patch_embed, "base_layer", patch_embed)
+    size = getattr(patch_embed, "patch_size", None)
+    if size is None:
+        raise ValueError(f"{type(owner).__name__}.patch_embed has no `patch_size`")
+    size = (size,) if isinstance(size, int) else tuple(int(s) for s in size)
+    tubelet = size[0] if len(size) == 3 else None
+    spatial = size[-2:] if len(size) >= 2 else size
+    if len(set(spatial)) != 1:
+        raise ValueError(f"tuners need square patches, got patch_size {size}")
+    if hasattr(owner, "num_prefix_tokens"):
+        num_prefix = int(owner.num_prefix_tokens)
+    else:
+        num_prefix = int(getattr(owner, "cls_token", None) is not None)
+    embed_dim = getattr(owner, "embed_dim", None) or owner.blocks[0].attn.qkv.in_features
+    return ViTParts(owner, num_prefix, int(spatial[0]), tubelet, int(embed_dim))
+
+
+def check_block_contract(parts: ViTParts, block_indices: list[int]) -> None:
+    """Check the timm/DINO block layout of ``block_indices``, naming the first missing attribute.
 
     Raises:
         ValueError: e.g. ``blocks[0].attn has no `qkv```, or a block index out of range.
     """
-    for attr in ("patch_embed", "cls_token", "pos_embed"):
-        if not hasattr(vit, attr):
-            raise ValueError(f"model {type(vit).__name__} has no `{attr}` (timm/DINO ViT layout)")
-    depth = len(vit.blocks)
+    depth = len(parts.blocks)
     bad = [i for i in block_indices if not 0 <= i < depth]
     if bad:
         raise ValueError(
@@ -91,7 +153,8 @@ def check_vit_contract(vit: nn.Module, block_indices: list[int]) -> None:
             f"[0, {depth - 1}]"
         )
     for i in block_indices:
-        block = vit.blocks[i]
+        block = parts.blocks[i]
+        block = getattr(block, "base_layer", block)
         for attr in ("norm1", "attn", "norm2", "mlp"):
             if not hasattr(block, attr):
                 raise ValueError(f"blocks[{i}] ({type(block).__name__}) has no `{attr}`")
@@ -104,6 +167,7 @@ def check_vit_contract(vit: nn.Module, block_indices: list[int]) -> None:
             )
 
 
+# ---- names ---------------------------------------------------------------------------------------
 def is_adapter_parameter(name: str, prefix: str, adapter_name: str | None = None) -> bool:
     """True when ``name`` is under ``<prefix>...`` (and under that adapter name, if given)."""
     if not prefix:
@@ -133,62 +197,188 @@ def insert_adapter_name(key: str, prefix: str, adapter_name: str) -> str:
     return key
 
 
+def summarise_names(names: list[str], limit: int = 40) -> str:
+    """Module names with block numbers folded (``blocks.*.attn.qkv``), for error messages."""
+    folded = sorted({re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names if n})
+    text = ", ".join(folded[:limit])
+    return text + (f", ... ({len(folded) - limit} more)" if len(folded) > limit else "")
+
+
+def match_modules(model: nn.Module, patterns: list[str], what: str) -> list[str]:
+    """Names of the modules of ``model`` that equal or end with (``.``-separated) each pattern.
+
+    Raises:
+        ValueError: a pattern that matches nothing, listing the model's module names.
+    """
+    names = [n for n, _ in model.named_modules()]
+    found: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or n.endswith("." + pattern)]
+        if not hits:
+            raise ValueError(
+                f"{what} entry {pattern!r} matches no module of {type(model).__name__}; its "
+                f"modules are: {summarise_names(names)}"
+            )
+        found += [h for h in hits if h not in found]
+    return found
+
+
+# ---- the tuner -----------------------------------------------------------------------------------
 class BaseTuner:
     """Injects one method's adapters into a model in place, and manages them.
 
-    Subclasses set :attr:`prefix`, implement :meth:`_inject` (create and wrap layers), and
-    override :meth:`is_trainable_parameter` where the method trains base parameters.
-    Not an ``nn.Module``: it holds a reference to the model it adapts.
+    Subclasses set :attr:`prefix` and implement :meth:`_inject` (methods that add modules) and/or
+    :meth:`select_parameters` (methods that train base parameters in place). Not an ``nn.Module``:
+    it holds a reference to the model it adapts.
+
+    Args:
+        model: the model to adapt: a framework ``Encoder`` or a bare timm/DINO ViT.
+        data: what the input holds; defaults to the encoder's own. Needed by methods that read
+            the bands (DEFLECT).
+        pretrained_bands: bands of the pretrained patch embedding; defaults to the encoder's
+            own, or B4, B3, B2 for a bare ViT.
     """
 
     #: name prefix of this method's adapter modules ("" for methods without adapter modules).
     prefix: ClassVar[str] = ""
-    #: True for methods that train base weights in place (``full``): they cannot be disabled.
-    modifies_base_weights: ClassVar[bool] = False
+    #: whether the method needs a DataSpec (it reads band names or statistics).
+    needs_data: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DataSpec | None = None,
+        pretrained_bands: list[str] | None = None,
+    ) -> None:
+        from deflect.encoders import Encoder
+
         self.model = model
+        if isinstance(model, Encoder):
+            if data is not None and data.differences(model.data):
+                raise ValueError(
+                    f"the data given to the tuner differ from encoder {model.name}'s: "
+                    + "; ".join(data.differences(model.data))
+                )
+            if pretrained_bands is not None and list(pretrained_bands) != model.pretrained_bands:
+                raise ValueError(
+                    f"pretrained_bands {list(pretrained_bands)} differ from encoder "
+                    f"{model.name}'s {model.pretrained_bands}"
+                )
+            data, pretrained_bands = model.data, list(model.pretrained_bands)
+        elif pretrained_bands is None and data is not None:
+            pretrained_bands = list(DEFAULT_DISPLAY_BANDS)
+        self.data = data
+        self.pretrained_bands = list(pretrained_bands) if pretrained_bands is not None else None
+        if self.data is not None and self.pretrained_bands is not None:
+            self.data.index_of(self.pretrained_bands, "the pretrained patch embedding")
         self.configs: dict[str, TunerConfig] = {}
         self.active_adapter: str | None = None
-        self._save_modules: dict[str, list[str]] = {}
+        self.disabled = False
+        self._selected: dict[str, list[str]] = {}  # adapter -> base tensors trained in place
+        self._originals: dict[str, torch.Tensor] = {}  # pretrained values (CPU) of those tensors
+        self._tuned: dict[str, dict[str, torch.Tensor]] = {}  # values of adapters not live
+        self._live: str | None = None  # whose values the selected tensors hold (None: pretrained)
 
-    # ---- injection -------------------------------------------------------------------------
+    # ---- injection -------------------------------------------------------------------------------
     def inject(self, config: TunerConfig, adapter_name: str = "default") -> None:
         """Add adapter ``adapter_name`` for ``config`` to the model (in place)."""
         if adapter_name in self.configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name")
         if "." in adapter_name or not adapter_name:
             raise ValueError(f"adapter name {adapter_name!r} must be non-empty and without '.'")
-        self._save_modules[adapter_name] = self._resolve_modules_to_save(config.modules_to_save)
+        if self.needs_data and self.data is None:
+            raise ValueError(
+                f"method {config.method!r} reads the input bands: pass data=DataSpec(bands=..., "
+                "mean=..., std=..., reflectance_scale=...) to get_deflect_model, or adapt a "
+                "framework Encoder (it carries its DataSpec)"
+            )
+        config = self.resolve_config(config)
+        save = match_modules(self.model, config.modules_to_save, "modules_to_save")
+        keys = self.model.state_dict().keys()
+        from_modules = [k for m in save for k in keys if k.startswith(m + ".")]
+        selected = list(dict.fromkeys([*self.select_parameters(config), *from_modules]))
+        # Values of the adapter that is live now go aside first: the new adapter's pretrained
+        # values are the originals, captured while they are in the tensors.
+        live = self._live
+        self._swap_in(None)
+        keep = getattr(config, "keep_pretrained", True)
+        for name in selected:
+            if name not in self._originals and keep:
+                self._originals[name] = self._tensor(name).detach().to("cpu", copy=True)
+        self._selected[adapter_name] = selected
+        self._tuned[adapter_name] = {}
         self._inject(config, adapter_name)
         self.configs[adapter_name] = config
+        self._swap_in(live)
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
+        else:
+            self.mark_trainable(self.active_adapter)
+
+    def resolve_config(self, config: TunerConfig) -> TunerConfig:
+        """The config as stored and saved, with data-dependent choices made explicit."""
+        return replace(config)
 
     def _inject(self, config: TunerConfig, adapter_name: str) -> None:
-        """Create and wrap this method's layers (nothing for methods without adapters)."""
+        """Create and wrap this method's layers (nothing for methods without adapter modules)."""
 
-    def _resolve_modules_to_save(self, patterns: list[str]) -> list[str]:
-        names = []
-        for pattern in patterns:
-            found = [
-                n
-                for n, _ in self.model.named_modules()
-                if n == pattern or n.endswith("." + pattern)
-            ]
-            if not found:
-                msg = f"modules_to_save entry {pattern!r} matches no module of the model"
-                warnings.warn(msg, stacklevel=3)
-                log.warning(msg)
-            names += found
-        return names
+    def select_parameters(self, config: TunerConfig) -> list[str]:
+        """Names of the base parameters this method trains in place (none by default)."""
+        return []
 
-    # ---- adapter layers ----------------------------------------------------------------------
+    # ---- the single source of truth ----------------------------------------------------------------
+    def adapter_tensor_names(self, adapter_name: str) -> list[str]:
+        """State-dict keys (in the model's namespace) that make up adapter ``adapter_name``: its
+        own modules' tensors and the base tensors it trains in place."""
+        if adapter_name not in self.configs:
+            raise ValueError(f"no adapter {adapter_name!r}; adapters: {list(self.configs)}")
+        added = [
+            k for k in self.model.state_dict() if is_adapter_parameter(k, self.prefix, adapter_name)
+        ]
+        return added + self._selected[adapter_name]
+
+    def adapter_parameter_names(self, adapter_name: str) -> list[str]:
+        """The parameters among :meth:`adapter_tensor_names` (what trains)."""
+        params = dict(self.model.named_parameters())
+        return [n for n in self.adapter_tensor_names(adapter_name) if n in params]
+
+    def is_base_parameter(self, name: str) -> bool:
+        """True for the GFM's own parameters (not those of added adapter modules)."""
+        return not is_adapter_parameter(name, self.prefix)
+
+    def mark_trainable(self, adapter_name: str) -> None:
+        """``requires_grad`` exactly on the adapter's parameters."""
+        trainable = set(self.adapter_parameter_names(adapter_name))
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in trainable)
+
+    # ---- adapter layers and switching ---------------------------------------------------------------
     def adapter_layers(self) -> Iterator[AdapterLayer]:
         """Every adapter layer in the model."""
         for module in self.model.modules():
             if isinstance(module, AdapterLayer):
                 yield module
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError:
+            return self.model.get_buffer(name)
+
+    def _swap_in(self, adapter_name: str | None) -> None:
+        """Make the selected tensors hold ``adapter_name``'s values (None: the pretrained ones)."""
+        if adapter_name == self._live:
+            return
+        with torch.no_grad():
+            if self._live is not None:
+                for name in self._selected.get(self._live, []):
+                    self._tuned[self._live][name] = self._tensor(name).detach().to("cpu", copy=True)
+            for name, value in self._originals.items():
+                self._tensor(name).copy_(value)
+            if adapter_name is not None:
+                for name, value in self._tuned[adapter_name].items():
+                    self._tensor(name).copy_(value)
+        self._live = adapter_name
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one that runs and trains."""
@@ -197,68 +387,75 @@ class BaseTuner:
         for layer in self.adapter_layers():
             layer.active_adapter = adapter_name
         self.active_adapter = adapter_name
+        if not self.disabled:
+            self._swap_in(adapter_name)
         self.mark_trainable(adapter_name)
 
-    def enable_adapters(self, enabled: bool) -> None:
-        """Switch every adapter layer on or off (off: the base model's outputs)."""
-        if self.modifies_base_weights and not enabled:
+    def _check_pretrained_kept(self, action: str) -> None:
+        lost = [n for a in self._selected for n in self._selected[a] if n not in self._originals]
+        if lost:
             warnings.warn(
-                f"{type(self).__name__} trains the base weights in place: there is no adapter to "
-                "disable, the outputs stay those of the tuned model",
-                stacklevel=3,
+                f"{action}: the pretrained values of {len(lost)} tensors trained in place were not "
+                "kept (keep_pretrained=false); they stay as trained",
+                stacklevel=4,
             )
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the adapters on or off (off: the base model's outputs)."""
+        if not enabled:
+            self._check_pretrained_kept("disable_adapter")
         for layer in self.adapter_layers():
             layer.disable_adapters = not enabled
+        self.disabled = not enabled
+        self._swap_in(self.active_adapter if enabled else None)
 
-    # ---- trainability: the one place that decides it ------------------------------------------
-    def is_trainable_parameter(self, name: str, adapter_name: str) -> bool:
-        """Whether parameter ``name`` trains under adapter ``adapter_name`` (before modules_to_save)."""
-        return is_adapter_parameter(name, self.prefix, adapter_name)
-
-    def mark_trainable(self, adapter_name: str) -> None:
-        """Freeze every parameter except the adapter's own and its ``modules_to_save``."""
-        save = self._save_modules.get(adapter_name, [])
-        for name, param in self.model.named_parameters():
-            trainable = self.is_trainable_parameter(name, adapter_name) or any(
-                name.startswith(m + ".") for m in save
-            )
-            param.requires_grad_(trainable)
-
-    # ---- state -----------------------------------------------------------------------------
+    # ---- state -------------------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors and its ``modules_to_save``, keys without the adapter name."""
-        save = self._save_modules.get(adapter_name, [])
+        """The adapter's tensors (what :meth:`adapter_tensor_names` lists), keys without the
+        adapter name."""
+        names = self.adapter_tensor_names(adapter_name)
+        state = self.model.state_dict()
+        selected = set(self._selected[adapter_name])
         out = {}
-        for key, value in self.model.state_dict().items():
-            if is_adapter_parameter(key, self.prefix, adapter_name):
-                out[strip_adapter_name(key, self.prefix, adapter_name)] = value
-            elif any(key.startswith(m + ".") for m in save):
-                out[key] = value
+        for name in names:
+            if name in selected and self._live != adapter_name:
+                value = self._tuned[adapter_name].get(name, self._originals.get(name))
+                value = state[name] if value is None else value
+            else:
+                value = state[name]
+            out[strip_adapter_name(name, self.prefix, adapter_name)] = value
         return out
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Load tensors saved by :meth:`adapter_state_dict` into adapter ``adapter_name``.
 
         Raises:
-            KeyError: saved keys the model lacks, or adapter keys missing from ``state``.
+            KeyError: saved keys the adapter lacks, or adapter keys missing from ``state``.
         """
-        expected = self.adapter_state_dict(adapter_name)
-        mapped = {}
-        for key, value in state.items():
-            if self.prefix and any(p.startswith(self.prefix) for p in key.split(".")[:-1]):
-                mapped[insert_adapter_name(key, self.prefix, adapter_name)] = value
-            else:
-                mapped[key] = value
-        unexpected = sorted(set(state) - set(expected))
-        missing = sorted(set(expected) - set(state))
+        expected = {
+            strip_adapter_name(n, self.prefix, adapter_name): n
+            for n in self.adapter_tensor_names(adapter_name)
+        }
+        unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
         if unexpected or missing:
             raise KeyError(
                 f"adapter {adapter_name!r} checkpoint does not fit the model: unexpected keys "
                 f"{unexpected[:10]}, missing keys {missing[:10]}"
             )
-        result = self.model.load_state_dict(mapped, strict=False)
-        if result.unexpected_keys:
-            raise KeyError(f"unexpected keys {result.unexpected_keys[:10]}")
+        selected = set(self._selected[adapter_name])
+        with torch.no_grad():
+            for key, value in state.items():
+                name = expected[key]
+                target = self._tensor(name)
+                if target.shape != value.shape:
+                    raise KeyError(
+                        f"adapter {adapter_name!r}: {key} has shape {tuple(value.shape)} in the "
+                        f"checkpoint, {tuple(target.shape)} in the model"
+                    )
+                if name in selected and self._live != adapter_name:
+                    self._tuned[adapter_name][name] = value.detach().to("cpu", copy=True)
+                else:
+                    target.copy_(value)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name``; the active one cannot be removed."""
@@ -267,24 +464,61 @@ class BaseTuner:
         for layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         self.configs.pop(adapter_name)
-        self._save_modules.pop(adapter_name, None)
+        self._selected.pop(adapter_name, None)
+        self._tuned.pop(adapter_name, None)
+        still = {n for names in self._selected.values() for n in names}
+        self._originals = {n: v for n, v in self._originals.items() if n in still}
 
-    # ---- leaving -----------------------------------------------------------------------------
+    # ---- leaving -----------------------------------------------------------------------------------
     def unload(self) -> nn.Module:
-        """Put every wrapped module back and return the model (adapters discarded)."""
+        """Put every wrapped module and every pretrained value back; return the model."""
+        self._check_pretrained_kept("unload")
+        self._live = None
+        with torch.no_grad():
+            for name, value in self._originals.items():
+                self._tensor(name).copy_(value)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, AdapterLayer):
                 parent_name, _, child = name.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
                 setattr(parent, child, module.base_layer)
         self.configs.clear()
+        self._selected.clear()
+        self._tuned.clear()
+        self._originals.clear()
         self.active_adapter = None
+        for param in self.model.parameters():
+            param.requires_grad_(False)
         return self.model
 
     def merge(self) -> nn.Module:
-        """Fold the active adapter into the base weights where the method allows it."""
+        """Fold the active adapter into the base weights.
+
+        Base tensors trained in place already hold the adapter; merging makes their values the
+        new pretrained ones (``disable_adapter`` and ``unload`` then keep them). Added modules
+        cannot be merged by this base class: a method that can (LoRA) overrides this; others warn.
+        """
+        name = self.active_adapter
+        if self.prefix and any(is_adapter_parameter(n, self.prefix, name)
+                               for n in self.model.state_dict()):  # fmt: skip
+            msg = (
+                f"{type(self).__name__}: adapter {name!r} is an activation-space method (its "
+                "modules act on token streams): it has no weight delta to merge; the model is "
+                "left unchanged"
+            )
+            warnings.warn(msg, stacklevel=3)
+            log.warning(msg)
+            return self.model
+        if not self.disabled:
+            for tensor_name in self._selected.get(name, []):
+                self._originals[tensor_name] = self._tensor(tensor_name).detach().to("cpu", copy=True)
+        log.info("merged adapter %r: its tensors are now the base model's values", name)
         return self.model
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """Extra training losses of the last forward (none by default)."""
+        return {}
+
+    def band_usage(self) -> dict[str, str]:
+        """What the active adapter does with each input band, for the band table (none here)."""
         return {}

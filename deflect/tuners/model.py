@@ -17,41 +17,69 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deflect.data import DataSpec
 from deflect.io import atomic_path
-from deflect.tuners.base import BaseTuner, is_adapter_parameter
+from deflect.tuners.base import BaseTuner
 from deflect.tuners.config import TunerConfig
 from deflect.tuners.registry import get_method
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "deflect_config.json"
+MANIFEST_KEY = "band_manifest"  # in CONFIG_NAME: the data the adapter was trained on
 WEIGHTS_NAME = "deflect_model.safetensors"
 WEIGHTS_NAME_PT = "deflect_model.bin"
 
 
-def _make_tuner(model: nn.Module, config: TunerConfig, adapter_name: str) -> BaseTuner:
-    tuner = get_method(config.method).tuner_cls(model)
+def _make_tuner(
+    model: nn.Module,
+    config: TunerConfig,
+    adapter_name: str,
+    data: DataSpec | None,
+    pretrained_bands: list[str] | None,
+) -> BaseTuner:
+    tuner = get_method(config.method).tuner_cls(model, data, pretrained_bands)
     tuner.inject(config, adapter_name)
     return tuner
 
 
 def inject_adapter_in_model(
-    config: TunerConfig, model: nn.Module, adapter_name: str = "default"
+    config: TunerConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    *,
+    data: DataSpec | None = None,
+    pretrained_bands: list[str] | None = None,
 ) -> nn.Module:
     """Inject the adapter of ``config`` into ``model`` in place and set trainability; return it.
 
     Without the :class:`DeflectModel` wrapper there is no save/load or adapter switching; use
     :func:`get_deflect_model` for those.
     """
-    _make_tuner(model, config, adapter_name)
+    _make_tuner(model, config, adapter_name, data, pretrained_bands)
     return model
 
 
 def get_deflect_model(
-    model: nn.Module, config: TunerConfig, adapter_name: str = "default"
+    model: nn.Module,
+    config: TunerConfig,
+    adapter_name: str = "default",
+    *,
+    data: DataSpec | None = None,
+    pretrained_bands: list[str] | None = None,
 ) -> DeflectModel:
-    """Adapt ``model`` (a framework ``ViTEncoder`` or a timm ViT) with ``config``'s method."""
-    return DeflectModel(model, config, adapter_name)
+    """Adapt ``model`` with ``config``'s method.
+
+    Args:
+        model: a framework :class:`~deflect.encoders.Encoder` (it carries its data description
+            and pretrained bands) or a bare timm/DINO ViT.
+        config: a registered method's config.
+        adapter_name: name of the first adapter.
+        data: what the input holds; needed for a bare ViT by methods that read the bands
+            (DEFLECT). An encoder's own is used (and a different one refused).
+        pretrained_bands: bands of a bare ViT's pretrained patch embedding (default B4, B3, B2).
+    """
+    return DeflectModel(model, config, adapter_name, data=data, pretrained_bands=pretrained_bands)
 
 
 class DeflectModel(nn.Module):
@@ -64,11 +92,17 @@ class DeflectModel(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, config: TunerConfig, adapter_name: str = "default"
+        self,
+        model: nn.Module,
+        config: TunerConfig,
+        adapter_name: str = "default",
+        *,
+        data: DataSpec | None = None,
+        pretrained_bands: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.base_model = model
-        self.tuner = _make_tuner(model, config, adapter_name)
+        self.tuner = _make_tuner(model, config, adapter_name, data, pretrained_bands)
 
     # ---- delegation ----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -102,7 +136,6 @@ class DeflectModel(nn.Module):
                 f"this model holds {sorted(methods)} adapters; cannot add a {config.method!r} one"
             )
         self.tuner.inject(config, adapter_name)
-        self.tuner.mark_trainable(self.tuner.active_adapter)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the adapter that runs and trains."""
@@ -126,7 +159,8 @@ class DeflectModel(nn.Module):
         return self.tuner.unload()
 
     def merge_adapter(self) -> DeflectModel:
-        """Fold the active adapter into the weights where the method can (not DEFLECT: it warns)."""
+        """Fold the active adapter into the weights where the method can (DEFLECT warns: it acts
+        on activations; methods that train base tensors in place make them the new base)."""
         self.tuner.merge()
         return self
 
@@ -138,17 +172,33 @@ class DeflectModel(nn.Module):
         """The tensors :meth:`save_pretrained` writes for ``adapter_name`` (default: active)."""
         return self.tuner.adapter_state_dict(adapter_name or self.active_adapter)
 
+    @property
+    def data(self) -> DataSpec | None:
+        """What the input holds (the band manifest saved with the adapter)."""
+        return self.tuner.data
+
+    def adapter_band_usage(self) -> dict[str, str]:
+        """What the active adapter does with each input band (for the band table)."""
+        return self.tuner.band_usage()
+
     # ---- parameter counts ----------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, gfm)``: trainable parameters of the adapted model (adapters included)
-        and parameters of the GFM itself (adapter modules excluded)."""
+        """``(trainable, gfm)``: parameters with ``requires_grad`` (after :meth:`set_adapter`,
+        exactly the active adapter's, see :meth:`num_adapter_parameters`) and parameters of the
+        GFM itself (added adapter modules excluded)."""
         trainable = gfm = 0
         for name, param in self.base_model.named_parameters():
             if param.requires_grad:
                 trainable += param.numel()
-            if not is_adapter_parameter(name, self.tuner.prefix):
+            if self.tuner.is_base_parameter(name):
                 gfm += param.numel()
         return trainable, gfm
+
+    def num_adapter_parameters(self, adapter_name: str | None = None) -> int:
+        """Parameters of adapter ``adapter_name`` (default: active), as trained and saved."""
+        params = dict(self.base_model.named_parameters())
+        names = self.tuner.adapter_parameter_names(adapter_name or self.active_adapter)
+        return sum(params[n].numel() for n in names)
 
     def print_trainable_parameters(
         self, extra_modules: dict[str, nn.Module | int] | None = None
@@ -189,7 +239,7 @@ class DeflectModel(nn.Module):
                 for k, v in self.tuner.adapter_state_dict(name).items()
             }
             with atomic_path(folder / CONFIG_NAME) as tmp:
-                tmp.write_text(json.dumps(self.tuner.configs[name].to_dict(), indent=2))
+                tmp.write_text(json.dumps(self._config_record(name), indent=2))
             try:
                 from safetensors.torch import save_file
             except ImportError:  # pragma: no cover - safetensors is a dependency
@@ -199,14 +249,28 @@ class DeflectModel(nn.Module):
                 with atomic_path(folder / WEIGHTS_NAME) as tmp:
                     save_file(state, str(tmp), metadata={"format": "pt"})
 
+    def _config_record(self, adapter_name: str) -> dict:
+        """The adapter's config and the band manifest (the data it was trained on)."""
+        record = self.tuner.configs[adapter_name].to_dict()
+        data = self.tuner.data
+        record[MANIFEST_KEY] = {
+            "data": data.to_dict() if data is not None else None,
+            "pretrained_bands": self.tuner.pretrained_bands,
+        }
+        return record
+
     @staticmethod
-    def _read_adapter(folder: Path) -> tuple[TunerConfig, dict[str, torch.Tensor]]:
+    def _read_adapter(
+        folder: Path,
+    ) -> tuple[TunerConfig, dict, dict[str, torch.Tensor]]:
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(
                 f"no adapter config {config_path}; was it saved with save_pretrained?"
             )
-        config = TunerConfig.from_dict(json.loads(config_path.read_text()))
+        record = json.loads(config_path.read_text())
+        manifest = record.pop(MANIFEST_KEY, None) or {}
+        config = TunerConfig.from_dict(record)
         if (folder / WEIGHTS_NAME).is_file():
             from safetensors.torch import load_file
 
@@ -215,22 +279,23 @@ class DeflectModel(nn.Module):
             state = torch.load(folder / WEIGHTS_NAME_PT, map_location="cpu", weights_only=True)
         else:
             raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_NAME_PT} in {folder}")
-        return config, state
+        return config, manifest, state
 
     def load_adapter(
         self, model_directory: str | Path, adapter_name: str = "default", is_trainable: bool = False
     ) -> None:
         """Add adapter ``adapter_name`` from ``model_directory/<adapter_name>/`` (not made active)."""
-        config, state = self._read_adapter(Path(model_directory) / adapter_name)
+        config, manifest, state = self._read_adapter(Path(model_directory) / adapter_name)
+        _check_manifest(manifest, self.tuner.data, self.tuner.pretrained_bands, model_directory)
         self.add_adapter(adapter_name, config)
         self.tuner.load_adapter_state_dict(state, adapter_name)
         if not is_trainable:
             self._freeze_adapter(adapter_name)
 
     def _freeze_adapter(self, adapter_name: str) -> None:
-        for name, param in self.base_model.named_parameters():
-            if is_adapter_parameter(name, self.tuner.prefix, adapter_name):
-                param.requires_grad_(False)
+        params = dict(self.base_model.named_parameters())
+        for name in self.tuner.adapter_parameter_names(adapter_name):
+            params[name].requires_grad_(False)
 
     @classmethod
     def from_pretrained(
@@ -242,12 +307,45 @@ class DeflectModel(nn.Module):
     ) -> DeflectModel:
         """Adapt ``model`` with the adapter saved in ``model_directory/<adapter_name>/``.
 
-        With ``is_trainable=False`` (PEFT's default) every parameter is frozen (inference).
+        With ``is_trainable=False`` (PEFT's default) every parameter is frozen (inference). The
+        band manifest saved with the adapter describes the input; a framework ``Encoder`` built
+        for other bands or statistics is refused, naming the difference.
         """
-        config, state = cls._read_adapter(Path(model_directory) / adapter_name)
-        adapted = cls(model, config, adapter_name)
+        from deflect.encoders import Encoder
+
+        config, manifest, state = cls._read_adapter(Path(model_directory) / adapter_name)
+        saved = manifest.get("data")
+        data = DataSpec.from_dict(saved) if saved is not None else None
+        pretrained = manifest.get("pretrained_bands")
+        if isinstance(model, Encoder):
+            _check_manifest(manifest, model.data, model.pretrained_bands, model_directory)
+            data, pretrained = None, None  # the encoder's own (checked equal)
+        adapted = cls(model, config, adapter_name, data=data, pretrained_bands=pretrained)
         adapted.tuner.load_adapter_state_dict(state, adapter_name)
         if not is_trainable:
             for param in adapted.base_model.parameters():
                 param.requires_grad_(False)
         return adapted
+
+
+def _check_manifest(
+    manifest: dict, data: DataSpec | None, pretrained_bands: list[str] | None, source
+) -> None:
+    """Refuse an adapter trained on other bands, statistics or pretrained bands than ``data``.
+
+    Raises:
+        ValueError: naming each difference.
+    """
+    problems = []
+    saved = manifest.get("data")
+    if saved is not None and data is not None:
+        problems += DataSpec.from_dict(saved).differences(data)
+    saved_bands = manifest.get("pretrained_bands")
+    if saved_bands is not None and pretrained_bands is not None and saved_bands != pretrained_bands:
+        problems.append(f"pretrained bands {saved_bands} != {pretrained_bands}")
+    if problems:
+        raise ValueError(
+            f"the adapter in {source} was trained on other input than this model takes: "
+            + "; ".join(problems)
+            + ". Build the encoder with the bands and statistics of the adapter's band manifest"
+        )

@@ -1,17 +1,18 @@
 """Configuration of DEFLECT (Thoreau, Marsocci & Derksen, ICCV 2025, arXiv:2503.09493).
 
-Every point the public sources leave open is an option here; the defaults are this project's
-(see ``/work/shared/docs/deflect_method.md``).
+Only the method's hyper-parameters: the data (bands, statistics, reflectance scale, sensor) come
+from the :class:`~deflect.data.DataSpec` the model is built with, and the geometry stream's bands
+are the encoder's ``pretrained_bands``. Every point the public sources leave open is an option
+here; the defaults are this project's (see ``shared/docs/deflect_method.md``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from deflect.tuners.config import TunerConfig
 from deflect.tuners.deflect.deflection import DEFLECTION_MODES
-from deflect.tuners.deflect.indices import DEFAULT_INDICES, canonical_band, resolve_indices
+from deflect.tuners.deflect.indices import check_index_names
 from deflect.tuners.deflect.upe import statistic_quantile
 
 DEFAULT_STATS: tuple[str, ...] = ("mean", "std", "min", "max", "q10", "q25", "q75", "q90")
@@ -21,23 +22,17 @@ DEFAULT_STATS: tuple[str, ...] = ("mean", "std", "min", "max", "q10", "q25", "q7
 class DeflectConfig(TunerConfig):
     """DEFLECT: untangled patch embedding (UPE), untangled attention (uAtt), embedding deflection.
 
-    Data:
-        bands: channel names of the input (the dataset's bands, in order).
-        rgb_bands: bands of the pretrained patch embedding, in its pretraining order.
-        band_mean, band_std: per-band mean/std (keyed by band name) of the data pipeline's
-            normalisation ``(x - mean) / std``; None when the data is not normalised.
-        reflectance_scale: stored value of reflectance 1 (1 for MADOS/HLS, 10000 for L1C/L2A DN).
-        nir_from_b8a: B8A stands in for N (NIR) when B8 is absent (HLS).
-        sensor: spyndex sensor for the band table and wavelengths.
-
     UPE:
-        indices: spyndex index names, or ``"auto"`` (see :func:`resolve_indices`).
+        indices: ``"default"`` (the curated list, restricted to the indices the bands allow),
+            ``"auto"`` (every computable spyndex index) or a list of spyndex names (each must be
+            computable from the bands). Stored resolved to a list once the model is built.
+        nir_from_b8a: B8A stands in for N (NIR) when B8 is absent (HLS).
         raw_bands: include the normalised bands among the per-pixel features.
         stats: pixel-set statistics per patch (``mean std min max median qNN``).
         pixels_per_patch: sample k random pixels per patch in training (None: all pixels).
         hidden_dim: hidden width of the residual bottleneck map T.
-        norm_match: rescale spectral tokens to the norm of the geometry tokens.
-        cls_token: ``mean`` (mean of spectral patch tokens) or ``learned``.
+        norm_match: rescale spectral patch tokens to the norm of the geometry tokens.
+        cls_token: ``mean`` (mean of the norm-matched spectral patch tokens) or ``learned``.
         index_clamp: spectral indices are clamped to ``[-index_clamp, index_clamp]``.
 
     uAtt and deflection:
@@ -50,14 +45,8 @@ class DeflectConfig(TunerConfig):
     """
 
     method: str = "deflect"
-    bands: list[str] = field(default_factory=list)
-    rgb_bands: list[str] = field(default_factory=lambda: ["B4", "B3", "B2"])
-    band_mean: dict[str, float] | None = None
-    band_std: dict[str, float] | None = None
-    reflectance_scale: float = 1.0
+    indices: list[str] | str = "default"
     nir_from_b8a: bool = False
-    sensor: str = "sentinel2a"
-    indices: list[str] | str = field(default_factory=lambda: list(DEFAULT_INDICES))
     raw_bands: bool = True
     stats: list[str] = field(default_factory=lambda: list(DEFAULT_STATS))
     pixels_per_patch: int | None = None
@@ -74,25 +63,9 @@ class DeflectConfig(TunerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.bands = [str(b) for b in self.bands]
-        self.rgb_bands = [str(b) for b in self.rgb_bands]
-        if not self.bands:
-            raise ValueError("DeflectConfig.bands is empty; set it to the dataset's band names")
-        canon = [canonical_band(b) for b in self.bands]
-        if len(set(canon)) != len(canon):
-            raise ValueError(f"DeflectConfig.bands {self.bands} repeat a band")
-        missing_rgb = [b for b in self.rgb_bands if b not in self.bands]
-        if missing_rgb:
-            raise ValueError(
-                f"dataset bands {self.bands} lack {missing_rgb} needed for the RGB stream; "
-                "set rgb_bands to bands present in the data"
-            )
-        self._check_band_stats()
-        if not (self.reflectance_scale > 0 and math.isfinite(self.reflectance_scale)):
-            raise ValueError(f"reflectance_scale must be > 0, got {self.reflectance_scale}")
         if not isinstance(self.indices, str):
             self.indices = [str(i) for i in self.indices]
-        resolve_indices(self.indices, self.bands, self.sensor, self.nir_from_b8a)
+        check_index_names(self.indices)
         self.stats = [str(s) for s in self.stats]
         if not self.stats or len(set(self.stats)) != len(self.stats):
             raise ValueError(f"stats must be a non-empty list without repeats, got {self.stats}")
@@ -122,22 +95,3 @@ class DeflectConfig(TunerConfig):
             raise ValueError(f"lambda_deflection must be >= 0, got {self.lambda_deflection}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
-
-    def _check_band_stats(self) -> None:
-        if (self.band_mean is None) != (self.band_std is None):
-            raise ValueError("give both band_mean and band_std, or neither (data not normalised)")
-        if self.band_mean is None:
-            return
-        self.band_mean = {str(k): float(v) for k, v in dict(self.band_mean).items()}
-        self.band_std = {str(k): float(v) for k, v in dict(self.band_std).items()}
-        for what, stats in (("band_mean", self.band_mean), ("band_std", self.band_std)):
-            missing = [b for b in self.bands if b not in stats]
-            if missing:
-                raise ValueError(f"{what} lacks bands {missing}; give a value for every band")
-        bad = {b: s for b, s in self.band_std.items() if b in self.bands and not s > 0}
-        if bad:
-            raise ValueError(f"band_std must be > 0, got {bad}")
-
-    def resolved_indices(self) -> list[str]:
-        """The index names (``auto`` expanded)."""
-        return resolve_indices(self.indices, self.bands, self.sensor, self.nir_from_b8a)

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import ast
 import difflib
+import logging
 import math
 import operator
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import spyndex
 import torch
+
+from deflect.data import canonical_band
+
+log = logging.getLogger(__name__)
 
 #: The curated default list: a few well-known indices per application domain.
 DEFAULT_INDICES: tuple[str, ...] = (
@@ -39,10 +43,6 @@ DEFAULT_INDICES: tuple[str, ...] = (
     "FDI",  # floating debris
 )
 
-#: Application domains considered by ``indices: auto`` (radar, kernel, snow, clouds are left out:
-#: they need non-optical inputs, kernel parameters, or target other problems).
-AUTO_DOMAINS: tuple[str, ...] = ("vegetation", "water", "burn", "soil", "urban")
-
 #: Wavelength constants of spyndex and the band symbol whose centre wavelength they take.
 WAVELENGTH_CONSTANTS: dict[str, str] = {
     "lambdaG": "G",
@@ -52,11 +52,6 @@ WAVELENGTH_CONSTANTS: dict[str, str] = {
     "lambdaS1": "S1",
     "lambdaS2": "S2",
 }
-
-
-def canonical_band(name: str) -> str:
-    """Canonical Sentinel-2 band name: ``B02`` -> ``B2``, ``b8a`` -> ``B8A``."""
-    return re.sub(r"^B0(\d)", r"B\1", name.strip().upper())
 
 
 def sensor_band_table(sensor: str = "sentinel2a") -> dict[str, str]:
@@ -122,10 +117,47 @@ def _formula_names(formula: str) -> set[str]:
     return {n.id for n in ast.walk(ast.parse(formula, mode="eval")) if isinstance(n, ast.Name)}
 
 
-def _is_optical_index(name: str) -> bool:
-    """True when every symbol of the index is an optical band or a spyndex constant."""
-    known = set(spyndex.bands) | set(spyndex.constants)
-    return _formula_names(spyndex.indices[name].formula) <= known
+INDEX_CHOICES: tuple[str, ...] = ("default", "auto")
+
+
+def check_index_names(indices: list[str] | tuple[str, ...] | str) -> None:
+    """Check the ``indices`` option without the data: ``default``, ``auto`` or known names.
+
+    Raises:
+        ValueError: another string, a repeated name, or an unknown name (with close matches).
+    """
+    if isinstance(indices, str):
+        if indices not in INDEX_CHOICES:
+            raise ValueError(
+                f"indices must be a list of spyndex names, 'default' or 'auto', got {indices!r}"
+            )
+        return
+    names = list(indices)
+    if len(set(names)) != len(names):
+        raise ValueError(f"indices {names} repeat a name")
+    all_names = list(spyndex.indices)
+    for name in names:
+        if name not in spyndex.indices:
+            close = difflib.get_close_matches(name, all_names, n=5)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"unknown spyndex index {name!r}{hint}")
+
+
+def index_symbols(name: str) -> set[str]:
+    """The symbols (bands and constants) of spyndex index ``name``'s formula."""
+    return _formula_names(spyndex.indices[name].formula)
+
+
+def available_symbols(
+    bands: list[str], sensor: str = "sentinel2a", nir_from_b8a: bool = False
+) -> set[str]:
+    """Symbols an index may use with ``bands``: their spyndex band symbols, the constants with a
+    default value, and the wavelength constants of the bands present."""
+    return (
+        set(band_symbols(bands, sensor, nir_from_b8a))
+        | set(_default_constants())
+        | set(wavelength_constants(bands, sensor, nir_from_b8a))
+    )
 
 
 def resolve_indices(
@@ -134,41 +166,38 @@ def resolve_indices(
     sensor: str = "sentinel2a",
     nir_from_b8a: bool = False,
 ) -> list[str]:
-    """Check and expand the ``indices`` option into a list of spyndex index names.
+    """Expand the ``indices`` option into the list of spyndex index names for ``bands``.
 
-    ``"auto"`` gives every index of the :data:`AUTO_DOMAINS` whose bands are all present, whose
-    other symbols are constants with a default (or a wavelength of a present band), and that needs
-    no non-band input (kernels, radar), sorted by name.
+    * ``"auto"``: every spyndex index whose symbols are all available (bands present, constants
+      with a default, wavelengths of present bands), with no filter by application domain;
+    * ``"default"``: the curated :data:`DEFAULT_INDICES` that are computable, in that order (the
+      ones left out are logged with the band they lack);
+    * a list: those indices, each of which must be computable.
 
     Raises:
-        ValueError: an unknown index name (with close matches), or an index needing a band that is
-            not in ``bands`` (naming the index, the spyndex symbol and the sensor band).
+        ValueError: an unknown index name (with close matches), or a listed index needing a band
+            that is not in ``bands`` (naming the index, the spyndex symbol and the sensor band).
     """
-    symbols = band_symbols(bands, sensor, nir_from_b8a)
-    available = set(symbols) | set(_default_constants())
-    available |= set(wavelength_constants(bands, sensor, nir_from_b8a))
-    if isinstance(indices, str):
-        if indices != "auto":
-            raise ValueError(f"indices must be a list of spyndex names or 'auto', got {indices!r}")
-        return sorted(
-            name
-            for name in spyndex.indices
-            if spyndex.indices[name].application_domain in AUTO_DOMAINS
-            and _is_optical_index(name)
-            and _formula_names(spyndex.indices[name].formula) <= available
-        )
-    names = list(indices)
-    if len(set(names)) != len(names):
-        raise ValueError(f"indices {names} repeat a name")
+    check_index_names(indices)
+    available = available_symbols(bands, sensor, nir_from_b8a)
+    if indices == "auto":
+        return sorted(n for n in spyndex.indices if index_symbols(n) <= available)
+    if indices == "default":
+        chosen = [n for n in DEFAULT_INDICES if index_symbols(n) <= available]
+        left_out = {
+            n: sorted(index_symbols(n) - available) for n in DEFAULT_INDICES if n not in chosen
+        }
+        if left_out:
+            log.info(
+                "DEFLECT default indices: %s; left out for lack of bands: %s",
+                chosen,
+                ", ".join(f"{n} (needs {'/'.join(s)})" for n, s in left_out.items()),
+            )
+        return chosen
     table = {v: k for k, v in sensor_band_table(sensor).items()}
-    all_names = list(spyndex.indices)
+    names = list(indices)
     for name in names:
-        if name not in spyndex.indices:
-            close = difflib.get_close_matches(name, all_names, n=5)
-            hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(f"unknown spyndex index {name!r}{hint}")
-        needed = _formula_names(spyndex.indices[name].formula)
-        missing = sorted(needed - available)
+        missing = sorted(index_symbols(name) - available)
         if missing:
             described = [
                 f"{s} (band {table[s]})" if s in table else s
@@ -285,9 +314,26 @@ class SpectralIndices(torch.nn.Module):
         }
         self.compiled = [CompiledIndex.from_spyndex(n) for n in self.names]
         self.clamp = float(clamp)
+        #: input channels each index reads, in ``names`` order
+        self.channels = [
+            sorted({self.symbols[s] for s in index_symbols(n) if s in self.symbols})
+            for n in self.names
+        ]
+
+    def validity(self, valid: torch.Tensor) -> torch.Tensor:
+        """Where each index is defined ``(B, K, ...)``: all the bands it reads are valid there
+        (``valid``: ``(B, C, ...)`` booleans)."""
+        out = [
+            valid[:, ch].all(dim=1) if ch else torch.ones_like(valid[:, 0])
+            for ch in self.channels
+        ]
+        if not out:
+            return valid.new_zeros(valid.shape[0], 0, *valid.shape[2:])
+        return torch.stack(out, dim=1)
 
     def forward(self, reflectance: torch.Tensor) -> torch.Tensor:
-        """Indices ``(B, K, H, W)`` from reflectance ``(B, C, H, W)`` in [0, 1]."""
+        """Indices ``(B, K, ...)`` from reflectance ``(B, C, ...)`` in [0, 1] (any trailing
+        spatial or temporal axes)."""
         with torch.autocast(device_type=reflectance.device.type, enabled=False):
             reflectance = reflectance.float()
             env: dict[str, Value] = dict(self.constants)
@@ -301,7 +347,7 @@ class SpectralIndices(torch.nn.Module):
                 out.append(value.clamp(-self.clamp, self.clamp))
             if not out:
                 return reflectance.new_zeros(reflectance.shape[0], 0, *reflectance.shape[2:])
-            return torch.stack(out, dim=1)  # (B, K, H, W)
+            return torch.stack(out, dim=1)  # (B, K, ...)
 
     def extra_repr(self) -> str:
         return f"indices={self.names}, clamp={self.clamp}"

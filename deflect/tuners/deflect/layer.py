@@ -7,9 +7,9 @@ How the spectral stream travels through timm's own ``forward``/``forward_feature
 ``forward_intermediates`` (which we do not fork):
 
 1. :class:`DeflectPatchEmbed` (wraps ``patch_embed``, ``takes_all_bands = True``) gets every band,
-   feeds the RGB bands (picked by name) to the frozen patch embedding (the geometry stream), and
-   computes the spectral patch tokens before norm matching; it opens a new forward in the shared
-   :class:`SpectralStreamState`.
+   feeds the encoder's pretrained bands (picked by name; invalid pixels as 0) to the frozen patch
+   embedding (the geometry stream), and computes the spectral patch tokens before norm matching;
+   it opens a new forward in the shared :class:`SpectralStreamState`.
 2. timm adds CLS and positional embedding. :class:`DeflectBlock` around ``blocks[0]`` sees x_P as
    it enters the first block and finishes the spectral stream there (spectral CLS, norm matching),
    once per forward.
@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from deflect.encoders.base import fill_invalid
 from deflect.tuners.base import AdapterLayer
 from deflect.tuners.deflect.deflection import deflect_update, deflection_loss
 from deflect.tuners.deflect.uatt import UntangledAttention, untangled_attention
@@ -93,33 +94,38 @@ class SpectralStreamState:
 class DeflectPatchEmbed(AdapterLayer):
     """The pretrained patch embedding plus UPE's spectral stream (one per adapter).
 
-    Takes every band; the frozen ``base_layer`` gets the RGB bands, picked by name. Its output is
-    the base layer's, untouched (the geometry stream).
+    Takes every band; the frozen ``base_layer`` gets the pretrained bands, picked by name, with
+    invalid (NaN) pixels set to 0. Its output is the base layer's, untouched (the geometry stream).
+
+    Args:
+        base_layer: the pretrained patch embedding.
+        state: the spectral stream shared with the DEFLECT blocks.
+        num_prefix: prefix tokens (CLS, registers) of the ViT.
+        pretrained_index: input channels of the pretrained bands, in the pretrained order.
     """
 
     takes_all_bands = True
 
-    def __init__(self, base_layer: nn.Module, state: SpectralStreamState, num_prefix: int) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        state: SpectralStreamState,
+        num_prefix: int,
+        pretrained_index: list[int],
+    ) -> None:
         super().__init__(base_layer)
         self.deflect_upe = nn.ModuleDict()
         self.state = state
         self.num_prefix = num_prefix
-        self.rgb_index: dict[str, list[int]] = {}
+        self.pretrained_index = list(pretrained_index)
 
-    def add_adapter(
-        self, adapter_name: str, upe: UntangledPatchEmbedding, rgb_bands: list[str]
-    ) -> None:
+    def add_adapter(self, adapter_name: str, upe: UntangledPatchEmbedding) -> None:
         """Add the spectral stream of one adapter."""
         self.deflect_upe[adapter_name] = upe
-        self.rgb_index[adapter_name] = [upe.bands.index(b) for b in rgb_bands]
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove one adapter."""
-        super().delete_adapter(adapter_name)
-        self.rgb_index.pop(adapter_name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """All bands ``(B, C, H, W)`` -> the frozen patch embedding of the RGB bands."""
+        """All bands ``(B, C, H, W)`` (or ``(B, C, T, H, W)``) -> the frozen patch embedding of
+        the pretrained bands."""
         self.state.reset()
         name = self.active_adapter
         if name not in self.deflect_upe:
@@ -130,7 +136,7 @@ class DeflectPatchEmbed(AdapterLayer):
                 f"DEFLECT adapter {name!r} expects {len(upe.bands)} input bands {upe.bands}, got "
                 f"{x.shape[1]} channels; feed every band of DeflectConfig.bands, in order"
             )
-        out = self.base_layer(x[:, self.rgb_index[name]])  # geometry stream, frozen
+        out = self.base_layer(fill_invalid(x[:, self.pretrained_index]))  # geometry stream
         if not self.disable_adapters:
             consumers = self.state.consumers.get(name, 0)
             finish = _Finisher(upe, self.num_prefix)

@@ -1,21 +1,27 @@
-"""The DEFLECT tuner: injects UPE and uAtt into a timm/DINO ViT, in place.
+"""The DEFLECT tuner: injects UPE and uAtt into a ViT, in place.
 
 DEFLECT — Thoreau, Marsocci & Derksen, *Parameter-Efficient Adaptation of Geospatial Foundation
 Models through Embedding Deflection*, ICCV 2025, arXiv:2503.09493.
+
+It relies on the encoder contract (:func:`~deflect.tuners.base.vit_parts`: the module holding
+``patch_embed`` and ``blocks``, prefix tokens, patch and tubelet size) and on the timm/DINO block
+layout of the spec, not on a particular ViT implementation.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 
+import spyndex
 import torch
 from torch import nn
 
-from deflect.tuners.base import BaseTuner, check_vit_contract, find_vit
+from deflect.tuners.base import BaseTuner, check_block_contract, vit_parts
 from deflect.tuners.config import TunerConfig
 from deflect.tuners.deflect.config import DeflectConfig
-from deflect.tuners.deflect.indices import canonical_band
+from deflect.tuners.deflect.indices import band_symbols, resolve_indices
 from deflect.tuners.deflect.layer import DeflectBlock, DeflectPatchEmbed, SpectralStreamState
 from deflect.tuners.deflect.uatt import UntangledAttention
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding
@@ -23,77 +29,65 @@ from deflect.tuners.deflect.upe import UntangledPatchEmbedding
 log = logging.getLogger(__name__)
 
 
-def _patch_size(patch_embed: nn.Module) -> int:
-    size = getattr(patch_embed, "patch_size", None)
-    if size is None:
-        raise ValueError("model.patch_embed has no `patch_size`")
-    if isinstance(size, int):
-        return size
-    size = tuple(size)
-    if len(set(size)) != 1:
-        raise ValueError(f"DEFLECT needs square patches, got patch_size {size}")
-    return int(size[0])
-
-
-def _num_prefix_tokens(vit: nn.Module) -> int:
-    if hasattr(vit, "num_prefix_tokens"):
-        return int(vit.num_prefix_tokens)
-    return int(getattr(vit, "cls_token", None) is not None)
-
-
 class DeflectTuner(BaseTuner):
     """Adds DEFLECT adapters: wraps ``patch_embed`` (UPE) and ``blocks[0]`` + target blocks (uAtt)."""
 
     prefix = "deflect_"
+    needs_data = True
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, data=None, pretrained_bands=None) -> None:
+        super().__init__(model, data, pretrained_bands)
         self.state = SpectralStreamState()
 
-    def _inject(self, config: TunerConfig, adapter_name: str) -> None:
+    def resolve_config(self, config: TunerConfig) -> TunerConfig:
+        """The index list made explicit for these bands (``default``/``auto`` expanded)."""
         if not isinstance(config, DeflectConfig):
             raise TypeError(f"DeflectTuner needs a DeflectConfig, got {type(config).__name__}")
-        vit = find_vit(self.model)
-        check_vit_contract(vit, sorted({0, *config.target_blocks}))
-        self._check_encoder_bands(config)
-        ref = vit.blocks[0].attn.qkv.weight
-        dim = vit.blocks[0].attn.qkv.in_features
+        indices = resolve_indices(
+            config.indices, list(self.data.bands), self.data.sensor, config.nir_from_b8a
+        )
+        return replace(config, indices=indices)
+
+    def _inject(self, config: TunerConfig, adapter_name: str) -> None:
+        parts = vit_parts(self.model)
+        check_block_contract(parts, sorted({0, *config.target_blocks}))
+        blocks = parts.blocks
+        first = blocks[0].base_layer if isinstance(blocks[0], DeflectBlock) else blocks[0]
+        ref = first.attn.qkv.weight
         factory = {"device": ref.device, "dtype": ref.dtype}
 
-        patch_embed = vit.patch_embed
+        patch_embed = parts.owner.patch_embed
         if not isinstance(patch_embed, DeflectPatchEmbed):
-            patch_embed = DeflectPatchEmbed(patch_embed, self.state, _num_prefix_tokens(vit))
-            vit.patch_embed = patch_embed
+            index = self.data.index_of(self.pretrained_bands, "DEFLECT's geometry stream")
+            patch_embed = DeflectPatchEmbed(patch_embed, self.state, parts.num_prefix_tokens, index)
+            parts.owner.patch_embed = patch_embed
         upe = UntangledPatchEmbedding(
-            bands=config.bands,
-            embed_dim=dim,
-            patch_size=_patch_size(patch_embed.base_layer),
-            indices=config.resolved_indices(),
+            data=self.data,
+            embed_dim=parts.embed_dim,
+            patch_size=parts.patch_size,
+            indices=list(config.indices),
             raw_bands=config.raw_bands,
             stats=config.stats,
             hidden_dim=config.hidden_dim,
-            band_mean=config.band_mean,
-            band_std=config.band_std,
-            reflectance_scale=config.reflectance_scale,
             pixels_per_patch=config.pixels_per_patch,
             norm_match=config.norm_match,
             cls_token=config.cls_token,
             eps=config.eps,
-            sensor=config.sensor,
             nir_from_b8a=config.nir_from_b8a,
             index_clamp=config.index_clamp,
+            tubelet_size=parts.tubelet_size,
         ).to(**factory)
-        patch_embed.add_adapter(adapter_name, upe, config.rgb_bands)
+        patch_embed.add_adapter(adapter_name, upe)
 
         for i in sorted({0, *config.target_blocks}):
-            block = vit.blocks[i]
+            block = blocks[i]
             if not isinstance(block, DeflectBlock):
                 block = DeflectBlock(block, self.state, is_entry=i == 0)
-                vit.blocks[i] = block
+                blocks[i] = block
             if i in config.target_blocks:
                 attn = block.base_layer.attn
                 block.deflect_uatt[adapter_name] = UntangledAttention(
-                    dim,
+                    parts.embed_dim,
                     attn.qkv.out_features // 3,
                     config.rank,
                     temperature=config.temperature,
@@ -102,24 +96,12 @@ class DeflectTuner(BaseTuner):
                     eps=config.eps,
                 ).to(**factory)
         self.state.consumers[adapter_name] = len(config.target_blocks)
-        if getattr(vit, "grad_checkpointing", False):
+        if getattr(parts.owner, "grad_checkpointing", False):
             warnings.warn(
                 "DEFLECT target blocks do not support activation checkpointing; disable "
                 "grad_checkpointing on the encoder",
                 stacklevel=3,
             )
-
-    def _check_encoder_bands(self, config: DeflectConfig) -> None:
-        """On the framework's encoders, the config's bands must be the encoder's."""
-        for attr, ours in (("input_bands", config.bands), ("rgb_bands", config.rgb_bands)):
-            theirs = getattr(self.model, attr, None)
-            if theirs is not None and [canonical_band(b) for b in theirs] != [
-                canonical_band(b) for b in ours
-            ]:
-                raise ValueError(
-                    f"DeflectConfig.{'bands' if attr == 'input_bands' else attr} {ours} differ "
-                    f"from the encoder's {attr} {list(theirs)}; build both from the dataset's bands"
-                )
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name``."""
@@ -131,16 +113,21 @@ class DeflectTuner(BaseTuner):
         self.state.reset()
         return super().unload()
 
-    def merge(self) -> nn.Module:
-        """DEFLECT acts on activations: nothing to merge; the model is left unchanged."""
-        msg = (
-            "DEFLECT is an activation-space method (UPE and uAtt act on token streams): it has no "
-            "weight delta to merge; the model is left unchanged"
-        )
-        warnings.warn(msg, stacklevel=3)
-        log.warning(msg)
-        return self.model
-
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """The soft-deflection loss of the last training forward (``{}`` otherwise)."""
         return self.state.auxiliary_losses()
+
+    def band_usage(self) -> dict[str, str]:
+        """Per band: the spectral stream's raw band and the indices that read it."""
+        config = self.configs[self.active_adapter]
+        bands = list(self.data.bands)
+        channel_of = band_symbols(bands, self.data.sensor, config.nir_from_b8a)
+        uses: dict[str, list[str]] = {b: (["raw"] if config.raw_bands else []) for b in bands}
+        for index in config.indices:
+            for symbol in spyndex.indices[index].bands:
+                if symbol in channel_of and index not in uses[bands[channel_of[symbol]]]:
+                    uses[bands[channel_of[symbol]]].append(index)
+        return {
+            band: "DEFLECT spectral stream: " + (", ".join(parts) if parts else "unused")
+            for band, parts in uses.items()
+        }

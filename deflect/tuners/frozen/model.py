@@ -7,7 +7,3 @@ from deflect.tuners.base import BaseTuner
 
 class FrozenTuner(BaseTuner):
     """No adapter: every encoder parameter is frozen (``modules_to_save`` excepted)."""
-
-    def is_trainable_parameter(self, name: str, adapter_name: str) -> bool:
-        """Nothing in the encoder trains."""
-        return False

@@ -9,6 +9,13 @@ from deflect.tuners.config import TunerConfig
 
 @dataclass
 class FullConfig(TunerConfig):
-    """Every encoder parameter trains."""
+    """Every encoder parameter trains, in place.
+
+    Args:
+        keep_pretrained: keep a CPU copy of the pretrained weights so ``disable_adapter()`` and
+            ``unload()`` can give the base model back (costs one copy of the encoder in host
+            memory per process; set false for very large encoders when you do not need them).
+    """
 
     method: str = "full"
+    keep_pretrained: bool = True

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-
 from deflect.tuners.base import BaseTuner
+from deflect.tuners.config import TunerConfig
 
 
 class FullTuner(BaseTuner):
-    """Everything trains; the saved "adapter" is the whole encoder state."""
+    """Selects every parameter of the model; the saved "adapter" is the whole encoder."""
 
-    modifies_base_weights = True
-
-    def is_trainable_parameter(self, name: str, adapter_name: str) -> bool:
-        """Every parameter trains."""
-        return True
-
-    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The whole encoder state (full fine-tuning changes every weight)."""
-        return dict(self.model.state_dict())
+    def select_parameters(self, config: TunerConfig) -> list[str]:
+        """Every parameter."""
+        return [name for name, _ in self.model.named_parameters()]

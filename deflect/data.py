@@ -1,0 +1,226 @@
+"""What a model needs to know about its data, in one validated place: :class:`DataSpec`.
+
+A dataset builds one ``DataSpec`` from its configuration; the build step hands the same object to
+the encoder (which bands it is fed, which pixels are invalid) and to the tuner (DEFLECT needs the
+band statistics to undo the normalisation, the reflectance scale, the sensor for spyndex's
+wavelengths). Library users build one by hand. Every check on band names and statistics lives
+in :meth:`DataSpec.__post_init__` and nowhere else.
+
+Conventions shared by every part of the framework:
+
+* images reach the model normalised, ``(x - mean) / std`` per band, in the units of the files;
+* an invalid pixel (the dataset's no-data value, NaN, padding added by a crop or a sliding
+  window) is ``NaN`` in the model input. Encoders feed it to pretrained layers as 0 (the band
+  mean); DEFLECT keeps it out of the spectral indices and the pixel-set statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+#: Bands of a true-colour composite, in display order (red, green, blue).
+DEFAULT_DISPLAY_BANDS: tuple[str, ...] = ("B4", "B3", "B2")
+
+
+def canonical_band(name: str) -> str:
+    """Canonical Sentinel-2 band name: ``B02`` -> ``B2``, ``b8a`` -> ``B8A``; others upper-cased."""
+    return re.sub(r"^B0(\d)", r"B\1", str(name).strip().upper())
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The facts about the input data that encoders and tuners need, validated once.
+
+    Args:
+        bands: channel names of the model input, in channel order (e.g. ``["B2", "B3", "B4"]``).
+        mean, std: per-band statistics of the normalisation ``(x - mean) / std`` the data
+            pipeline applies, keyed by band name, in file units. Both ``None`` when the model is
+            fed unnormalised values (then mean 0, std 1).
+        reflectance_scale: the stored value of reflectance 1.0 (1 for float reflectance, 10000
+            for integer L1C/L2A products); spectral indices need reflectance in [0, 1].
+        nodata: the file value meaning "no data" (e.g. -9999), or ``None``.
+        sensor: spyndex sensor whose band table and wavelengths apply (``sentinel2a``, ...).
+        gsd: ground sample distance in metres, when known (datasets may also give it per sample).
+        classes: class names (empty for a model without a segmentation head).
+        ignore_index: label of pixels that carry no class; outside ``[0, len(classes))``.
+        display_bands: three bands (red, green, blue) for pictures; default B4, B3, B2 when
+            present, else the first three bands.
+
+    Raises:
+        ValueError: naming the bad band, value or key and how to fix it.
+    """
+
+    bands: tuple[str, ...]
+    mean: Mapping[str, float] | None = None
+    std: Mapping[str, float] | None = None
+    reflectance_scale: float = 1.0
+    nodata: float | None = None
+    sensor: str = "sentinel2a"
+    gsd: float | None = None
+    classes: tuple[str, ...] = ()
+    ignore_index: int = -1
+    display_bands: tuple[str, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the fields once, here
+        bands = tuple(str(b) for b in self.bands) if not isinstance(self.bands, str) else ()
+        if not bands:
+            raise ValueError(f"DataSpec.bands must be a non-empty list of band names, got {self.bands!r}")
+        canon = [canonical_band(b) for b in bands]
+        repeated = sorted({b for b, c in zip(bands, canon) if canon.count(c) > 1})
+        if repeated:
+            raise ValueError(f"bands {list(bands)} name the same band twice: {repeated}")
+        set_(self, "bands", bands)
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both band mean and std (or neither, for unnormalised data)")
+        if self.mean is not None:
+            for what in ("mean", "std"):
+                table = getattr(self, what)
+                if not isinstance(table, Mapping):
+                    raise ValueError(
+                        f"band {what} must map band name -> value, got {type(table).__name__}; "
+                        f"e.g. {{{bands[0]}: 0.1, ...}}"
+                    )
+                missing = [b for b in bands if b not in table]
+                if missing:
+                    raise ValueError(
+                        f"band {what} lacks bands {missing}; give dataset.band_stats.{what} a "
+                        f"value for each of {list(bands)}"
+                    )
+                values = {b: float(table[b]) for b in bands}
+                bad = {b: v for b, v in values.items() if not math.isfinite(v)}
+                if bad:
+                    raise ValueError(f"band {what} is not finite for {bad}; fix the statistics")
+                set_(self, what, values)
+            bad_std = {b: s for b, s in self.std.items() if not s > 0}
+            if bad_std:
+                raise ValueError(
+                    f"band std must be > 0 (it divides the image), got {bad_std}; fix "
+                    "dataset.band_stats.std"
+                )
+        scale = float(self.reflectance_scale)
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(
+                f"reflectance_scale must be > 0, got {self.reflectance_scale} (10000 for integer "
+                "reflectance products, 1 for float reflectance)"
+            )
+        set_(self, "reflectance_scale", scale)
+        if self.nodata is not None:
+            if not math.isfinite(float(self.nodata)):
+                raise ValueError(f"nodata must be a finite number or null (NaN is always invalid), got {self.nodata}")
+            set_(self, "nodata", float(self.nodata))
+        if self.gsd is not None:
+            if not float(self.gsd) > 0:
+                raise ValueError(f"gsd must be > 0 metres or null, got {self.gsd}")
+            set_(self, "gsd", float(self.gsd))
+        set_(self, "sensor", str(self.sensor))
+        classes = tuple(str(c) for c in self.classes)
+        set_(self, "classes", classes)
+        set_(self, "ignore_index", int(self.ignore_index))
+        if 0 <= self.ignore_index < len(classes):
+            raise ValueError(
+                f"ignore_index={self.ignore_index} is the id of class "
+                f"{classes[self.ignore_index]!r}; set dataset.ignore_index outside "
+                f"0..{len(classes) - 1}, e.g. -1"
+            )
+        display = self.display_bands
+        if display is None:
+            default = [b for b in DEFAULT_DISPLAY_BANDS if b in bands]
+            display = tuple(default) if len(default) == 3 else bands[:3]
+        display = tuple(str(b) for b in display)
+        unknown = [b for b in display if b not in bands]
+        if unknown or not 1 <= len(display) <= 3:
+            raise ValueError(
+                f"display_bands {list(display)} must be 1 to 3 of the bands {list(bands)}"
+                + (f"; {unknown} are not among them" if unknown else "")
+            )
+        set_(self, "display_bands", display)
+
+    # ---- lookups -------------------------------------------------------------------------------
+    @property
+    def num_bands(self) -> int:
+        """Number of input channels."""
+        return len(self.bands)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    @property
+    def normalised(self) -> bool:
+        """Whether the model input is normalised with :attr:`mean` and :attr:`std`."""
+        return self.mean is not None
+
+    def mean_list(self) -> list[float]:
+        """Per-band mean in band order (0 for unnormalised data)."""
+        return [self.mean[b] for b in self.bands] if self.mean else [0.0] * self.num_bands
+
+    def std_list(self) -> list[float]:
+        """Per-band std in band order (1 for unnormalised data)."""
+        return [self.std[b] for b in self.bands] if self.std else [1.0] * self.num_bands
+
+    def index_of(self, names: Sequence[str], needed_for: str) -> list[int]:
+        """Channel indices of ``names`` (matched by canonical band name), in that order.
+
+        Raises:
+            ValueError: names missing from :attr:`bands`, and what needed them.
+        """
+        canon = [canonical_band(b) for b in self.bands]
+        missing = [n for n in names if canonical_band(n) not in canon]
+        if missing:
+            raise ValueError(
+                f"the data bands {list(self.bands)} lack {missing}, needed for {needed_for}; add "
+                "them to dataset.bands (or pick an encoder whose pretrained bands you have)"
+            )
+        return [canon.index(canonical_band(n)) for n in names]
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the band manifest saved with checkpoints and adapters)."""
+        out = asdict(self)
+        for key in ("bands", "classes", "display_bands"):
+            out[key] = list(out[key])
+        for key in ("mean", "std"):
+            out[key] = dict(out[key]) if out[key] is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataSpec:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: unknown keys.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"DataSpec got unknown keys {unknown}; known: {sorted(names)}")
+        return cls(**dict(data))
+
+    def differences(self, other: DataSpec) -> list[str]:
+        """Human-readable differences that would change what the model sees (bands, statistics,
+        scale, no-data, sensor); empty when ``other`` feeds a model the same way."""
+        out = []
+        if [canonical_band(b) for b in self.bands] != [canonical_band(b) for b in other.bands]:
+            out.append(f"bands {list(self.bands)} != {list(other.bands)}")
+            return out
+        for key in ("mean", "std"):
+            a, b = self.mean_list() if key == "mean" else self.std_list(), (
+                other.mean_list() if key == "mean" else other.std_list()
+            )
+            diff = [
+                f"{band}: {x} != {y}"
+                for band, x, y in zip(self.bands, a, b)
+                if not math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+            ]
+            if diff:
+                out.append(f"band {key} differs ({', '.join(diff)})")
+        for key in ("reflectance_scale", "nodata", "sensor"):
+            if getattr(self, key) != getattr(other, key):
+                out.append(f"{key} {getattr(self, key)!r} != {getattr(other, key)!r}")
+        return out

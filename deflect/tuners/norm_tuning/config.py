@@ -1,0 +1,14 @@
+"""Configuration of norm tuning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deflect.tuners.config import TunerConfig
+
+
+@dataclass
+class NormTuningConfig(TunerConfig):
+    """The affine weight and bias of every LayerNorm of the encoder train."""
+
+    method: str = "norm_tuning"

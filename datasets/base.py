@@ -290,10 +290,17 @@ class GeoTIFFSegmentationDataset(Dataset):
         Mask values outside ``[0, num_classes)`` after ``label_offset`` become ``ignore_index``.
         """
         sample = self.samples[index]
-        image = np.array(self.read_image(sample), dtype=np.float32)  # (C, H, W)
-        invalid = ~np.isfinite(image)
+        raw = np.asarray(self.read_image(sample))  # (C, H, W), the file's dtype
+        # Compared in the file's own dtype: in float32, large integers near the no-data value
+        # would compare equal to it.
+        invalid = (
+            ~np.isfinite(raw)
+            if np.issubdtype(raw.dtype, np.floating)
+            else np.zeros(raw.shape, bool)
+        )
         if self.spec.nodata is not None:
-            invalid |= image == np.float32(self.spec.nodata)
+            invalid |= raw == self.spec.nodata
+        image = raw.astype(np.float32)
         image[invalid] = np.nan
 
         raw_mask = np.asarray(self.read_mask(sample))  # (H, W)

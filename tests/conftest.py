@@ -25,6 +25,41 @@ TINY = [
 ]
 
 
+S2_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
+DEMO_BANDS = ["B2", "B3", "B4", "B8"]
+
+
+def s2_spec(bands: list[str] | None = None, **kwargs):
+    """A DataSpec of reflectance-like bands: mean 0.1 + 0.01 i, std 0.05 + 0.002 i, scale 1."""
+    from deflect.data import DataSpec
+
+    bands = list(S2_BANDS if bands is None else bands)
+    stats = {
+        "mean": {b: 0.1 + 0.01 * i for i, b in enumerate(bands)},
+        "std": {b: 0.05 + 0.002 * i for i, b in enumerate(bands)},
+    }
+    return DataSpec(bands=tuple(bands), **{**stats, **kwargs})
+
+
+def tiny_encoder(data=None, output_layers=(0, 1, 2, 3), **kwargs):
+    """The framework's ViTEncoder at tiny size (width 32, depth 4, patch 8, 32 px), seeded."""
+    import warnings
+
+    import torch
+
+    from deflect.encoders import ViTEncoder
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights warning, tested on its own
+        encoder = ViTEncoder(
+            name="tiny", arch="vit_tiny_patch16_224", data=data or s2_spec(), img_size=32,
+            patch_size=8, output_layers=list(output_layers),
+            arch_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 4}, **kwargs,
+        )  # fmt: skip
+    return encoder.eval()
+
+
 def tiny_timm_vit(**kwargs):
     """A plain timm ViT (width 32, depth 4, patch 8, 32 px), seeded, in eval mode."""
     import timm

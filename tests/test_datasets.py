@@ -29,6 +29,7 @@ from datasets import (
     prepare_demo,
 )
 from datasets import demo as demo_module
+from deflect.data import DataSpec
 
 BANDS = ["B2", "B3", "B4", "B8"]
 STATS = {
@@ -45,6 +46,13 @@ class TinyFolder(FolderSegmentation):
 
     available_bands = BANDS
     nodata = NODATA
+
+
+class SensorFolder(TinyFolder):
+    """A folder dataset declaring its own sensor and ground sample distance."""
+
+    sensor = "landsat8"
+    gsd = 30.0
 
 
 class OffsetFolder(TinyFolder):
@@ -78,7 +86,6 @@ def dataset_kwargs(root: Path, **overrides) -> dict:
         "bands": ["B8", "B2", "B4"],
         "classes": ["a", "b", "c"],
         "band_stats": STATS,
-        "img_size": 8,
         "ignore_index": -1,
     }
     kwargs.update(overrides)
@@ -114,17 +121,56 @@ def test_folder_reads_bands_by_name_with_nan_nodata_and_ignore(folder):
     assert set(sample) == {"image", "mask", "index"} and sample["index"] == 0
     assert sample["image"].dtype == torch.float32 and sample["mask"].dtype == torch.int64
 
-    expected = image[[3, 0, 2]].copy()  # B8, B2, B4
-    expected[np.isnan(expected)] = 0
-    expected[expected == NODATA] = 0
-    np.testing.assert_array_equal(sample["image"].numpy(), expected)
-    assert sample["image"][2, 1, 3] == 0 and sample["image"][1, 4, 5] == 0
+    out = sample["image"].numpy()
+    file_values = image[[3, 0, 2]]  # B8, B2, B4
+    invalid = np.isnan(file_values) | (file_values == np.float32(NODATA))
+    assert invalid.sum() == 2  # the fixture's NaN (B4) and no-data (B2) pixels
+    np.testing.assert_array_equal(np.isnan(out), invalid)  # NaN exactly there
+    np.testing.assert_array_equal(out[~invalid], file_values[~invalid])
+    assert np.isnan(out[2, 1, 3]) and np.isnan(out[1, 4, 5])
 
     expected_mask = np.where((mask >= 0) & (mask < 3), mask, -1)
     np.testing.assert_array_equal(sample["mask"].numpy(), expected_mask)
     assert sample["mask"][0, 0] == -1 and sample["mask"][5, 6] == -1
 
-    assert ds.mean == [4.0, 1.0, 3.0] and ds.std == [3.5, 0.5, 2.5]
+    assert ds.spec.mean_list() == [4.0, 1.0, 3.0] and ds.spec.std_list() == [3.5, 0.5, 2.5]
+    assert ds.spec.mean == {"B8": 4.0, "B2": 1.0, "B4": 3.0}
+    assert ds.bands == ["B8", "B2", "B4"] and ds.classes == ["a", "b", "c"]
+    assert ds.ignore_index == -1 and ds.spec.nodata == NODATA
+
+
+def test_constructor_overrides_nodata_sensor_gsd_and_display_bands(folder):
+    root, image, _ = folder
+    ds = SensorFolder(**dataset_kwargs(root))  # class defaults
+    assert (ds.spec.nodata, ds.spec.sensor, ds.spec.gsd) == (NODATA, "landsat8", 30.0)
+    # B4, B3, B2 are not all loaded: the first three bands are displayed.
+    assert ds.spec.display_bands == ("B8", "B2", "B4")
+    base = TinyFolder(**dataset_kwargs(root))
+    assert (base.spec.sensor, base.spec.gsd) == ("sentinel2a", None)
+
+    new_nodata = float(image[3, 2, 4])  # a value present in the file (B8), exact in float32
+    ds = SensorFolder(
+        **dataset_kwargs(root),
+        nodata=new_nodata,
+        sensor="sentinel2b",
+        gsd=20,
+        display_bands=["B4", "B2", "B8"],
+    )
+    assert ds.spec.nodata == new_nodata and ds.spec.sensor == "sentinel2b"
+    assert ds.spec.gsd == 20.0 and ds.spec.display_bands == ("B4", "B2", "B8")
+    assert SensorFolder.nodata == NODATA and SensorFolder.gsd == 30.0  # class left alone
+
+    # The overriding no-data value is invalid; the class's -9999 is now an ordinary value.
+    out = ds[0]["image"].numpy()
+    file_values = image[[3, 0, 2]]
+    invalid = np.isnan(file_values) | (file_values == np.float32(new_nodata))
+    assert invalid[0, 2, 4] and not invalid[1, 4, 5]
+    np.testing.assert_array_equal(np.isnan(out), invalid)
+    np.testing.assert_array_equal(out[~invalid], file_values[~invalid])
+    assert out[1, 4, 5] == NODATA
+
+    with pytest.raises(ValueError, match=r"SensorFolder: display_bands .*\['B3'\] are not"):
+        SensorFolder(**dataset_kwargs(root), display_bands=["B4", "B3", "B2"])
 
 
 def test_label_offset_and_custom_ignore_index(folder):
@@ -160,18 +206,25 @@ def test_folder_dataset_with_available_bands_from_config(folder):
     root, image, _ = folder
     ds = FolderSegmentation(available_bands=BANDS, **dataset_kwargs(root, bands=["B3"]))
     np.testing.assert_array_equal(ds[0]["image"].numpy(), image[[1]])
+    # No no-data value declared: -9999 is a value like any other; only NaN is invalid.
+    ds = FolderSegmentation(available_bands=BANDS, **dataset_kwargs(root, bands=["B2", "B4"]))
+    assert ds.spec.nodata is None
+    out = ds[0]["image"].numpy()
+    assert out[0, 4, 5] == NODATA
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(image[[0, 2]]))
 
 
 def test_dataset_applies_joint_transform(folder):
     root, _, _ = folder
-    transform = build_transform(
-        ["B8", "B2", "B4"], STATS, train=False, crop_size=None, hflip=0, vflip=0, rot90=False,
-        ignore_index=-1,
-    )  # fmt: skip
-    raw = TinyFolder(**dataset_kwargs(root))[0]["image"].numpy()
+    raw_ds = TinyFolder(**dataset_kwargs(root))
+    transform = build_transform(raw_ds.spec, train=False, crop_size=None)
+    raw = raw_ds[0]["image"].numpy()
     out = TinyFolder(**dataset_kwargs(root, transform=transform))[0]["image"].numpy()
     mean, std = np.array([4.0, 1.0, 3.0]), np.array([3.5, 0.5, 2.5])
-    np.testing.assert_allclose(out, (raw - mean[:, None, None]) / std[:, None, None], rtol=1e-6)
+    expected = (raw - mean[:, None, None]) / std[:, None, None]
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(raw))  # NaN survives normalisation
+    assert np.isnan(raw).sum() == 2
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------- base validation
@@ -188,15 +241,23 @@ def test_unavailable_band_lists_available(folder):
         TinyFolder(**dataset_kwargs(folder[0], bands=["B2", "B5"]))
 
 
+def test_duplicated_band_is_an_error(folder):
+    with pytest.raises(ValueError, match=r"TinyFolder: bands .*same band twice: \['B2'\]"):
+        TinyFolder(**dataset_kwargs(folder[0], bands=["B2", "B4", "B2"]))
+
+
 def test_band_stats_missing_band(folder):
     stats = {"mean": STATS["mean"], "std": {"B2": 1.0, "B8": 1.0}}
-    with pytest.raises(ValueError, match=r"band_stats\.std lacks bands \['B4'\]"):
+    with pytest.raises(ValueError, match=r"TinyFolder: band std lacks bands \['B4'\]"):
         TinyFolder(**dataset_kwargs(folder[0], band_stats=stats))
-    with pytest.raises(ValueError, match=r"no 'mean'"):
+    with pytest.raises(ValueError, match=r"TinyFolder: band_stats has no 'mean'"):
         TinyFolder(**dataset_kwargs(folder[0], band_stats={"std": STATS["std"]}))
     zero = {"mean": STATS["mean"], "std": {**STATS["std"], "B4": 0.0}}
-    with pytest.raises(ValueError, match=r"'B4' is 0\.0"):
+    with pytest.raises(ValueError, match=r"TinyFolder: band std must be > 0.*'B4': 0\.0"):
         TinyFolder(**dataset_kwargs(folder[0], band_stats=zero))
+    nan_mean = {"mean": {**STATS["mean"], "B2": float("nan")}, "std": STATS["std"]}
+    with pytest.raises(ValueError, match=r"TinyFolder: band mean is not finite.*'B2': nan"):
+        TinyFolder(**dataset_kwargs(folder[0], band_stats=nan_mean))
 
 
 def test_bad_split(folder):
@@ -213,10 +274,13 @@ def test_empty_split(folder):
 def test_unknown_config_key_is_an_error(folder):
     with pytest.raises(TypeError, match="num_workers"):
         TinyFolder(**dataset_kwargs(folder[0], num_workers=2))
+    for removed in ("img_size", "spectral_indices"):  # no longer dataset arguments
+        with pytest.raises(TypeError, match=removed):
+            TinyFolder(**dataset_kwargs(folder[0], **{removed: 8}))
 
 
 def test_ignore_index_inside_class_range(folder):
-    with pytest.raises(ValueError, match=r"ignore_index=1 .*'b'"):
+    with pytest.raises(ValueError, match=r"TinyFolder: ignore_index=1 .*'b'"):
         TinyFolder(**dataset_kwargs(folder[0], ignore_index=1))
 
 
@@ -332,37 +396,78 @@ def test_crop_with_min_labelled_fraction_finds_sparse_labels():
 
 
 def test_crop_pads_small_images():
-    image, mask = torch.ones(2, 5, 3), torch.zeros(5, 3, dtype=torch.long)
-    out_image, out_mask = JointTransform([1.0, 0.5], [2.0, 0.25], crop_size=8, ignore_index=-7)(
-        image, mask
+    rng = np.random.default_rng(2)
+    image = rng.uniform(-5, 5, size=(2, 5, 3)).astype(np.float32)
+    mask = rng.integers(0, 3, size=(5, 3))
+    mean, std = [1.0, 0.5], [2.0, 0.25]
+    out_image, out_mask = JointTransform(mean, std, crop_size=8, ignore_index=-7)(
+        torch.from_numpy(image), torch.from_numpy(mask)
     )
-    assert out_image.shape == (2, 8, 8)
-    assert (out_mask[:5, :3] == 0).all() and (out_mask[5:, :] == -7).all()
-    assert (out_mask[:, 3:] == -7).all()
-    # Padding is raw 0 (the no-data value) before normalisation.
-    assert torch.allclose(out_image[:, 6, 6], torch.tensor([-0.5, -2.0]))
-    assert torch.allclose(out_image[:, 0, 0], torch.tensor([0.0, 2.0]))
+    assert out_image.shape == (2, 8, 8) and out_mask.shape == (8, 8)
+    out_image, out_mask = out_image.numpy(), out_mask.numpy()
+    # The image sits at the top left; padding is added at the bottom and right.
+    original = np.zeros((8, 8), dtype=bool)
+    original[:5, :3] = True
+    expected = (image - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    np.testing.assert_allclose(out_image[:, :5, :3], expected, rtol=1e-6, atol=1e-6)
+    assert np.isnan(out_image[:, ~original]).all()  # padded pixels are invalid (NaN)
+    assert not np.isnan(out_image[:, original]).any()
+    np.testing.assert_array_equal(out_mask[:5, :3], mask)
+    assert (out_mask[~original] == -7).all()
 
 
 def test_build_transform_picks_stats_by_name_and_disables_augmentation_for_eval():
     stats = {"mean": {"A": 1.0, "B": 2.0, "C": 3.0}, "std": {"A": 4.0, "B": 5.0, "C": 6.0}}
+    spec = DataSpec(bands=("C", "A"), classes=("x", "y"), ignore_index=9, **stats)
     image, mask = torch.rand(2, 7, 9), torch.randint(0, 2, (7, 9))
-    t = build_transform(["C", "A"], stats, False, 4, 1.0, 1.0, True, -1, 0.5)
+    t = build_transform(spec, False, 4, hflip=1.0, vflip=1.0, rot90=True, min_labelled_fraction=0.5)
     assert t.crop_size is None and t.hflip == 0 and t.vflip == 0 and not t.rot90
+    assert t.min_labelled_fraction == 0 and t.ignore_index == 9
     out_image, out_mask = t(image, mask)
     expected = (image - torch.tensor([3.0, 1.0]).view(2, 1, 1)) / torch.tensor([6.0, 4.0]).view(
         2, 1, 1
     )
     assert torch.allclose(out_image, expected) and torch.equal(out_mask, mask)
-    train = build_transform(["C", "A"], stats, True, 4, 1.0, 0.0, False, -1)
+    train = build_transform(spec, True, 4, hflip=1.0)
+    assert (train.crop_size, train.hflip, train.ignore_index) == (4, 1.0, 9)
     assert train(image, mask)[0].shape == (2, 4, 4)
-    with pytest.raises(ValueError, match=r"lacks bands \['D'\]"):
-        build_transform(["D"], stats, True, 4, 0.5, 0.5, True, -1)
+    with pytest.raises(ValueError, match=r"band mean lacks bands \['D'\]"):
+        DataSpec(bands=("D",), **stats)
+
+
+def test_build_transform_uses_the_spec_band_order():
+    # Statistics dicts in B2, B4, B8 order; the spec (and the image channels) in B8, B2, B4.
+    stats = {
+        "mean": {"B2": 100.0, "B4": 300.0, "B8": 2000.0},
+        "std": {"B2": 10.0, "B4": 30.0, "B8": 400.0},
+    }
+    spec = DataSpec(bands=("B8", "B2", "B4"), classes=("a", "b"), ignore_index=-3, **stats)
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 3000, size=(3, 6, 6)).astype(np.float32)
+    mask = rng.integers(0, 2, size=(6, 6))
+    mean = np.array([stats["mean"][b] for b in ("B8", "B2", "B4")])
+    std = np.array([stats["std"][b] for b in ("B8", "B2", "B4")])
+    expected = (image - mean[:, None, None]) / std[:, None, None]
+    for train in (False, True):  # a crop the size of the image is the whole image
+        out, out_mask = build_transform(spec, train, crop_size=6)(
+            torch.from_numpy(image), torch.from_numpy(mask)
+        )
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out_mask.numpy(), mask)
+    # The spec's ignore_index pads the mask.
+    _, padded = build_transform(spec, True, crop_size=7)(
+        torch.from_numpy(image), torch.from_numpy(mask)
+    )
+    assert (padded[6, :] == -3).all() and (padded[:, 6] == -3).all()
 
 
 def test_transform_validation_messages():
-    with pytest.raises(ValueError, match="band index 1"):
-        JointTransform([0.0, 0.0], [1.0, 0.0])
+    # A std of 0 or below (or not finite) is refused where the statistics enter: the DataSpec.
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"band std must be > 0.*'B': {bad}"):
+            DataSpec(bands=("A", "B"), mean={"A": 0.0, "B": 0.0}, std={"A": 1.0, "B": bad})
+    with pytest.raises(ValueError, match=r"band std is not finite.*'B': inf"):
+        DataSpec(bands=("A", "B"), mean={"A": 0.0, "B": 0.0}, std={"A": 1.0, "B": np.inf})
     with pytest.raises(ValueError, match="mean has 2 values but std has 1"):
         JointTransform([0.0, 0.0], [1.0])
     t = JointTransform([0.0, 0.0], [1.0, 1.0])
@@ -456,6 +561,10 @@ def test_demo_georeference(demo_root):
         row, col = (int(v) for v in ds.sample_name(index)[1:].split("_c"))
         x0, y0 = demo_module.DEMO_SCENE_ORIGIN
         assert (transform.c, transform.f) == (x0 + 10.0 * col, y0 - 10.0 * row)
+        assert ds.spec.gsd == transform.a  # the class's GSD is the tiles' pixel size
+    assert DemoVegetation.gsd == 10.0 and ds.spec.gsd == 10.0
+    assert ds.spec.reflectance_scale == 10000.0 and ds.spec.sensor == "sentinel2a"
+    assert ds.spec.nodata is None and ds.spec.display_bands == ("B4", "B3", "B2")
     with rasterio.open(ds.samples[0].images["image"]) as src:
         assert src.descriptions == ("B2", "B3", "B4", "B8")
 
@@ -508,11 +617,31 @@ def test_demo_wrong_class_count(tmp_path):
 
 def test_demo_with_training_transform(demo_root):
     ds = DemoVegetation(root=str(demo_root), split="train")
-    ds.transform = build_transform(
-        ds.bands, DEMO_BAND_STATS, True, 32, 0.5, 0.5, True, ds.ignore_index
-    )
+    raw_image, raw_mask = ds[3]["image"].numpy(), ds[3]["mask"].numpy()  # (4, 64, 64), (64, 64)
+    ds.transform = build_transform(ds.spec, True, 32, hflip=0.5, vflip=0.5, rot90=True)
     torch.manual_seed(0)
     sample = ds[3]
     assert sample["image"].shape == (4, 32, 32) and sample["mask"].shape == (32, 32)
     assert abs(sample["image"].mean().item()) < 3  # normalised, not raw reflectance
     assert ((sample["mask"] >= 0) & (sample["mask"] < 4)).all()
+    # Oracle: undo the normalisation with DEMO_BAND_STATS; the result is a 32×32 window of the
+    # raw tile under one of the 8 flips/rotations, the mask the same window of the raw mask.
+    mean = np.array([DEMO_BAND_STATS["mean"][b] for b in ds.bands])
+    std = np.array([DEMO_BAND_STATS["std"][b] for b in ds.bands])
+    undone = sample["image"].numpy() * std[:, None, None] + mean[:, None, None]
+    out_mask = sample["mask"].numpy()
+    found = []
+    for k in range(4):
+        for flip in (False, True):
+            image = np.rot90(undone, -k, axes=(1, 2))
+            mask = np.rot90(out_mask, -k)
+            if flip:
+                image, mask = image[:, :, ::-1], mask[:, ::-1]
+            for top in range(64 - 32 + 1):
+                for left in range(64 - 32 + 1):
+                    window = (slice(top, top + 32), slice(left, left + 32))
+                    if np.array_equal(raw_mask[window], mask) and np.allclose(
+                        raw_image[(slice(None), *window)], image, atol=0.05
+                    ):
+                        found.append((k, flip, top, left))
+    assert found

@@ -10,34 +10,19 @@ import pytest
 import spyndex
 import torch
 
-from deflect import DeflectConfig, get_deflect_model
-from deflect.encoders import ViTEncoder
-from deflect.tuners.deflect import layer as deflect_layer
-from deflect.tuners.deflect.indices import SpectralIndices, resolve_indices, wavelength_constants
+from deflect import DataSpec, DeflectConfig, get_deflect_model
+from deflect.tuners.deflect.indices import (
+    SpectralIndices,
+    available_symbols,
+    resolve_indices,
+    wavelength_constants,
+)
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding, pixel_set_statistics
+from tests.conftest import DEMO_BANDS, S2_BANDS, s2_spec, tiny_encoder
 from tests.conftest import tiny_timm_vit as tiny_vit
 
-S2_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
-DEMO_BANDS = ["B2", "B3", "B4", "B8"]
 SYMBOLS = {"B1": "A", "B2": "B", "B3": "G", "B4": "R", "B5": "RE1", "B6": "RE2", "B7": "RE3"}
 SYMBOLS |= {"B8": "N", "B8A": "N2", "B11": "S1", "B12": "S2"}
-
-
-def tiny_encoder(bands: list[str] = S2_BANDS) -> ViTEncoder:
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        encoder = ViTEncoder(
-            name="tiny",
-            arch="vit_tiny_patch16_224",
-            input_bands=bands,
-            rgb_bands=["B4", "B3", "B2"],
-            img_size=32,
-            patch_size=8,
-            output_layers=[1, 3],
-            arch_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 4},
-        )
-    return encoder.eval()
 
 
 def rgb(x: torch.Tensor, bands: list[str] = S2_BANDS) -> torch.Tensor:
@@ -51,6 +36,10 @@ def perturb(model: torch.nn.Module, scale: float = 0.5) -> None:
         for name, p in model.named_parameters():
             if "deflect_" in name and name.endswith("U.weight"):
                 p.normal_(0, scale)
+
+
+def adapt(model=None, **config) -> torch.nn.Module:
+    return get_deflect_model(model or tiny_vit(), DeflectConfig(**config), data=s2_spec())
 
 
 @pytest.fixture
@@ -96,17 +85,28 @@ def test_index_division_by_zero_gives_zero_and_clamps() -> None:
     assert SpectralIndices(["EVI"], DEMO_BANDS, clamp=10.0)(refl).abs().max() <= 10.0
 
 
-def test_indices_use_unnormalised_reflectance() -> None:
-    mean = {b: 1000.0 + 100 * i for i, b in enumerate(DEMO_BANDS)}
-    std = {b: 500.0 + 10 * i for i, b in enumerate(DEMO_BANDS)}
-    upe = UntangledPatchEmbedding(
-        DEMO_BANDS, 16, 8, ["EVI"], band_mean=mean, band_std=std, reflectance_scale=10000.0
+DEMO_MEAN = [465.2907, 673.4912, 762.2167, 2272.6192]  # the demo's statistics: not exact
+DEMO_STD = [183.1734, 221.0933, 441.8651, 401.6916]  # in fp16
+
+
+def demo_upe(**kwargs) -> UntangledPatchEmbedding:
+    data = DataSpec(
+        bands=tuple(DEMO_BANDS),
+        mean=dict(zip(DEMO_BANDS, DEMO_MEAN)),
+        std=dict(zip(DEMO_BANDS, DEMO_STD)),
+        reflectance_scale=10000.0,
     )
+    return UntangledPatchEmbedding(data, 16, 8, kwargs.pop("indices", ["EVI"]), **kwargs)
+
+
+def test_indices_use_unnormalised_reflectance() -> None:
+    upe = demo_upe()
     torch.manual_seed(0)
     dn = torch.rand(1, 4, 8, 8) * 3000 + 200  # L2A digital numbers
-    m = torch.tensor([mean[b] for b in DEMO_BANDS]).view(1, 4, 1, 1)
-    s = torch.tensor([std[b] for b in DEMO_BANDS]).view(1, 4, 1, 1)
-    features = upe.pixel_features((dn - m) / s)  # what the data pipeline feeds
+    m = torch.tensor(DEMO_MEAN).view(1, 4, 1, 1)
+    s = torch.tensor(DEMO_STD).view(1, 4, 1, 1)
+    features, valid = upe.pixel_features((dn - m) / s)  # what the data pipeline feeds
+    assert valid.all()
     refl = (dn / 10000).double().numpy()[0]
     params = {"B": refl[0], "G": refl[1], "R": refl[2], "N": refl[3], "g": 2.5, "C1": 6.0}
     params |= {"C2": 7.5, "L": 1.0}
@@ -116,10 +116,22 @@ def test_indices_use_unnormalised_reflectance() -> None:
     torch.testing.assert_close(features[:, :4], (dn - m) / s)  # raw normalised bands come first
 
 
-def test_indices_stay_fp32_under_autocast() -> None:
-    upe = UntangledPatchEmbedding(DEMO_BANDS, 16, 8, ["NDVI"])
+def test_indices_stay_fp32_under_autocast_and_after_half() -> None:
+    """Index arithmetic runs in fp32 from fp32 statistics, whatever the model's dtype: a model
+    cast with .half() gives the fp32 features of its (fp16) input."""
+    upe = demo_upe(indices=["NDVI", "EVI"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert upe.pixel_features(torch.rand(1, 4, 8, 8)).dtype == torch.float32
+        assert upe.pixel_features(torch.rand(1, 4, 8, 8))[0].dtype == torch.float32
+    torch.manual_seed(0)
+    m = torch.tensor(DEMO_MEAN).view(1, 4, 1, 1)
+    s = torch.tensor(DEMO_STD).view(1, 4, 1, 1)
+    x = ((torch.rand(1, 4, 8, 8) * 3000 + 200) - m) / s
+    x16 = x.half()
+    expected, _ = upe.pixel_features(x16.float())  # fp32 statistics, the fp16-rounded input
+    got, _ = upe.half().pixel_features(x16)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert upe(x16).dtype == torch.float16  # the trainable part runs in the model's dtype
 
 
 def test_index_errors_name_index_band_and_symbol() -> None:
@@ -127,21 +139,44 @@ def test_index_errors_name_index_band_and_symbol() -> None:
         resolve_indices(["NBR"], DEMO_BANDS)
     with pytest.raises(ValueError, match=r"unknown spyndex index 'NVDI'.*NDVI"):
         resolve_indices(["NVDI"], DEMO_BANDS)
-    with pytest.raises(ValueError, match=r"NBR.*B12"):
-        DeflectConfig(bands=DEMO_BANDS, indices=["NDVI", "NBR"])
 
 
-def test_auto_indices() -> None:
+def test_auto_is_every_computable_index_and_each_equals_spyndex() -> None:
+    """``auto``: every spyndex index whose bands are present and whose constants have defaults,
+    with no filter by domain (snow and cloud indices included)."""
+    defaults = {c for c in spyndex.constants if spyndex.constants[c].default is not None}
+    lambdas = {
+        f"lambda{SYMBOLS[b]}" for b in S2_BANDS if f"lambda{SYMBOLS[b]}" in spyndex.constants
+    }
+    symbols = {SYMBOLS[b] for b in S2_BANDS} | defaults | lambdas
+    expected = sorted(n for n in spyndex.indices if set(spyndex.indices[n].bands) <= symbols)
     auto = resolve_indices("auto", S2_BANDS)
-    assert {"NDVI", "EVI", "NBR", "MNDWI", "FAI"} <= set(auto)
-    assert all(spyndex.indices[n].application_domain != "radar" for n in auto)
-    assert all(
-        not n.startswith("k") for n in auto if spyndex.indices[n].application_domain == "kernel"
-    )
-    demo = resolve_indices("auto", DEMO_BANDS)
-    assert "NDVI" in demo and "NBR" not in demo
-    out = SpectralIndices(auto, S2_BANDS)(torch.rand(1, 11, 4, 4))
-    assert out.shape == (1, len(auto), 4, 4) and torch.isfinite(out).all()
+    assert auto == expected and {"NDSI", "CSISWIR", "NDVI"} <= set(auto)
+    assert available_symbols(S2_BANDS) >= symbols
+    rng = np.random.default_rng(1)
+    refl = rng.uniform(0.05, 0.5, size=(len(S2_BANDS), 5, 5))
+    ours = SpectralIndices(auto, S2_BANDS, clamp=1e6)(torch.from_numpy(refl)[None]).double()
+    params = {SYMBOLS[b]: refl[i] for i, b in enumerate(S2_BANDS)}
+    params |= {c: spyndex.constants[c].default for c in defaults}
+    params |= wavelength_constants(S2_BANDS)
+    compared = 0
+    for k, name in enumerate(auto):
+        needed = spyndex.indices[name].bands
+        with np.errstate(all="ignore"):
+            value = np.asarray(spyndex.computeIndex(name, params={s: params[s] for s in needed}))
+        value = np.broadcast_to(value, (5, 5))
+        finite = np.isfinite(value) & (np.abs(value) < 1e5)
+        np.testing.assert_allclose(ours[0, k].numpy()[finite], value[finite], rtol=1e-4,
+                                   atol=1e-5, err_msg=name)  # fmt: skip
+        compared += finite.all()
+    assert compared > 0.9 * len(auto)
+
+
+def test_default_indices_keep_the_computable_curated_ones() -> None:
+    assert resolve_indices("default", S2_BANDS) == [
+        "NDVI", "NDWI", "MNDWI", "NDBI", "NBR", "NDMI", "EVI", "SAVI", "NDTI", "FAI", "FDI",
+    ]  # fmt: skip
+    assert resolve_indices("default", DEMO_BANDS) == ["NDVI", "NDWI", "EVI", "SAVI", "NDTI"]
 
 
 # ---- pixel-set statistics -----------------------------------------------------------------------
@@ -159,8 +194,18 @@ def test_pixel_set_statistics_equal_numpy() -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_pixel_set_statistics_of_tubelets_are_frame_major() -> None:
+    """(B, F, T, H, W) with tubelet 1: tokens of frame 0, then frame 1, as Conv3d + flatten."""
+    torch.manual_seed(0)
+    video = torch.randn(1, 2, 2, 8, 8)
+    out = pixel_set_statistics(video, 4, ["mean", "max"], tubelet_size=1)  # (1, 2*4, 2*2)
+    for t in range(2):
+        frame = pixel_set_statistics(video[:, :, t], 4, ["mean", "max"])
+        torch.testing.assert_close(out[:, 4 * t : 4 * t + 4], frame)
+
+
 def test_pixels_per_patch_samples_in_training_only() -> None:
-    upe = UntangledPatchEmbedding(DEMO_BANDS, 16, 8, ["NDVI"], pixels_per_patch=5)
+    upe = demo_upe(indices=["NDVI"], pixels_per_patch=5)
     x = torch.rand(2, 4, 16, 16)
     upe.eval()
     assert torch.equal(upe(x), upe(x))
@@ -172,35 +217,11 @@ def test_pixels_per_patch_samples_in_training_only() -> None:
     assert (sub[..., 0::2] >= full[..., 0::2]).all() and (sub[..., 1::2] <= full[..., 1::2]).all()
 
 
-# ---- identity at initialisation -------------------------------------------------------------------
-@pytest.mark.parametrize("deflection", ["hard", "soft", "none"])
-def test_identity_at_init_timm_vit(deflection: str, x11: torch.Tensor) -> None:
-    model = tiny_vit()
-    base = copy.deepcopy(model)
-    adapted = get_deflect_model(model, DeflectConfig(bands=S2_BANDS, deflection=deflection))
-    with torch.no_grad():
-        torch.testing.assert_close(adapted(x11), base(rgb(x11)), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(
-            adapted.forward_features(x11), base.forward_features(rgb(x11)), atol=1e-5, rtol=1e-5
-        )
-
-
-@pytest.mark.parametrize("deflection", ["hard", "soft", "none"])
-def test_identity_at_init_vit_encoder(deflection: str, x11: torch.Tensor) -> None:
-    encoder = tiny_encoder()
-    base = copy.deepcopy(encoder)
-    adapted = get_deflect_model(encoder, DeflectConfig(bands=S2_BANDS, deflection=deflection))
-    with torch.no_grad():
-        ours, theirs = adapted.forward_features(x11), base.forward_features(x11)
-    assert len(ours) == 2
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
+# ---- identity at initialisation (the matrix covers the plain cases) --------------------------------
 def test_identity_with_layer_scale_and_qk_norm(x11: torch.Tensor) -> None:
     model = tiny_vit(init_values=0.1, qk_norm=True)
     base = copy.deepcopy(model)
-    adapted = get_deflect_model(model, DeflectConfig(bands=S2_BANDS, target_blocks=[1, 3]))
+    adapted = adapt(model, target_blocks=[1, 3])
     with torch.no_grad():
         torch.testing.assert_close(adapted(x11), base(rgb(x11)), atol=1e-5, rtol=1e-5)
 
@@ -208,23 +229,25 @@ def test_identity_with_layer_scale_and_qk_norm(x11: torch.Tensor) -> None:
 def test_sqrt_2d_temperature_is_not_identity(x11: torch.Tensor) -> None:
     model = tiny_vit()
     base = copy.deepcopy(model)
-    adapted = get_deflect_model(model, DeflectConfig(bands=S2_BANDS, temperature="sqrt_2d"))
+    adapted = adapt(model, temperature="sqrt_2d")
     with torch.no_grad():
         assert not torch.allclose(adapted(x11), base(rgb(x11)), atol=1e-4)
 
 
-def test_perturbed_adapter_changes_outputs(x11: torch.Tensor) -> None:
-    model = tiny_vit()
-    base = copy.deepcopy(model)
-    adapted = get_deflect_model(model, DeflectConfig(bands=S2_BANDS))
-    perturb(adapted)
+def test_identity_through_the_framework_encoder(x11: torch.Tensor) -> None:
+    encoder = tiny_encoder(output_layers=[1, 3])
+    base = copy.deepcopy(encoder)
+    adapted = get_deflect_model(encoder, DeflectConfig())
     with torch.no_grad():
-        assert not torch.allclose(adapted(x11), base(rgb(x11)), atol=1e-3)
+        ours, theirs = adapted.forward_features(x11), base.forward_features(x11)
+    assert len(ours) == 2
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ---- gradients and training -------------------------------------------------------------------------
 def test_blocks_before_first_target_run_without_autograd(x11: torch.Tensor) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS, target_blocks=[2]))
+    adapted = adapt(target_blocks=[2])
     seen = {}
     hook = adapted.base_model.blocks[2].register_forward_pre_hook(
         lambda m, args: seen.update(requires_grad=args[0].requires_grad)
@@ -235,69 +258,27 @@ def test_blocks_before_first_target_run_without_autograd(x11: torch.Tensor) -> N
     assert out.requires_grad
 
 
-def test_only_deflect_params_train_and_all_get_gradients(x11: torch.Tensor) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS))
-    adapted.train()
-    trainable = {n: p for n, p in adapted.named_parameters() if p.requires_grad}
-    assert trainable and all(".deflect_" in n for n in trainable)
-    assert all(not p.requires_grad for n, p in adapted.named_parameters() if "deflect_" not in n)
-    adapted(x11).square().mean().backward()
-    for name, p in trainable.items():
-        assert p.grad is not None, name
-        if name.endswith("U.weight"):
-            assert p.grad.abs().sum() > 0, name
-    optimizer = torch.optim.SGD(trainable.values(), lr=0.1)
-    optimizer.step()
-    optimizer.zero_grad()
-    adapted(x11).square().mean().backward()
-    for name, p in trainable.items():  # U != 0 now: every parameter, V_ℓ included, gets a signal
-        assert p.grad.abs().sum() > 0, name
-
-
-def test_frozen_weights_bit_identical_after_steps(x11: torch.Tensor) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS, deflection="soft"))
-    adapted.train()
-    before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
-    params = [p for p in adapted.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    for _ in range(3):
-        loss = adapted(x11).square().mean() + sum(adapted.auxiliary_losses().values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    for name, p in adapted.named_parameters():
-        if "deflect_" in name:
-            assert not torch.equal(p, before[name]), f"{name} did not move"
-        else:
-            assert torch.equal(p, before[name]), f"frozen {name} changed"
-
-
-# ---- deflection -------------------------------------------------------------------------------------
-def test_hard_deflection_keeps_rgb_update_norm(monkeypatch, x11: torch.Tensor) -> None:
-    seen = []
-    original = deflect_layer.deflect_update
-
-    def spy(delta_uatt, delta_rgb, mode, eps):
-        delta = original(delta_uatt, delta_rgb, mode, eps)
-        seen.append((delta_uatt, delta_rgb, delta))
-        return delta
-
-    monkeypatch.setattr(deflect_layer, "deflect_update", spy)
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS))
+def test_learned_cls_has_no_first_step_gradient_spike(x11: torch.Tensor) -> None:
+    """Under norm matching the learned CLS is divided by its own norm; it starts at unit norm
+    (not zero), so its first gradient is of the order of the later ones."""
+    adapted = adapt(cls_token="learned")
     perturb(adapted)
-    with torch.no_grad():
-        adapted(x11)
-    assert len(seen) == 3
-    for delta_uatt, delta_rgb, delta in seen:
-        assert not torch.allclose(delta_uatt, delta_rgb, atol=1e-3)  # the adapter acts
-        torch.testing.assert_close(delta.norm(dim=-1), delta_rgb.norm(dim=-1))
-        cos = torch.nn.functional.cosine_similarity(delta, delta_uatt, dim=-1)
-        torch.testing.assert_close(cos, torch.ones_like(cos))
+    cls = next(
+        p for n, p in adapted.named_parameters() if n.endswith("deflect_upe.default.cls_token")
+    )
+    assert cls.norm().item() == pytest.approx(1.0, rel=0.3)
+    optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.05)
+    norms = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        (adapted(x11) - 0.5).square().mean().backward()
+        norms.append(cls.grad.norm().item())
+        optimizer.step()
+    assert norms[0] > 0 and max(norms) / min(norms) < 10, norms
 
 
 def test_soft_deflection_reports_auxiliary_loss(x11: torch.Tensor) -> None:
-    config = DeflectConfig(bands=S2_BANDS, deflection="soft", lambda_deflection=2.0)
-    adapted = get_deflect_model(tiny_vit(), config)
+    adapted = adapt(deflection="soft", lambda_deflection=2.0)
     adapted.train()
     adapted(x11)
     aux = adapted.auxiliary_losses()
@@ -309,13 +290,13 @@ def test_soft_deflection_reports_auxiliary_loss(x11: torch.Tensor) -> None:
     adapted.eval()
     adapted(x11)
     assert adapted.auxiliary_losses() == {}
-    hard = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS)).train()
+    hard = adapt().train()
     hard(x11)
     assert hard.auxiliary_losses() == {}
 
 
 def test_state_is_cleared_and_calls_repeat(x11: torch.Tensor) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS))
+    adapted = adapt()
     perturb(adapted)
     with torch.no_grad():
         first = adapted(x11)
@@ -328,26 +309,19 @@ def test_state_is_cleared_and_calls_repeat(x11: torch.Tensor) -> None:
         adapted.base_model.blocks[1](torch.zeros(1, 17, 32))
 
 
-def test_learned_cls_and_no_norm_match_run(x11: torch.Tensor) -> None:
-    config = DeflectConfig(bands=S2_BANDS, cls_token="learned", norm_match=False, rank=2)
-    adapted = get_deflect_model(tiny_vit(), config)
-    n_cls = [
-        n for n, _ in adapted.named_parameters() if n.endswith("deflect_upe.default.cls_token")
-    ]
-    assert len(n_cls) == 1
-    assert adapted(x11).shape == (2, 32)
-
-
-def test_bf16_autocast_forward(x11: torch.Tensor) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS))
+def test_bf16_autocast_forward_is_close_to_fp32(x11: torch.Tensor) -> None:
+    adapted = adapt()
     perturb(adapted)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = adapted(x11)
+    with torch.no_grad():
+        reference = adapted(x11)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = adapted(x11)
     assert torch.isfinite(out.float()).all()
+    assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
 def test_two_training_forwards_then_one_backward(x11: torch.Tensor) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS)).train()
+    adapted = adapt().train()
     perturb(adapted)
     (adapted(x11).sum() + adapted(x11.flip(-1)).sum()).backward()
     grads = [p.grad for p in adapted.parameters() if p.requires_grad]

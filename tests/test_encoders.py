@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import warnings
 
 import pytest
@@ -9,20 +11,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
 
-from deflect.encoders import ViTEncoder
+from deflect import DeflectConfig, get_deflect_model
+from deflect.encoders import Encoder, ViTEncoder
+from deflect.encoders.checkpoint import resample_pos_embed_3d
 from segmentors import SegmentationLoss
+from tests.conftest import DEMO_BANDS, s2_spec
 
-BANDS = ["B2", "B3", "B4", "B8"]
+BANDS = DEMO_BANDS
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 4}
 
 
 def tiny(img_size: int = 32, **kwargs) -> ViTEncoder:
     def build() -> ViTEncoder:
-        return ViTEncoder("tiny", "vit_tiny_patch16_224", BANDS, ["B4", "B3", "B2"],
+        return ViTEncoder("tiny", "vit_tiny_patch16_224", s2_spec(BANDS), ["B4", "B3", "B2"],
                           img_size=img_size, patch_size=8, output_layers=[0, 1, 2, 3],
                           arch_kwargs=TINY, **kwargs)  # fmt: skip
 
+    torch.manual_seed(0)
     if kwargs.get("checkpoint"):
         return build()
     with warnings.catch_warnings():
@@ -30,7 +38,7 @@ def tiny(img_size: int = 32, **kwargs) -> ViTEncoder:
         return build()
 
 
-def test_rgb_bands_are_picked_by_name_in_pretraining_order():
+def test_pretrained_bands_are_picked_by_name_in_pretraining_order():
     encoder = tiny().eval()
     x = torch.randn(2, 4, 32, 32)
     features = encoder.forward_features(x)
@@ -41,25 +49,49 @@ def test_rgb_bands_are_picked_by_name_in_pretraining_order():
     )
     for a, b in zip(features, direct):
         assert torch.equal(a, b)
+    assert encoder.band_usage() == {
+        "B4": "pretrained patch embedding, channel 0",
+        "B3": "pretrained patch embedding, channel 1",
+        "B2": "pretrained patch embedding, channel 2",
+    }
+
+
+def test_invalid_pixels_reach_the_pretrained_layers_as_the_band_mean():
+    """NaN (no-data, padding) is 0 after normalisation: the band mean, never NaN."""
+    encoder = tiny().eval()
+    x = torch.randn(1, 4, 32, 32)
+    holes = x.clone()
+    holes[0, :, 5:9, 10:20] = float("nan")
+    filled = holes.nan_to_num(nan=0.0)
+    for a, b in zip(encoder(holes), encoder(filled)):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_metadata_the_encoder_does_not_take_is_an_error():
+    with pytest.raises(TypeError, match=r"takes metadata \[\], got \['gds'\]"):
+        tiny().forward_features(torch.randn(1, 4, 32, 32), gds=torch.ones(1))
 
 
 def test_no_checkpoint_warns_loudly():
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        ViTEncoder("tiny", "vit_tiny_patch16_224", BANDS, ["B4", "B3", "B2"], img_size=32,
-                   patch_size=8, arch_kwargs=TINY)  # fmt: skip
+        ViTEncoder("tiny", "vit_tiny_patch16_224", s2_spec(BANDS), img_size=32, patch_size=8,
+                   arch_kwargs=TINY)  # fmt: skip
 
 
-def test_checkpoint_with_prefixes_other_grid_and_extra_keys(tmp_path):
+def test_checkpoint_with_prefixes_other_grid_extra_keys_and_a_namespace(tmp_path):
     source = tiny(img_size=64)  # a pretrained model at another resolution (8x8 grid)
     state = {f"module.{k}": v for k, v in source.backbone.state_dict().items()}
-    state["module.head.weight"] = torch.zeros(10, 32)  # a classification head: dropped
+    state["module.head.weight"] = torch.zeros(10, 32)  # a classification head: unused, logged
+    state["module.decoder_pred.weight"] = torch.zeros(3, 32)  # an MAE decoder: dropped
     del state["module.blocks.3.mlp.fc2.bias"]  # a missing key: left at init, listed
     path = tmp_path / "vit.pth"
-    torch.save({"model": state}, path)
+    # Release files hold training arguments next to the weights; they load without running code.
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-3)}, path)
     with pytest.warns(UserWarning) as record:
         encoder = tiny(img_size=32, checkpoint=str(path))
     message = "\n".join(str(w.message) for w in record)
-    assert "head.weight" in message and "blocks.3.mlp.fc2.bias" in message
+    assert "decoder_pred.weight" in message and "head.weight" not in message
+    assert "blocks.3.mlp.fc2.bias" in message
     loaded = encoder.backbone.state_dict()
     assert torch.equal(
         loaded["blocks.2.attn.qkv.weight"], source.backbone.blocks[2].attn.qkv.weight
@@ -70,6 +102,14 @@ def test_checkpoint_with_prefixes_other_grid_and_extra_keys(tmp_path):
     assert torch.allclose(loaded["pos_embed"], expected_pos)
 
 
+def test_a_shape_that_cannot_be_mapped_is_an_error(tmp_path):
+    state = dict(tiny().backbone.state_dict())
+    state["patch_embed.proj.weight"] = torch.zeros(32, 6, 8, 8)  # a 6-band patch embedding
+    torch.save(state, tmp_path / "six.pth")
+    with pytest.raises(ValueError, match=r"patch_embed.proj.weight: checkpoint \(32, 6, 8, 8\)"):
+        tiny(checkpoint=str(tmp_path / "six.pth"))
+
+
 def test_safetensors_checkpoint_and_key_map(tmp_path):
     source = tiny()
     renamed = {
@@ -77,6 +117,7 @@ def test_safetensors_checkpoint_and_key_map(tmp_path):
         for k, v in source.backbone.state_dict().items()
     }
     save_file(renamed, str(tmp_path / "vit.safetensors"))
+    torch.manual_seed(123)  # other random init: every weight must come from the file
     encoder = tiny(checkpoint=str(tmp_path / "vit.safetensors"),
                    checkpoint_key_map={r"^layers\.": "blocks."})  # fmt: skip
     x = torch.randn(1, 4, 32, 32)
@@ -96,12 +137,103 @@ def test_checkpoint_errors_name_the_path_and_the_fix(tmp_path):
 def test_encoder_config_errors():
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         tiny(img_size=30)
-    with pytest.raises(ValueError, match=r"lack \['B4'\].*rgb_bands"):
-        ViTEncoder("tiny", "vit_tiny_patch16_224", ["B2", "B3", "B8"], ["B4", "B3", "B2"],
-                   img_size=32, patch_size=8, arch_kwargs=TINY)  # fmt: skip
+    with pytest.raises(ValueError, match=r"lack \['B4'\].*pretrained patch embedding"):
+        ViTEncoder("tiny", "vit_tiny_patch16_224", s2_spec(["B2", "B3", "B8"]), img_size=32,
+                   patch_size=8, arch_kwargs=TINY)  # fmt: skip
     with pytest.raises(ValueError, match="output_layers"):
-        ViTEncoder("tiny", "vit_tiny_patch16_224", BANDS, ["B4", "B3", "B2"], img_size=32,
-                   patch_size=8, output_layers=[9], arch_kwargs=TINY)  # fmt: skip
+        ViTEncoder("tiny", "vit_tiny_patch16_224", s2_spec(BANDS), img_size=32, patch_size=8,
+                   output_layers=[9], arch_kwargs=TINY)  # fmt: skip
+
+
+# ---- a tubelet (3-D patch embedding) encoder: the contract beyond timm's 2-D ViT ------------------
+class TubeletEmbed(nn.Module):
+    """A Conv3d patch embedding with tubelet 1, tokens frame-major (Prithvi's layout)."""
+
+    def __init__(self, channels: int, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(channels, dim, (1, patch, patch), stride=(1, patch, patch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T*h*w, D)
+
+
+class TubeletViT(nn.Module):
+    def __init__(self, channels: int, dim: int = 32, depth: int = 2, frames: int = 2) -> None:
+        super().__init__()
+        self.embed_dim, self.num_prefix_tokens = dim, 1
+        self.patch_embed = TubeletEmbed(channels, dim, 8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + frames * 16, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, 4) for _ in range(depth))
+
+
+class TubeletEncoder(Encoder):
+    """A tiny Prithvi-like encoder: (B, C, T, H, W) through a 3-D patch embedding."""
+
+    tubelet_size = 1
+
+    def __init__(self, data, frames: int = 2) -> None:
+        super().__init__("tubelet", data, ["B2", "B3", "B4"], 32, 8, [1])
+        self.frames = frames
+        self.model = TubeletViT(3, frames=frames)
+        self.finish_init(2)
+
+    @property
+    def vit(self) -> nn.Module:
+        return self.model
+
+    def resample_pos_embed(self, key, value, target):
+        return resample_pos_embed_3d(value, (self.frames, 4, 4), 1)
+
+    def forward_features(self, x: torch.Tensor, **metadata) -> list[torch.Tensor]:
+        self.check_metadata(metadata)
+        x = self.embed_input(x).unsqueeze(2).expand(-1, -1, self.frames, -1, -1)  # (B,C,T,H,W)
+        vit = self.model
+        tokens = vit.patch_embed(x)
+        tokens = torch.cat([vit.cls_token.expand(len(x), -1, -1), tokens], 1) + vit.pos_embed
+        outs = []
+        for i, block in enumerate(vit.blocks):
+            tokens = block(tokens)
+            if i in self.output_layers:
+                last = tokens[:, 1 + 16 * (self.frames - 1) :]  # the last frame's patches
+                outs.append(last.transpose(1, 2).reshape(len(x), -1, 4, 4))
+        return outs
+
+
+def test_deflect_on_a_tubelet_encoder():
+    """The spectral stream follows the 3-D patch embedding's token order; identity at init."""
+    torch.manual_seed(0)
+    encoder = TubeletEncoder(s2_spec()).eval()
+    reference = copy.deepcopy(encoder)
+    adapted = get_deflect_model(encoder, DeflectConfig(target_blocks=[0, 1]))
+    x = torch.randn(2, 11, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+        upe = encoder.vit.patch_embed.deflect_upe["default"]
+        video = x.unsqueeze(2).expand(-1, -1, 2, -1, -1)
+        tokens = upe(video)
+    assert tokens.shape == (2, 2 * 16, 32)
+    torch.testing.assert_close(tokens[:, :16], tokens[:, 16:])  # two identical frames
+
+
+def test_tubelet_pos_embed_is_resampled_frame_by_frame(tmp_path):
+    torch.manual_seed(0)
+    big = torch.randn(1, 1 + 2 * 64, 32)  # 2 frames of 8x8 in the checkpoint
+    got = resample_pos_embed_3d(big, (2, 4, 4), num_prefix_tokens=1)
+    frames = [
+        resample_abs_pos_embed(big[:, 1 + 64 * t : 1 + 64 * (t + 1)], new_size=(4, 4),
+                               old_size=(8, 8), num_prefix_tokens=0)
+        for t in range(2)
+    ]  # fmt: skip
+    torch.testing.assert_close(got, torch.cat([big[:, :1], *frames], dim=1))
+    with pytest.raises(ValueError, match="frames"):
+        resample_pos_embed_3d(big, (3, 4, 4), num_prefix_tokens=1)
+    encoder = TubeletEncoder(s2_spec())
+    state = dict(encoder.vit.state_dict())
+    state["pos_embed"] = big
+    torch.save(state, tmp_path / "tubelet.pth")
+    encoder.load_checkpoint(tmp_path / "tubelet.pth")
+    torch.testing.assert_close(encoder.vit.pos_embed.detach(), got)
 
 
 def test_loss_ignores_pixels_and_weights_classes_like_a_hand_computation():

@@ -1,4 +1,5 @@
-"""The PEFT-shaped tuner API: registry, configs, save/load, adapters, counts, errors."""
+"""The PEFT-shaped tuner API: registry, configs, the band manifest, save/load, adapters, counts,
+errors. (Invariants every method keeps are in test_tuner_matrix.py.)"""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deflect import (
+    BitFitConfig,
+    DataSpec,
     DeflectConfig,
     DeflectModel,
-    FrozenConfig,
     FullConfig,
     TunerConfig,
     get_deflect_model,
@@ -23,32 +25,33 @@ from deflect import (
     register_deflect_method,
     registered_methods,
 )
-from deflect.tuners import BaseTuner, DeflectTuner
+from deflect.tuners import BaseTuner
 from deflect.tuners.deflect.layer import DeflectBlock, DeflectPatchEmbed
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding
+from tests.conftest import DEMO_BANDS, S2_BANDS, s2_spec, tiny_encoder
 from tests.conftest import tiny_timm_vit as tiny_vit
 
-S2_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
-DEMO_BANDS = ["B2", "B3", "B4", "B8"]
-DEMO_INDICES = ["NDVI", "NDWI", "EVI", "SAVI"]
+RGB = ["B4", "B3", "B2"]
 
 
 def rgb(x: torch.Tensor) -> torch.Tensor:
-    return x[:, [S2_BANDS.index(b) for b in ("B4", "B3", "B2")]]
+    return x[:, [S2_BANDS.index(b) for b in RGB]]
 
 
 @pytest.fixture
 def x11() -> torch.Tensor:
     torch.manual_seed(2)
-    return torch.rand(2, len(S2_BANDS), 32, 32) * 0.5 + 0.01
+    return torch.randn(2, len(S2_BANDS), 32, 32)
 
 
 def train_steps(model: DeflectModel, x: torch.Tensor, steps: int = 3) -> None:
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     for _ in range(steps):
         optimizer.zero_grad()
-        model(x).square().mean().backward()
+        out = model(x)
+        out = torch.cat([o.flatten() for o in out]) if isinstance(out, list) else out
+        out.square().mean().backward()
         optimizer.step()
     model.eval()
 
@@ -62,42 +65,51 @@ def expected_count(
 
 # ---- registry and configs --------------------------------------------------------------------------
 def test_registry_and_unknown_method() -> None:
-    assert {"frozen", "full", "deflect"} <= set(registered_methods())
-    with pytest.raises(ValueError, match=r"unknown tuning method 'lora'.*deflect.*frozen.*full"):
+    assert {"frozen", "full", "bitfit", "norm_tuning", "deflect"} <= set(registered_methods())
+    with pytest.raises(ValueError, match=r"unknown tuning method 'lora'.*bitfit.*deflect"):
         TunerConfig.from_dict({"method": "lora"})
 
 
-def test_register_new_method_is_one_module() -> None:
+def test_register_new_method_is_one_module(tmp_path, monkeypatch) -> None:
+    """A method written as base.py says (select base parameters) gets trainability, save/load,
+    counts, disable and unload from the one rule."""
     from dataclasses import dataclass
 
+    from deflect.tuners import registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # registered for this test
+
     @dataclass
-    class BiasConfig(TunerConfig):
-        method: str = "test_bias"
+    class QkvBiasConfig(TunerConfig):
+        method: str = "test_qkv_bias"
 
-    class BiasTuner(BaseTuner):
-        def is_trainable_parameter(self, name: str, adapter_name: str) -> bool:
-            return name.endswith(".bias")
+    class QkvBiasTuner(BaseTuner):
+        def select_parameters(self, config: TunerConfig) -> list[str]:
+            return [n for n, _ in self.model.named_parameters() if n.endswith("qkv.bias")]
 
-    register_deflect_method("test_bias", BiasConfig, BiasTuner)
-    model = get_deflect_model(tiny_vit(), TunerConfig.from_dict({"method": "test_bias"}))
+    register_deflect_method("test_qkv_bias", QkvBiasConfig, QkvBiasTuner)
+    x = torch.randn(2, 3, 32, 32)
+    base = tiny_vit()
+    expected = base(x)
+    model = get_deflect_model(base, TunerConfig.from_dict({"method": "test_qkv_bias"}))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith(".bias") for n in trainable)
+    assert len(trainable) == 4 and all(n.endswith("qkv.bias") for n in trainable)
+    train_steps(model, x)
+    tuned = model(x).detach()
+    model.save_pretrained(tmp_path)
+    assert len(load_file(str(tmp_path / "default" / "deflect_model.safetensors"))) == 4
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    reloaded = DeflectModel.from_pretrained(tiny_vit(), tmp_path)
+    torch.testing.assert_close(reloaded(x), tuned, rtol=0, atol=0)
 
 
 def test_config_json_round_trip_and_plain_containers() -> None:
-    config = DeflectConfig(
-        bands=DEMO_BANDS,
-        indices=DEMO_INDICES,
-        band_mean={b: 0.1 for b in DEMO_BANDS},
-        band_std={b: 0.2 for b in DEMO_BANDS},
-        reflectance_scale=10000,
-        deflection="soft",
-        modules_to_save=["norm"],
-    )
+    config = DeflectConfig(indices=["NDVI", "EVI"], deflection="soft", modules_to_save=["norm"])
     data = json.loads(json.dumps(config.to_dict()))
     again = TunerConfig.from_dict(data)
     assert isinstance(again, DeflectConfig) and again == config
-    assert DeflectConfig(bands=S2_BANDS, indices="auto").to_dict()["indices"] == "auto"
+    assert DeflectConfig(indices="auto").to_dict()["indices"] == "auto"
 
 
 @pytest.mark.parametrize(
@@ -106,67 +118,72 @@ def test_config_json_round_trip_and_plain_containers() -> None:
         ({"deflection": "bent"}, "unknown deflection mode 'bent'"),
         ({"rank": 0}, "rank must be >= 1"),
         ({"stats": ["mean", "mode"]}, "unknown pixel-set statistic 'mode'"),
-        ({"band_mean": {"B2": 0.0}, "band_std": {"B2": 1.0}}, r"band_mean lacks bands \['B3'"),
-        ({"band_mean": {"B2": 0.0}}, "both band_mean and band_std"),
-        ({"rgb_bands": ["B4", "B3", "B1"]}, r"lack \['B1'\] needed for the RGB stream"),
         ({"temperature": "hot"}, "temperature"),
-        ({"indices": "all"}, "'auto'"),
+        ({"indices": "all"}, "'default' or 'auto'"),
+        ({"indices": ["NVDI"]}, r"unknown spyndex index 'NVDI'.*NDVI"),
         ({"method": "lora"}, "DeflectConfig is for method 'deflect'"),
         ({"target_blocks": []}, "target_blocks"),
     ],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
-    kwargs = {"bands": DEMO_BANDS, "indices": DEMO_INDICES} | kwargs
     with pytest.raises(ValueError, match=message):
         DeflectConfig(**kwargs)
 
 
-# ---- backbone contract -----------------------------------------------------------------------------
+# ---- the model contract and the data ---------------------------------------------------------------
 def test_model_without_block_layout() -> None:
+    spec = s2_spec()
     with pytest.raises(ValueError, match=r"has no `blocks` or `backbone.blocks`"):
-        get_deflect_model(nn.Sequential(nn.Linear(2, 2)), DeflectConfig(bands=S2_BANDS))
+        get_deflect_model(nn.Sequential(nn.Linear(2, 2)), DeflectConfig(), data=spec)
     model = tiny_vit()
     model.blocks[0].attn.qkv_fused = model.blocks[0].attn.qkv
     del model.blocks[0].attn.qkv
     with pytest.raises(ValueError, match=r"blocks\[0\].attn \(Attention\) has no `qkv`"):
-        get_deflect_model(model, DeflectConfig(bands=S2_BANDS))
+        get_deflect_model(model, DeflectConfig(), data=spec)
     with pytest.raises(ValueError, match=r"target blocks \[7\] out of range"):
-        get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS, target_blocks=[0, 7]))
+        get_deflect_model(tiny_vit(), DeflectConfig(target_blocks=[0, 7]), data=spec)
 
 
-def test_encoder_band_mismatch_is_an_error() -> None:
-    from deflect.encoders import ViTEncoder
+def test_deflect_on_a_bare_vit_needs_the_data() -> None:
+    with pytest.raises(ValueError, match=r"reads the input bands: pass data=DataSpec"):
+        get_deflect_model(tiny_vit(), DeflectConfig())
+    with pytest.raises(ValueError, match=r"lack \['B4'\].*pretrained patch embedding"):
+        get_deflect_model(tiny_vit(), DeflectConfig(), data=s2_spec(["B2", "B3", "B8"]))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        encoder = ViTEncoder(
-            "tiny",
-            "vit_tiny_patch16_224",
-            S2_BANDS,
-            ["B4", "B3", "B2"],
-            img_size=32,
-            patch_size=8,
-            arch_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 4},
-        )
-    with pytest.raises(ValueError, match="differ from the encoder's input_bands"):
-        get_deflect_model(encoder, DeflectConfig(bands=DEMO_BANDS, indices=DEMO_INDICES))
-    adapted = get_deflect_model(encoder, DeflectConfig(bands=S2_BANDS))
+
+def test_the_encoder_carries_its_data_and_refuses_other_data() -> None:
+    encoder = tiny_encoder()
+    with pytest.raises(ValueError, match=r"differ from encoder tiny's: bands"):
+        get_deflect_model(encoder, DeflectConfig(), data=s2_spec(DEMO_BANDS))
+    other_stats = s2_spec(reflectance_scale=10000.0)
+    with pytest.raises(ValueError, match=r"reflectance_scale 10000.0 != 1.0"):
+        get_deflect_model(tiny_encoder(), DeflectConfig(), data=other_stats)
+    adapted = get_deflect_model(tiny_encoder(), DeflectConfig())
+    assert adapted.data is adapted.base_model.data and adapted.tuner.pretrained_bands == RGB
     assert adapted.embed_dim == 32 and adapted.input_bands == S2_BANDS  # __getattr__ fallback
 
 
 def test_wrong_channel_count_is_an_error() -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS))
+    adapted = get_deflect_model(tiny_vit(), DeflectConfig(), data=s2_spec())
     with pytest.raises(ValueError, match="expects 11 input bands"):
         adapted(torch.rand(1, 3, 32, 32))
 
 
+def test_default_indices_are_resolved_for_the_bands_and_stored() -> None:
+    adapted = get_deflect_model(tiny_vit(), DeflectConfig(), data=s2_spec(DEMO_BANDS))
+    # The curated list keeps only what B2, B3, B4, B8 allow, in the curated order.
+    assert adapted.peft_config["default"].indices == ["NDVI", "NDWI", "EVI", "SAVI", "NDTI"]
+    with pytest.raises(ValueError, match=r"NBR.*S2 \(band B12\)"):
+        get_deflect_model(tiny_vit(), DeflectConfig(indices=["NDVI", "NBR"]),
+                          data=s2_spec(DEMO_BANDS))  # fmt: skip
+
+
 # ---- parameter counts ------------------------------------------------------------------------------
 def test_trainable_count_tiny(capsys) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS))
+    adapted = get_deflect_model(tiny_vit(), DeflectConfig(), data=s2_spec())
     trainable, gfm = adapted.get_nb_trainable_parameters()
-    assert trainable == expected_count(32, 22)
-    base = sum(p.numel() for p in tiny_vit().parameters())
-    assert gfm == base
+    assert trainable == expected_count(32, 22) == adapted.num_adapter_parameters()
+    assert gfm == sum(p.numel() for p in tiny_vit().parameters())
     head = nn.Conv2d(32, 5, 1)
     text = adapted.print_trainable_parameters({"decoder": head})
     assert f"{trainable:,}" in text and "decoder: trainable params: 165" in text
@@ -181,23 +198,21 @@ def test_trainable_count_tiny(capsys) -> None:
         ("vit_large_patch16_224", 1024),
     ],
 )
-@pytest.mark.parametrize(
-    ("bands", "indices", "n_features"), [(S2_BANDS, None, 22), (DEMO_BANDS, DEMO_INDICES, 8)]
-)
-def test_trainable_count_real_sizes(arch, dim, bands, indices, n_features) -> None:
+@pytest.mark.parametrize(("bands", "n_features"), [(S2_BANDS, 22), (DEMO_BANDS, 9)])
+def test_trainable_count_real_sizes(arch, dim, bands, n_features) -> None:
     with torch.device("meta"):  # no memory, no init cost
         model = timm.create_model(arch, pretrained=False, num_classes=0)
-    kwargs = {} if indices is None else {"indices": indices}
-    adapted = get_deflect_model(model, DeflectConfig(bands=bands, **kwargs))
+    adapted = get_deflect_model(model, DeflectConfig(), data=s2_spec(bands))
     trainable, gfm = adapted.get_nb_trainable_parameters()
     assert trainable == expected_count(dim, n_features)
     if arch.startswith("vit_large") and bands is S2_BANDS:
         assert trainable == 296_968 and 0.09 < 100 * trainable / gfm < 0.11
 
 
-# ---- save / load -----------------------------------------------------------------------------------
-def test_save_load_round_trip(tmp_path, x11: torch.Tensor) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS, cls_token="learned"))
+# ---- save / load and the band manifest --------------------------------------------------------------
+def test_save_load_round_trip_with_band_manifest(tmp_path, x11: torch.Tensor) -> None:
+    spec = s2_spec(nodata=-1.0)
+    adapted = get_deflect_model(tiny_vit(), DeflectConfig(cls_token="learned"), data=spec)
     train_steps(adapted, x11)
     adapted.save_pretrained(tmp_path)
     folder = tmp_path / "default"
@@ -205,13 +220,18 @@ def test_save_load_round_trip(tmp_path, x11: torch.Tensor) -> None:
         "deflect_config.json",
         "deflect_model.safetensors",
     ]
+    record = json.loads((folder / "deflect_config.json").read_text())
+    assert record["indices"] == list(adapted.peft_config["default"].indices)  # resolved
+    manifest = record["band_manifest"]
+    assert manifest["pretrained_bands"] == RGB
+    assert DataSpec.from_dict(manifest["data"]) == spec
     tensors = load_file(str(folder / "deflect_model.safetensors"))
     assert all(".deflect_" in k and ".default." not in k for k in tensors)
     assert sum(t.numel() for t in tensors.values()) == adapted.get_nb_trainable_parameters()[0]
-    assert any(k.endswith("deflect_upe.projection.weight") for k in tensors)
     assert sum(k.endswith("deflect_uatt.U.weight") for k in tensors) == 3
 
-    loaded = DeflectModel.from_pretrained(tiny_vit(), tmp_path)
+    loaded = DeflectModel.from_pretrained(tiny_vit(), tmp_path)  # data from the manifest
+    assert loaded.data == spec
     with torch.no_grad():
         torch.testing.assert_close(loaded(x11), adapted(x11), rtol=0, atol=0)
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -219,43 +239,45 @@ def test_save_load_round_trip(tmp_path, x11: torch.Tensor) -> None:
     assert trainable.get_nb_trainable_parameters()[0] == adapted.get_nb_trainable_parameters()[0]
 
 
-def test_modules_to_save_are_trained_and_saved(tmp_path) -> None:
-    config = DeflectConfig(bands=S2_BANDS, modules_to_save=["norm"])
-    adapted = get_deflect_model(tiny_vit(), config)
+def test_from_pretrained_refuses_an_encoder_built_for_other_bands(tmp_path) -> None:
+    get_deflect_model(tiny_encoder(), DeflectConfig()).save_pretrained(tmp_path)
+    reordered = s2_spec(S2_BANDS[1:] + S2_BANDS[:1])
+    with pytest.raises(ValueError, match=r"trained on other input.*bands \['B1', 'B2'"):
+        DeflectModel.from_pretrained(tiny_encoder(reordered), tmp_path)
+    DeflectModel.from_pretrained(tiny_encoder(), tmp_path)  # the same bands load
+
+
+def test_modules_to_save_are_trained_saved_and_restored(tmp_path) -> None:
+    x = torch.randn(2, 11, 32, 32)
+    base = tiny_vit()
+    reference = copy.deepcopy(base)
+    adapted = get_deflect_model(base, DeflectConfig(modules_to_save=["norm"]), data=s2_spec())
     trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert "base_model.norm.weight" in trainable and "base_model.norm.bias" in trainable
+    train_steps(adapted, x)
+    assert not torch.equal(base.norm.weight, reference.norm.weight)
     adapted.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "default" / "deflect_model.safetensors"))
-    assert {"norm.weight", "norm.bias"} <= set(tensors)
-    with pytest.warns(UserWarning, match="matches no module"):
-        get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS, modules_to_save=["nope"]))
+    assert torch.equal(tensors["norm.weight"], base.norm.weight)
+    with adapted.disable_adapter():
+        assert torch.equal(base.norm.weight, reference.norm.weight)  # the pretrained value
+        torch.testing.assert_close(adapted(x), reference(rgb(x)), rtol=0, atol=0)
+
+
+def test_a_pattern_that_matches_nothing_is_an_error_listing_modules() -> None:
+    with pytest.raises(ValueError, match=r"'nope' matches no module.*blocks\.\*\.norm1"):
+        get_deflect_model(tiny_vit(), DeflectConfig(modules_to_save=["nope"]), data=s2_spec())
+    # The framework encoder prunes the unused final norm: "norm" names nothing there.
+    with pytest.raises(ValueError, match=r"'norm' matches only modules without parameters"):
+        get_deflect_model(tiny_encoder(), BitFitConfig(modules_to_save=["norm"]))
 
 
 # ---- adapter management ----------------------------------------------------------------------------
-def test_disable_adapter_and_unload(x11: torch.Tensor) -> None:
-    model = tiny_vit()
-    base = copy.deepcopy(model)
-    original_patch_embed = type(model.patch_embed)
-    adapted = get_deflect_model(model, DeflectConfig(bands=S2_BANDS))
-    train_steps(adapted, x11)
-    with torch.no_grad():
-        expected = base(rgb(x11))
-        assert not torch.allclose(adapted(x11), expected, atol=1e-4)
-        with adapted.disable_adapter():
-            torch.testing.assert_close(adapted(x11), expected, rtol=0, atol=0)
-        assert not torch.allclose(adapted(x11), expected, atol=1e-4)
-    restored = adapted.unload()
-    assert restored is model and type(restored.patch_embed) is original_patch_embed
-    assert all(type(b).__name__ == "Block" for b in restored.blocks)
-    assert not any("deflect_" in n for n, _ in restored.named_parameters())
-    with torch.no_grad():
-        torch.testing.assert_close(restored(rgb(x11)), expected, rtol=0, atol=0)
-
-
 def test_two_named_adapters_switch(tmp_path, x11: torch.Tensor) -> None:
     base = tiny_vit()
-    adapted = get_deflect_model(copy.deepcopy(base), DeflectConfig(bands=S2_BANDS), "a")
-    adapted.add_adapter("b", DeflectConfig(bands=S2_BANDS, rank=4, target_blocks=[1]))
+    spec = s2_spec()
+    adapted = get_deflect_model(copy.deepcopy(base), DeflectConfig(), "a", data=spec)
+    adapted.add_adapter("b", DeflectConfig(rank=4, target_blocks=[1]))
     assert adapted.active_adapter == "a"
     trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert trainable and all(".a." in n for n in trainable)
@@ -281,13 +303,34 @@ def test_two_named_adapters_switch(tmp_path, x11: torch.Tensor) -> None:
     with torch.no_grad():
         torch.testing.assert_close(other(x11), out_b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="already exists"):
-        adapted.add_adapter("a", DeflectConfig(bands=S2_BANDS))
+        adapted.add_adapter("a", DeflectConfig())
     with pytest.raises(ValueError, match="cannot add a 'full' one"):
         adapted.add_adapter("c", FullConfig())
 
 
-def test_merge_adapter_warns_and_leaves_model(x11: torch.Tensor) -> None:
-    adapted = get_deflect_model(tiny_vit(), DeflectConfig(bands=S2_BANDS))
+def test_two_bitfit_adapters_keep_their_own_biases(tmp_path) -> None:
+    """Selection methods train base tensors in place; each adapter still keeps its values."""
+    x = torch.randn(2, 3, 32, 32)
+    base = tiny_vit()
+    expected = base(x).detach()
+    model = get_deflect_model(base, BitFitConfig(), "a")
+    train_steps(model, x)
+    out_a = model(x).detach()
+    model.add_adapter("b", BitFitConfig())
+    model.set_adapter("b")
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # b starts pretrained
+    train_steps(model, x, steps=2)
+    out_b = model(x).detach()
+    assert not torch.allclose(out_a, out_b)
+    model.set_adapter("a")
+    torch.testing.assert_close(model(x), out_a, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)  # "b" is not live: its values come from the side store
+    other = DeflectModel.from_pretrained(tiny_vit(), tmp_path, "b")
+    torch.testing.assert_close(other(x), out_b, rtol=0, atol=0)
+
+
+def test_merge_adapter(x11: torch.Tensor) -> None:
+    adapted = get_deflect_model(tiny_vit(), DeflectConfig(), data=s2_spec())
     train_steps(adapted, x11)
     with torch.no_grad():
         before = adapted(x11)
@@ -295,11 +338,28 @@ def test_merge_adapter_warns_and_leaves_model(x11: torch.Tensor) -> None:
         assert adapted.merge_adapter() is adapted
     with torch.no_grad():
         torch.testing.assert_close(adapted(x11), before, rtol=0, atol=0)
+    # BitFit: the tuned biases become the base: disabling no longer reverts them.
+    x = rgb(x11)
+    bitfit = get_deflect_model(tiny_vit(), BitFitConfig())
+    train_steps(bitfit, x)
+    tuned = bitfit(x).detach()
+    with bitfit.disable_adapter():
+        assert not torch.allclose(bitfit(x), tuned)
+    bitfit.merge_adapter()
+    with bitfit.disable_adapter():
+        torch.testing.assert_close(bitfit(x), tuned, rtol=0, atol=0)
+
+
+def test_full_without_a_pretrained_copy_warns_on_disable() -> None:
+    model = get_deflect_model(tiny_vit(), FullConfig(keep_pretrained=False))
+    assert model.tuner._originals == {}
+    with pytest.warns(UserWarning, match="keep_pretrained=false"), model.disable_adapter():
+        pass
 
 
 def test_inject_adapter_in_model_in_place(x11: torch.Tensor) -> None:
     model = tiny_vit()
-    out = inject_adapter_in_model(DeflectConfig(bands=S2_BANDS), model)
+    out = inject_adapter_in_model(DeflectConfig(), model, data=s2_spec())
     assert out is model
     assert isinstance(model.patch_embed, DeflectPatchEmbed) and model.patch_embed.takes_all_bands
     assert isinstance(model.blocks[2], DeflectBlock) and not isinstance(
@@ -311,47 +371,24 @@ def test_inject_adapter_in_model_in_place(x11: torch.Tensor) -> None:
     assert model(x11).shape == (2, 32)
 
 
-# ---- baselines ---------------------------------------------------------------------------------------
-def test_frozen_and_full(tmp_path, x11: torch.Tensor) -> None:
-    frozen = get_deflect_model(tiny_vit(), FrozenConfig())
-    assert frozen.get_nb_trainable_parameters()[0] == 0
-    full = get_deflect_model(tiny_vit(), FullConfig())
-    trainable, gfm = full.get_nb_trainable_parameters()
-    assert trainable == gfm > 0
-    with torch.no_grad():
-        torch.testing.assert_close(full(rgb(x11)), tiny_vit()(rgb(x11)))
-    full.save_pretrained(tmp_path)
-    loaded = DeflectModel.from_pretrained(tiny_vit(), tmp_path)
-    assert isinstance(loaded.tuner, type(full.tuner)) and not isinstance(loaded.tuner, DeflectTuner)
-    assert (
-        json.loads((tmp_path / "default" / "deflect_config.json").read_text())["method"] == "full"
-    )
-    with pytest.warns(UserWarning, match="trains the base weights"), full.disable_adapter():
-        pass
-
-
 def test_hydra_instantiate_builds_config() -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create(
-        {
-            "_target_": "deflect.tuners.DeflectConfig",
-            "bands": S2_BANDS,
-            "band_mean": dict.fromkeys(S2_BANDS, 0.1),
-            "band_std": dict.fromkeys(S2_BANDS, 0.2),
-            "target_blocks": [0, 1],
-        }
-    )
+    cfg = OmegaConf.create({"_target_": "deflect.tuners.DeflectConfig", "target_blocks": [0, 1]})
     config = instantiate(cfg, _convert_="all")
     assert isinstance(config, DeflectConfig) and config.target_blocks == [0, 1]
     json.dumps(config.to_dict())
 
 
 def test_hls_bands_need_nir_from_b8a() -> None:
-    hls = ["B2", "B3", "B4", "B8A", "B11", "B12"]
+    hls = s2_spec(["B2", "B3", "B4", "B8A", "B11", "B12"])
     with pytest.raises(ValueError, match=r"NDVI.*N \(band B8\)"):
-        DeflectConfig(bands=hls, indices=["NDVI", "NBR"])
-    config = DeflectConfig(bands=hls, indices=["NDVI", "NBR", "FAI"], nir_from_b8a=True)
-    adapted = get_deflect_model(tiny_vit(), config)
+        get_deflect_model(tiny_vit(), DeflectConfig(indices=["NDVI", "NBR"]), data=hls)
+    config = DeflectConfig(indices=["NDVI", "NBR", "FAI"], nir_from_b8a=True)
+    adapted = get_deflect_model(tiny_vit(), config, data=hls)
     assert adapted(torch.rand(1, 6, 32, 32)).shape == (1, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on the happy path
+        usage = adapted.adapter_band_usage()
+    assert "NDVI" in usage["B8A"] and "NBR" in usage["B8A"] and "NDVI" not in usage["B2"]

@@ -194,6 +194,11 @@ class Encoder(nn.Module):
 
     #: state-dict keys of positional embeddings (resampled, not copied, when shapes differ).
     pos_embed_keys: ClassVar[tuple[str, ...]] = ("pos_embed",)
+    def is_unused_key(self, key: str) -> bool:
+        """Whether a checkpoint key belongs to a part the encoder dropped on purpose (e.g. a
+        final norm the feature pyramid never uses): logged, not warned about."""
+        return False
+
     def load_checkpoint(self, path: str | Path, key_map: dict[str, str] | None = None) -> None:
         """Load the family's released weights into :attr:`vit` (see
         :func:`~deflect.encoders.checkpoint.load_encoder_checkpoint`)."""

@@ -163,8 +163,9 @@ def load_encoder_checkpoint(
     """Load a checkpoint into ``encoder.vit``.
 
     Keys are remapped (:func:`remap_keys`), keys the model lacks (heads, MAE decoders, mask
-    tokens, the pruned final norm) are dropped, positional embeddings of another size are
-    resampled by the encoder's family, and every dropped or missing key is listed in one warning.
+    tokens) are dropped, positional embeddings of another size are resampled by the encoder's
+    family, and every dropped or missing key is listed in one warning (keys of parts the encoder
+    prunes on purpose, such as an unused final norm, are only logged).
 
     Returns:
         ``(missing, dropped)`` keys.
@@ -175,8 +176,12 @@ def load_encoder_checkpoint(
     name = encoder.name
     state = remap_keys(read_state_dict(path), key_map)
     own = encoder.vit.state_dict()
-    dropped = sorted(k for k in state if k not in own)
+    unused = sorted(k for k in state if k not in own and encoder.is_unused_key(k))
+    dropped = sorted(k for k in state if k not in own and k not in unused)
     state = {k: v for k, v in state.items() if k in own}
+    if unused:
+        log.info("%s: %d checkpoint tensors of parts the encoder does not use: %s", name,
+                 len(unused), ", ".join(unused))  # fmt: skip
     for key in encoder.pos_embed_keys:
         if key in state and state[key].shape != own[key].shape:
             before = tuple(state[key].shape)

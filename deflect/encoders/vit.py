@@ -56,17 +56,26 @@ class ViTEncoder(Encoder):
             global_pool="",
             **dict(arch_kwargs or {}),
         )
-        self.finish_init(len(self.backbone.blocks))
-        self.checkpoint = checkpoint
-        if checkpoint:
-            self.load_checkpoint(checkpoint, checkpoint_key_map)
-        else:
-            self.warn_random_weights()
+        depth = len(self.backbone.blocks)
+        self.finish_init(depth)
         # Drop what the feature pyramid never uses (final norm, head, blocks after the last
         # output layer): unused parameters get no gradient, which DDP rejects under `full`.
         self.backbone.prune_intermediate_layers(
             self.output_layers, prune_norm=True, prune_head=True
         )
+        self._pruned_blocks = set(range(max(self.output_layers) + 1, depth))
+        self.checkpoint = checkpoint
+        if checkpoint:
+            self.load_checkpoint(checkpoint, checkpoint_key_map)
+        else:
+            self.warn_random_weights()
+
+    def is_unused_key(self, key: str) -> bool:
+        """Checkpoint keys of the parts pruned above (final norm, head, trailing blocks)."""
+        if key.startswith(("norm.", "fc_norm.", "head.", "head_drop.")):
+            return True
+        parts = key.split(".")
+        return parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) in self._pruned_blocks
 
     @property
     def vit(self) -> nn.Module:

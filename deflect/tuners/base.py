@@ -205,21 +205,31 @@ def summarise_names(names: list[str], limit: int = 40) -> str:
 
 
 def match_modules(model: nn.Module, patterns: list[str], what: str) -> list[str]:
-    """Names of the modules of ``model`` that equal or end with (``.``-separated) each pattern.
+    """Names of the modules of ``model`` with parameters that equal or end with
+    (``.``-separated) each pattern.
 
     Raises:
-        ValueError: a pattern that matches nothing, listing the model's module names.
+        ValueError: a pattern that matches no module, or only modules without parameters (e.g.
+            an ``Identity`` left where a pruned layer was), listing the model's module names.
     """
-    names = [n for n, _ in model.named_modules()]
+    modules = dict(model.named_modules())
     found: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if n == pattern or n.endswith("." + pattern)]
+        hits = [n for n in modules if n == pattern or n.endswith("." + pattern)]
         if not hits:
             raise ValueError(
                 f"{what} entry {pattern!r} matches no module of {type(model).__name__}; its "
-                f"modules are: {summarise_names(names)}"
+                f"modules are: {summarise_names(list(modules))}"
             )
-        found += [h for h in hits if h not in found]
+        with_params = [n for n in hits if any(True for _ in modules[n].parameters())]
+        if not with_params:
+            empty = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in hits[:6])
+            raise ValueError(
+                f"{what} entry {pattern!r} matches only modules without parameters: {empty}"
+                f"{', ...' if len(hits) > 6 else ''}; nothing would train. Modules with "
+                f"parameters: {summarise_names([n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))])}"
+            )
+        found += [h for h in with_params if h not in found]
     return found
 
 

@@ -1,0 +1,170 @@
+"""Break the code on purpose, one piece at a time, and check that a test goes red.
+
+Each mutant is a one-line change to a source file (a dropped term, a swapped argument, a wrong
+order). For each, the repository is copied to a temporary folder, the change applied there, and
+the tests that should catch it run there; the working tree is never touched.
+
+    .venv/bin/python scripts/mutants.py            # every mutant
+    .venv/bin/python scripts/mutants.py 1 4        # some of them, by number
+
+Prints one line per mutant: CAUGHT (a test failed, named) or MISSED; exits 1 if any is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """A deliberate bug: replace ``old`` by ``new`` in ``path``; ``tests`` should catch it."""
+
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    also: tuple[tuple[str, str], ...] = ()  # more (old, new) edits in the same file
+
+
+ORACLES = ("tests/test_deflect_oracles.py",)
+MUTANTS = [
+    Mutant("uAtt without the spectral keys K_A", "deflect/tuners/deflect/uatt.py",
+           "q_p + q_a, k_p + k_a, v_p + v_a", "q_p + q_a, k_p, v_p + v_a", ORACLES),
+    Mutant("norm matching to a constant", "deflect/tuners/deflect/upe.py",
+           "tokens = tokens * norms[:, num_prefix:] / own", "tokens = tokens * 1.0 / own",
+           ORACLES),
+    Mutant("spectral CLS from the first patch token", "deflect/tuners/deflect/upe.py",
+           "cls = tokens.mean(dim=1, keepdim=True)", "cls = tokens[:, :1]", ORACLES),
+    Mutant("poly schedule ignores power", "deflect/engine/scheduler.py",
+           "shape = (1 - progress) ** power", "shape = 1 - progress", ("tests/test_engine.py",)),
+    Mutant("soft-deflection loss without the division by |d_uAtt|",
+           "deflect/tuners/deflect/deflection.py",
+           "((n_uatt - n_rgb).abs() / n_uatt.clamp_min(eps)).mean()",
+           "((n_uatt - n_rgb).abs()).mean()", ORACLES),
+    Mutant("hard deflection keeps the uAtt norm", "deflect/tuners/deflect/deflection.py",
+           'if mode == "hard":', 'if mode == "hard-off":', ORACLES),
+    Mutant("invalid pixels enter the statistics", "deflect/tuners/deflect/upe.py",
+           "features, self.patch_size, self.stats, valid, k,",
+           "features, self.patch_size, self.stats, None, k,", ORACLES),
+    Mutant("indices from the normalised bands, not reflectance", "deflect/tuners/deflect/upe.py",
+           "reflectance = torch.where(valid, stored / self.reflectance_scale, zero)",
+           "reflectance = torch.where(valid, x, zero)", ORACLES),
+    Mutant("quantile interpolates to the wrong neighbour", "deflect/tuners/deflect/upe.py",
+           "hi = torch.minimum(lo + 1, last)", "hi = torch.minimum(lo + 2, last)", ORACLES),
+    Mutant("sqrt_2d temperature ignored", "deflect/tuners/deflect/uatt.py",
+           "scale = (2 * head_dim) ** -0.5", "scale = rgb_scale", ORACLES),
+    Mutant("learned CLS not norm-matched", "deflect/tuners/deflect/upe.py",
+           "cls = cls * norms[:, :num_prefix] / self.cls_token.norm().clamp_min(self.eps)",
+           "cls = cls", ORACLES),
+    Mutant("CLS as the mean before norm matching, then matched (the old order)",
+           "deflect/tuners/deflect/upe.py",
+           "        if self.norm_match:\n            own = tokens.norm",
+           "        before = tokens.mean(dim=1, keepdim=True)\n        if self.norm_match:\n"
+           "            own = tokens.norm", ORACLES,
+           also=(("cls = tokens.mean(dim=1, keepdim=True).expand(b, num_prefix, d)",
+                  "cls = (before * norms[:, :1] / before.norm(dim=-1, keepdim=True))"
+                  ".expand(b, num_prefix, d)"),)),
+    Mutant("index statistics in the model's dtype (fp16 under .half())",
+           "deflect/tuners/deflect/upe.py",
+           "return torch.tensor(values, dtype=torch.float32, device=x.device).view(shape)",
+           "return torch.tensor(values, dtype=self.projection.weight.dtype, "
+           "device=x.device).view(shape)", ("tests/test_deflect.py",)),
+    Mutant("learned CLS starts at zero", "deflect/tuners/deflect/upe.py",
+           "torch.randn(embed_dim) / embed_dim**0.5", "torch.zeros(embed_dim)",
+           ("tests/test_deflect.py",)),
+    Mutant("selection tuner: disable_adapter keeps the tuned values", "deflect/tuners/base.py",
+           "self._swap_in(self.active_adapter if enabled else None)", "pass",
+           ("tests/test_tuner_matrix.py",)),
+    Mutant("selection tuner: save writes zeros", "deflect/tuners/base.py",
+           "out[strip_adapter_name(name, self.prefix, adapter_name)] = value",
+           "out[strip_adapter_name(name, self.prefix, adapter_name)] = value * 0",
+           ("tests/test_tuner_matrix.py",)),
+    Mutant("unload leaves the tuned base values", "deflect/tuners/base.py",
+           "            for name, value in self._originals.items():\n"
+           "                self._tensor(name).copy_(value)\n        for name, module",
+           "        for name, module", ("tests/test_tuner_matrix.py",)),
+    Mutant("precision and recall swapped", "deflect/engine/evaluator.py",
+           "precision = ratio(tp, predicted)", "precision = ratio(tp, support)",
+           ("tests/test_engine.py",)),
+    Mutant("training crops pad with 0, not NaN", "datasets/transforms.py",
+           "(0, pad_w, 0, pad_h), value=torch.nan)", "(0, pad_w, 0, pad_h), value=0.0)",
+           ("tests/test_datasets.py",)),
+    Mutant("sliding window pads with 0, not NaN", "deflect/engine/inference.py",
+           "(0, pad_w, 0, pad_h), value=torch.nan)", "(0, pad_w, 0, pad_h), value=0.0)",
+           ("tests/test_engine.py",)),
+    Mutant("pretrained bands fed in file order, not by name", "deflect/encoders/base.py",
+           "return fill_invalid(x.index_select(1, self.pretrained_index))",
+           "return fill_invalid(x[:, : len(self.pretrained_index)])",
+           ("tests/test_encoders.py",)),
+    Mutant("auto indices filtered by application domain", "deflect/tuners/deflect/indices.py",
+           "return sorted(n for n in spyndex.indices if index_symbols(n) <= available)",
+           "return sorted(n for n in spyndex.indices if index_symbols(n) <= available and "
+           "spyndex.indices[n].application_domain != 'snow')", ("tests/test_deflect.py",)),
+]  # fmt: skip
+
+
+def copy_repo(dest: Path) -> None:
+    """The tracked and untracked-but-not-ignored files of the repository."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    for name in files:
+        source = REPO / name
+        if source.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run(mutant: Mutant, root: Path) -> tuple[bool, str]:
+    """Apply ``mutant`` in ``root``, run its tests there, undo it. (caught, first failure)."""
+    path = root / mutant.path
+    original = path.read_text()
+    if mutant.old not in original:
+        raise SystemExit(f"mutant {mutant.what!r}: pattern not found in {mutant.path}")
+    mutated = original.replace(mutant.old, mutant.new, 1)
+    for old, new in mutant.also:
+        if old not in mutated:
+            raise SystemExit(f"mutant {mutant.what!r}: pattern not found in {mutant.path}")
+        mutated = mutated.replace(old, new, 1)
+    path.write_text(mutated)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests],
+            cwd=root, capture_output=True, text=True,
+        )  # fmt: skip
+    finally:
+        path.write_text(original)
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return proc.returncode != 0, (failed[0] if failed else proc.stdout.strip()[-200:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("numbers", nargs="*", type=int, help="mutants to run (1-based)")
+    args = parser.parse_args()
+    chosen = [(i, m) for i, m in enumerate(MUTANTS, 1) if not args.numbers or i in args.numbers]
+    missed = 0
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        root = Path(tmp)
+        copy_repo(root)
+        for i, mutant in chosen:
+            caught, detail = run(mutant, root)
+            missed += not caught
+            print(f"{i:2d} {'CAUGHT' if caught else 'MISSED'}  {mutant.what}  | {detail}",
+                  flush=True)  # fmt: skip
+    sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -69,7 +69,9 @@ class DataSpec:
         set_ = object.__setattr__  # frozen: normalise the fields once, here
         bands = tuple(str(b) for b in self.bands) if not isinstance(self.bands, str) else ()
         if not bands:
-            raise ValueError(f"DataSpec.bands must be a non-empty list of band names, got {self.bands!r}")
+            raise ValueError(
+                f"DataSpec.bands must be a non-empty list of band names, got {self.bands!r}"
+            )
         canon = [canonical_band(b) for b in bands]
         repeated = sorted({b for b, c in zip(bands, canon) if canon.count(c) > 1})
         if repeated:
@@ -111,7 +113,9 @@ class DataSpec:
         set_(self, "reflectance_scale", scale)
         if self.nodata is not None:
             if not math.isfinite(float(self.nodata)):
-                raise ValueError(f"nodata must be a finite number or null (NaN is always invalid), got {self.nodata}")
+                raise ValueError(
+                    f"nodata must be a finite number or null (NaN is always invalid), got {self.nodata}"
+                )
             set_(self, "nodata", float(self.nodata))
         if self.gsd is not None:
             if not float(self.gsd) > 0:
@@ -210,8 +214,9 @@ class DataSpec:
             out.append(f"bands {list(self.bands)} != {list(other.bands)}")
             return out
         for key in ("mean", "std"):
-            a, b = self.mean_list() if key == "mean" else self.std_list(), (
-                other.mean_list() if key == "mean" else other.std_list()
+            a, b = (
+                self.mean_list() if key == "mean" else self.std_list(),
+                (other.mean_list() if key == "mean" else other.std_list()),
             )
             diff = [
                 f"{band}: {x} != {y}"

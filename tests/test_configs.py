@@ -82,7 +82,7 @@ def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert OmegaConf.missing_keys(cfg) == set()
     dataset = build.build_dataset(cfg, "train")
-    model = build.build_model(cfg, dataset.bands, dataset.num_classes)
+    model = build.build_model(cfg, dataset.spec)
     optimizer = build.build_optimizer(cfg, model)
     scheduler = build.build_scheduler(cfg, optimizer, total_steps=10)
     loader = build.build_loader(
@@ -96,7 +96,7 @@ def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     assert batch["image"].shape == (2, len(dataset.bands), 32, 32)
     logits = model(batch["image"])
     assert logits.shape == (2, dataset.num_classes, 32, 32)
-    loss = build.build_loss(cfg, dataset.num_classes)(logits, batch["mask"])
+    loss = build.build_loss(cfg, dataset.spec)(logits, batch["mask"])
     assert torch.isfinite(loss)
     loss.backward()
     optimizer.step()
@@ -105,11 +105,17 @@ def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     assert trainable and all(p.grad is not None for p in model.decode_head.parameters())
 
 
+def test_method_configs_hold_only_the_methods_hyper_parameters():
+    """Data facts reach the method at build time from the dataset, never through the YAML."""
+    for path in sorted((CONFIGS / "finetune").glob("*.yaml")):
+        assert "${" not in path.read_text(), f"{path.name} interpolates another group"
+
+
 def test_every_method_starts_from_the_same_encoder_and_decoder(demo_root):
     models = {}
-    for finetune in ("frozen", "full", "deflect"):
+    for finetune in ("frozen", "full", "bitfit", "norm_tuning", "deflect"):
         cfg = compose_with([f"finetune={finetune}", f"dataset.root={demo_root}", *SHRINK])
-        models[finetune] = build.build_model(cfg, ["B2", "B3", "B4", "B8"], 4)
+        models[finetune] = build.build_model(cfg, build.build_dataset(cfg, "train").spec)
     reference = models["frozen"].state_dict()
     for name, model in models.items():
         state = model.state_dict()
@@ -126,16 +132,18 @@ def test_every_method_starts_from_the_same_encoder_and_decoder(demo_root):
         assert all(torch.equal(base[k], frozen[k]) for k in frozen), name
 
 
-def test_band_table_says_what_each_band_feeds(demo_root):
-    bands = ["B2", "B3", "B4", "B8"]
+def test_band_table_asks_each_part_what_it_does_with_each_band(demo_root):
     rows = {}
     for finetune in ("frozen", "deflect"):
         cfg = compose_with([f"finetune={finetune}", f"dataset.root={demo_root}", *SHRINK])
-        table = build.band_table(build.build_model(cfg, bands, 4), bands)
+        model = build.build_model(cfg, build.build_dataset(cfg, "train").spec)
+        table = build.band_table(model)
         rows[finetune] = {line.split()[0]: line for line in table.splitlines()[1:]}
-    assert "input channel 0" in rows["frozen"]["B4"]  # encoder.rgb_bands = [B4, B3, B2]
-    assert "input channel 2" in rows["frozen"]["B2"]
-    assert rows["frozen"]["not"].endswith("B8")  # "not used by the encoder: B8"
-    b8 = rows["deflect"]["B8"]  # NIR: no RGB channel, but raw + every demo index needs it
-    assert "input channel" not in b8 and all(i in b8 for i in ("NDVI", "NDWI", "EVI", "SAVI"))
+    assert "channel 0" in rows["frozen"]["B4"]  # encoder.pretrained_bands = [B4, B3, B2]
+    assert "channel 2" in rows["frozen"]["B2"]
+    assert rows["frozen"]["not"].endswith("B8")  # "not used by the model: B8"
+    b8 = rows["deflect"]["B8"]  # NIR: no pretrained channel, but raw + the NIR indices
+    assert "channel" not in b8 and all(i in b8 for i in ("NDVI", "NDWI", "EVI", "SAVI"))
     assert "NDWI" in rows["deflect"]["B3"] and "NDVI" not in rows["deflect"]["B3"]
+    assert "not" not in rows["deflect"]  # every band feeds the model
+    assert rows["deflect"]["B4"].split()[-1] == "R" and rows["deflect"]["B2"].split()[-1] == "B"

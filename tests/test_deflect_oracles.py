@@ -68,7 +68,7 @@ def reference_pixel_features(x: np.ndarray, data: DataSpec, clamp: float = 10.0)
     reflectance = np.where(valid, stored / data.reflectance_scale, np.nan)
     params = {SYMBOLS[b]: reflectance[:, i] for i, b in enumerate(S2_BANDS)}
     params |= {c: spyndex.constants[c].default for c in ("g", "C1", "C2", "L")}
-    params |= {f"lambda{s}": getattr(spyndex.bands[s], "sentinel2a").wavelength
+    params |= {f"lambda{s}": spyndex.bands[s].sentinel2a.wavelength
                for s in ("N", "R", "S1", "G", "S2", "N2")}  # fmt: skip
     features = [np.where(valid, x, np.nan)]
     for name in INDICES:
@@ -178,7 +178,7 @@ def reference_forward(adapted, x: torch.Tensor, data, config: DeflectConfig):
     stream = np.concatenate([cls, tokens], axis=1) + vit.pos_embed.detach().double().numpy()
     spectral = reference_spectral_stream(x.double().numpy(), data, upe, stream, config.cls_token)
     losses = []
-    for i, block in enumerate(vit.blocks):
+    for block in vit.blocks:
         if isinstance(block, DeflectBlock) and "default" in block.deflect_uatt:
             stream, loss = reference_block(
                 block.base_layer, block.deflect_uatt["default"], stream, spectral,

@@ -18,13 +18,16 @@ from deflect.engine import build
 from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
 from tests.conftest import REPO, TINY, run_cli
 
-BANDS = ["B2", "B3", "B4", "B8"]
-
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def demo_spec(cfg):
+    """The demo's data description, as the dataset builds it."""
+    return build.build_dataset(cfg, "train").spec
 
 
 def tiny_config(finetune: str, demo_root: Path) -> dict:
@@ -50,11 +53,11 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, batch_path: str, out
     info = init_distributed("cpu")
     try:
         cfg = OmegaConf.create(cfg)
-        model = build.build_model(cfg, BANDS, 4)
+        model = build.build_model(cfg, demo_spec(cfg))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         images, masks = torch.load(batch_path, weights_only=True)
         half = slice(rank * 2, rank * 2 + 2)
-        loss = build.build_loss(cfg, 4)(ddp(images[half]), masks[half])
+        loss = build.build_loss(cfg, demo_spec(cfg))(ddp(images[half]), masks[half])
         loss.backward()
         if info.rank == 0:
             grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -75,8 +78,8 @@ def test_ddp_gradients_equal_mean_of_half_batch_gradients(finetune, demo_root, t
                                str(tmp_path / "grads.pt")), nprocs=2, join=True)  # fmt: skip
     ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
 
-    model = build.build_model(OmegaConf.create(cfg), BANDS, 4)
-    loss_fn = build.build_loss(OmegaConf.create(cfg), 4)
+    model = build.build_model(OmegaConf.create(cfg), demo_spec(OmegaConf.create(cfg)))
+    loss_fn = build.build_loss(OmegaConf.create(cfg), demo_spec(OmegaConf.create(cfg)))
     first = loss_and_grads(model, loss_fn, images[:2], masks[:2])
     second = loss_and_grads(model, loss_fn, images[2:], masks[2:])
     assert set(ddp_grads) == set(first) and len(first) > 0
@@ -90,7 +93,7 @@ def test_torchrun_trains_and_evaluates_each_pixel_once(demo_root, tmp_path):
     runs = list((tmp_path / "work_dirs").iterdir())
     assert len(runs) == 1, runs  # rank 0 alone names the run folder
     work_dir = runs[0]
-    reported = json.loads((work_dir / "metrics_test.json").read_text())
+    reported = json.loads((work_dir / "metrics.json").read_text())["test"]
     assert reported["pixels"] == 64 * 300  # the whole test strip, each pixel once
     run_cli([f"eval_dir={work_dir}"], tmp_path)  # one process
     single = json.loads((work_dir / "test_metrics.json").read_text())

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
+from deflect.data import DataSpec
 from deflect.engine.checkpoint import atomic_save, load_checkpoint, trainable_state_dict
 from deflect.engine.distributed import DistInfo, ShardSampler
-from deflect.engine.evaluator import Evaluator, metrics_from_confusion
+from deflect.engine.evaluator import EvalSettings, Evaluator, metrics_from_confusion
 from deflect.engine.inference import sliding_window_logits, window_starts
 from deflect.engine.scheduler import warmup_decay
 
@@ -40,9 +41,8 @@ def test_metrics_equal_hand_counted_confusion_matrix_with_ignored_pixels():
             cm[t, p] += 1
     logits = torch.nn.functional.one_hot(torch.from_numpy(prediction), k).permute(0, 3, 1, 2)
     batch = {"image": logits.float(), "mask": torch.from_numpy(target)}
-    evaluator = Evaluator(
-        k, list("abcd"), ignore, window=8, stride=None, precision="fp32", info=CPU
-    )
+    data = DataSpec(bands=("B1",), classes=tuple("abcd"), ignore_index=ignore)
+    evaluator = Evaluator(EvalSettings(window=8), data, CPU)
     metrics = evaluator.evaluate(LogitsAreInput(), [batch])
     assert np.array_equal(np.array(metrics["confusion_matrix"]), cm)
     for c, name in enumerate("abc"):
@@ -82,10 +82,34 @@ def test_sliding_window_equals_direct_forward_for_a_local_model():
     assert torch.allclose(got, expected, atol=1e-5)
     small = torch.randn(1, 3, 10, 12)  # smaller than the window: padded then cropped
     assert torch.allclose(
-        sliding_window_logits(model, small, window=16, stride=8, num_classes=5),
+        sliding_window_logits(model, small.nan_to_num(), window=16, stride=8, num_classes=5),
         model(small),
         atol=1e-5,
     )
+
+
+class RecordsInput(torch.nn.Module):
+    """Logits from the input's first channel; keeps every input it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, **metadata) -> torch.Tensor:
+        self.seen.append((x.clone(), metadata))
+        return x[:, :2].nan_to_num()
+
+
+def test_sliding_window_pads_with_nan_like_training_crops_and_passes_metadata():
+    """Padding marks pixels invalid (NaN), as JointTransform pads training crops."""
+    model = RecordsInput()
+    images = torch.randn(2, 3, 10, 12)
+    gsd = torch.tensor([10.0, 30.0])
+    sliding_window_logits(model, images, window=16, stride=8, num_classes=2, gsd=gsd)
+    ((tile, metadata),) = model.seen
+    assert tile.shape == (2, 3, 16, 16) and torch.equal(tile[..., :10, :12], images)
+    assert tile[..., 10:, :].isnan().all() and tile[..., :, 12:].isnan().all()
+    assert metadata == {"gsd": gsd}
 
 
 def test_window_starts_cover_every_pixel():
@@ -102,6 +126,33 @@ def test_shard_sampler_evaluates_each_sample_exactly_once():
     for n, world in [(10, 3), (7, 2), (2, 4)]:
         seen = sorted(i for r in range(world) for i in ShardSampler(n, r, world))
         assert seen == list(range(n))
+
+
+def closed_form(step, total, warmup, decay, min_ratio, power=1.0):
+    """The schedule written out: linear warmup from 1/(w+1), then cosine or polynomial decay."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / (total - warmup)
+    shape = (
+        0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else (1 - progress) ** power
+    )
+    return min_ratio + (1 - min_ratio) * shape
+
+
+@pytest.mark.parametrize(
+    ("decay", "power", "min_ratio"), [("cosine", 1.0, 0.1), ("poly", 1.0, 0.0), ("poly", 2.0, 0.05),
+                                      ("poly", 0.9, 0.0)],
+)  # fmt: skip
+def test_schedules_equal_their_closed_forms(decay, power, min_ratio):
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.5)
+    sched = warmup_decay(opt, total_steps=60, warmup_steps=6, decay=decay, min_lr_ratio=min_ratio,
+                         power=power)  # fmt: skip
+    for step in range(60):
+        expected = 0.5 * closed_form(step, 60, 6, decay, min_ratio, power)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12), step
+        opt.step()
+        sched.step()
 
 
 def test_warmup_then_cosine_reaches_min_lr():
@@ -178,7 +229,7 @@ def test_optimizer_groups_scale_the_encoder_lr_and_skip_decay_on_vectors(tmp_pat
         cfg = compose("config", overrides=["encoder=tiny_vit", "img_size=32", "finetune=full",
                                            "encoder_lr_scale=0.1", "optimizer.lr=0.01",
                                            f"dataset.root={tmp_path / 'demo'}"])  # fmt: skip
-    model = build.build_model(cfg, ["B2", "B3", "B4", "B8"], 4)
+    model = build.build_model(cfg, build.build_dataset(cfg, "train").spec)
     optimizer = build.build_optimizer(cfg, model)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

@@ -37,7 +37,7 @@ def test_run_folder_holds_config_logs_metrics_checkpoints(trained):
         "train.log",
         "metrics.json",
         "params.json",
-        "metrics_test.json",
+        "test_metrics.json",
         "checkpoints/best.pt",
         "checkpoints/last.pt",
         "test_predictions.png",
@@ -60,7 +60,7 @@ def test_parameter_counts_match_the_model(trained, demo_root):
     from deflect.engine import build
 
     cfg = OmegaConf.load(work_dir / "config.yaml")
-    model = build.build_model(cfg, list(cfg.dataset.bands), 4)
+    model = build.build_model(cfg, build.build_dataset(cfg, "train").spec)
     decoder = [*model.neck.parameters(), *model.decode_head.parameters()]
     assert counts["encoder_trainable"] == 0  # frozen
     assert counts["decoder_trainable"] == sum(p.numel() for p in decoder)
@@ -83,7 +83,7 @@ def test_tensorboard_has_loss_lr_and_metric_curves(trained):
 
 def test_geotiff_predictions_keep_georeferencing_and_match_metrics(trained, demo_root):
     work_dir, _ = trained
-    metrics = json.loads((work_dir / "metrics_test.json").read_text())
+    metrics = json.loads((work_dir / "test_metrics.json").read_text())
     predictions = sorted((work_dir / "predictions").glob("*.tif"))
     masks = sorted((demo_root / "test").glob("*_mask.tif"))
     assert len(predictions) == len(masks) == 5
@@ -112,7 +112,7 @@ def test_prediction_png_shows_rgb_truth_prediction_rows(trained):
 def test_eval_dir_reproduces_the_training_runs_test_metrics(trained, tmp_path):
     work_dir, _ = trained
     run_cli([f"eval_dir={work_dir}", "eval_batch_size=2", "num_vis=1"], tmp_path)
-    reported = json.loads((work_dir / "metrics_test.json").read_text())
+    reported = json.loads((work_dir / "metrics.json").read_text())["test"]
     again = json.loads((work_dir / "test_metrics.json").read_text())
     assert again["confusion_matrix"] == reported["confusion_matrix"]
     assert again["mIoU"] == reported["mIoU"]
@@ -217,7 +217,8 @@ def test_deflect_run_checkpoint_adapter_export_and_aux_loss(demo_root, tmp_path)
     assert len(deflection) == 3 and all(v >= 0 for v in deflection)
 
     cfg = OmegaConf.load(work_dir / "config.yaml")
-    trained = build.build_model(cfg, list(cfg.dataset.bands), 4)
+    spec = build.build_dataset(cfg, "train").spec
+    trained = build.build_model(cfg, spec)
     state = torch.load(work_dir / "checkpoints/best.pt", weights_only=True)["model"]
     trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in trained.named_buffers()}
@@ -229,7 +230,7 @@ def test_deflect_run_checkpoint_adapter_export_and_aux_loss(demo_root, tmp_path)
     files = sorted(p.name for p in (work_dir / "adapter" / "default").iterdir())
     assert files == ["deflect_config.json", "deflect_model.safetensors"]
     torch.manual_seed(int(cfg.seed))  # the same random base weights as the run (no checkpoint)
-    base = build.instantiate(cfg.encoder, input_bands=list(cfg.dataset.bands), _convert_="all")
+    base = build.instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=spec)
     restored = DeflectModel.from_pretrained(base, work_dir / "adapter").eval()
     x = torch.randn(2, 4, 32, 32)
     with torch.no_grad():
@@ -246,7 +247,7 @@ def test_mixed_precision_trains_and_evaluates_reproducibly(precision, demo_root,
              f"work_dir={work_dir}", "save_predictions=false"], tmp_path)  # fmt: skip
     last = torch.load(work_dir / "checkpoints/last.pt", weights_only=True)
     assert last["scaler"] == {} if precision == "bf16" else last["scaler"]["scale"] > 0
-    reported = json.loads((work_dir / "metrics_test.json").read_text())
+    reported = json.loads((work_dir / "metrics.json").read_text())["test"]
     assert 0 < reported["mIoU"] <= 1
     run_cli([f"eval_dir={work_dir}"], tmp_path)  # evaluation under the run's own autocast
     again = json.loads((work_dir / "test_metrics.json").read_text())

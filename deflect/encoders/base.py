@@ -179,7 +179,9 @@ class Encoder(nn.Module):
         }
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def resample_pos_embed(self, key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def resample_pos_embed(
+        self, key: str, value: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
         """Map a checkpoint's positional embedding ``value`` to the shape of ``target``.
 
         Families override this (2-D grids, 3-D tubelets); the default refuses.
@@ -194,6 +196,7 @@ class Encoder(nn.Module):
 
     #: state-dict keys of positional embeddings (resampled, not copied, when shapes differ).
     pos_embed_keys: ClassVar[tuple[str, ...]] = ("pos_embed",)
+
     def is_unused_key(self, key: str) -> bool:
         """Whether a checkpoint key belongs to a part the encoder dropped on purpose (e.g. a
         final norm the feature pyramid never uses): logged, not warned about."""

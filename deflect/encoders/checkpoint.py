@@ -151,8 +151,7 @@ def resample_pos_embed_3d(
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     per_frame = grid.reshape(1, frames, old_grid[1] * old_grid[2], -1)
     resampled = [
-        resample_pos_embed_2d(per_frame[:, t], new_grid[1:], 0, old_grid[1:])
-        for t in range(frames)
+        resample_pos_embed_2d(per_frame[:, t], new_grid[1:], 0, old_grid[1:]) for t in range(frames)
     ]
     return torch.cat([prefix, *resampled], dim=1)
 

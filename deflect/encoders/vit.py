@@ -87,10 +87,14 @@ class ViTEncoder(Encoder):
         """CLS and register tokens of the timm model."""
         return int(self.backbone.num_prefix_tokens)
 
-    def resample_pos_embed(self, key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def resample_pos_embed(
+        self, key: str, value: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
         """A 2-D grid of patches (square in the checkpoint), prefix tokens kept."""
         grid = self.img_size // self.patch_size
-        num_prefix = 0 if getattr(self.backbone, "no_embed_class", False) else self.num_prefix_tokens
+        num_prefix = (
+            0 if getattr(self.backbone, "no_embed_class", False) else self.num_prefix_tokens
+        )
         return resample_pos_embed_2d(value, (grid, grid), num_prefix)
 
     def forward_features(self, x: torch.Tensor, **metadata) -> list[torch.Tensor]:

@@ -521,7 +521,9 @@ class BaseTuner:
             return self.model
         if not self.disabled:
             for tensor_name in self._selected.get(name, []):
-                self._originals[tensor_name] = self._tensor(tensor_name).detach().to("cpu", copy=True)
+                self._originals[tensor_name] = (
+                    self._tensor(tensor_name).detach().to("cpu", copy=True)
+                )
         log.info("merged adapter %r: its tensors are now the base model's values", name)
         return self.model
 

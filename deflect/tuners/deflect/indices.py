@@ -324,8 +324,7 @@ class SpectralIndices(torch.nn.Module):
         """Where each index is defined ``(B, K, ...)``: all the bands it reads are valid there
         (``valid``: ``(B, C, ...)`` booleans)."""
         out = [
-            valid[:, ch].all(dim=1) if ch else torch.ones_like(valid[:, 0])
-            for ch in self.channels
+            valid[:, ch].all(dim=1) if ch else torch.ones_like(valid[:, 0]) for ch in self.channels
         ]
         if not out:
             return valid.new_zeros(valid.shape[0], 0, *valid.shape[2:])

@@ -2,7 +2,8 @@
 
 A dataset reads its samples with rasterio and returns dicts with fixed keys::
 
-    {"image": float32 tensor (C, H, W), "mask": int64 tensor (H, W), "index": int}
+    {"image": float32 tensor (C, H, W), "mask": int64 tensor (H, W), "index": int,
+     "gsd": float32 scalar tensor (only when the ground sample distance is known)}
 
 Invalid image pixels (NaN in the file, or the dataset's no-data value) are NaN in ``image``;
 the model keeps them out of what it computes (see :mod:`deflect.data`).
@@ -322,7 +323,15 @@ class GeoTIFFSegmentationDataset(Dataset):
         mask_t = torch.from_numpy(mask)  # (H, W)
         if self.transform is not None:
             image_t, mask_t = self.transform(image_t, mask_t)
-        return {"image": image_t, "mask": mask_t, "index": index}
+        sample = {"image": image_t, "mask": mask_t, "index": index}
+        gsd = self.sample_gsd(index)
+        if gsd is not None:  # per-sample metadata for encoders that take it (Scale-MAE)
+            sample["gsd"] = torch.tensor(gsd, dtype=torch.float32)
+        return sample
+
+    def sample_gsd(self, index: int) -> float | None:
+        """Ground sample distance of sample ``index`` in metres (default: the dataset's)."""
+        return self.spec.gsd
 
     def __repr__(self) -> str:
         return (

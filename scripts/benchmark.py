@@ -28,6 +28,7 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from deflect.data import DataSpec
     from deflect.engine import build
     from deflect.engine.evaluator import autocast_context
 
@@ -39,16 +40,22 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         bands = args.bands.split(",")
         stats = ",".join(f"{b}:0.1" for b in bands)
         overrides += [f"dataset.bands=[{','.join(bands)}]", "dataset.reflectance_scale=1",
-                      f"dataset.band_stats.mean={{{stats}}}", f"dataset.band_stats.std={{{stats}}}",
-                      "dataset.spectral_indices=[NDVI,NDWI,MNDWI,NBR,NDMI,EVI,SAVI]"]  # fmt: skip
+                      f"dataset.band_stats.mean={{{stats}}}", f"dataset.band_stats.std={{{stats}}}"]  # fmt: skip
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
     bands = list(cfg.dataset.bands)
-    model = build.build_model(cfg, bands, num_classes=4).to(device).train()
+    data = DataSpec(  # what the dataset would describe, without reading it
+        bands=tuple(bands),
+        mean=dict(cfg.dataset.band_stats.mean),
+        std=dict(cfg.dataset.band_stats.std),
+        reflectance_scale=float(cfg.dataset.reflectance_scale),
+        classes=("a", "b", "c", "d"),
+    )
+    model = build.build_model(cfg, data).to(device).train()
     optimizer = build.build_optimizer(cfg, model)
-    loss_fn = build.build_loss(cfg, 4).to(device)
+    loss_fn = build.build_loss(cfg, data).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     images = torch.randn(args.batch_size, len(bands), args.img_size, args.img_size, device=device)
     masks = torch.randint(0, 4, (args.batch_size, args.img_size, args.img_size), device=device)

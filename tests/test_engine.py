@@ -252,3 +252,19 @@ def test_resume_config_changes_lists_what_differs_but_not_free_keys():
         "new: '<absent>' -> 1",
         "optimizer.lr: 0.0001 -> 0.001",
     ]
+
+
+def test_batches_carry_the_gsd_to_encoders_that_take_it(demo_root):
+    """The demo's samples carry its 10 m GSD; only an encoder declaring `gsd` receives it."""
+    from datasets import DemoVegetation
+    from deflect.engine.evaluator import batch_metadata
+
+    dataset = DemoVegetation(root=str(demo_root), split="val")
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    assert torch.equal(batch["gsd"], torch.tensor([10.0, 10.0]))
+
+    class TakesGsd(torch.nn.Module):
+        metadata_keys = ("gsd",)
+
+    assert batch_metadata(TakesGsd(), batch, torch.device("cpu")) == {"gsd": batch["gsd"]}
+    assert batch_metadata(torch.nn.Identity(), batch, torch.device("cpu")) == {}

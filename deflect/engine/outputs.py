@@ -54,8 +54,9 @@ def save_panels(
     ignore_index: int,
     path: Path,
     scale: int = 4,
+    image_title: str = "RGB",
 ) -> None:
-    """Write one PNG: a row per tile of RGB | ground truth | prediction, and a class legend."""
+    """Write one PNG: a row per tile of image | ground truth | prediction, and a class legend."""
     if not rows:
         return
     h, w = rows[0][1].shape
@@ -64,7 +65,7 @@ def save_panels(
     width = 3 * sw + 4 * gap
     canvas = Image.new("RGB", (width, header + len(rows) * (sh + gap) + legend_h), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, title in enumerate(("RGB", "ground truth", "prediction")):
+    for i, title in enumerate((image_title, "ground truth", "prediction")):
         draw.text((gap + i * (sw + gap), 2), title, fill="black")
     for r, (rgb, target, prediction) in enumerate(rows):
         top = header + r * (sh + gap)
@@ -156,4 +157,6 @@ class PredictionWriter:
 
     def save_png(self, path: Path) -> None:
         """Write the collected panels."""
-        save_panels(self.rows, self.dataset.classes, self.dataset.ignore_index, path)
+        title = " / ".join(self.dataset.spec.display_bands)  # e.g. "B4 / B3 / B2"
+        save_panels(self.rows, self.dataset.classes, self.dataset.ignore_index, path,
+                    image_title=title)  # fmt: skip

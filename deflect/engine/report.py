@@ -75,9 +75,17 @@ def describe_model(model: nn.Module, work_dir: Path, info: DistInfo) -> dict:
     return counts
 
 
-def test_best(cfg: DictConfig, model: nn.Module, dataset, work_dir: Path, info: DistInfo) -> dict:
-    """Load ``best.pt``, evaluate the test split, write ``test_metrics.json``, the picture
-    panels and the GeoTIFF predictions; log the per-class table."""
+def test_best(
+    cfg: DictConfig,
+    model: nn.Module,
+    dataset,
+    work_dir: Path,
+    info: DistInfo,
+    evaluator: Evaluator | None = None,
+) -> dict:
+    """Load ``best.pt``, evaluate the test split (with the training run's evaluator when given),
+    write ``test_metrics.json``, the picture panels and the GeoTIFF predictions; log the
+    per-class table."""
     best = work_dir / "checkpoints" / "best.pt"
     if not best.is_file():
         raise FileNotFoundError(
@@ -89,7 +97,7 @@ def test_best(cfg: DictConfig, model: nn.Module, dataset, work_dir: Path, info: 
     writer = PredictionWriter(
         dataset, work_dir, int(cfg.num_vis), bool(cfg.save_predictions), info.is_main
     )
-    evaluator = Evaluator(build.eval_settings(cfg), dataset.spec, info)
+    evaluator = evaluator or Evaluator(build.eval_settings(cfg), dataset.spec, info)
     loader = build.build_loader(dataset, cfg, info, train=False)
     metrics = evaluator.evaluate(model, loader, desc="test", on_batch=writer)
     if info.is_main:

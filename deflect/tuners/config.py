@@ -19,8 +19,10 @@ class TunerConfig:
 
     Args:
         method: the registered method name; each subclass fixes it (``deflect``, ``frozen``, ...).
-        modules_to_save: names (or name suffixes) of base modules to train and save with the
-            adapter, e.g. ``["norm"]``. They are trained in place, not copied per adapter.
+        modules_to_save: names (or ``.``-separated name suffixes) of base modules to train and
+            save with the adapter, e.g. ``["blocks.11.norm2"]``. They train in place; their
+            pretrained values are kept aside (see :class:`~deflect.tuners.base.BaseTuner`). A
+            name that matches no module with parameters is an error.
     """
 
     method: str = ""

@@ -51,7 +51,7 @@ def train(cfg: DictConfig, info: DistInfo) -> None:
     metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
     seconds = time.time() - start
     report.close_run(
-        model, metrics, counts, seconds, trainer.writer, trainer.epochs, work_dir, info
+        model, metrics, counts, seconds, trainer.writer, trainer.settings.epochs, work_dir, info
     )
 
 

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-#: Bands of a true-colour composite, in display order (red, green, blue).
-DEFAULT_DISPLAY_BANDS: tuple[str, ...] = ("B4", "B3", "B2")
+#: The true-colour bands (red, green, blue): the default display bands, and the pretrained
+#: bands of an RGB ViT.
+RGB_BANDS: tuple[str, ...] = ("B4", "B3", "B2")
 
 
 def canonical_band(name: str) -> str:
@@ -133,7 +134,7 @@ class DataSpec:
             )
         display = self.display_bands
         if display is None:
-            default = [b for b in DEFAULT_DISPLAY_BANDS if b in bands]
+            default = [b for b in RGB_BANDS if b in bands]
             display = tuple(default) if len(default) == 3 else bands[:3]
         display = tuple(str(b) for b in display)
         unknown = [b for b in display if b not in bands]
@@ -154,11 +155,6 @@ class DataSpec:
     def num_classes(self) -> int:
         """Number of classes."""
         return len(self.classes)
-
-    @property
-    def normalised(self) -> bool:
-        """Whether the model input is normalised with :attr:`mean` and :attr:`std`."""
-        return self.mean is not None
 
     def mean_list(self) -> list[float]:
         """Per-band mean in band order (0 for unnormalised data)."""
@@ -213,11 +209,11 @@ class DataSpec:
         if [canonical_band(b) for b in self.bands] != [canonical_band(b) for b in other.bands]:
             out.append(f"bands {list(self.bands)} != {list(other.bands)}")
             return out
-        for key in ("mean", "std"):
-            a, b = (
-                self.mean_list() if key == "mean" else self.std_list(),
-                (other.mean_list() if key == "mean" else other.std_list()),
-            )
+        pairs = {
+            "mean": (self.mean_list(), other.mean_list()),
+            "std": (self.std_list(), other.std_list()),
+        }
+        for key, (a, b) in pairs.items():
             diff = [
                 f"{band}: {x} != {y}"
                 for band, x, y in zip(self.bands, a, b)

@@ -75,9 +75,9 @@ MUTANTS = [
                   ".expand(b, num_prefix, d)"),)),
     Mutant("index statistics in the model's dtype (fp16 under .half())",
            "deflect/tuners/deflect/upe.py",
-           "return torch.tensor(values, dtype=torch.float32, device=x.device).view(shape)",
-           "return torch.tensor(values, dtype=self.projection.weight.dtype, "
-           "device=x.device).view(shape)", ("tests/test_deflect.py",)),
+           "torch.tensor(values, dtype=torch.float32, device=x.device)",
+           "torch.tensor(values, dtype=self.projection.weight.dtype, device=x.device)",
+           ("tests/test_deflect.py",)),
     Mutant("learned CLS starts at zero", "deflect/tuners/deflect/upe.py",
            "torch.randn(embed_dim) / embed_dim**0.5", "torch.zeros(embed_dim)",
            ("tests/test_deflect.py",)),

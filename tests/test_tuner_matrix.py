@@ -105,13 +105,15 @@ def inputs(kind: str, method: str) -> torch.Tensor:
     return x
 
 
+def flat(out: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """Everything a model returns, flattened (encoder: all maps; timm: the pooled token)."""
+    return torch.cat([o.flatten() for o in out]) if isinstance(out, list) else out.flatten()
+
+
 def outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Everything the model returns, flattened (encoder: all maps; timm: the pooled token)."""
+    """The model's outputs on ``x``, without autograd, flattened."""
     with torch.no_grad():
-        out = model(x)
-    if isinstance(out, list):
-        return torch.cat([o.flatten() for o in out])
-    return out.flatten()
+        return flat(model(x))
 
 
 def base_input(kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -127,15 +129,24 @@ def train(model: DeflectModel, x: torch.Tensor, steps: int = 3) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-2) if params else None
     for _ in range(steps):
-        out = model(x)
-        out = torch.cat([o.flatten() for o in out]) if isinstance(out, list) else out
-        loss = (out - 0.3).square().mean() + sum(model.auxiliary_losses().values())
+        loss = (flat(model(x)) - 0.3).square().mean() + sum(model.auxiliary_losses().values())
         if optimizer is None:
             break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
+
+
+def trained(kind: str, method: str):
+    """``(base, an untouched copy of it, the adapted and trained model, the inputs)``."""
+    base = build_base(kind)
+    reference = copy.deepcopy(base)
+    model = adapt(kind, method, base)
+    perturb_zero_inits(model)
+    x = inputs(kind, method)
+    train(model, x)
+    return base, reference, model, x
 
 
 def perturb_zero_inits(model: DeflectModel) -> None:
@@ -169,8 +180,7 @@ def test_only_intended_parameters_train_and_each_gets_a_gradient(kind, method):
         return
     perturb_zero_inits(model)
     model.train()
-    out = model(inputs(kind, method))
-    out = torch.cat([o.flatten() for o in out]) if isinstance(out, list) else out
+    out = flat(model(inputs(kind, method)))
     ((out - 0.3).square().mean() + sum(model.auxiliary_losses().values())).backward()
     for name, p in trainable.items():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -204,27 +214,19 @@ def test_identity_at_initialisation(kind, method):
 
 @pytest.mark.parametrize(("kind", "method"), CASES, ids=IDS)
 def test_save_load_onto_a_fresh_base_gives_identical_outputs(kind, method, tmp_path):
-    model = adapt(kind, method)
-    perturb_zero_inits(model)
-    x = inputs(kind, method)
-    train(model, x)
+    _, _, model, x = trained(kind, method)
     model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "default" / "deflect_model.safetensors"))
     assert sum(t.numel() for t in tensors.values()) == model.num_adapter_parameters()
-    trained = outputs(model, x)
+    tuned = outputs(model, x)
     loaded = DeflectModel.from_pretrained(build_base(kind), tmp_path)
-    assert torch.equal(outputs(loaded, x), trained)
+    assert torch.equal(outputs(loaded, x), tuned)
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
 @pytest.mark.parametrize(("kind", "method"), CASES, ids=IDS)
 def test_disable_adapter_gives_the_base_outputs(kind, method):
-    base = build_base(kind)
-    reference = copy.deepcopy(base)
-    model = adapt(kind, method, base)
-    perturb_zero_inits(model)
-    x = inputs(kind, method)
-    train(model, x)
+    _, reference, model, x = trained(kind, method)
     tuned = outputs(model, x)
     expected = outputs(reference, base_input(kind, x))
     if method != "frozen":
@@ -236,12 +238,7 @@ def test_disable_adapter_gives_the_base_outputs(kind, method):
 
 @pytest.mark.parametrize(("kind", "method"), CASES, ids=IDS)
 def test_unload_gives_back_the_base_module(kind, method):
-    base = build_base(kind)
-    reference = copy.deepcopy(base)
-    model = adapt(kind, method, base)
-    perturb_zero_inits(model)
-    x = inputs(kind, method)
-    train(model, x)
+    base, reference, model, x = trained(kind, method)
     restored = model.unload()
     assert restored is base
     assert [type(m) for m in restored.modules()] == [type(m) for m in reference.modules()]

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from deflect.data import DataSpec
+from deflect.data import RGB_BANDS, DataSpec
 from deflect.encoders.base import Encoder
 from deflect.encoders.checkpoint import resample_pos_embed_2d
 
@@ -37,7 +37,7 @@ class ViTEncoder(Encoder):
         name: str,
         arch: str,
         data: DataSpec,
-        pretrained_bands: list[str] = ("B4", "B3", "B2"),
+        pretrained_bands: list[str] = RGB_BANDS,
         img_size: int = 224,
         patch_size: int = 16,
         output_layers: list[int] | None = None,

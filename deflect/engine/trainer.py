@@ -129,7 +129,6 @@ class Trainer:
         self.train_loader, self.loader_generator = train_loader, loader_generator
         self.evaluator, self.val_loader = evaluator, val_loader
         self.work_dir, self.info, self.writer = work_dir, info, writer
-        self.epochs, self.precision = settings.epochs, settings.precision
         self.ignore_index = evaluator.ignore_index
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
@@ -161,14 +160,17 @@ class Trainer:
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.best_metrics = json.loads(state["best_metrics"]) if state["best_metrics"] else None
         log.info(
-            "resumed from %s: continuing at epoch %d of %d", path, self.start_epoch + 1, self.epochs
+            "resumed from %s: continuing at epoch %d of %d",
+            path,
+            self.start_epoch + 1,
+            self.settings.epochs,
         )
 
     def fit(self) -> bool:
         """Train the remaining epochs; True when all are done (False if stopped early)."""
-        last_epoch = self.epochs
+        last_epoch = self.settings.epochs
         if self.settings.stop_after_epochs is not None:
-            last_epoch = min(self.epochs, self.settings.stop_after_epochs)
+            last_epoch = min(self.settings.epochs, self.settings.stop_after_epochs)
         for epoch in range(self.start_epoch, last_epoch):
             seed_epoch(self.settings.seed, epoch, self.info.rank, self.loader_generator)
             sampler = getattr(self.train_loader, "sampler", None)
@@ -176,7 +178,7 @@ class Trainer:
                 sampler.set_epoch(epoch)
             train_loss = self.train_one_epoch(epoch)
             metrics = self.evaluator.evaluate(
-                self.raw_model, self.val_loader, desc=f"val {epoch + 1}/{self.epochs}"
+                self.raw_model, self.val_loader, desc=f"val {epoch + 1}/{self.settings.epochs}"
             )
             score = metrics[self.settings.monitor]
             improved = score > self.best_score
@@ -188,7 +190,7 @@ class Trainer:
                 log.info(
                     "epoch %d/%d  train loss %.4f  val mIoU %.2f  mF1 %.2f  OA %.2f%s",
                     epoch + 1,
-                    self.epochs,
+                    self.settings.epochs,
                     train_loss,
                     100 * metrics["mIoU"],
                     100 * metrics["mF1"],
@@ -212,7 +214,7 @@ class Trainer:
                 json.dumps({"epoch": self.best_epoch + 1, **self.best_metrics}, indent=2),
                 self.work_dir / "best_val_metrics.json",
             )
-        return last_epoch == self.epochs
+        return last_epoch == self.settings.epochs
 
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training loader; returns the mean loss over ranks."""
@@ -226,7 +228,7 @@ class Trainer:
         bar = tqdm(
             self.train_loader,
             total=n_batches,
-            desc=f"train {epoch + 1}/{self.epochs}",
+            desc=f"train {epoch + 1}/{self.settings.epochs}",
             disable=not self.info.is_main,
             leave=False,
             dynamic_ncols=True,
@@ -237,7 +239,7 @@ class Trainer:
             images = batch["image"].to(self.info.device, non_blocking=True)
             target = batch["mask"].to(self.info.device, non_blocking=True)
             metadata = batch_metadata(self.raw_model, batch, self.info.device)
-            with autocast_context(self.info.device, self.precision):
+            with autocast_context(self.info.device, self.settings.precision):
                 logits = self.model(images, **metadata)
             if (target != self.ignore_index).any():
                 loss = self.loss_fn(logits, target)

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from deflect.data import DEFAULT_DISPLAY_BANDS, DataSpec
+from deflect.data import RGB_BANDS, DataSpec
 from deflect.tuners.config import TunerConfig
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,10 @@ def summarise_names(names: list[str], limit: int = 40) -> str:
     return text + (f", ... ({len(folded) - limit} more)" if len(folded) > limit else "")
 
 
+def _has_parameters(module: nn.Module, recurse: bool = True) -> bool:
+    return next(module.parameters(recurse=recurse), None) is not None
+
+
 def match_modules(model: nn.Module, patterns: list[str], what: str) -> list[str]:
     """Names of the modules of ``model`` with parameters that equal or end with
     (``.``-separated) each pattern.
@@ -221,13 +225,14 @@ def match_modules(model: nn.Module, patterns: list[str], what: str) -> list[str]
                 f"{what} entry {pattern!r} matches no module of {type(model).__name__}; its "
                 f"modules are: {summarise_names(list(modules))}"
             )
-        with_params = [n for n in hits if any(True for _ in modules[n].parameters())]
+        with_params = [n for n in hits if _has_parameters(modules[n])]
         if not with_params:
             empty = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in hits[:6])
             raise ValueError(
                 f"{what} entry {pattern!r} matches only modules without parameters: {empty}"
                 f"{', ...' if len(hits) > 6 else ''}; nothing would train. Modules with "
-                f"parameters: {summarise_names([n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))])}"
+                f"parameters: "
+                f"{summarise_names([n for n, m in modules.items() if _has_parameters(m, False)])}"
             )
         found += [h for h in with_params if h not in found]
     return found
@@ -276,7 +281,7 @@ class BaseTuner:
                 )
             data, pretrained_bands = model.data, list(model.pretrained_bands)
         elif pretrained_bands is None and data is not None:
-            pretrained_bands = list(DEFAULT_DISPLAY_BANDS)
+            pretrained_bands = list(RGB_BANDS)
         self.data = data
         self.pretrained_bands = list(pretrained_bands) if pretrained_bands is not None else None
         if self.data is not None and self.pretrained_bands is not None:

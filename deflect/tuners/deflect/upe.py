@@ -221,6 +221,7 @@ class UntangledPatchEmbedding(nn.Module):
         self.nodata = data.nodata
         self.band_mean = tuple(data.mean_list())  # fp32 numbers, never cast with the model
         self.band_std = tuple(data.std_list())
+        self._band_tensors: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.indices = SpectralIndices(indices, self.bands, data.sensor, nir_from_b8a, index_clamp)
         self.num_features = len(self.bands) * raw_bands + len(indices)  # F
         if self.num_features == 0:
@@ -235,9 +236,16 @@ class UntangledPatchEmbedding(nn.Module):
             # and a zero start makes its first gradient ~1/eps times the later ones.
             self.cls_token = nn.Parameter(torch.randn(embed_dim) / embed_dim**0.5)
 
-    def _band_tensor(self, values: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
-        shape = (1, len(values)) + (1,) * (x.ndim - 2)
-        return torch.tensor(values, dtype=torch.float32, device=x.device).view(shape)
+    def _band_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (std, mean) shaped for ``x``, made once per device (not every forward)."""
+        key = (x.device, x.ndim)
+        if key not in self._band_tensors:
+            shape = (1, len(self.bands)) + (1,) * (x.ndim - 2)
+            self._band_tensors[key] = tuple(
+                torch.tensor(values, dtype=torch.float32, device=x.device).view(shape)
+                for values in (self.band_std, self.band_mean)
+            )
+        return self._band_tensors[key]
 
     def pixel_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel features F(X) in fp32 and where they are valid, from the normalised bands.
@@ -251,7 +259,8 @@ class UntangledPatchEmbedding(nn.Module):
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            stored = x * self._band_tensor(self.band_std, x) + self._band_tensor(self.band_mean, x)
+            std, mean = self._band_stats(x)
+            stored = x * std + mean
             valid = torch.isfinite(stored)  # (B, C, H, W)
             if self.nodata is not None:
                 valid &= (stored - self.nodata).abs() > 1e-4 * max(1.0, abs(self.nodata))

@@ -36,6 +36,8 @@ class Mutant:
 
 
 ORACLES = ("tests/test_deflect_oracles.py",)
+COMPETITORS = ("tests/test_competitors.py",)
+MATRIX = ("tests/test_tuner_matrix.py",)
 MUTANTS = [
     Mutant("uAtt without the spectral keys K_A", "deflect/tuners/deflect/uatt.py",
            "q_p + q_a, k_p + k_a, v_p + v_a", "q_p + q_a, k_p, v_p + v_a", ORACLES),
@@ -110,6 +112,30 @@ MUTANTS = [
            "return sorted(n for n in spyndex.indices if index_symbols(n) <= available)",
            "return sorted(n for n in spyndex.indices if index_symbols(n) <= available and "
            "spyndex.indices[n].application_domain != 'snow')", ("tests/test_deflect.py",)),
+    Mutant("LoRA without its alpha / rank scale", "deflect/tuners/lora/layer.py",
+           "self.scaling[adapter_name] = float(scaling)",
+           "self.scaling[adapter_name] = 1.0", COMPETITORS),
+    Mutant("SLR merge leaves the bias unscaled", "deflect/tuners/lora/layer.py",
+           "base.bias.copy_((base.bias.float() * s_out).to(base.bias.dtype))",
+           "base.bias.copy_(base.bias)", COMPETITORS),
+    Mutant("SLR scales the output before the low-rank branch is added",
+           "deflect/tuners/lora/layer.py",
+           "        out = self.base_layer(x)\n",
+           "        out = self.base_layer(x) * (self.lora_scale_out[name].weight if scaled else 1)\n",
+           COMPETITORS, also=(("out = out * self.lora_scale_out[name].weight", "pass"),)),
+    Mutant("unmerge subtracts the update instead of restoring the weights",
+           "deflect/tuners/lora/layer.py",
+           "getattr(self.base_layer, name).copy_(value)",
+           "getattr(self.base_layer, name).sub_(self.delta_weight(self.merged)) if name == "
+           "'weight' else None", COMPETITORS),
+    Mutant("repeat band strategy without the 3/C rescaling", "deflect/tuners/bands.py",
+           "out = weight[:, kernel_sources(bands, pretrained_bands)] * (p / c)",
+           "out = weight[:, kernel_sources(bands, pretrained_bands)]", MATRIX),
+    Mutant("repeat tiles by channel position, not band name", "deflect/tuners/bands.py",
+           "            sources.append(pretrained_bands.index(band))",
+           "            sources.append(len(sources) % len(pretrained_bands))", MATRIX),
+    Mutant("rank auto rounds down", "deflect/tuners/lora/model.py",
+           "(max(1, best - 1), best, best + 1)", "(max(1, best - 1),)", COMPETITORS),
 ]  # fmt: skip
 
 

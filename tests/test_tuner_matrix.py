@@ -4,9 +4,10 @@ A new method adds one row to ``ROWS`` (its config and a hand count of what it tr
 registered method without a row fails ``test_every_registered_method_has_a_row``.
 
 For every row: only the intended parameters train and each gets a gradient; frozen weights stay
-bit-identical after optimiser steps; the outputs equal the base model's at initialisation;
-save -> load onto a fresh base gives identical outputs; ``disable_adapter()`` gives the base
-outputs; ``unload()`` gives back the base module.
+bit-identical after optimiser steps; the outputs equal the base model's at initialisation (for a
+band strategy: the base model's on the input that strategy's kernel amounts to); save -> load onto
+a fresh base gives identical outputs; ``disable_adapter()`` gives the base outputs; ``unload()``
+gives back the base module.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from deflect import (
     DeflectModel,
     FrozenConfig,
     FullConfig,
+    LoraConfig,
     NormTuningConfig,
+    ScaledLoraConfig,
     TunerConfig,
     get_deflect_model,
     registered_methods,
@@ -33,16 +36,50 @@ from deflect import (
 from deflect.encoders import Encoder
 from tests.conftest import S2_BANDS, s2_spec, tiny_encoder, tiny_timm_vit
 
-D, DEPTH, HEADS = 32, 4, 4  # the tiny ViT
+D, DEPTH, HEADS, PATCH = 32, 4, 4, 8  # the tiny ViT
+RGB = ["B4", "B3", "B2"]
+C = len(S2_BANDS)
+
+
+def rgb_of(x: torch.Tensor) -> torch.Tensor:
+    return x[:, [S2_BANDS.index(b) for b in RGB]]
+
+
+def repeat_mix(x: torch.Tensor) -> torch.Tensor:
+    """What ``repeat``'s kernel amounts to, by hand: each band goes to its own pretrained kernel
+    slice (B4, B3, B2) or, for the other bands in order, to B4, B3, B2, B4, ... in turn; every
+    slice sees (3 / C) x the sum of its bands."""
+    order = [b for b in S2_BANDS if b not in RGB]
+    groups = {b: [b] + order[RGB.index(b) :: 3] for b in RGB}
+    assert sorted(sum(groups.values(), [])) == sorted(S2_BANDS)
+    return torch.stack(
+        [sum(x[:, S2_BANDS.index(b)] for b in groups[r]) * 3 / C for r in RGB], dim=1
+    )
+
+
+def zero_extra(x: torch.Tensor) -> torch.Tensor:
+    """The input with every band but the RGB ones zeroed (``rgb_random``'s random slices then
+    add nothing)."""
+    keep = torch.zeros(C, dtype=torch.bool)
+    keep[[S2_BANDS.index(b) for b in RGB]] = True
+    return x * keep[None, :, None, None]
+
+
+def same(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @dataclass(frozen=True)
 class Row:
-    """One method: its config, the trainable count by hand, which names may train."""
+    """One method: its config, the trainable count by hand, which names may train, and what
+    the adapted model equals at initialisation: ``init_pair = (f, g)`` says adapted(f(x)) =
+    base(g(x)) for all-band ``x`` (``g`` gives three RGB channels)."""
 
     config: Callable[[], TunerConfig]
     count: Callable[[bool], int]  # final_norm -> number of trainable parameters
     owns: Callable[[str], bool]  # parameter name -> whether the method trains it
+    all_bands: bool = False  # a bare ViT adapted this way takes every band
+    init_pair: tuple[Callable, Callable] = (same, rgb_of)
 
 
 def deflect_count(final_norm: bool) -> int:
@@ -62,21 +99,84 @@ def norm_count(final_norm: bool) -> int:
     return DEPTH * 2 * 2 * D + (2 * D if final_norm else 0)
 
 
+def lora_count(rank: int) -> int:
+    """r (in + out) per Linear: qkv r(D + 3D), proj r(2D), fc1 r(D + 4D), fc2 r(4D + D)."""
+    return DEPTH * rank * (4 * D + 2 * D + 5 * D + 5 * D)
+
+
+def slr_scales() -> int:
+    """s_in and s_out per Linear: the same (in + out) sums, once."""
+    return lora_count(1)
+
+
+def full_count(final_norm: bool) -> int:
+    """Everything of the tiny ViT, counted by hand: patch conv, CLS, positions, blocks, final
+    norm where kept."""
+    block = 2 * 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)
+    tokens = D + (1 + (32 // PATCH) ** 2) * D
+    return 3 * PATCH * PATCH * D + D + tokens + DEPTH * block + (2 * D if final_norm else 0)
+
+
+KERNEL = D * C * PATCH * PATCH  # a band strategy's kernel over every band
+PRETRAINED_KERNEL = D * 3 * PATCH * PATCH
+
+
+def lora_owns(n: str) -> bool:
+    return ".lora_" in n
+
+
 ROWS: dict[str, Row] = {
     "frozen": Row(FrozenConfig, lambda norm: 0, lambda n: False),
-    "full": Row(FullConfig, lambda norm: -1, lambda n: True),  # -1: every parameter
+    "full": Row(FullConfig, full_count, lambda n: True),
     "bitfit": Row(BitFitConfig, bitfit_count, lambda n: n.endswith("bias")),
     "norm_tuning": Row(NormTuningConfig, norm_count, lambda n: n.split(".")[-2].startswith("norm")),
-    "deflect": Row(DeflectConfig, deflect_count, lambda n: ".deflect_" in n),
+    "lora": Row(LoraConfig, lambda norm: lora_count(16), lora_owns),
+    "scaled_lora": Row(ScaledLoraConfig, lambda norm: lora_count(16) + slr_scales(), lora_owns),
+    "lora_norms_regex": Row(
+        lambda: LoraConfig(rank=4, target_modules=r"blocks\.[13]\.attn\.qkv", train_norms=True),
+        lambda norm: 2 * 4 * (D + 3 * D) + norm_count(norm),
+        lambda n: ".lora_" in n or n.split(".")[-2].startswith("norm"),
+    ),  # fmt: skip
+    "bitfit_repeat": Row(
+        lambda: BitFitConfig(band_strategy="repeat"),
+        bitfit_count,
+        lambda n: n.endswith("bias"),
+        all_bands=True,
+        init_pair=(same, repeat_mix),
+    ),  # fmt: skip
+    "frozen_repeat": Row(
+        lambda: FrozenConfig(band_strategy="repeat"),
+        lambda norm: 0,
+        lambda n: False,
+        all_bands=True,
+        init_pair=(same, repeat_mix),
+    ),  # fmt: skip
+    "lora_rgb_random": Row(
+        lambda: LoraConfig(rank=2, band_strategy="rgb_random"),
+        lambda norm: lora_count(2) + KERNEL,
+        lambda n: ".lora_" in n or ".bands_kernel." in n,
+        all_bands=True,
+        init_pair=(zero_extra, rgb_of),
+    ),  # fmt: skip
+    "full_repeat": Row(
+        lambda: FullConfig(band_strategy="repeat"),
+        lambda norm: full_count(norm) - PRETRAINED_KERNEL + KERNEL,
+        lambda n: not n.endswith("patch_embed.base_layer.proj.weight"),
+        all_bands=True,
+        init_pair=(same, repeat_mix),
+    ),  # fmt: skip
+    "deflect": Row(DeflectConfig, deflect_count, lambda n: ".deflect_" in n, all_bands=True),
     "deflect_soft": Row(
         lambda: DeflectConfig(deflection="soft", cls_token="learned"),
         lambda norm: deflect_count(norm) + D,
         lambda n: ".deflect_" in n,
+        all_bands=True,
     ),  # fmt: skip
     "deflect_none": Row(
         lambda: DeflectConfig(deflection="none", target_blocks=[1, 3]),
         lambda norm: deflect_count(norm) - 4 * D * 8,
         lambda n: ".deflect_" in n,
+        all_bands=True,
     ),  # fmt: skip
 }
 KINDS = ["encoder", "timm"]
@@ -100,8 +200,8 @@ def adapt(kind: str, method: str, base: torch.nn.Module | None = None) -> Deflec
 def inputs(kind: str, method: str) -> torch.Tensor:
     torch.manual_seed(2)
     x = torch.randn(2, len(S2_BANDS), 32, 32)
-    if kind == "timm" and not method.startswith("deflect"):  # a bare ViT takes its RGB only
-        x = x[:, [S2_BANDS.index(b) for b in ("B4", "B3", "B2")]]
+    if kind == "timm" and not ROWS[method].all_bands:  # a bare ViT takes its RGB only
+        x = rgb_of(x)
     return x
 
 
@@ -119,7 +219,16 @@ def outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def base_input(kind: str, x: torch.Tensor) -> torch.Tensor:
     """What the unadapted base takes for the same data (a bare ViT: the RGB bands)."""
     if kind == "timm" and x.shape[1] == len(S2_BANDS):
-        return x[:, [S2_BANDS.index(b) for b in ("B4", "B3", "B2")]]
+        return rgb_of(x)
+    return x
+
+
+def as_base_input(kind: str, rgb: torch.Tensor) -> torch.Tensor:
+    """Three RGB channels as the base takes them (the framework encoder: inside all bands)."""
+    if kind == "timm":
+        return rgb
+    x = torch.zeros(rgb.shape[0], C, *rgb.shape[2:])
+    x[:, [S2_BANDS.index(b) for b in RGB]] = rgb
     return x
 
 
@@ -154,7 +263,7 @@ def perturb_zero_inits(model: DeflectModel) -> None:
     torch.manual_seed(7)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("deflect_uatt.default.U.weight"):
+            if name.endswith(("deflect_uatt.default.U.weight", "lora_B.default.weight")):
                 p.normal_(0, 0.3)
 
 
@@ -171,8 +280,6 @@ def test_only_intended_parameters_train_and_each_gets_a_gradient(kind, method):
     assert all(row.owns(n) for n in trainable), [n for n in trainable if not row.owns(n)]
     final_norm = kind == "timm"  # the framework encoder prunes the unused final norm
     expected = row.count(final_norm)
-    if expected == -1:
-        expected = sum(p.numel() for p in build_base(kind).parameters())
     assert sum(p.numel() for p in trainable.values()) == expected
     assert model.num_adapter_parameters() == expected
     assert model.get_nb_trainable_parameters()[0] == expected
@@ -206,9 +313,17 @@ def test_identity_at_initialisation(kind, method):
     base = build_base(kind)
     reference = copy.deepcopy(base)
     model = adapt(kind, method, base)
-    x = inputs(kind, method)
+    torch.manual_seed(2)
+    x = torch.randn(2, C, 32, 32)
+    adapted_input, rgb_input = ROWS[method].init_pair
+    x_adapted = adapted_input(x)
+    if kind == "timm" and not ROWS[method].all_bands:
+        x_adapted = rgb_of(x_adapted)
     torch.testing.assert_close(
-        outputs(model, x), outputs(reference, base_input(kind, x)), atol=1e-5, rtol=1e-5
+        outputs(model, x_adapted),
+        outputs(reference, as_base_input(kind, rgb_input(x))),
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 
@@ -217,7 +332,13 @@ def test_save_load_onto_a_fresh_base_gives_identical_outputs(kind, method, tmp_p
     _, _, model, x = trained(kind, method)
     model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "default" / "deflect_model.safetensors"))
-    assert sum(t.numel() for t in tensors.values()) == model.num_adapter_parameters()
+    assert tensors.keys() == model.adapter_state_dict().keys()
+    buffers = dict(model.base_model.named_buffers())
+    saved_buffers = sum(buffers[n].numel() for n in model.tuner.adapter_tensor_names("default")
+                        if n in buffers)  # fmt: skip
+    assert sum(t.numel() for t in tensors.values()) == (
+        model.num_adapter_parameters() + saved_buffers
+    )
     tuned = outputs(model, x)
     loaded = DeflectModel.from_pretrained(build_base(kind), tmp_path)
     assert torch.equal(outputs(loaded, x), tuned)

@@ -65,9 +65,11 @@ def expected_count(
 
 # ---- registry and configs --------------------------------------------------------------------------
 def test_registry_and_unknown_method() -> None:
-    assert {"frozen", "full", "bitfit", "norm_tuning", "deflect"} <= set(registered_methods())
-    with pytest.raises(ValueError, match=r"unknown tuning method 'lora'.*bitfit.*deflect"):
-        TunerConfig.from_dict({"method": "lora"})
+    assert set(registered_methods()) == {
+        "frozen", "full", "bitfit", "norm_tuning", "lora", "scaled_lora", "deflect",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown tuning method 'dora'.*bitfit.*deflect.*lora"):
+        TunerConfig.from_dict({"method": "dora"})
 
 
 def test_register_new_method_is_one_module(tmp_path, monkeypatch) -> None:
@@ -338,16 +340,22 @@ def test_merge_adapter(x11: torch.Tensor) -> None:
         assert adapted.merge_adapter() is adapted
     with torch.no_grad():
         torch.testing.assert_close(adapted(x11), before, rtol=0, atol=0)
-    # BitFit: the tuned biases become the base: disabling no longer reverts them.
+    # BitFit: the tuned biases are already in place; disabling still gives the pretrained
+    # model, and merge_and_unload keeps the tuned biases in a plain model.
     x = rgb(x11)
-    bitfit = get_deflect_model(tiny_vit(), BitFitConfig())
+    base = tiny_vit()
+    pretrained = base(x).detach()
+    bitfit = get_deflect_model(base, BitFitConfig())
     train_steps(bitfit, x)
     tuned = bitfit(x).detach()
-    with bitfit.disable_adapter():
-        assert not torch.allclose(bitfit(x), tuned)
+    assert not torch.allclose(pretrained, tuned)
     bitfit.merge_adapter()
     with bitfit.disable_adapter():
-        torch.testing.assert_close(bitfit(x), tuned, rtol=0, atol=0)
+        torch.testing.assert_close(bitfit(x), pretrained, rtol=0, atol=0)
+    torch.testing.assert_close(bitfit(x), tuned, rtol=0, atol=0)
+    plain = bitfit.merge_and_unload()
+    assert plain is base and not any(p.requires_grad for p in plain.parameters())
+    torch.testing.assert_close(plain(x), tuned, rtol=0, atol=0)
 
 
 def test_full_without_a_pretrained_copy_warns_on_disable() -> None:

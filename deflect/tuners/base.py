@@ -28,9 +28,12 @@ import torch
 from torch import nn
 
 from deflect.data import RGB_BANDS, DataSpec
-from deflect.tuners.config import TunerConfig
+from deflect.tuners.config import BandStrategyConfig, TunerConfig
 
 log = logging.getLogger(__name__)
+
+#: Name prefix of the competitors' band-strategy kernels (see :mod:`deflect.tuners.bands`).
+BAND_PREFIX = "bands_"
 
 
 class AdapterLayer(nn.Module):
@@ -168,8 +171,12 @@ def check_block_contract(parts: ViTParts, block_indices: list[int]) -> None:
 
 
 # ---- names ---------------------------------------------------------------------------------------
-def is_adapter_parameter(name: str, prefix: str, adapter_name: str | None = None) -> bool:
-    """True when ``name`` is under ``<prefix>...`` (and under that adapter name, if given)."""
+Prefix = str | tuple[str, ...]
+
+
+def is_adapter_parameter(name: str, prefix: Prefix, adapter_name: str | None = None) -> bool:
+    """True when ``name`` is under ``<prefix>...`` (one of the prefixes, if a tuple) and under
+    that adapter name, if given."""
     if not prefix:
         return False
     parts = name.split(".")
@@ -179,7 +186,7 @@ def is_adapter_parameter(name: str, prefix: str, adapter_name: str | None = None
     return False
 
 
-def strip_adapter_name(key: str, prefix: str, adapter_name: str) -> str:
+def strip_adapter_name(key: str, prefix: Prefix, adapter_name: str) -> str:
     """``a.deflect_upe.<adapter>.w`` -> ``a.deflect_upe.w`` (saved keys do not carry the name)."""
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -188,7 +195,7 @@ def strip_adapter_name(key: str, prefix: str, adapter_name: str) -> str:
     return key
 
 
-def insert_adapter_name(key: str, prefix: str, adapter_name: str) -> str:
+def insert_adapter_name(key: str, prefix: Prefix, adapter_name: str) -> str:
     """Inverse of :func:`strip_adapter_name`."""
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -293,6 +300,13 @@ class BaseTuner:
         self._originals: dict[str, torch.Tensor] = {}  # pretrained values (CPU) of those tensors
         self._tuned: dict[str, dict[str, torch.Tensor]] = {}  # values of adapters not live
         self._live: str | None = None  # whose values the selected tensors hold (None: pretrained)
+        self._merged: list[str] = []  # adapters folded into the weights (merge_adapter)
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """Name prefixes of every module this tuner adds: the method's own and the band
+        strategy's kernels."""
+        return tuple(p for p in (self.prefix, BAND_PREFIX) if p)
 
     # ---- injection -------------------------------------------------------------------------------
     def inject(self, config: TunerConfig, adapter_name: str = "default") -> None:
@@ -301,21 +315,27 @@ class BaseTuner:
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name")
         if "." in adapter_name or not adapter_name:
             raise ValueError(f"adapter name {adapter_name!r} must be non-empty and without '.'")
-        if self.needs_data and self.data is None:
+        bands = isinstance(config, BandStrategyConfig) and config.band_strategy != "rgb"
+        if (self.needs_data or bands) and self.data is None:
+            what = f"band_strategy={config.band_strategy}" if bands else f"method {config.method!r}"
             raise ValueError(
-                f"method {config.method!r} reads the input bands: pass data=DataSpec(bands=..., "
+                f"{what} reads the input bands: pass data=DataSpec(bands=..., "
                 "mean=..., std=..., reflectance_scale=...) to get_deflect_model, or adapt a "
                 "framework Encoder (it carries its DataSpec)"
             )
         config = self.resolve_config(config)
-        save = match_modules(self.model, config.modules_to_save, "modules_to_save")
-        keys = self.model.state_dict().keys()
-        from_modules = [k for m in save for k in keys if k.startswith(m + ".")]
-        selected = list(dict.fromkeys([*self.select_parameters(config), *from_modules]))
         # Values of the adapter that is live now go aside first: the new adapter's pretrained
         # values are the originals, captured while they are in the tensors.
         live = self._live
         self._swap_in(None)
+        replaced = self._inject_band_kernel(config, adapter_name) if bands else None
+        save = match_modules(self.model, config.modules_to_save, "modules_to_save")
+        keys = self.model.state_dict().keys()
+        from_modules = [k for m in save for k in keys if k.startswith(m + ".")]
+        selected = list(dict.fromkeys([*self.select_parameters(config), *from_modules]))
+        # Only the GFM's own tensors; the pretrained kernel does not run for this adapter (its
+        # band kernel does), so it does not train either.
+        selected = [n for n in selected if self.is_base_parameter(n) and n != replaced]
         keep = getattr(config, "keep_pretrained", True)
         for name in selected:
             if name not in self._originals and keep:
@@ -331,8 +351,63 @@ class BaseTuner:
             self.mark_trainable(self.active_adapter)
 
     def resolve_config(self, config: TunerConfig) -> TunerConfig:
-        """The config as stored and saved, with data-dependent choices made explicit."""
+        """The config as stored and saved, with data-dependent choices made explicit (here:
+        whether a band strategy's kernel trains)."""
+        if isinstance(config, BandStrategyConfig) and config.train_patch_embed is None:
+            trains = config.band_strategy == "rgb_random" or (
+                config.band_strategy != "rgb" and config.method == "full"
+            )
+            return replace(config, train_patch_embed=trains)
         return replace(config)
+
+    def _inject_band_kernel(self, config: BandStrategyConfig, adapter_name: str) -> str:
+        """Wrap ``patch_embed`` in a :class:`~deflect.tuners.bands.BandPatchEmbed` (once) and
+        give it this adapter's kernel over every band; return the pretrained kernel's name."""
+        from deflect.tuners.bands import BandKernel, BandPatchEmbed, band_kernel, find_patch_conv
+
+        parts = vit_parts(self.model)
+        patch_embed = parts.owner.patch_embed
+        path = next(n for n, m in self.model.named_modules() if m is patch_embed)
+        if not isinstance(patch_embed, BandPatchEmbed):
+            if getattr(patch_embed, "takes_all_bands", False):
+                raise ValueError(
+                    f"{type(patch_embed).__name__} already takes every band; band_strategy "
+                    f"{config.band_strategy!r} cannot wrap it"
+                )
+            conv = find_patch_conv(patch_embed, len(self.pretrained_bands))
+            index = self.data.index_of(self.pretrained_bands, "the pretrained patch embedding")
+            patch_embed = BandPatchEmbed(patch_embed, conv, index)
+            parts.owner.patch_embed = patch_embed
+            self._rename_base_tensors(f"{path}.", f"{path}.base_layer.")
+        pretrained = patch_embed.base_layer.get_parameter(patch_embed.kernel_key)
+        weight = band_kernel(
+            pretrained, list(self.data.bands), self.pretrained_bands, config.band_strategy
+        )
+        patch_embed.bands_kernel[adapter_name] = BandKernel(weight, bool(config.train_patch_embed))
+        return f"{path}.base_layer.{patch_embed.kernel_key}"
+
+    def band_kernel_count(self, config: TunerConfig) -> int:
+        """Trainable parameters of the band strategy's kernel under ``config`` (resolved)."""
+        if not isinstance(config, BandStrategyConfig) or config.band_strategy == "rgb":
+            return 0
+        if not config.train_patch_embed:
+            return 0
+        from deflect.tuners.bands import find_patch_conv
+
+        patch_embed = vit_parts(self.model).owner.patch_embed
+        patch_embed = getattr(patch_embed, "base_layer", patch_embed)
+        conv = patch_embed.get_submodule(find_patch_conv(patch_embed, len(self.pretrained_bands)))
+        return conv.weight[:, :1].numel() * self.data.num_bands
+
+    def _rename_base_tensors(self, old: str, new: str) -> None:
+        """Keep the bookkeeping of earlier adapters when a base module moves under a wrapper."""
+
+        def rename(name: str) -> str:
+            return new + name[len(old) :] if name.startswith(old) else name
+
+        self._selected = {a: [rename(n) for n in names] for a, names in self._selected.items()}
+        self._originals = {rename(n): v for n, v in self._originals.items()}
+        self._tuned = {a: {rename(n): v for n, v in t.items()} for a, t in self._tuned.items()}
 
     def _inject(self, config: TunerConfig, adapter_name: str) -> None:
         """Create and wrap this method's layers (nothing for methods without adapter modules)."""
@@ -348,7 +423,9 @@ class BaseTuner:
         if adapter_name not in self.configs:
             raise ValueError(f"no adapter {adapter_name!r}; adapters: {list(self.configs)}")
         added = [
-            k for k in self.model.state_dict() if is_adapter_parameter(k, self.prefix, adapter_name)
+            k
+            for k in self.model.state_dict()
+            if is_adapter_parameter(k, self.prefixes, adapter_name)
         ]
         return added + self._selected[adapter_name]
 
@@ -359,7 +436,7 @@ class BaseTuner:
 
     def is_base_parameter(self, name: str) -> bool:
         """True for the GFM's own parameters (not those of added adapter modules)."""
-        return not is_adapter_parameter(name, self.prefix)
+        return not is_adapter_parameter(name, self.prefixes)
 
     def mark_trainable(self, adapter_name: str) -> None:
         """``requires_grad`` exactly on the adapter's parameters."""
@@ -438,7 +515,7 @@ class BaseTuner:
                 value = state[name] if value is None else value
             else:
                 value = state[name]
-            out[strip_adapter_name(name, self.prefix, adapter_name)] = value
+            out[strip_adapter_name(name, self.prefixes, adapter_name)] = value
         return out
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str) -> None:
@@ -448,7 +525,7 @@ class BaseTuner:
             KeyError: saved keys the adapter lacks, or adapter keys missing from ``state``.
         """
         expected = {
-            strip_adapter_name(n, self.prefix, adapter_name): n
+            strip_adapter_name(n, self.prefixes, adapter_name): n
             for n in self.adapter_tensor_names(adapter_name)
         }
         unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
@@ -485,13 +562,25 @@ class BaseTuner:
         self._originals = {n: v for n, v in self._originals.items() if n in still}
 
     # ---- leaving -----------------------------------------------------------------------------------
-    def unload(self) -> nn.Module:
-        """Put every wrapped module and every pretrained value back; return the model."""
-        self._check_pretrained_kept("unload")
+    def unload(self, keep_merged: bool = False) -> nn.Module:
+        """Put every wrapped module and every pretrained value back; return the model.
+
+        Args:
+            keep_merged: keep what :meth:`merge` folded into the base weights (PEFT's
+                ``merge_and_unload``); by default merged adapters are unmerged first.
+        """
+        keep = set()
+        if keep_merged:
+            self._swap_in(self._merged[-1] if self._merged else None)
+            keep = {n for a in self._merged for n in self._selected.get(a, [])}
+        else:
+            self.unmerge()
+            self._check_pretrained_kept("unload")
         self._live = None
         with torch.no_grad():
             for name, value in self._originals.items():
-                self._tensor(name).copy_(value)
+                if name not in keep:
+                    self._tensor(name).copy_(value)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, AdapterLayer):
                 parent_name, _, child = name.rpartition(".")
@@ -501,21 +590,38 @@ class BaseTuner:
         self._selected.clear()
         self._tuned.clear()
         self._originals.clear()
+        self._merged.clear()
         self.active_adapter = None
         for param in self.model.parameters():
             param.requires_grad_(False)
         return self.model
 
-    def merge(self) -> nn.Module:
-        """Fold the active adapter into the base weights.
+    # ---- merging -------------------------------------------------------------------------------
+    #: whether the method's added modules fold into the base weights (LoRA, SLR).
+    mergeable: ClassVar[bool] = False
 
-        Base tensors trained in place already hold the adapter; merging makes their values the
-        new pretrained ones (``disable_adapter`` and ``unload`` then keep them). Added modules
-        cannot be merged by this base class: a method that can (LoRA) overrides this; others warn.
+    def has_added_modules(self, adapter_name: str) -> bool:
+        """Whether adapter ``adapter_name`` has modules of the method's own prefix."""
+        return bool(self.prefix) and any(
+            is_adapter_parameter(n, self.prefix, adapter_name) for n in self.model.state_dict()
+        )
+
+    def merge(self) -> nn.Module:
+        """Fold the active adapter into the weights, for inference; :meth:`unmerge` undoes it
+        exactly.
+
+        LoRA and SLR (:attr:`mergeable`, :meth:`_merge_modules`) fold their update into the
+        frozen weights. Base tensors trained in place already hold the adapter. Either way
+        ``disable_adapter()`` still gives the pretrained model, and ``unload(keep_merged=True)``
+        (``merge_and_unload``) keeps the adapted weights. An activation-space method (DEFLECT)
+        warns and leaves the model unchanged. A band strategy's kernel (C input bands, the base
+        has P) stays an adapter module.
         """
         name = self.active_adapter
-        if self.prefix and any(is_adapter_parameter(n, self.prefix, name)
-                               for n in self.model.state_dict()):  # fmt: skip
+        if name in self._merged:
+            log.info("adapter %r is already merged", name)
+            return self.model
+        if self.has_added_modules(name) and not self.mergeable:
             msg = (
                 f"{type(self).__name__}: adapter {name!r} is an activation-space method (its "
                 "modules act on token streams): it has no weight delta to merge; the model is "
@@ -524,18 +630,55 @@ class BaseTuner:
             warnings.warn(msg, stacklevel=3)
             log.warning(msg)
             return self.model
-        if not self.disabled:
-            for tensor_name in self._selected.get(name, []):
-                self._originals[tensor_name] = (
-                    self._tensor(tensor_name).detach().to("cpu", copy=True)
-                )
-        log.info("merged adapter %r: its tensors are now the base model's values", name)
+        if self.disabled:
+            raise RuntimeError("merge the adapter outside disable_adapter()")
+        self._merge_modules(name)
+        self._merged.append(name)
+        if any(is_adapter_parameter(n, BAND_PREFIX, name) for n in self.model.state_dict()):
+            log.info(
+                "adapter %r: the band strategy's patch-embedding kernel takes more bands than the "
+                "pretrained one; it stays an adapter module",
+                name,
+            )
+        log.info("merged adapter %r into the weights", name)
         return self.model
+
+    def unmerge(self) -> nn.Module:
+        """Undo :meth:`merge`: the base weights are bit for bit what they were before."""
+        for name in reversed(self._merged):
+            self._unmerge_modules(name)
+        self._merged.clear()
+        return self.model
+
+    def _merge_modules(self, adapter_name: str) -> None:
+        """Fold the added modules of ``adapter_name`` into the base weights (mergeable methods)."""
+
+    def _unmerge_modules(self, adapter_name: str) -> None:
+        """Restore the base weights :meth:`_merge_modules` changed, exactly."""
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """Extra training losses of the last forward (none by default)."""
         return {}
 
     def band_usage(self) -> dict[str, str]:
-        """What the active adapter does with each input band, for the band table (none here)."""
-        return {}
+        """What the active adapter does with each input band, for the band table: the band
+        strategy's patch embedding (nothing under ``rgb``: the encoder's column says it)."""
+        config = self.configs.get(self.active_adapter)
+        if not isinstance(config, BandStrategyConfig) or config.band_strategy == "rgb":
+            return {}
+        from deflect.tuners.bands import kernel_sources
+
+        bands, pretrained = list(self.data.bands), self.pretrained_bands
+        state = "trained" if config.train_patch_embed else "frozen"
+        if config.band_strategy == "repeat":
+            sources = kernel_sources(bands, pretrained)
+            scale = f"{len(pretrained)}/{len(bands)}"
+            return {
+                b: f"patch embedding ({state}): pretrained {pretrained[s]} kernel x {scale}"
+                for b, s in zip(bands, sources)
+            }
+        return {
+            b: f"patch embedding ({state}): "
+            + ("pretrained kernel" if b in pretrained else "random kernel")
+            for b in bands
+        }

@@ -63,3 +63,47 @@ class TunerConfig:
         if unknown:
             raise ValueError(f"{cls.__name__} got unknown keys {unknown}; known: {sorted(names)}")
         return cls(**data)
+
+
+BAND_STRATEGIES = ("rgb", "repeat", "rgb_random")
+
+
+@dataclass
+class BandStrategyConfig(TunerConfig):
+    """What every competitor of DEFLECT shares: how the extra bands reach the patch embedding.
+
+    DEFLECT never changes the pretrained patch embedding (its spectral stream reads every band);
+    the competitors (LoRA, SLR, BitFit, norm tuning, frozen, full) see the extra bands only if
+    the patch embedding takes them, which ``band_strategy`` decides (spec section 5):
+
+    * ``rgb``: only the encoder's pretrained bands (RGB), picked by name; the others are unused;
+    * ``repeat``: a patch embedding over all C bands whose kernel is the pretrained one tiled
+      over the bands (each pretrained band keeps its own kernel slice; the other bands take the
+      pretrained slices in turn), rescaled by P/C (3/C for RGB);
+    * ``rgb_random``: the pretrained kernel for the pretrained bands, a random one (PyTorch's
+      convolution initialisation) for the rest.
+
+    The new kernel belongs to the adapter (saved with it); the pretrained one stays untouched.
+
+    Args:
+        band_strategy: ``rgb``, ``repeat`` or ``rgb_random``.
+        train_patch_embed: whether the new kernel trains (``D·C·p²`` parameters). ``None`` (the
+            default): it trains under ``rgb_random`` (a random kernel must learn) and ``full``,
+            and stays frozen under ``repeat`` for the other methods.
+    """
+
+    band_strategy: str = "rgb"
+    train_patch_embed: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.band_strategy not in BAND_STRATEGIES:
+            raise ValueError(
+                f"band_strategy={self.band_strategy!r}: use one of {list(BAND_STRATEGIES)}"
+            )
+        if self.band_strategy == "rgb" and self.train_patch_embed:
+            raise ValueError(
+                "train_patch_embed=true needs a band_strategy that builds a new patch embedding "
+                "(repeat or rgb_random); with rgb the pretrained one is used as it is (train it "
+                "with modules_to_save: [patch_embed.proj])"
+            )

@@ -159,10 +159,34 @@ class DeflectModel(nn.Module):
         return self.tuner.unload()
 
     def merge_adapter(self) -> DeflectModel:
-        """Fold the active adapter into the weights where the method can (DEFLECT warns: it acts
-        on activations; methods that train base tensors in place make them the new base)."""
+        """Fold the active adapter into the weights where the method can, for inference: LoRA
+        and SLR fold their low-rank update (and SLR's scales) into the frozen weights; methods
+        that train base tensors in place already hold it; DEFLECT warns (it acts on
+        activations) and leaves the model unchanged. ``disable_adapter()`` still gives the
+        pretrained model; :meth:`unmerge_adapter` undoes the merge bit for bit."""
         self.tuner.merge()
         return self
+
+    def unmerge_adapter(self) -> DeflectModel:
+        """Undo :meth:`merge_adapter`: the original weights come back bit for bit."""
+        self.tuner.unmerge()
+        return self
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter, remove every adapter module, return the base model with the
+        merged weights.
+
+        Raises:
+            ValueError: an activation-space method (DEFLECT): it has no weights to merge into.
+        """
+        name = self.active_adapter
+        if self.tuner.has_added_modules(name) and not self.tuner.mergeable:
+            raise ValueError(
+                f"adapter {name!r} ({self.tuner.configs[name].method}) acts on activations and "
+                "cannot be merged into the weights; keep the DeflectModel, or save_pretrained()"
+            )
+        self.tuner.merge()
+        return self.tuner.unload(keep_merged=True)
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary training losses of the last training forward (DEFLECT soft deflection)."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deflect.tuners.config import TunerConfig
+from deflect.tuners.config import BandStrategyConfig
 
 
 @dataclass
-class BitFitConfig(TunerConfig):
+class BitFitConfig(BandStrategyConfig):
     """Every bias of the encoder trains (linear, convolution and LayerNorm biases)."""
 
     method: str = "bitfit"

@@ -29,6 +29,39 @@ from deflect.tuners.deflect.upe import UntangledPatchEmbedding
 log = logging.getLogger(__name__)
 
 
+def build_upe(data, parts, config: DeflectConfig) -> UntangledPatchEmbedding:
+    """UPE for ``data`` on the ViT of ``parts`` (``config`` resolved: explicit indices)."""
+    return UntangledPatchEmbedding(
+        data=data,
+        embed_dim=parts.embed_dim,
+        patch_size=parts.patch_size,
+        indices=list(config.indices),
+        raw_bands=config.raw_bands,
+        stats=config.stats,
+        hidden_dim=config.hidden_dim,
+        pixels_per_patch=config.pixels_per_patch,
+        norm_match=config.norm_match,
+        cls_token=config.cls_token,
+        eps=config.eps,
+        nir_from_b8a=config.nir_from_b8a,
+        index_clamp=config.index_clamp,
+        tubelet_size=parts.tubelet_size,
+    )
+
+
+def build_uatt(attn: nn.Module, parts, config: DeflectConfig) -> UntangledAttention:
+    """uAtt for one target block's attention ``attn``."""
+    return UntangledAttention(
+        parts.embed_dim,
+        attn.qkv.out_features // 3,
+        config.rank,
+        temperature=config.temperature,
+        deflection=config.deflection,
+        lambda_deflection=config.lambda_deflection,
+        eps=config.eps,
+    )
+
+
 class DeflectTuner(BaseTuner):
     """Adds DEFLECT adapters: wraps ``patch_embed`` (UPE) and ``blocks[0]`` + target blocks (uAtt)."""
 
@@ -48,6 +81,28 @@ class DeflectTuner(BaseTuner):
         )
         return replace(config, indices=indices)
 
+    @classmethod
+    def count_parameters(
+        cls,
+        model: nn.Module,
+        data,
+        pretrained_bands: list[str] | None = None,
+        config: DeflectConfig | None = None,
+    ) -> int:
+        """What DEFLECT with ``config`` (default: the defaults) would train on ``model`` for
+        ``data``, without touching the model or the random state (used by LoRA's ``rank: auto``).
+        """
+        tuner = cls(model, data, pretrained_bands)  # injects nothing until inject()
+        config = tuner.resolve_config(config or DeflectConfig())
+        parts = vit_parts(model)
+        check_block_contract(parts, sorted({0, *config.target_blocks}))
+        with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+            modules = [build_upe(tuner.data, parts, config)]
+            for i in config.target_blocks:
+                block = parts.blocks[i]
+                modules.append(build_uatt(getattr(block, "base_layer", block).attn, parts, config))
+        return sum(p.numel() for m in modules for p in m.parameters())
+
     def _inject(self, config: TunerConfig, adapter_name: str) -> None:
         parts = vit_parts(self.model)
         check_block_contract(parts, sorted({0, *config.target_blocks}))
@@ -61,22 +116,7 @@ class DeflectTuner(BaseTuner):
             index = self.data.index_of(self.pretrained_bands, "DEFLECT's geometry stream")
             patch_embed = DeflectPatchEmbed(patch_embed, self.state, parts.num_prefix_tokens, index)
             parts.owner.patch_embed = patch_embed
-        upe = UntangledPatchEmbedding(
-            data=self.data,
-            embed_dim=parts.embed_dim,
-            patch_size=parts.patch_size,
-            indices=list(config.indices),
-            raw_bands=config.raw_bands,
-            stats=config.stats,
-            hidden_dim=config.hidden_dim,
-            pixels_per_patch=config.pixels_per_patch,
-            norm_match=config.norm_match,
-            cls_token=config.cls_token,
-            eps=config.eps,
-            nir_from_b8a=config.nir_from_b8a,
-            index_clamp=config.index_clamp,
-            tubelet_size=parts.tubelet_size,
-        ).to(**factory)
+        upe = build_upe(self.data, parts, config).to(**factory)
         patch_embed.add_adapter(adapter_name, upe)
 
         for i in sorted({0, *config.target_blocks}):
@@ -86,15 +126,7 @@ class DeflectTuner(BaseTuner):
                 blocks[i] = block
             if i in config.target_blocks:
                 attn = block.base_layer.attn
-                block.deflect_uatt[adapter_name] = UntangledAttention(
-                    parts.embed_dim,
-                    attn.qkv.out_features // 3,
-                    config.rank,
-                    temperature=config.temperature,
-                    deflection=config.deflection,
-                    lambda_deflection=config.lambda_deflection,
-                    eps=config.eps,
-                ).to(**factory)
+                block.deflect_uatt[adapter_name] = build_uatt(attn, parts, config).to(**factory)
         self.state.consumers[adapter_name] = len(config.target_blocks)
         if getattr(parts.owner, "grad_checkpointing", False):
             warnings.warn(

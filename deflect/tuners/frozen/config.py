@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deflect.tuners.config import TunerConfig
+from deflect.tuners.config import BandStrategyConfig
 
 
 @dataclass
-class FrozenConfig(TunerConfig):
+class FrozenConfig(BandStrategyConfig):
     """Encoder frozen; only the decoder (and any ``modules_to_save``) trains."""
 
     method: str = "frozen"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deflect.tuners.config import TunerConfig
+from deflect.tuners.config import BandStrategyConfig
 
 
 @dataclass
-class FullConfig(TunerConfig):
+class FullConfig(BandStrategyConfig):
     """Every encoder parameter trains, in place.
 
     Args:

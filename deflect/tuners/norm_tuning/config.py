@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deflect.tuners.config import TunerConfig
+from deflect.tuners.config import BandStrategyConfig
 
 
 @dataclass
-class NormTuningConfig(TunerConfig):
+class NormTuningConfig(BandStrategyConfig):
     """The affine weight and bias of every LayerNorm of the encoder train."""
 
     method: str = "norm_tuning"

@@ -77,11 +77,8 @@ class LoraLinear(AdapterLayer):
             x = x * self.lora_scale_in[name].weight
         a, b = self.lora_A[name], self.lora_B[name]
         out = self.base_layer(x)
-        out = (
-            out
-            + b(a(self.lora_dropout[name](x).to(a.weight.dtype))).to(out.dtype)
-            * (self.scaling[name])
-        )
+        delta = b(a(self.lora_dropout[name](x).to(a.weight.dtype))).to(out.dtype)
+        out = out + delta * self.scaling[name]
         if scaled:
             out = out * self.lora_scale_out[name].weight
         return out

@@ -3,56 +3,78 @@
     python run.py                                        # the demo
     torchrun --nproc_per_node=2 run.py encoder=vit_b16 dataset=demo finetune=deflect
     python run.py eval_dir=work_dirs/<run>                # re-evaluate a run on its test split
+    python run.py -m finetune=frozen,lora,deflect seed=0,1   # an ablation: one folder per job
 
 Method: DEFLECT (Thoreau, Marsocci & Derksen, ICCV 2025, arXiv:2503.09493).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from deflect.engine import build, report
 from deflect.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from deflect.engine.logging import setup_logging
-from deflect.engine.workdir import eval_config
+from deflect.engine.workdir import SweepJob, eval_config, launch_time
 
 log = logging.getLogger("run")
+# The sweep folder's time stamp: one for every process of a torchrun launch.
+OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
 
 
-def train(cfg: DictConfig, info: DistInfo) -> None:
-    """Train, keep the best checkpoint, test it, export the adapter."""
-    work_dir = report.open_run(cfg, HydraConfig.get().runtime.choices, info)
-    datasets = build.build_datasets(cfg)
-    model = build.build_model(cfg, datasets["train"].spec).to(info.device)
-    counts = report.describe_model(model, work_dir, info)
-
-    trainer = build.build_trainer(cfg, model, datasets, work_dir, info)
-    if report.resuming(cfg, work_dir):
-        trainer.resume(report.last_checkpoint(work_dir))
-    start = time.time()
-    finished = trainer.fit()
-    barrier(info)
-    if not finished:
-        log.info(
-            "stopped after epoch %d as asked (stop_after_epochs); continue with "
-            "resume=true work_dir=%s",
-            cfg.stop_after_epochs,
-            work_dir,
-        )
-        trainer.writer.close()
-        return
-
-    metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
-    seconds = time.time() - start
-    report.close_run(
-        model, metrics, counts, seconds, trainer.writer, trainer.settings.epochs, work_dir, info
+def this_job() -> SweepJob:
+    """The Hydra job: its number, sweep folder (multirun only) and command-line overrides."""
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return SweepJob(
+        num=int(hydra_cfg.job.num) if multirun else 0,
+        sweep_dir=str(hydra_cfg.sweep.dir) if multirun else "",
+        overrides=list(hydra_cfg.overrides.task),
     )
+
+
+def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
+    """Train, keep the best checkpoint, test it, export the adapter."""
+    work_dir = report.open_run(cfg, HydraConfig.get().runtime.choices, info, job)
+    try:
+        build.train_settings(cfg)  # a bad precision, epochs or monitor fails before building
+        datasets = build.build_datasets(cfg)
+        model = build.build_model(cfg, datasets["train"].spec).to(info.device)
+        counts = report.describe_model(model, work_dir, info)
+
+        trainer = build.build_trainer(cfg, model, datasets, work_dir, info)
+        if report.resuming(cfg, work_dir):
+            trainer.resume(report.last_checkpoint(work_dir))
+        start = time.time()
+        finished = trainer.fit()
+        barrier(info)
+        if not finished:
+            log.info(
+                "stopped after epoch %d as asked (stop_after_epochs); continue with "
+                "resume=true work_dir=%s",
+                cfg.stop_after_epochs,
+                work_dir,
+            )
+            trainer.writer.close()
+            return
+
+        metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
+        seconds = time.time() - start
+        report.close_run(
+            model, metrics, counts, trainer.cost(), seconds, trainer.writer,
+            trainer.settings.epochs, work_dir, info,
+        )  # fmt: skip
+    except Exception:
+        report.record_failure(work_dir, info)
+        raise
 
 
 def evaluate(cfg: DictConfig, info: DistInfo) -> None:
@@ -67,20 +89,23 @@ def evaluate(cfg: DictConfig, info: DistInfo) -> None:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Entry point: one process or one torchrun rank."""
-    build.train_settings(cfg)  # a bad precision, epochs or monitor fails before anything starts
+    """Entry point: one process or one torchrun rank; called once per job of a multirun."""
+    job = this_job()
     info = init_distributed(cfg.device)
+    if job.sweep_dir:  # later jobs of the sweep reuse the process group
+        atexit.register(cleanup_distributed)
     try:
         if cfg.eval_dir:
             evaluate(cfg, info)
         else:
-            train(cfg, info)
+            train(cfg, info, job)
         # Every rank is done with collectives before the group goes away (a rank tearing gloo
         # down while another still works aborts the process). Not on errors: a failing rank
         # must exit, never wait here for the others.
         barrier(info)
     finally:
-        cleanup_distributed()
+        if not job.sweep_dir:
+            cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -98,3 +98,18 @@ def test_torchrun_trains_and_evaluates_each_pixel_once(demo_root, tmp_path):
     run_cli([f"eval_dir={work_dir}"], tmp_path)  # one process
     single = json.loads((work_dir / "test_metrics.json").read_text())
     assert single["confusion_matrix"] == reported["confusion_matrix"]
+
+
+def test_torchrun_multirun_keeps_one_sweep_folder_and_one_process_group(demo_root, tmp_path):
+    """Every rank names the same sweep folder (the launch's time stamp), and the second job
+    reuses the process group of the first."""
+    run_cli(["-m", "finetune=frozen,bitfit", *TINY, f"dataset.root={demo_root}", "epochs=1",
+             "batch_size=2", "save_predictions=false"], tmp_path, nproc=2)  # fmt: skip
+    sweeps = list((tmp_path / "work_dirs" / "multirun").iterdir())
+    assert len(sweeps) == 1, sweeps
+    runs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
+    assert runs == ["000_tiny_vit_frozen_demo", "001_tiny_vit_bitfit_demo"]
+    for name in runs:
+        summary = json.loads((sweeps[0] / name / "metrics.json").read_text())
+        assert summary["test"]["pixels"] == 64 * 300  # each test pixel once, over both ranks
+        assert summary["train_images"] == 3 * 2 * 2  # 3 steps x 2 images x 2 ranks

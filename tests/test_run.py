@@ -45,6 +45,12 @@ def test_run_folder_holds_config_logs_metrics_checkpoints(trained):
         assert (work_dir / name).is_file(), name
     summary = json.loads((work_dir / "metrics.json").read_text())
     assert set(summary) >= {"best_val", "test", "params"}
+    # What the run cost: 2 epochs x 3 steps x 4 images; a torch process holds > 100 MiB.
+    assert summary["train_images"] == 2 * 3 * 4
+    assert 0 < summary["train_images_per_s"] < 1e5
+    assert summary["peak_memory_kind"] == "host_rss" and 100 < summary["peak_memory_mb"] < 24e3
+    assert json.loads((work_dir / "job.json").read_text())["num"] == 0
+    assert not (work_dir / "failed.txt").exists()
     assert 1 <= summary["best_val"]["epoch"] <= 2
     assert set(summary["test"]["per_class"]) == {"bare", "sparse", "moderate", "dense"}
     # What the user sees: the parameter count at start and the per-class table at the end.
@@ -268,12 +274,16 @@ def test_non_finite_training_stops_with_a_clear_error(demo_root, tmp_path):
     assert "non-finite loss or gradients" in proc.stderr
 
 
-def test_multirun_gives_each_method_its_own_run_folder(demo_root, tmp_path):
+def test_multirun_gives_each_job_a_folder_in_one_sweep_folder(demo_root, tmp_path):
     run_cli(["-m", "finetune=frozen,deflect", *TINY, f"dataset.root={demo_root}", "epochs=1",
              "save_predictions=false"], tmp_path)  # fmt: skip
-    runs = sorted(p.name.split("_", 1)[1] for p in (tmp_path / "work_dirs").glob("2*"))
-    assert runs == ["tiny_vit_deflect_demo", "tiny_vit_frozen_demo"]
-    for path in (tmp_path / "work_dirs").glob("2*"):
-        summary = json.loads((path / "metrics.json").read_text())
+    sweeps = list((tmp_path / "work_dirs" / "multirun").iterdir())
+    assert len(sweeps) == 1 and (sweeps[0] / "multirun.yaml").is_file()
+    runs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
+    assert runs == ["000_tiny_vit_frozen_demo", "001_tiny_vit_deflect_demo"]
+    for name, method in zip(runs, ("frozen", "deflect")):
+        job = json.loads((sweeps[0] / name / "job.json").read_text())
+        assert f"finetune={method}" in job["overrides"] and job["num"] == int(name[:3])
+        summary = json.loads((sweeps[0] / name / "metrics.json").read_text())
         assert 0 < summary["test"]["mIoU"] <= 1
-    assert len(list((tmp_path / "work_dirs" / "multirun").glob("*/multirun.yaml"))) == 1
+    assert [p.name for p in (tmp_path / "work_dirs").iterdir()] == ["multirun"]

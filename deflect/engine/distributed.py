@@ -111,6 +111,15 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: float, info: DistInfo) -> float:
+    """Largest ``value`` over ranks."""
+    if not info.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 class ShardSampler(torch.utils.data.Sampler[int]):
     """Indices ``rank, rank + world, ...``: every sample evaluated exactly once across ranks.
 

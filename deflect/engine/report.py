@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,21 +18,30 @@ from deflect.engine.distributed import DistInfo, broadcast_object
 from deflect.engine.evaluator import Evaluator
 from deflect.engine.logging import ScalarWriter, metric_scalars, metrics_table, setup_logging
 from deflect.engine.outputs import PredictionWriter
-from deflect.engine.workdir import choose_work_dir, resume_config_changes
+from deflect.engine.workdir import SweepJob, choose_work_dir, resume_config_changes
 
 log = logging.getLogger("run")
 
 #: Test metrics of the best checkpoint, written by training and by ``eval_dir`` alike.
 TEST_METRICS = "test_metrics.json"
+#: The job's number and command-line overrides (what tells the rows of an ablation apart).
+JOB = "job.json"
+#: Written when a run raises: the error and its traceback (the ablation table lists it).
+FAILED = "failed.txt"
 
 
-def open_run(cfg: DictConfig, choices: dict, info: DistInfo) -> Path:
+def open_run(cfg: DictConfig, choices: dict, info: DistInfo, job: SweepJob) -> Path:
     """Rank 0 chooses (and creates) the run folder and every rank receives it; logging goes
-    there; ``config.yaml`` is written (a resumed run lists the settings it changes)."""
-    chosen = choose_work_dir(cfg, choices) if info.is_main else None
+    there; ``job.json`` and ``config.yaml`` are written (a resumed run lists the settings it
+    changes)."""
+    sweep = job if job.sweep_dir else None
+    chosen = choose_work_dir(cfg, choices, sweep) if info.is_main else None
     work_dir = Path(broadcast_object(chosen, info))
     setup_logging(work_dir, info.is_main)
     if info.is_main:
+        (work_dir / FAILED).unlink(missing_ok=True)  # a resumed run starts clean
+        record = {"num": job.num, "overrides": job.overrides, "sweep_dir": job.sweep_dir or None}
+        atomic_write_text(json.dumps(record, indent=2), work_dir / JOB)
         saved = work_dir / "config.yaml"
         if resuming(cfg, work_dir) and saved.is_file():
             changes = resume_config_changes(OmegaConf.load(saved), cfg)
@@ -113,10 +124,20 @@ def test_best(
     return metrics
 
 
+def record_failure(work_dir: Path, info: DistInfo) -> None:
+    """Write the error being handled to ``failed.txt`` (rank 0), so a sweep shows it: the
+    exception line first, then the traceback."""
+    if info.is_main:
+        error = sys.exc_info()[1]
+        head = "".join(traceback.format_exception_only(type(error), error)).strip()
+        atomic_write_text(f"{head}\n\n{traceback.format_exc()}", work_dir / FAILED)
+
+
 def close_run(
     model: nn.Module,
     metrics: dict,
     counts: dict,
+    cost: dict,
     seconds: float,
     writer: ScalarWriter,
     epochs: int,
@@ -132,9 +153,18 @@ def close_run(
             "test": metrics,
             "params": counts,
             "train_seconds": round(seconds, 1),
+            **cost,
         }
         atomic_write_text(json.dumps(summary, indent=2), work_dir / "metrics.json")
         writer.scalars(metric_scalars("test", metrics), epochs)
         model.encoder.save_pretrained(work_dir / "adapter")
-        log.info("done: test mIoU %.2f; everything is in %s", 100 * metrics["mIoU"], work_dir)
+        log.info(
+            "done: test mIoU %.2f; training %s images/s, peak memory %.0f MiB (%s); everything "
+            "is in %s",
+            100 * metrics["mIoU"],
+            cost["train_images_per_s"],
+            cost["peak_memory_mb"],
+            cost["peak_memory_kind"],
+            work_dir,
+        )
     writer.close()

@@ -33,9 +33,10 @@ from deflect.engine.checkpoint import (
     set_rng_state,
     trainable_state_dict,
 )
-from deflect.engine.distributed import DistInfo, all_reduce_mean
+from deflect.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from deflect.engine.evaluator import AUTOCAST_DTYPES, Evaluator, autocast_context, batch_metadata
 from deflect.engine.logging import ScalarWriter, metric_scalars
+from deflect.engine.meter import PeakMemory, ThroughputMeter
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,19 @@ class Trainer:
         self.fingerprint = frozen_fingerprint(raw_model)
         data = getattr(raw_model, "data", None)
         self.manifest = json.dumps(data.to_dict()) if data is not None else ""
+        self.throughput = ThroughputMeter()
+        self.memory = PeakMemory(info.device)
+
+    def cost(self) -> dict:
+        """Training images per second (all ranks) and peak memory (largest rank) of the epochs
+        this process trained, for ``metrics.json``."""
+        rate = self.throughput.images_per_second
+        return {
+            "train_images": self.throughput.images,
+            "train_images_per_s": round(rate, 2) if rate is not None else None,
+            "peak_memory_mb": round(all_reduce_max(self.memory.peak_mib, self.info), 1),
+            "peak_memory_kind": self.memory.kind,
+        }
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -187,6 +201,10 @@ class Trainer:
             if self.info.is_main:
                 self.writer.scalars(metric_scalars("val", metrics), epoch + 1)
                 self.writer.scalars({"train/epoch_loss": train_loss}, epoch + 1)
+                if self.throughput.images_per_second is not None:
+                    self.writer.scalars(
+                        {"train/images_per_s": self.throughput.images_per_second}, epoch + 1
+                    )
                 log.info(
                     "epoch %d/%d  train loss %.4f  val mIoU %.2f  mF1 %.2f  OA %.2f%s",
                     epoch + 1,
@@ -233,10 +251,13 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        seen = 0
+        self.throughput.start()
         for batch in bar:
             if steps >= n_batches:
                 break
             images = batch["image"].to(self.info.device, non_blocking=True)
+            seen += images.shape[0]
             target = batch["mask"].to(self.info.device, non_blocking=True)
             metadata = batch_metadata(self.raw_model, batch, self.info.device)
             with autocast_context(self.info.device, self.settings.precision):
@@ -274,6 +295,7 @@ class Trainer:
             self.global_step += 1
             steps += 1
             total += loss.detach()
+            self.memory.sample()
             if self.info.is_main:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if self.global_step % self.settings.log_interval == 0 or steps == n_batches:
@@ -284,6 +306,8 @@ class Trainer:
                     }
                     scalars.update({f"train/{k}": v.item() for k, v in aux.items()})
                     self.writer.scalars(scalars, self.global_step)
+        # Every rank trains the same number of full batches (DistributedSampler, drop_last).
+        self.throughput.stop(seen * self.info.world_size, self.info.device)
         return float(all_reduce_mean(total / max(steps, 1), self.info))
 
     def save_last(self, epoch: int) -> None:

@@ -6,7 +6,9 @@ Also rebuilds a finished run's config for evaluation, with command-line key over
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +20,27 @@ CONFIG_GROUPS = (
 )  # fmt: skip
 
 
+def _launcher_start() -> float | None:
+    """When torchrun (the parent of every local rank) started, from ``/proc`` (Linux)."""
+    try:
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def launch_time(pattern: str = "%Y%m%d-%H%M%S") -> str:
+    """The time stamp of this launch, formatted with ``pattern``: under torchrun, when torchrun
+    started, so every rank names the same sweep folder; otherwise now. Registered as the
+    ``launch_time`` resolver of ``hydra.sweep.dir``."""
+    start = _launcher_start() if "LOCAL_RANK" in os.environ else None
+    return time.strftime(pattern, time.localtime(start if start is not None else time.time()))
+
+
 def run_suffix(cfg: DictConfig, choices: dict) -> str:
     """``<encoder>_<finetune>_<dataset>`` from the chosen config files."""
     return "_".join(
@@ -25,10 +48,39 @@ def run_suffix(cfg: DictConfig, choices: dict) -> str:
     )
 
 
-def choose_work_dir(cfg: DictConfig, choices: dict) -> str:
-    """The run folder: ``work_dir`` if given, the newest matching run on ``resume=true``, else a
-    new timestamped folder. Called on rank 0 only; the result is broadcast."""
+@dataclass(frozen=True)
+class SweepJob:
+    """One job of a Hydra multirun (``python run.py -m ...``): its number, the sweep folder and
+    the job's own command-line overrides."""
+
+    num: int
+    sweep_dir: str
+    overrides: list[str]
+
+    def folder(self, suffix: str) -> Path:
+        """``<sweep_dir>/<NNN>_<encoder>_<finetune>_<dataset>``."""
+        return Path(self.sweep_dir).expanduser() / f"{self.num:03d}_{suffix}"
+
+
+def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None) -> str:
+    """The run folder: in a multirun, the job's folder in the sweep folder; else ``work_dir`` if
+    given, the newest matching run on ``resume=true``, or a new timestamped folder. Called on
+    rank 0 only; the result is broadcast."""
     suffix = run_suffix(cfg, choices)
+    if job is not None:
+        if cfg.work_dir:
+            raise ValueError(
+                "work_dir names one run folder, but a multirun (-m) makes one per job; drop "
+                "work_dir, and use hydra.sweep.dir=... to choose the sweep folder"
+            )
+        work_dir = job.folder(suffix)
+        if (work_dir / "checkpoints" / "last.pt").is_file() and not cfg.resume:
+            raise FileExistsError(
+                f"{work_dir} already holds a run; pass resume=true to continue the sweep "
+                "(nothing was overwritten)"
+            )
+        work_dir.mkdir(parents=True, exist_ok=True)
+        return str(work_dir)
     if cfg.work_dir:
         work_dir = Path(cfg.work_dir).expanduser()
         if (work_dir / "checkpoints" / "last.pt").is_file() and not cfg.resume:

@@ -1,0 +1,369 @@
+"""Summarise an ablation sweep: a markdown table and the paper's Figure-1 plot.
+
+    python run.py -m finetune=frozen,bitfit,norm_tuning,lora,scaled_lora,deflect,full seed=0,1,2
+    python scripts/ablation_table.py work_dirs/multirun/<time>
+
+Reads every run folder of the sweep (``<NNN>_<encoder>_<finetune>_<dataset>/``: ``job.json``,
+``params.json``, ``metrics.json``, ``adapter/``, ``failed.txt``), pools the seeds of each
+configuration into one row, prints the table and writes it to ``<sweep>/results.md``, and draws
+``<sweep>/results.png``: mIoU against the % of GFM parameters tuned (log x), one point per row
+with its seed spread as an error bar. Failed, unfinished and never-started jobs (those
+``multirun.yaml`` expects but that have no folder) are listed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEED = "seed"
+
+
+@dataclass
+class Run:
+    """One job of the sweep, as its folder tells it."""
+
+    folder: Path
+    overrides: list[str]
+    status: str  # finished | failed | incomplete
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    error: str = ""
+    adapter_bytes: int = 0
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The job's overrides as ``{key: value}``."""
+        return dict(item.split("=", 1) for item in self.overrides if "=" in item)
+
+
+@dataclass
+class Row:
+    """The finished runs of one configuration (seeds pooled)."""
+
+    label: str
+    runs: list[Run]
+
+    def values(self, key: str) -> list[float]:
+        """``metrics.json``'s test ``key`` of every seed (fractions)."""
+        return [float(r.metrics["test"][key]) for r in self.runs]
+
+    @property
+    def percent(self) -> float:
+        """% of the GFM's parameters tuned (decoder excluded)."""
+        return float(self.runs[0].params["encoder_trainable_percent"])
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    """A JSON file, or ``{}`` when it is missing or unreadable (an unfinished write)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def adapter_bytes(folder: Path) -> int:
+    """Size of the exported adapter's weights (all adapters of the run)."""
+    files = list(folder.glob("adapter/*/deflect_model.safetensors"))
+    files += list(folder.glob("adapter/*/deflect_model.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
+def collect_runs(sweep: Path) -> list[Run]:
+    """Every run folder of ``sweep`` (folders holding ``job.json`` or ``config.yaml``), by job
+    number."""
+    runs = []
+    for folder in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        if not ((folder / "job.json").is_file() or (folder / "config.yaml").is_file()):
+            continue
+        job = read_json(folder / "job.json")
+        metrics = read_json(folder / "metrics.json")
+        failed = folder / "failed.txt"
+        if metrics.get("test"):
+            status = "finished"
+        elif failed.is_file():
+            status = "failed"
+        else:
+            status = "incomplete"
+        error = failed.read_text().strip().splitlines()[0] if status == "failed" else ""
+        runs.append(
+            Run(
+                folder=folder,
+                overrides=list(job.get("overrides", [])),
+                status=status,
+                params=metrics.get("params") or read_json(folder / "params.json"),
+                metrics=metrics,
+                error=error,
+                adapter_bytes=adapter_bytes(folder),
+            )
+        )
+    return runs
+
+
+def expected_jobs(sweep: Path) -> list[list[str]]:
+    """The jobs ``multirun.yaml`` asks for, expanded as Hydra's basic sweeper does ([] when
+    there is no ``multirun.yaml``)."""
+    path = sweep / "multirun.yaml"
+    if not path.is_file():
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    task = list(OmegaConf.load(path).hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(task)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+# ---- rows ----------------------------------------------------------------------------------------
+def varying_keys(jobs: list[list[str]]) -> list[str]:
+    """Override keys that tell ``jobs`` apart: those with more than one value, or missing from
+    some jobs; in command-line order."""
+    settings = [dict(item.split("=", 1) for item in job if "=" in item) for job in jobs]
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    return [k for k in keys if len({s.get(k) for s in settings}) > 1]
+
+
+def method_of(run: Run) -> str:
+    """The fine-tuning method: the ``finetune`` override, else the saved adapter's method."""
+    if "finetune" in run.settings:
+        return run.settings["finetune"]
+    for path in run.folder.glob("adapter/*/deflect_config.json"):
+        method = read_json(path).get("method")
+        if method:
+            return str(method)
+    return run.folder.name
+
+
+def row_label(run: Run, keys: list[str]) -> str:
+    """The method and the other overrides that tell rows apart (seed excluded)."""
+    extra = [f"{k}={run.settings[k]}" for k in keys if k not in ("finetune", SEED)
+             and k in run.settings]  # fmt: skip
+    return " ".join([method_of(run), *extra])
+
+
+def build_rows(runs: list[Run], keys: list[str]) -> list[Row]:
+    """Finished runs grouped by label, sorted by % of the GFM tuned (then label)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.status == "finished":
+            groups.setdefault(row_label(run, keys), []).append(run)
+    rows = [Row(label, sorted(group, key=seed_of)) for label, group in groups.items()]
+    return sorted(rows, key=lambda r: (r.percent, r.label))
+
+
+def seed_of(run: Run) -> int:
+    """The run's seed (its override, else 0, the config default)."""
+    try:
+        return int(run.settings.get(SEED, 0))
+    except ValueError:
+        return 0
+
+
+# ---- formatting ----------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` in percent (sample standard deviation); the mean alone for one seed."""
+    mean = 100 * statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def human_bytes(size: int) -> str:
+    """``279 KiB``, ``82.1 MiB``; ``-`` for no file."""
+    if size <= 0:
+        return "-"
+    units = ["B", "KiB", "MiB", "GiB"]
+    power = min(int(math.log(size, 1024)), len(units) - 1)
+    value = size / 1024**power
+    digits = 0 if value >= 100 or power == 0 else 1
+    return f"{value:.{digits}f} {units[power]}"
+
+
+def class_names(rows: list[Row]) -> list[str]:
+    """Class names in the order of the first finished run's per-class metrics."""
+    names: list[str] = []
+    for row in rows:
+        for run in row.runs:
+            for name in run.metrics["test"].get("per_class", {}):
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def class_iou(row: Row, name: str) -> str:
+    """Mean IoU (%) of class ``name`` over the seeds where it is defined, else ``n/a``."""
+    values = [r.metrics["test"]["per_class"].get(name, {}).get("IoU") for r in row.runs]
+    values = [v for v in values if v is not None]
+    return f"{100 * statistics.mean(values):.2f}" if values else "n/a"
+
+
+def optional_mean(values: list[float | None], digits: int) -> str:
+    """Mean of the known values, or ``-``."""
+    known = [v for v in values if v is not None]
+    return f"{statistics.mean(known):,.{digits}f}" if known else "-"
+
+
+def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> str:
+    """The whole ``results.md``: common settings, the table, and every job that did not finish."""
+    jobs = expected or [r.overrides for r in runs]
+    keys = varying_keys(jobs)
+    rows = build_rows(runs, keys)
+    classes = class_names(rows)
+    common = sorted({item for job in jobs for item in job
+                     if item.partition("=")[0] not in keys})  # fmt: skip
+    lines = [f"# Ablation: {sweep}", ""]
+    if common:
+        lines += ["Common settings: " + " ".join(f"`{c}`" for c in common), ""]
+    header = ["method", "seeds", "trainable", "% of GFM tuned", "decoder trainable",
+              "adapter file", "mIoU", "mF1", *(f"IoU {c}" for c in classes), "images/s",
+              "peak memory (MiB)"]  # fmt: skip
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    kinds = set()
+    for row in rows:
+        first = row.runs[0]
+        seeds = ", ".join(str(seed_of(r)) for r in row.runs)
+        kinds.update(r.metrics.get("peak_memory_kind") for r in row.runs)
+        cells = [
+            row.label,
+            f"{len(row.runs)} ({seeds})",
+            f"{int(first.params['encoder_trainable']):,}",
+            f"{row.percent:.4f} %",
+            f"{int(first.params.get('decoder_trainable', 0)):,}",
+            human_bytes(first.adapter_bytes),
+            mean_std(row.values("mIoU")),
+            mean_std(row.values("mF1")),
+            *(class_iou(row, c) for c in classes),
+            optional_mean([r.metrics.get("train_images_per_s") for r in row.runs], 1),
+            optional_mean([r.metrics.get("peak_memory_mb") for r in row.runs], 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    kinds.discard(None)
+    lines += [
+        "",
+        "mIoU, mF1 and IoU in %, on the test split, of each run's best validation checkpoint; "
+        "mean ± sample standard deviation over the seeds. % of GFM tuned excludes the decoder.",
+    ]
+    if kinds:
+        lines.append(f"Peak memory: {', '.join(sorted(kinds))} (cuda_max_allocated: the CUDA "
+                     "allocator's peak; host_rss: the largest resident set sampled during "
+                     "training).")  # fmt: skip
+    lines += ["", "## Jobs that did not finish", ""]
+    problems = []
+    for run in runs:
+        if run.status == "failed":
+            problems.append(f"- failed: `{run.folder.name}` ({' '.join(run.overrides)}): "
+                            f"{run.error[:200]}")  # fmt: skip
+        elif run.status == "incomplete":
+            problems.append(f"- incomplete (running, killed, or stopped early; resume=true "
+                            f"continues it): `{run.folder.name}` ({' '.join(run.overrides)})")  # fmt: skip
+    started = [sorted(r.overrides) for r in runs]
+    for job in expected:
+        if sorted(job) not in started:
+            problems.append(f"- never started: {' '.join(job)}")
+    total = len(expected) or len(runs)
+    lines += problems or [f"All {total} jobs finished."]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the plot ------------------------------------------------------------------------------------
+def draw_plot(rows: list[Row], path: Path, title: str) -> None:
+    """mIoU against % of GFM parameters tuned (log x), error bars = seed std (Figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    positive = [r.percent for r in rows if r.percent > 0]
+    zero_at = (min(positive) / 4) if positive else 1e-3
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    for i, row in enumerate(rows):
+        x = row.percent if row.percent > 0 else zero_at
+        values = [100 * v for v in row.values("mIoU")]
+        y = statistics.mean(values)
+        err = statistics.stdev(values) if len(values) > 1 else 0.0
+        marker = "*" if row.label.startswith("deflect") else "o"
+        ax.errorbar(x, y, yerr=err, fmt=marker, markersize=11 if marker == "*" else 7,
+                    capsize=4)  # fmt: skip
+        label = row.label + (" (0 %)" if row.percent <= 0 else "") + f"  n={len(values)}"
+        offset = (6, 6) if i % 2 == 0 else (6, -14)  # neighbours' labels above and below
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("% of GFM parameters tuned (log scale; decoder excluded)")
+    ax.set_ylabel("test mIoU (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    xs = [r.percent if r.percent > 0 else zero_at for r in rows]
+    if xs:
+        ax.set_xlim(min(xs) / 2, max(xs) * 4)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it to ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_title(runs: list[Run]) -> str:
+    """``<encoder> on <dataset>`` from a finished run's config, flagged when it ran on random
+    weights (no ``encoder.checkpoint``)."""
+    from omegaconf import OmegaConf
+
+    for run in runs:
+        path = run.folder / "config.yaml"
+        if run.status == "finished" and path.is_file():
+            cfg = OmegaConf.load(path)
+            dataset = str(cfg.dataset.get("_target_", "dataset")).rsplit(".", 1)[-1]
+            title = f"{cfg.encoder.get('name', 'encoder')} on {dataset}"
+            if not cfg.encoder.get("checkpoint"):
+                title += " (RANDOM encoder weights: no checkpoint)"
+            return title
+    return "ablation"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table, write ``results.md`` and ``results.png``; 0 when a run finished."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", type=Path, help="the sweep folder (work_dirs/multirun/<time>)")
+    args = parser.parse_args(argv)
+    sweep = args.sweep.expanduser()
+    if not sweep.is_dir():
+        print(f"error: no sweep folder {sweep}; pass the folder a `run.py -m ...` multirun "
+              "wrote, e.g. work_dirs/multirun/<time>", file=sys.stderr)  # fmt: skip
+        return 1
+    runs = collect_runs(sweep)
+    if not runs:
+        print(f"error: {sweep} holds no run folder (<NNN>_<encoder>_<finetune>_<dataset>/ "
+              "with job.json); is it a sweep folder?", file=sys.stderr)  # fmt: skip
+        return 1
+    expected = expected_jobs(sweep)
+    text = render_markdown(sweep, runs, expected)
+    print(text)
+    write_atomic(sweep / "results.md", lambda tmp: Path(tmp).write_text(text))
+    rows = build_rows(runs, varying_keys(expected or [r.overrides for r in runs]))
+    if rows:
+        draw_plot(rows, sweep / "results.png", plot_title(runs))
+        print(f"wrote {sweep / 'results.md'} and {sweep / 'results.png'}")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

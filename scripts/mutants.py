@@ -136,6 +136,12 @@ MUTANTS = [
            "            sources.append(len(sources) % len(pretrained_bands))", MATRIX),
     Mutant("rank auto rounds down", "deflect/tuners/lora/model.py",
            "(max(1, best - 1), best, best + 1)", "(max(1, best - 1),)", COMPETITORS),
+    Mutant("ablation table with the population std", "scripts/ablation_table.py",
+           "{100 * statistics.stdev(values):.2f}", "{100 * statistics.pstdev(values):.2f}",
+           ("tests/test_ablation.py",)),
+    Mutant("ablation table drops failed jobs", "scripts/ablation_table.py",
+           'if run.status == "failed":', 'if run.status == "failed" and False:',
+           ("tests/test_ablation.py",)),
 ]  # fmt: skip
 
 

@@ -1,0 +1,119 @@
+"""An ablation as a user runs it: one multirun over methods and two seeds with a failing job,
+then ``scripts/ablation_table.py`` on its sweep folder. The table's numbers are checked against
+the runs' own ``metrics.json`` files, recomputed here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, TINY, run_cli
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("ablation_table", REPO / "scripts" /
+                                                  "ablation_table.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sweep(demo_root, tmp_path_factory) -> Path:
+    """frozen and lora, seeds 0 and 1, and a precision typo (fp42) that fails in every job it
+    is in: 8 jobs, 4 finished, 4 failed."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    proc = run_cli(["-m", "finetune=frozen,lora", "seed=0,1", "precision=fp32,fp42",
+                    "save_predictions=false", "num_vis=1", *TINY,
+                    f"dataset.root={demo_root}", "epochs=1"], cwd, check=False)  # fmt: skip
+    assert proc.returncode != 0  # Hydra reports the failed jobs at the end
+    (folder,) = (cwd / "work_dirs" / "multirun").iterdir()
+    return folder
+
+
+def test_every_job_has_its_folder_and_failures_say_why(sweep):
+    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(folders) == 8
+    failed = [f for f in folders if (sweep / f / "failed.txt").is_file()]
+    assert len(failed) == 4
+    for name in failed:
+        job = json.loads((sweep / name / "job.json").read_text())
+        assert "precision=fp42" in job["overrides"]
+        first = (sweep / name / "failed.txt").read_text().splitlines()[0]
+        assert first.startswith("ValueError: precision='fp42'")
+
+
+def test_table_pools_seeds_and_lists_the_failed_jobs(sweep):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "ablation_table.py"),
+                           str(sweep)], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = (sweep / "results.md").read_text()
+    assert text.strip() == proc.stdout.split("wrote ")[0].strip()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line}  # fmt: skip
+    # Rows are told apart by method and precision; the two seeds are pooled.
+    assert set(rows) - {"method"} == {"frozen precision=fp32", "lora precision=fp32"}
+    for method in ("frozen", "lora"):
+        runs = [json.loads((p / "metrics.json").read_text())
+                for p in sorted(sweep.glob(f"*_{method}_demo")) if (p / "metrics.json").is_file()]  # fmt: skip
+        assert len(runs) == 2
+        row = rows[f"{method} precision=fp32"]
+        miou = [100 * r["test"]["mIoU"] for r in runs]
+        assert row[1] == "2 (0, 1)"
+        assert row[6] == f"{statistics.mean(miou):.2f} ± {statistics.stdev(miou):.2f}"
+        assert row[2] == f"{runs[0]['params']['encoder_trainable']:,}"
+        assert row[3] == f"{runs[0]['params']['encoder_trainable_percent']:.4f} %"
+        bare = [100 * r["test"]["per_class"]["bare"]["IoU"] for r in runs]
+        assert row[8] == f"{statistics.mean(bare):.2f}"
+    # LoRA rank 16 on the tiny ViT: 16 x 16 x 32 x 4 blocks.
+    assert rows["lora precision=fp32"][2] == f"{16 * 16 * 32 * 4:,}"
+    assert "Common settings:" in text and "`epochs=1`" in text
+    assert text.count("- failed: ") == 4 and "precision='fp42'" in text
+    image = Image.open(sweep / "results.png")
+    assert image.format == "PNG" and image.size[0] > 400
+
+
+def test_never_started_and_incomplete_jobs_are_listed(sweep, tmp_path):
+    """A copy of the sweep with one job's folder gone and another's metrics gone."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy)
+    finished = sorted(p for p in copy.iterdir() if (p / "metrics.json").is_file())
+    assert [p.name[4:] for p in finished] == ["tiny_vit_frozen_demo"] * 2 + [
+        "tiny_vit_lora_demo"
+    ] * 2
+    shutil.rmtree(finished[0])  # frozen, seed 0
+    (finished[2] / "metrics.json").unlink()  # lora, seed 0
+    text = load_script().render_markdown(copy, load_script().collect_runs(copy),
+                                         load_script().expected_jobs(copy))  # fmt: skip
+    job0 = json.loads((sweep / finished[0].name / "job.json").read_text())["overrides"]
+    assert f"- never started: {' '.join(job0)}" in text
+    assert f"- incomplete (running, killed, or stopped early; resume=true continues it): " \
+           f"`{finished[2].name}`" in text  # fmt: skip
+    assert "| frozen precision=fp32 | 1 (1) |" in text and "| lora precision=fp32 | 1 (1) |" in text
+
+
+def test_missing_or_empty_sweep_folder_is_an_error(tmp_path):
+    script = load_script()
+    assert script.main([str(tmp_path / "nowhere")]) == 1
+    assert script.main([str(tmp_path)]) == 1
+
+
+def test_sample_std_and_sizes():
+    script = load_script()
+    assert script.mean_std([0.40, 0.44]) == "42.00 ± 2.83"  # sample std: 0.04 / sqrt(2)
+    assert script.mean_std([0.5]) == "50.00"
+    assert script.human_bytes(286_720) == "280 KiB"
+    assert script.human_bytes(86_400_000) == "82.4 MiB"
+    assert script.varying_keys([["a=1", "b=2", "seed=0"], ["a=1", "b=3", "seed=1"]]) == [
+        "b", "seed",
+    ]  # fmt: skip

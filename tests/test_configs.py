@@ -113,19 +113,21 @@ def test_method_configs_hold_only_the_methods_hyper_parameters():
 
 def test_every_method_starts_from_the_same_encoder_and_decoder(demo_root):
     models = {}
-    for finetune in ("frozen", "full", "bitfit", "norm_tuning", "deflect"):
-        cfg = compose_with([f"finetune={finetune}", f"dataset.root={demo_root}", *SHRINK])
-        models[finetune] = build.build_model(cfg, build.build_dataset(cfg, "train").spec)
+    for path in sorted((CONFIGS / "finetune").glob("*.yaml")):
+        cfg = compose_with([f"finetune={path.stem}", f"dataset.root={demo_root}", *SHRINK])
+        models[path.stem] = build.build_model(cfg, build.build_dataset(cfg, "train").spec)
+    assert {"frozen", "lora", "scaled_lora", "deflect"} <= set(models)
     reference = models["frozen"].state_dict()
     for name, model in models.items():
         state = model.state_dict()
         decoder = [k for k in reference if not k.startswith("encoder.")]
         assert all(torch.equal(state[k], reference[k]) for k in decoder), name
-        # DEFLECT wraps some modules (their weights move under `base_layer.`), adds `deflect_*`.
+        # Adapters wrap some modules (their weights move under `base_layer.`) and add their own
+        # (`deflect_*`, `lora_*`).
         base = {
             k.replace("base_layer.", ""): v
             for k, v in model.encoder.base_model.backbone.state_dict().items()
-            if "deflect_" not in k
+            if "deflect_" not in k and "lora_" not in k
         }
         frozen = models["frozen"].encoder.base_model.backbone.state_dict()
         assert base.keys() == frozen.keys(), name

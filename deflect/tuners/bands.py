@@ -16,10 +16,9 @@ from torch import nn
 from torch.func import functional_call
 
 from deflect.encoders.base import fill_invalid
-from deflect.tuners.base import AdapterLayer
+from deflect.tuners.base import BAND_PREFIX, AdapterLayer
 
-#: Name prefix of the band-strategy kernels (``patch_embed.bands_kernel.<adapter>.weight``).
-BAND_PREFIX = "bands_"
+__all__ = ["BAND_PREFIX", "BandKernel", "BandPatchEmbed", "band_kernel", "find_patch_conv"]
 
 
 class BandKernel(nn.Module):

@@ -8,6 +8,9 @@ from datasets.base import (
     read_raster,
 )
 from datasets.demo import DEMO_BAND_STATS, DEMO_CLASSES, DemoVegetation, prepare_demo
+from datasets.hls_burn_scars import HLSBurnScars
+from datasets.mados import MADOS, MADOS_CLASSES
+from datasets.sen1floods11 import Sen1Floods11
 from datasets.transforms import JointTransform, build_transform
 
 __all__ = [
@@ -17,8 +20,12 @@ __all__ = [
     "DemoVegetation",
     "FolderSegmentation",
     "GeoTIFFSegmentationDataset",
+    "HLSBurnScars",
     "JointTransform",
+    "MADOS",
+    "MADOS_CLASSES",
     "Sample",
+    "Sen1Floods11",
     "build_transform",
     "prepare_demo",
     "read_raster",

@@ -141,6 +141,15 @@ MUTANTS = [
     Mutant("ablation table drops failed jobs", "scripts/ablation_table.py",
            'if run.status == "failed":', 'if run.status == "failed" and False:',
            ("tests/test_ablation.py",)),
+    Mutant("MADOS coarse bands tiled, not upsampled", "datasets/mados.py",
+           "rows = np.arange(shape[0]) * h // shape[0]", "rows = np.arange(shape[0]) % h",
+           ("tests/test_benchmark_datasets.py",)),
+    Mutant("MADOS mask without the -1 offset", "datasets/mados.py",
+           "label_offset: ClassVar[int] = 1", "label_offset: ClassVar[int] = 0",
+           ("tests/test_benchmark_datasets.py",)),
+    Mutant("HLS train/val split overlaps", "datasets/hls_burn_scars.py",
+           "if (i in val) == (split == \"val\")", "if (i in val) or split == \"train\"",
+           ("tests/test_benchmark_datasets.py",)),
 ]  # fmt: skip
 
 

@@ -1,0 +1,270 @@
+"""MADOS, HLS Burn Scars and Sen1Floods11 read from tiny fixtures written in their released
+layouts (file names, folders, band files, dtypes, no-data values, split files): what the loaders
+yield is checked against the values the fixtures wrote."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import from_origin
+
+from datasets import MADOS, HLSBurnScars, Sen1Floods11
+from datasets.mados import MADOS_BANDS, MADOS_CLASSES
+from tests.conftest import TINY, run_cli
+
+MADOS_10M = 24  # the fixture's 10 m crops (240 in the release); 20 m: 12, 60 m: 4
+
+
+def write_tif(path: Path, data: np.ndarray, georeferenced: bool = True) -> None:
+    """A GeoTIFF of ``data`` (C, H, W) or (H, W), in ``data``'s dtype."""
+    data = data[None] if data.ndim == 2 else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2],
+               "count": data.shape[0], "dtype": data.dtype}  # fmt: skip
+    if georeferenced:
+        profile.update(crs="EPSG:32633", transform=from_origin(500000, 4000000, 30, 30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
+
+
+def stats(bands: list[str]) -> dict:
+    return {"mean": dict.fromkeys(bands, 0.0), "std": dict.fromkeys(bands, 1.0)}
+
+
+# ---- MADOS ---------------------------------------------------------------------------------------
+#: S2A and S2B name bands by slightly different wavelengths; the fixture uses both.
+WAVELENGTHS = {
+    "S2A": {"B1": 443, "B2": 492, "B3": 560, "B4": 665, "B5": 704, "B6": 740, "B7": 783,
+            "B8": 833, "B8A": 865, "B11": 1614, "B12": 2202},
+    "S2B": {"B1": 442, "B2": 492, "B3": 559, "B4": 665, "B5": 704, "B6": 739, "B7": 780,
+            "B8": 833, "B8A": 864, "B11": 1610, "B12": 2186},
+}  # fmt: skip
+SIZES = {"10": MADOS_10M, "20": MADOS_10M // 2, "60": MADOS_10M // 6}
+
+
+def mados_band(scene: int, crop: int, band: str) -> np.ndarray:
+    """The values the fixture writes for one band file: distinct per scene, crop, band, pixel."""
+    size = SIZES[MADOS_BANDS[band][0]]
+    base = 0.01 * scene + 0.001 * crop + 0.0001 * list(MADOS_BANDS).index(band)
+    return (base + 1e-6 * np.arange(size * size).reshape(size, size)).astype(np.float32)
+
+
+def mados_mask(scene: int, crop: int) -> np.ndarray:
+    rng = np.random.default_rng(scene * 10 + crop)
+    return rng.integers(0, 16, (MADOS_10M, MADOS_10M)).astype(np.uint8)  # 0 = unlabelled
+
+
+def write_mados(root: Path) -> Path:
+    """A tiny MADOS in its released layout under ``root``."""
+    crops = {"train": [(0, 1), (0, 2), (1, 1)], "val": [(1, 2)], "test": [(0, 3)]}
+    for split, ids in crops.items():
+        (root / "splits").mkdir(parents=True, exist_ok=True)
+        (root / "splits" / f"{split}_X.txt").write_text("".join(f"Scene_{s}_{c}\n" for s, c in ids))
+    for ids in crops.values():
+        for scene, crop in ids:
+            sensor = "S2A" if scene == 0 else "S2B"
+            folder = root / f"Scene_{scene}"
+            for band, (res, _, _) in MADOS_BANDS.items():
+                nm = WAVELENGTHS[sensor][band]
+                name = f"Scene_{scene}_L2R_rhorc_{nm}_{crop}.tif"
+                write_tif(folder / res / name, mados_band(scene, crop, band), False)
+            mask = mados_mask(scene, crop)
+            write_tif(folder / "10" / f"Scene_{scene}_L2R_cl_{crop}.tif", mask, False)
+            for extra in ("conf", "rep"):  # released next to the mask; must be ignored
+                write_tif(folder / "10" / f"Scene_{scene}_L2R_{extra}_{crop}.tif", mask, False)
+    # A crop on disk that no split lists: not loaded.
+    write_tif(root / "Scene_1" / "10" / "Scene_1_L2R_cl_9.tif", mados_mask(1, 9), False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mados_root(tmp_path_factory) -> Path:
+    return write_mados(tmp_path_factory.mktemp("MADOS"))
+
+
+def mados(root: Path, split: str, bands: list[str] | None = None) -> MADOS:
+    bands = bands or list(MADOS_BANDS)
+    return MADOS(root=str(root), split=split, bands=bands, classes=MADOS_CLASSES,
+                 band_stats=stats(bands))  # fmt: skip
+
+
+def test_mados_splits_band_order_upsampling_and_labels(mados_root):
+    train = mados(mados_root, "train")
+    assert [s.name for s in train.samples] == ["Scene_0_1", "Scene_0_2", "Scene_1_1"]
+    assert [s.name for s in mados(mados_root, "val").samples] == ["Scene_1_2"]
+    assert [s.name for s in mados(mados_root, "test").samples] == ["Scene_0_3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the files are not georeferenced: no warning leaks
+        image, mask = train.read_sample(2)  # Scene_1 (S2B wavelengths)
+    assert image.shape == (11, MADOS_10M, MADOS_10M) and image.dtype == np.float32
+    for c, band in enumerate(MADOS_BANDS):
+        factor = MADOS_10M // SIZES[MADOS_BANDS[band][0]]  # each coarse pixel -> a block
+        expected = np.kron(mados_band(1, 1, band), np.ones((factor, factor), np.float32))
+        np.testing.assert_array_equal(image[c], expected, err_msg=band)
+    stored = mados_mask(1, 1).astype(np.int64)
+    np.testing.assert_array_equal(mask, np.where(stored == 0, -1, stored - 1))
+    assert mask.max() <= 14 and (mask == -1).any()
+
+
+def test_mados_band_subset_in_the_order_asked(mados_root):
+    dataset = mados(mados_root, "val", ["B8", "B2", "B12"])
+    image, _ = dataset.read_sample(0)
+    for c, band in enumerate(["B8", "B2", "B12"]):
+        factor = MADOS_10M // SIZES[MADOS_BANDS[band][0]]
+        np.testing.assert_array_equal(image[c], np.kron(mados_band(1, 2, band),
+                                                        np.ones((factor, factor))))  # fmt: skip
+
+
+def test_mados_missing_band_file_is_named(mados_root, tmp_path):
+    import shutil
+
+    broken = tmp_path / "MADOS"
+    shutil.copytree(mados_root, broken)
+    (broken / "Scene_0" / "20" / "Scene_0_L2R_rhorc_1614_2.tif").unlink()  # B11 of Scene_0_2
+    with pytest.raises(FileNotFoundError, match=r"Scene_0_2 has no file for band\(s\) B11"):
+        mados(broken, "train")
+    with pytest.raises(FileNotFoundError, match="splits/train_X.txt"):
+        mados(tmp_path, "train")
+
+
+# ---- HLS Burn Scars ------------------------------------------------------------------------------
+HLS = 16  # chip size in the fixture (512 in the release)
+
+
+def hls_name(i: int) -> str:
+    return f"subsetted_512x512_HLS.S30.T10SEH.2018{i:03d}.v1.4"
+
+
+def write_hls(root: Path) -> Path:
+    """A tiny HLS Burn Scars in its released layout under ``root``."""
+    for folder, ids in (("training", range(10)), ("validation", range(100, 103))):
+        for i in ids:
+            rng = np.random.default_rng(i)
+            image = rng.uniform(0, 0.4, (6, HLS, HLS)).astype(np.float32)
+            image[:, 0, 0] = 9999  # no data in every band
+            image[2, 1, 1] = 9999  # no data in B4 only
+            mask = rng.integers(0, 2, (HLS, HLS)).astype(np.int16)
+            mask[0, :4] = -1  # missing labels
+            write_tif(root / folder / f"{hls_name(i)}_merged.tif", image)
+            write_tif(root / folder / f"{hls_name(i)}.mask.tif", mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hls_root(tmp_path_factory) -> Path:
+    return write_hls(tmp_path_factory.mktemp("hls"))
+
+
+def hls(root: Path, split: str, **kwargs) -> HLSBurnScars:
+    bands = HLSBurnScars.available_bands
+    return HLSBurnScars(root=str(root), split=split, bands=bands,
+                        classes=["Not burned", "Burn scar"], band_stats=stats(bands),
+                        nodata=None, **kwargs)  # fmt: skip
+
+
+def test_hls_splits_are_seeded_disjoint_and_test_is_validation(hls_root):
+    train, val, test = (hls(hls_root, s) for s in ("train", "val", "test"))
+    names = lambda d: {s.name for s in d.samples}  # noqa: E731
+    assert names(test) == {hls_name(i) for i in range(100, 103)}
+    assert len(val) == 1 and len(train) == 9
+    assert names(train) | names(val) == {hls_name(i) for i in range(10)}
+    assert not names(train) & names(val)
+    assert names(hls(hls_root, "val")) == names(val)  # the same chips every time
+    assert len(hls(hls_root, "val", val_fraction=0.3)) == 3
+
+
+def test_hls_nodata_missing_labels_and_georeferencing(hls_root):
+    test = hls(hls_root, "test")
+    image, mask = test.read_sample(0)
+    rng = np.random.default_rng(100)
+    expected = rng.uniform(0, 0.4, (6, HLS, HLS)).astype(np.float32)
+    expected_mask = rng.integers(0, 2, (HLS, HLS)).astype(np.int64)
+    expected[:, 0, 0] = np.nan
+    expected[2, 1, 1] = np.nan
+    expected_mask[0, :4] = -1
+    np.testing.assert_array_equal(image, expected)  # NaN where 9999
+    np.testing.assert_array_equal(mask, expected_mask)
+    crs, transform = test.georeference(0)
+    assert crs.to_epsg() == 32633 and transform.a == 30
+
+
+# ---- Sen1Floods11 --------------------------------------------------------------------------------
+S1F = 16
+CHIPS = {"train": ["Bolivia_103757", "Ghana_5079"], "val": ["India_1068"], "test": ["USA_181263"]}
+
+
+def write_floods(root: Path) -> Path:
+    """A tiny Sen1Floods11 (hand-labelled v1.1) in its released layout under ``root``."""
+    splits = root / "v1.1" / "splits" / "flood_handlabeled"
+    splits.mkdir(parents=True)
+    names = {"train": "flood_train_data.csv", "val": "flood_valid_data.csv",
+             "test": "flood_test_data.csv"}  # fmt: skip
+    hand = root / "v1.1" / "data" / "flood_events" / "HandLabeled"
+    for split, chips in CHIPS.items():
+        (splits / names[split]).write_text(
+            "".join(f"{c}_S1Hand.tif,{c}_LabelHand.tif\n" for c in chips)
+        )
+        for k, chip in enumerate(chips):
+            rng = np.random.default_rng(len(chip) + k)
+            optical = rng.integers(0, 10000, (13, S1F, S1F)).astype(np.uint16)
+            sar = rng.normal(-12, 4, (2, S1F, S1F)).astype(np.float32)
+            sar[:, 2, 3] = np.nan
+            label = rng.integers(-1, 2, (S1F, S1F)).astype(np.int16)
+            write_tif(hand / "S2Hand" / f"{chip}_S2Hand.tif", optical)
+            write_tif(hand / "S1Hand" / f"{chip}_S1Hand.tif", sar)
+            write_tif(hand / "LabelHand" / f"{chip}_LabelHand.tif", label)
+    return root
+
+
+@pytest.fixture(scope="module")
+def floods_root(tmp_path_factory) -> Path:
+    return write_floods(tmp_path_factory.mktemp("sen1floods11"))
+
+
+def test_sen1floods11_optical_and_sar_from_the_split_files(floods_root):
+    for split, chips in CHIPS.items():
+        dataset = Sen1Floods11(root=str(floods_root), split=split, bands=["B8A", "B2", "B10"],
+                               classes=["Not Water", "Water"], band_stats=stats(["B8A", "B2", "B10"]))  # fmt: skip
+        assert [s.name for s in dataset.samples] == chips
+    chip = CHIPS["train"][1]
+    rng = np.random.default_rng(len(chip) + 1)
+    optical = rng.integers(0, 10000, (13, S1F, S1F)).astype(np.uint16)
+    sar = rng.normal(-12, 4, (2, S1F, S1F)).astype(np.float32)
+    label = rng.integers(-1, 2, (S1F, S1F)).astype(np.int64)
+    dataset = Sen1Floods11(root=str(floods_root), split="train", bands=["B8A", "B2", "B10"],
+                           classes=["Not Water", "Water"], band_stats=stats(["B8A", "B2", "B10"]))  # fmt: skip
+    image, mask = dataset.read_sample(1)
+    order = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+    np.testing.assert_array_equal(image, optical[[order.index(b) for b in ("B8A", "B2", "B10")]])
+    np.testing.assert_array_equal(mask, label)  # -1 is the ignore index already
+    radar = Sen1Floods11(root=str(floods_root), split="train", modality="sar", bands=["VH", "VV"],
+                         classes=["Not Water", "Water"], band_stats=stats(["VV", "VH"]),
+                         display_bands=["VV", "VH", "VV"])  # fmt: skip
+    image, _ = radar.read_sample(1)
+    sar[:, 2, 3] = np.nan
+    np.testing.assert_array_equal(image, sar[[1, 0]])
+    with pytest.raises(ValueError, match="band 'VV' is not available"):
+        Sen1Floods11(root=str(floods_root), split="train", bands=["VV"], classes=["a", "b"],
+                     band_stats=stats(["VV"]))  # fmt: skip
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dataset", ["mados", "hls_burn_scars", "sen1floods11"])
+def test_a_few_training_steps_on_each_fixture(dataset, mados_root, hls_root, floods_root,
+                                              tmp_path):  # fmt: skip
+    root = {"mados": mados_root, "hls_burn_scars": hls_root, "sen1floods11": floods_root}[dataset]
+    run_cli([*TINY, f"dataset={dataset}", f"dataset.root={root}", "img_size=16", "epochs=1",
+             "max_steps_per_epoch=1", "batch_size=2", "finetune=deflect", "num_vis=1"],
+            tmp_path)  # fmt: skip
+    (work_dir,) = (tmp_path / "work_dirs").iterdir()
+    summary = json.loads((work_dir / "metrics.json").read_text())
+    assert summary["train_images"] == 2
+    assert summary["test"]["pixels"] > 0

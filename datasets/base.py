@@ -28,6 +28,7 @@ georeferencing of predictions) lives here once.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from torch.utils.data import Dataset
 from deflect.data import DataSpec
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,10 @@ class GeoTIFFSegmentationDataset(Dataset):
         transform: joint ``(image, mask) -> (image, mask)`` transform on tensors, normally a
             :class:`datasets.transforms.JointTransform` that also normalises; without one the
             image is returned raw. May also be set after construction.
+        limited_label: train on this fraction of the training samples, a seeded random subset
+            (the same on every run; at least one sample); ``None`` uses them all. Validation
+            and test splits are never cut.
+        limited_label_seed: the seed of that subset.
     """
 
     available_bands: ClassVar[list[str]] = []
@@ -163,8 +169,14 @@ class GeoTIFFSegmentationDataset(Dataset):
         display_bands: list[str] | None = None,
         transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         | None = None,
+        limited_label: float | None = None,
+        limited_label_seed: int = 0,
     ) -> None:
         name = type(self).__name__
+        if limited_label is not None and not 0 < limited_label <= 1:
+            raise ValueError(
+                f"{name}: limited_label={limited_label} must be a fraction in (0, 1] (or null)"
+            )
         if split not in SPLITS:
             raise ValueError(f"{name}: split {split!r} is not one of {list(SPLITS)}")
         self.split = split
@@ -206,6 +218,13 @@ class GeoTIFFSegmentationDataset(Dataset):
             raise ValueError(
                 f"{name}: split {split!r} has no samples under {str(self.root)!r}; check that "
                 f"dataset.root points at the unpacked dataset (expected layout: {self.layout})"
+            )
+        if split == "train" and limited_label is not None and limited_label < 1:
+            keep = max(1, round(limited_label * len(self.samples)))
+            order = np.random.default_rng(limited_label_seed).permutation(len(self.samples))
+            self.samples = [self.samples[i] for i in sorted(order[:keep])]
+            log.info(
+                "%s: limited_label=%s keeps %d of the training samples", name, limited_label, keep
             )
 
     # ----------------------------------------------------------------------------- validation

@@ -268,3 +268,43 @@ def test_a_few_training_steps_on_each_fixture(dataset, mados_root, hls_root, flo
     summary = json.loads((work_dir / "metrics.json").read_text())
     assert summary["train_images"] == 2
     assert summary["test"]["pixels"] > 0
+
+
+# ---- options a user expects ----------------------------------------------------------------------
+def test_limited_label_keeps_a_seeded_fraction_of_training_only(hls_root):
+    full = {s.name for s in hls(hls_root, "train").samples}
+    cut = hls(hls_root, "train", limited_label=0.34)
+    names = {s.name for s in cut.samples}
+    assert len(names) == round(0.34 * 9) == 3 and names <= full
+    assert names == {s.name for s in hls(hls_root, "train", limited_label=0.34).samples}
+    other = {
+        s.name for s in hls(hls_root, "train", limited_label=0.34, limited_label_seed=5).samples
+    }
+    assert len(other) == 3 and other <= full
+    assert len(hls(hls_root, "test", limited_label=0.34)) == 3  # other splits are never cut
+    with pytest.raises(ValueError, match="limited_label=1.5"):
+        hls(hls_root, "train", limited_label=1.5)
+
+
+def test_median_frequency_class_weights_from_the_dataset_yaml():
+    from hydra import compose, initialize_config_dir
+
+    from deflect.engine.build import class_weights
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=mados", "loss.class_weights=median_frequency"])
+    freqs = [0.00336, 0.00241, 0.00336, 0.00142, 0.00775, 0.18452, 0.34775, 0.20638, 0.00062,
+             0.1169, 0.09188, 0.01309, 0.00917, 0.00176, 0.00963]  # fmt: skip
+    median = sorted(freqs)[7]  # 15 classes: the 8th smallest, 0.00917
+
+    class Spec:
+        num_classes = 15
+
+    weights = class_weights(cfg, Spec())
+    assert weights == pytest.approx([median / f for f in freqs])
+    assert weights[freqs.index(0.00917)] == pytest.approx(1.0)
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["loss.class_weights=median_frequency"])  # demo
+    with pytest.raises(ValueError, match="needs dataset.class_frequencies"):
+        class_weights(cfg, type("S", (), {"num_classes": 4})())

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # Keys of a dataset YAML that describe the run, not the dataset object.
-RUN_HINTS = ("img_size",)
+RUN_HINTS = ("img_size", "class_frequencies")
 
 
 def build_dataset(cfg: DictConfig, split: str):
@@ -112,12 +112,47 @@ def build_model(cfg: DictConfig, data: DataSpec) -> nn.Module:
     )
 
 
+def median_frequency_weights(frequencies: list[float]) -> list[float]:
+    """Median frequency balancing (Eigen & Fergus, ICCV 2015): w_c = median(f) / f_c."""
+    if any(not f > 0 for f in frequencies):
+        raise ValueError(
+            f"class frequencies {frequencies} must all be positive for median_frequency weights"
+        )
+    ordered = sorted(frequencies)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return [median / f for f in frequencies]
+
+
+def class_weights(cfg: DictConfig, data: DataSpec) -> list[float] | None:
+    """``loss.class_weights``: a list, null, or ``median_frequency`` (from the dataset YAML's
+    ``class_frequencies``, e.g. MADOS's published ones)."""
+    weights = cfg.loss.class_weights
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        if weights != "median_frequency":
+            raise ValueError(
+                f"loss.class_weights={weights!r}: give a list of {data.num_classes} numbers, "
+                "null, or median_frequency"
+            )
+        frequencies = cfg.dataset.get("class_frequencies")
+        if not frequencies or len(frequencies) != data.num_classes:
+            raise ValueError(
+                "loss.class_weights=median_frequency needs dataset.class_frequencies with one "
+                f"value per class ({data.num_classes}); the dataset YAML has "
+                f"{None if not frequencies else len(frequencies)}"
+            )
+        return median_frequency_weights([float(f) for f in frequencies])
+    return [float(w) for w in weights]
+
+
 def build_loss(cfg: DictConfig, data: DataSpec) -> SegmentationLoss:
     """Cross-entropy with ignore_index, optional class weights and dice."""
     return SegmentationLoss(
         num_classes=data.num_classes,
         ignore_index=data.ignore_index,
-        class_weights=list(cfg.loss.class_weights) if cfg.loss.class_weights else None,
+        class_weights=class_weights(cfg, data),
         dice_weight=float(cfg.loss.dice_weight),
     )
 

@@ -150,6 +150,8 @@ MUTANTS = [
     Mutant("HLS train/val split overlaps", "datasets/hls_burn_scars.py",
            "if (i in val) == (split == \"val\")", "if (i in val) or split == \"train\"",
            ("tests/test_benchmark_datasets.py",)),
+    Mutant("DINO checkpoints read the student, not the teacher", "deflect/encoders/checkpoint.py",
+           '"teacher", "student"', '"student", "teacher"', ("tests/test_encoders.py",)),
 ]  # fmt: skip
 
 

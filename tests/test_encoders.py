@@ -252,3 +252,39 @@ def test_loss_ignores_pixels_and_weights_classes_like_a_hand_computation():
     perfect = F.one_hot(target.clamp(min=0), 3).permute(0, 3, 1, 2).float() * 100
     dice = SegmentationLoss(3, ignore_index=-1, dice_weight=1.0).dice(perfect, target)
     assert dice.item() == pytest.approx(0.0, abs=1e-4)  # a perfect prediction has no dice loss
+
+
+def test_dino_mc_release_checkpoint_loads_the_teacher_backbone(tmp_path):
+    """The DINO release layout: teacher and student (DDP-wrapped) with their DINO heads, the
+    optimiser, the loss centre and the training arguments; every encoder weight comes from the
+    teacher's backbone."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["encoder=dino_mc", "img_size=224"])
+    build = instantiate(cfg.encoder, _partial_=True, _convert_="all")
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        source = build(data=s2_spec())
+    teacher = {f"backbone.{k}": v.clone() for k, v in source.backbone.state_dict().items()}
+    teacher["backbone.norm.weight"] = torch.ones(384)  # the final norm DINO keeps
+    teacher["backbone.norm.bias"] = torch.zeros(384)
+    teacher["head.mlp.0.weight"] = torch.zeros(2048, 384)  # the DINO projection head
+    teacher["head.last_layer.weight_g"] = torch.ones(65536, 1)
+    student = {f"module.{k}": v + 1 for k, v in teacher.items()}  # must not be used
+    path = tmp_path / "dino_mc_vits16.pth"
+    torch.save({"student": student, "teacher": teacher, "epoch": 100,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+                "dino_loss": {"center": torch.zeros(1, 65536)},
+                "args": argparse.Namespace(arch="vit_small", patch_size=16)}, path)  # fmt: skip
+    torch.manual_seed(1)
+    encoder = build(data=s2_spec(), checkpoint=str(path))
+    loaded = encoder.backbone.state_dict()
+    assert loaded.keys() == source.backbone.state_dict().keys()
+    for key, value in loaded.items():
+        assert torch.equal(value, teacher[f"backbone.{key}"]), key
+    # ViT-S/16 at 224 px without its head and final norm: 21.66 M ("21M" in the release table).
+    assert sum(p.numel() for p in encoder.parameters()) == 21_664_896

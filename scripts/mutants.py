@@ -152,6 +152,12 @@ MUTANTS = [
            ("tests/test_benchmark_datasets.py",)),
     Mutant("DINO checkpoints read the student, not the teacher", "deflect/encoders/checkpoint.py",
            '"teacher", "student"', '"student", "teacher"', ("tests/test_encoders.py",)),
+    Mutant("Scale-MAE embeds rows first, columns second", "deflect/encoders/scale_mae.py",
+           "[sincos_1d(dim // 2, j * res), sincos_1d(dim // 2, i * res)]",
+           "[sincos_1d(dim // 2, i * res), sincos_1d(dim // 2, j * res)]",
+           ("tests/test_encoders.py",)),
+    Mutant("Scale-MAE ignores the per-sample GSD", "deflect/encoders/scale_mae.py",
+           "res = self._res if self._res is not None else", "res =", ("tests/test_encoders.py",)),
 ]  # fmt: skip
 
 

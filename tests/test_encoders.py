@@ -6,6 +6,7 @@ import argparse
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +289,105 @@ def test_dino_mc_release_checkpoint_loads_the_teacher_backbone(tmp_path):
         assert torch.equal(value, teacher[f"backbone.{key}"]), key
     # ViT-S/16 at 224 px without its head and final norm: 21.66 M ("21M" in the release table).
     assert sum(p.numel() for p in encoder.parameters()) == 21_664_896
+
+
+# ---- Scale-MAE -----------------------------------------------------------------------------------
+def scale_mae_pos_oracle(dim: int, rows: int, cols: int, res: float) -> np.ndarray:
+    """Scale-MAE's embedding by hand (numpy): half the channels for column·res, half for
+    row·res, [sin, cos] with ω_k = 10000^(-k/(dim/4)); a zero row first for CLS."""
+
+    def one(d: int, p: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2) / (d / 2))
+        angles = np.outer(p, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    cols_of, rows_of = np.meshgrid(np.arange(cols), np.arange(rows))  # [i, j] -> j, i
+    emb = np.concatenate(
+        [one(dim // 2, cols_of.ravel() * res), one(dim // 2, rows_of.ravel() * res)], axis=1
+    )
+    return np.concatenate([np.zeros((1, dim)), emb])
+
+
+def tiny_scale_mae(**kwargs):
+    from deflect.encoders import ScaleMAEEncoder
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(RANDOM|gives no GSD)")
+        return ScaleMAEEncoder(
+            name="scale_mae", arch="vit_tiny_patch16_224", data=kwargs.pop("data", s2_spec(BANDS)),
+            img_size=32, patch_size=8, output_layers=[0, 1, 2, 3],
+            arch_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 4}, **kwargs,
+        ).eval()  # fmt: skip
+
+
+def test_scale_mae_positional_embedding_follows_each_samples_gsd():
+    encoder = tiny_scale_mae()
+    reference = tiny(img_size=32)  # a plain ViT with a learned pos_embed slot
+    reference.backbone.load_state_dict(encoder.backbone.state_dict(), strict=False)
+    x = torch.randn(2, len(BANDS), 32, 32)
+    with torch.no_grad():
+        out = encoder(x, gsd=torch.tensor([10.0, 30.0]))
+        for sample, res in enumerate((10.0, 30.0)):
+            pos = torch.from_numpy(scale_mae_pos_oracle(32, 4, 4, res)).float()[None]
+            reference.backbone.pos_embed.copy_(pos)
+            expected = reference(x)
+            for level in range(4):
+                torch.testing.assert_close(out[level][sample], expected[level][sample],
+                                           atol=1e-5, rtol=1e-5)  # fmt: skip
+        # Without a per-sample GSD the dataset's is used.
+        spec = s2_spec(BANDS, gsd=30.0)
+        fixed = tiny_scale_mae(data=spec)
+        torch.testing.assert_close(fixed(x)[3][1], out[3][1], atol=1e-5, rtol=1e-5)
+
+
+def test_scale_mae_release_checkpoint_loads_with_the_decoder_dropped(tmp_path):
+    source = tiny_scale_mae()
+    state = {k: v.clone() for k, v in source.backbone.state_dict().items()}
+    state["pos_embed"] = torch.randn(1, 1 + 28 * 28, 32)  # the fixed 224-px table: unused
+    state["norm.weight"], state["norm.bias"] = torch.ones(32), torch.zeros(32)
+    state["mask_token"] = torch.zeros(1, 1, 16)
+    state["decoder_embed.weight"] = torch.zeros(16, 32)
+    state["decoder_blocks.0.attn.qkv.weight"] = torch.zeros(48, 16)
+    state["decoder_pred.weight"] = torch.zeros(192, 16)
+    path = tmp_path / "scalemae-vitlarge-800.pth"
+    torch.save({"model": state, "epoch": 799, "args": argparse.Namespace(input_size=224)}, path)
+    with pytest.warns(UserWarning) as record:
+        encoder = tiny_scale_mae(checkpoint=str(path))
+    message = "\n".join(str(w.message) for w in record)
+    assert "decoder_embed.weight" in message and "mask_token" in message
+    loaded = encoder.backbone.state_dict()
+    assert loaded.keys() == source.backbone.state_dict().keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+
+
+def test_deflect_on_scale_mae_is_the_identity_at_init():
+    from deflect import DeflectConfig, get_deflect_model
+
+    base = tiny_scale_mae()
+    x = torch.randn(2, len(BANDS), 32, 32)
+    gsd = torch.tensor([10.0, 20.0])
+    with torch.no_grad():
+        expected = base(x, gsd=gsd)
+        adapted = get_deflect_model(base, DeflectConfig())
+        for a, b in zip(adapted(x, gsd=gsd), expected):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_mae_parameter_count_is_vit_large():
+    """ViT-L/16 encoder without head, final norm and positional table: 24 blocks of
+    12·D² + 13·D parameters, the patch embedding 3·16²·D + D and the CLS token (D = 1024)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["encoder=scale_mae", "img_size=224"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            encoder = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=s2_spec())
+    d = 1024
+    expected = 24 * (12 * d * d + 13 * d) + 3 * 16 * 16 * d + d + d
+    assert sum(p.numel() for p in encoder.parameters()) == expected

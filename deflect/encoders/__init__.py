@@ -1,6 +1,7 @@
 """Encoders: pretrained ViTs behind one contract (:class:`Encoder`)."""
 
 from deflect.encoders.base import Encoder, fill_invalid
+from deflect.encoders.scale_mae import ScaleMAEEncoder
 from deflect.encoders.vit import ViTEncoder
 
-__all__ = ["Encoder", "ViTEncoder", "fill_invalid"]
+__all__ = ["Encoder", "ScaleMAEEncoder", "ViTEncoder", "fill_invalid"]

@@ -2,6 +2,8 @@
 
     python scripts/benchmark.py --encoder vit_s16 vit_b16 --finetune frozen full deflect \
         --batch-size 8 --img-size 224
+    python scripts/benchmark.py --loader mados --root /data/MADOS --workers 0 2 4 \
+        --encoder vit_s16 --finetune deflect      # does loading keep pace with training?
 
 Each (encoder, finetune) pair runs in a fresh subprocess so its peak memory is its own: CUDA
 ``max_memory_allocated`` on a GPU, the process's peak resident set size (``ru_maxrss``) on CPU.
@@ -36,21 +38,25 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         f"encoder={encoder}", f"finetune={finetune}", f"img_size={args.img_size}",
         f"segmentor.channels={args.channels}",
     ]  # fmt: skip
-    if args.bands:
-        bands = args.bands.split(",")
-        stats = ",".join(f"{b}:0.1" for b in bands)
-        overrides += [f"dataset.bands=[{','.join(bands)}]", "dataset.reflectance_scale=1",
-                      f"dataset.band_stats.mean={{{stats}}}", f"dataset.band_stats.std={{{stats}}}"]  # fmt: skip
+    if args.loader:  # the model for that dataset's bands and statistics
+        overrides.append(f"dataset={args.loader}")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
-    bands = list(cfg.dataset.bands)
+    if args.bands and not args.loader:
+        bands = args.bands.split(",")
+        mean = std = dict.fromkeys(bands, 0.1)
+        scale = 1.0
+    else:
+        bands = list(cfg.dataset.bands)
+        mean, std = dict(cfg.dataset.band_stats.mean), dict(cfg.dataset.band_stats.std)
+        scale = float(cfg.dataset.reflectance_scale)
     data = DataSpec(  # what the dataset would describe, without reading it
         bands=tuple(bands),
-        mean=dict(cfg.dataset.band_stats.mean),
-        std=dict(cfg.dataset.band_stats.std),
-        reflectance_scale=float(cfg.dataset.reflectance_scale),
+        mean={b: mean[b] for b in bands},
+        std={b: std[b] for b in bands},
+        reflectance_scale=scale,
         classes=("a", "b", "c", "d"),
     )
     model = build.build_model(cfg, data).to(device).train()
@@ -101,6 +107,38 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
     }
 
 
+def measure_loader(args: argparse.Namespace, workers: int) -> dict:
+    """Training images per second the data pipeline delivers (read, crop, augment, normalise,
+    collate) with ``workers`` loader processes, after one warm-up batch."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from deflect.engine import build
+    from deflect.engine.distributed import DistInfo
+
+    overrides = [f"dataset={args.loader}", f"img_size={args.img_size}",
+                 f"batch_size={args.batch_size}", f"num_workers={workers}"]  # fmt: skip
+    if args.root:
+        overrides.append(f"dataset.root={args.root}")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    dataset = build.build_dataset(cfg, "train")
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    loader = build.build_loader(dataset, cfg, info, train=True, generator=torch.Generator())
+    batches = iter(loader)
+    next(batches)  # worker start-up is not throughput
+    start, images, restarts = time.perf_counter(), 0, 0
+    for _ in range(args.steps):
+        try:
+            images += next(batches)["image"].shape[0]
+        except StopIteration:  # a small split: a new epoch (workers start again)
+            batches, restarts = iter(loader), restarts + 1
+            images += next(batches)["image"].shape[0]
+    return {"dataset": args.loader, "workers": workers, "samples": len(dataset),
+            "restarts": restarts,
+            "loader_images_per_s": images / (time.perf_counter() - start)}  # fmt: skip
+
+
 def main() -> None:
     """Parse arguments; run each pair in a subprocess (or measure one with --single)."""
     parser = argparse.ArgumentParser(
@@ -116,10 +154,19 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--loader", default="", help="also time this dataset's training loader")
+    parser.add_argument("--root", default="", help="its dataset.root")
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="loader workers")
     parser.add_argument(
         "--single", nargs=2, metavar=("ENCODER", "FINETUNE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.loader and not args.single:
+        for workers in args.workers:
+            r = measure_loader(args, workers)
+            note = f"  ({r['restarts']} epoch restarts included)" if r["restarts"] else ""
+            print(f"loader {r['dataset']} ({r['samples']} training samples), {workers} workers: "
+                  f"{r['loader_images_per_s']:8.2f} img/s{note}", flush=True)  # fmt: skip
     if args.single:
         import warnings
 

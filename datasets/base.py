@@ -101,6 +101,12 @@ def read_raster(
         return _read_bands(src, path, indexes)
 
 
+def raster_shape(path: Path, georeferenced: bool = True) -> tuple[int, int]:
+    """``(height, width)`` of a GeoTIFF, from its header (no pixels read)."""
+    with _open_raster(path, georeferenced) as src:
+        return src.height, src.width
+
+
 def _read_bands(src: rasterio.DatasetReader, path: Path, indexes: list[int] | None) -> np.ndarray:
     if indexes is not None and max(indexes, default=0) > src.count:
         raise ValueError(

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from datasets.base import GeoTIFFSegmentationDataset, Sample, read_raster
+from datasets.base import GeoTIFFSegmentationDataset, Sample, raster_shape, read_raster
 
 MADOS_CLASSES = [
     "Marine Debris", "Dense Sargassum", "Sparse Floating Algae", "Natural Organic Material",
@@ -119,7 +119,7 @@ class MADOS(GeoTIFFSegmentationDataset):
 
     def read_image(self, sample: Sample) -> np.ndarray:
         """Every loaded band on the mask's 240×240 grid (coarser bands upsampled): (C, H, W)."""
-        shape = read_raster(sample.mask, [1], georeferenced=False).shape[1:]
+        shape = raster_shape(sample.mask, georeferenced=False)  # the header only
         bands = []
         for band in self.bands:
             data = read_raster(sample.images[band], [1], georeferenced=False)[0]  # (h, w)

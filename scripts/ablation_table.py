@@ -212,11 +212,17 @@ def optional_mean(values: list[float | None], digits: int) -> str:
     return f"{statistics.mean(known):,.{digits}f}" if known else "-"
 
 
-def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> str:
-    """The whole ``results.md``: common settings, the table, and every job that did not finish."""
+def sweep_rows(runs: list[Run], expected: list[list[str]]) -> tuple[list[list[str]], list[str],
+                                                                   list[Row]]:  # fmt: skip
+    """The jobs (expected, else those that started), the keys telling them apart, the rows."""
     jobs = expected or [r.overrides for r in runs]
     keys = varying_keys(jobs)
-    rows = build_rows(runs, keys)
+    return jobs, keys, build_rows(runs, keys)
+
+
+def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> str:
+    """The whole ``results.md``: common settings, the table, and every job that did not finish."""
+    jobs, keys, rows = sweep_rows(runs, expected)
     classes = class_names(rows)
     common = sorted({item for job in jobs for item in job
                      if item.partition("=")[0] not in keys})  # fmt: skip
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render_markdown(sweep, runs, expected)
     print(text)
     write_atomic(sweep / "results.md", lambda tmp: Path(tmp).write_text(text))
-    rows = build_rows(runs, varying_keys(expected or [r.overrides for r in runs]))
+    rows = sweep_rows(runs, expected)[2]
     if rows:
         draw_plot(rows, sweep / "results.png", plot_title(runs))
         print(f"wrote {sweep / 'results.md'} and {sweep / 'results.png'}")

@@ -158,6 +158,13 @@ MUTANTS = [
            ("tests/test_encoders.py",)),
     Mutant("Scale-MAE ignores the per-sample GSD", "deflect/encoders/scale_mae.py",
            "res = self._res if self._res is not None else", "res =", ("tests/test_encoders.py",)),
+    Mutant("median-frequency weights from the mean frequency", "deflect/engine/build.py",
+           "return [median / f for f in frequencies]",
+           "return [sum(frequencies) / n / f for f in frequencies]",
+           ("tests/test_benchmark_datasets.py",)),
+    Mutant("limited_label cuts every split", "datasets/base.py",
+           'if split == "train" and limited_label is not None', "if limited_label is not None",
+           ("tests/test_benchmark_datasets.py",)),
 ]  # fmt: skip
 
 

@@ -62,6 +62,14 @@ class SweepJob:
         return Path(self.sweep_dir).expanduser() / f"{self.num:03d}_{suffix}"
 
 
+def _claim(work_dir: Path, resume: bool, fix: str) -> str:
+    """Create the named run folder; one that already holds a run is refused unless resuming."""
+    if (work_dir / "checkpoints" / "last.pt").is_file() and not resume:
+        raise FileExistsError(f"{work_dir} already holds a run; {fix} (nothing was overwritten)")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return str(work_dir)
+
+
 def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None) -> str:
     """The run folder: in a multirun, the job's folder in the sweep folder; else ``work_dir`` if
     given, the newest matching run on ``resume=true``, or a new timestamped folder. Called on
@@ -73,23 +81,12 @@ def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None)
                 "work_dir names one run folder, but a multirun (-m) makes one per job; drop "
                 "work_dir, and use hydra.sweep.dir=... to choose the sweep folder"
             )
-        work_dir = job.folder(suffix)
-        if (work_dir / "checkpoints" / "last.pt").is_file() and not cfg.resume:
-            raise FileExistsError(
-                f"{work_dir} already holds a run; pass resume=true to continue the sweep "
-                "(nothing was overwritten)"
-            )
-        work_dir.mkdir(parents=True, exist_ok=True)
-        return str(work_dir)
+        return _claim(
+            job.folder(suffix), bool(cfg.resume), "pass resume=true to continue the sweep"
+        )
     if cfg.work_dir:
-        work_dir = Path(cfg.work_dir).expanduser()
-        if (work_dir / "checkpoints" / "last.pt").is_file() and not cfg.resume:
-            raise FileExistsError(
-                f"work_dir {work_dir} already holds a run; pass resume=true to continue it, or "
-                "choose another work_dir (nothing was overwritten)"
-            )
-        work_dir.mkdir(parents=True, exist_ok=True)
-        return str(work_dir)
+        return _claim(Path(cfg.work_dir).expanduser(), bool(cfg.resume),
+                      "pass resume=true to continue it, or choose another work_dir")  # fmt: skip
     root = Path(cfg.work_root).expanduser()
     if cfg.resume:
         runs = sorted(

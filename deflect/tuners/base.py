@@ -245,6 +245,16 @@ def match_modules(model: nn.Module, patterns: list[str], what: str) -> list[str]
     return found
 
 
+def layer_norm_parameters(model: nn.Module) -> list[str]:
+    """Names of the weight and bias of every ``nn.LayerNorm`` (timm's subclasses included)."""
+    return [
+        f"{module_name}.{param_name}" if module_name else param_name
+        for module_name, module in model.named_modules()
+        if isinstance(module, nn.LayerNorm)
+        for param_name, _ in module.named_parameters(recurse=False)
+    ]
+
+
 # ---- the tuner -----------------------------------------------------------------------------------
 class BaseTuner:
     """Injects one method's adapters into a model in place, and manages them.

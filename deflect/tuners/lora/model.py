@@ -8,22 +8,18 @@ from dataclasses import replace
 
 from torch import nn
 
-from deflect.tuners.base import BaseTuner, match_modules, summarise_names, vit_parts
+from deflect.tuners.base import (
+    BaseTuner,
+    layer_norm_parameters,
+    match_modules,
+    summarise_names,
+    vit_parts,
+)
 from deflect.tuners.config import TunerConfig
 from deflect.tuners.lora.config import LoraConfig
 from deflect.tuners.lora.layer import LoraLinear
 
 log = logging.getLogger(__name__)
-
-
-def layer_norm_parameters(model: nn.Module) -> list[str]:
-    """Names of the weight and bias of every ``nn.LayerNorm`` (timm's subclasses included)."""
-    return [
-        f"{module_name}.{param_name}" if module_name else param_name
-        for module_name, module in model.named_modules()
-        if isinstance(module, nn.LayerNorm)
-        for param_name, _ in module.named_parameters(recurse=False)
-    ]
 
 
 class LoraTuner(BaseTuner):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from deflect.tuners.base import BaseTuner
+from deflect.tuners.base import BaseTuner, layer_norm_parameters
 from deflect.tuners.config import TunerConfig
 
 
@@ -13,12 +11,7 @@ class NormTuningTuner(BaseTuner):
 
     def select_parameters(self, config: TunerConfig) -> list[str]:
         """Parameters of every ``nn.LayerNorm`` (timm's subclasses included)."""
-        names = [
-            f"{module_name}.{param_name}" if module_name else param_name
-            for module_name, module in self.model.named_modules()
-            if isinstance(module, nn.LayerNorm)
-            for param_name, _ in module.named_parameters(recurse=False)
-        ]
+        names = layer_norm_parameters(self.model)
         if not names:
             raise ValueError(f"norm tuning: {type(self.model).__name__} has no affine LayerNorm")
         return names

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import rasterio
+import rasterio.warp
 import torch
 from affine import Affine
 from rasterio.crs import CRS
@@ -349,14 +350,29 @@ class GeoTIFFSegmentationDataset(Dataset):
         if self.transform is not None:
             image_t, mask_t = self.transform(image_t, mask_t)
         sample = {"image": image_t, "mask": mask_t, "index": index}
-        gsd = self.sample_gsd(index)
-        if gsd is not None:  # per-sample metadata for encoders that take it (Scale-MAE)
-            sample["gsd"] = torch.tensor(gsd, dtype=torch.float32)
+        sample.update(self.sample_metadata(index))
         return sample
+
+    def sample_metadata(self, index: int) -> dict[str, torch.Tensor]:
+        """Per-sample metadata, by the names encoders take them (``metadata_keys``): ``gsd``
+        (metres, Scale-MAE); datasets that know them add ``temporal_coords`` (year, day of
+        year) and ``location_coords`` (latitude, longitude; Prithvi-EO-2.0 TL)."""
+        gsd = self.sample_gsd(index)
+        return {} if gsd is None else {"gsd": torch.tensor(gsd, dtype=torch.float32)}
 
     def sample_gsd(self, index: int) -> float | None:
         """Ground sample distance of sample ``index`` in metres (default: the dataset's)."""
         return self.spec.gsd
+
+    def centre_lat_lon(self, index: int) -> tuple[float, float] | None:
+        """Latitude and longitude (degrees, WGS 84) of the centre of sample ``index``'s mask,
+        or None when it is not georeferenced."""
+        with _open_raster(self.samples[index].mask, self.georeferenced) as src:
+            if src.crs is None:
+                return None
+            x, y = src.transform @ (src.width / 2, src.height / 2)
+            lon, lat = rasterio.warp.transform(src.crs, "EPSG:4326", [x], [y])
+        return float(lat[0]), float(lon[0])
 
     def __repr__(self) -> str:
         return (

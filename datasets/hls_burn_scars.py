@@ -7,7 +7,9 @@ Unpack ``hls_burn_scars.tar.gz`` and point ``dataset.root`` at it::
     <root>/validation/...                                                     (same naming)
 
 Bands in file order: B2, B3, B4, B8A, B11, B12 (reflectance); 9999 means no data. Mask: 1 burn
-scar, 0 not burned, -1 missing (ignored). The release has two folders: ``validation/`` is the
+scar, 0 not burned, -1 missing (ignored). Each sample also carries ``temporal_coords`` (year, day
+of year, from ``<date>`` = YYYYDDD in the name) and ``location_coords`` (latitude, longitude of
+the chip's centre, from its georeferencing) for Prithvi-EO-2.0 TL. The release has two folders: ``validation/`` is the
 test split, and train/val are a seeded split of ``training/`` (``val_fraction``, ``split_seed``),
 so model selection never sees the test files.
 """
@@ -15,12 +17,16 @@ so model selection never sees the test files.
 from __future__ import annotations
 
 import random
+import re
 from typing import Any, ClassVar
+
+import torch
 
 from datasets.base import GeoTIFFSegmentationDataset, Sample
 
 IMAGE_SUFFIX = "_merged.tif"
 MASK_SUFFIX = ".mask.tif"
+DATE = re.compile(r"\.(\d{4})(\d{3})\.v")  # HLS.S30.<tile>.<YYYYDDD>.v1.4
 
 
 class HLSBurnScars(GeoTIFFSegmentationDataset):
@@ -72,3 +78,18 @@ class HLSBurnScars(GeoTIFFSegmentationDataset):
         n_val = max(1, round(self.val_fraction * len(chips))) if len(chips) > 1 else 0
         val = set(order[:n_val])
         return [c for i, c in enumerate(chips) if (i in val) == (split == "val")]
+
+    def sample_metadata(self, index: int) -> dict[str, torch.Tensor]:
+        """``gsd``, ``temporal_coords`` (year, day of year) and ``location_coords`` (latitude,
+        longitude of the chip's centre), cached per chip."""
+        cache = self.__dict__.setdefault("_metadata", {})
+        if index not in cache:
+            meta = super().sample_metadata(index)
+            date = DATE.search(self.samples[index].name)
+            if date:
+                meta["temporal_coords"] = torch.tensor([float(date[1]), float(date[2])])
+            centre = self.centre_lat_lon(index)
+            if centre is not None:
+                meta["location_coords"] = torch.tensor(centre, dtype=torch.float32)
+            cache[index] = meta
+        return cache[index]

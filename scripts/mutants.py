@@ -165,6 +165,18 @@ MUTANTS = [
     Mutant("limited_label cuts every split", "datasets/base.py",
            'if split == "train" and limited_label is not None', "if limited_label is not None",
            ("tests/test_benchmark_datasets.py",)),
+    Mutant("Prithvi's table encodes rows where it should encode columns", "deflect/encoders/prithvi.py",
+           "[sincos_1d(spatial, j), sincos_1d(spatial, i), sincos_1d(temporal, t)]",
+           "[sincos_1d(spatial, i), sincos_1d(spatial, j), sincos_1d(temporal, t)]",
+           ("tests/test_prithvi.py",)),
+    Mutant("Prithvi's maps mix frames and channels", "deflect/encoders/prithvi.py",
+           "patches.permute(0, 1, 4, 2, 3)", "patches.permute(0, 4, 1, 2, 3)",
+           ("tests/test_prithvi.py",)),
+    Mutant("Prithvi's location embedding reads (lon, lat)", "deflect/encoders/prithvi.py",
+           "coords.reshape(b, 1, 2))", "coords.reshape(b, 1, 2).flip(-1))",
+           ("tests/test_prithvi.py",)),
+    Mutant("HLS chip location at its corner, not its centre", "datasets/base.py",
+           "@ (src.width / 2, src.height / 2)", "@ (0, 0)", ("tests/test_benchmark_datasets.py",)),
 ]  # fmt: skip
 
 

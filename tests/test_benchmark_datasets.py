@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 
@@ -21,14 +22,18 @@ from tests.conftest import TINY, run_cli
 MADOS_10M = 24  # the fixture's 10 m crops (240 in the release); 20 m: 12, 60 m: 4
 
 
-def write_tif(path: Path, data: np.ndarray, georeferenced: bool = True) -> None:
+UTM_33N = from_origin(500000, 4000000, 30, 30)
+
+
+def write_tif(path: Path, data: np.ndarray, georeferenced: bool = True, crs: str = "EPSG:32633",
+              transform=UTM_33N) -> None:  # fmt: skip
     """A GeoTIFF of ``data`` (C, H, W) or (H, W), in ``data``'s dtype."""
     data = data[None] if data.ndim == 2 else data
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2],
                "count": data.shape[0], "dtype": data.dtype}  # fmt: skip
     if georeferenced:
-        profile.update(crs="EPSG:32633", transform=from_origin(500000, 4000000, 30, 30))
+        profile.update(crs=crs, transform=transform)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(path, "w", **profile) as dst:
@@ -196,6 +201,29 @@ def test_hls_nodata_missing_labels_and_georeferencing(hls_root):
     assert crs.to_epsg() == 32633 and transform.a == 30
 
 
+def test_hls_samples_carry_their_date_and_centre_for_prithvi_tl(tmp_path):
+    """Date from the name (YYYYDDD), centre from the georeferencing: in EPSG:4326 the centre is
+    the origin plus half the extent; in UTM 33N a centre at easting 500 km is on 15° E."""
+    image = np.zeros((6, HLS, HLS), np.float32)
+    mask = np.zeros((HLS, HLS), np.int16)
+    name = "subsetted_512x512_HLS.S30.T11SLT.2020245.v1.4"
+    degrees = from_origin(-120.0, 40.0, 0.001, 0.002)
+    write_tif(tmp_path / "validation" / f"{name}_merged.tif", image, crs="EPSG:4326",
+              transform=degrees)  # fmt: skip
+    write_tif(tmp_path / "validation" / f"{name}.mask.tif", mask, crs="EPSG:4326",
+              transform=degrees)  # fmt: skip
+    sample = hls(tmp_path, "test")[0]
+    assert sample["temporal_coords"].tolist() == [2020.0, 245.0]
+    lat, lon = sample["location_coords"].tolist()
+    assert lat == pytest.approx(40.0 - 0.002 * HLS / 2) and lon == pytest.approx(
+        -120 + 0.001 * HLS / 2
+    )
+    utm = from_origin(500000 - 30 * HLS / 2, 4000000, 30, 30)
+    write_tif(tmp_path / "validation" / f"{name}.mask.tif", mask, transform=utm)
+    lat, lon = hls(tmp_path, "test").sample_metadata(0)["location_coords"].tolist()
+    assert lon == pytest.approx(15.0, abs=1e-6) and 36.0 < lat < 36.3
+
+
 # ---- Sen1Floods11 --------------------------------------------------------------------------------
 S1F = 16
 CHIPS = {"train": ["Bolivia_103757", "Ghana_5079"], "val": ["India_1068"], "test": ["USA_181263"]}
@@ -308,3 +336,41 @@ def test_median_frequency_class_weights_from_the_dataset_yaml():
         cfg = compose("config", overrides=["loss.class_weights=median_frequency"])  # demo
     with pytest.raises(ValueError, match="needs dataset.class_frequencies"):
         class_weights(cfg, type("S", (), {"num_classes": 4})())
+
+
+PRITHVI_TINY = [
+    "encoder=prithvi_eo2_300_tl",
+    "encoder.embed_dim=32",
+    "encoder.depth=4",
+    "encoder.num_heads=4",
+    "encoder.patch_size=8",
+    "encoder.output_layers=[0,1,2,3]",
+]
+
+
+def test_prithvi_tl_on_hls_gets_each_samples_date_and_place(hls_root, tmp_path):
+    """The batch gives the TL encoder its coordinates by name, and a run trains on them."""
+    from torch.utils.data import default_collate
+
+    from deflect.encoders import PrithviEncoder
+    from deflect.engine.evaluator import batch_metadata
+    from tests.conftest import s2_spec
+
+    data = hls(hls_root, "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = PrithviEncoder("tl", s2_spec(data.bands), img_size=16, patch_size=8,
+                                 embed_dim=32, depth=1, num_heads=4,
+                                 coords_encoding=["time", "location"])  # fmt: skip
+    batch = default_collate([data[0], data[1]])
+    metadata = batch_metadata(encoder, batch, torch.device("cpu"))
+    assert set(metadata) == {"temporal_coords", "location_coords"}
+    assert metadata["temporal_coords"].tolist() == [[2018.0, 100.0], [2018.0, 101.0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped embedding would warn
+        encoder(batch["image"][..., :16, :16], **metadata)
+    run_cli([*TINY, *PRITHVI_TINY, "dataset=hls_burn_scars", f"dataset.root={hls_root}",
+             "img_size=16", "epochs=1", "max_steps_per_epoch=1", "batch_size=2",
+             "finetune=deflect"], tmp_path)  # fmt: skip
+    (work_dir,) = (tmp_path / "work_dirs").iterdir()
+    assert json.loads((work_dir / "metrics.json").read_text())["train_images"] == 2

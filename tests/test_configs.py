@@ -79,11 +79,18 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_config_composes_and_builds(group, option, demo_root, tmp_path):
+    shrink = SHRINK
     if group == "dataset":
         overrides = dataset_overrides(option, demo_root, tmp_path)
+    elif option.startswith("prithvi"):  # six HLS bands; the architecture is top-level
+        overrides = [f"encoder={option}", *dataset_overrides("hls_burn_scars", demo_root, tmp_path)]
+        shrink = [s for s in SHRINK if "arch_kwargs" not in s]
+        shrink += ["encoder.embed_dim=32", "encoder.depth=4", "encoder.num_heads=4"]
     else:
         overrides = [f"{group}={option}", f"dataset.root={demo_root}"]
-    cfg = compose_with(overrides + SHRINK)
+        if option == "timm_vit":
+            overrides.append("encoder.arch=vit_base_patch16_224")
+    cfg = compose_with(overrides + shrink)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert OmegaConf.missing_keys(cfg) == set()
     dataset = build.build_dataset(cfg, "train")

@@ -374,20 +374,91 @@ def test_deflect_on_scale_mae_is_the_identity_at_init():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_scale_mae_parameter_count_is_vit_large():
-    """ViT-L/16 encoder without head, final norm and positional table: 24 blocks of
-    12·D² + 13·D parameters, the patch embedding 3·16²·D + D and the CLS token (D = 1024)."""
+@pytest.mark.parametrize(
+    ("encoder", "d", "depth", "pos_tokens"),
+    [("scale_mae", 1024, 24, 0), ("dino_mc", 384, 12, 197), ("cross_scale_mae", 768, 12, 197),
+     ("cross_scale_mae_large", 1024, 24, 197), ("vit_b16", 768, 12, 197)],
+)  # fmt: skip
+def test_parameter_counts_are_the_published_architectures(encoder, d, depth, pos_tokens):
+    """A ViT/16 encoder without head and final norm: blocks of 12·D² + 13·D parameters, the
+    patch embedding 3·16²·D + D, the CLS token, and the learned positional table of 1 + 14²
+    tokens at 224 px (none for Scale-MAE: its table is computed from the GSD)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from tests.conftest import REPO
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=["encoder=scale_mae", "img_size=224"])
+        cfg = compose("config", overrides=[f"encoder={encoder}", "img_size=224"])
+    cfg.encoder.output_layers = [depth - 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            encoder = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=s2_spec())
-    d = 1024
-    expected = 24 * (12 * d * d + 13 * d) + 3 * 16 * 16 * d + d + d
-    assert sum(p.numel() for p in encoder.parameters()) == expected
+            built = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=s2_spec())
+    expected = depth * (12 * d * d + 13 * d) + 3 * 16 * 16 * d + d + d + pos_tokens * d
+    assert sum(p.numel() for p in built.parameters()) == expected
+
+
+def cross_scale_release(depth: int, d: int, patch: int, grid: int) -> dict[str, torch.Tensor]:
+    """The Cross-Scale MAE release's model dict, names and shapes written out: blocks as
+    ``encoder.<i>.*``, ``encoder_pos_embed``, ``encoder_norm``, and its decoder and predictor."""
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "cls_token": torch.randn(1, 1, d, generator=g),
+        "encoder_pos_embed": torch.randn(1, 1 + grid * grid, d, generator=g),
+        "patch_embed.proj.weight": torch.randn(d, 3, patch, patch, generator=g),
+        "patch_embed.proj.bias": torch.randn(d, generator=g),
+        "encoder_norm.weight": torch.ones(d), "encoder_norm.bias": torch.zeros(d),
+        "mask_token": torch.zeros(1, 1, 16), "decoder_embed.weight": torch.zeros(16, d),
+        "decoder_pos_embed": torch.zeros(1, 1 + grid * grid, 16),
+        "decoder.0.attn.qkv.weight": torch.zeros(48, 16), "decoder_norm.weight": torch.zeros(16),
+        "decoder_pred.weight": torch.zeros(3 * patch * patch, 16),
+        "predictor.layers.0.weight": torch.zeros(8, 16),
+    }  # fmt: skip
+    shapes = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d),
+              "attn.qkv.bias": (3 * d,), "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
+              "norm2.weight": (d,), "norm2.bias": (d,), "mlp.fc1.weight": (4 * d, d),
+              "mlp.fc1.bias": (4 * d,), "mlp.fc2.weight": (d, 4 * d), "mlp.fc2.bias": (d,)}  # fmt: skip
+    for i in range(depth):
+        for k, s in shapes.items():
+            state[f"encoder.{i}.{k}"] = torch.randn(s, generator=g)
+    return state
+
+
+def test_cross_scale_mae_release_checkpoint_loads_through_its_config(tmp_path):
+    """encoder=cross_scale_mae reads the release as is: every block, the CLS token and the patch
+    embedding loaded, the 8x8 table resampled to 4x4, decoder and predictor listed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from timm.layers import resample_abs_pos_embed
+
+    from tests.conftest import REPO
+
+    state = cross_scale_release(depth=4, d=32, patch=8, grid=8)
+    path = tmp_path / "cross-scale-mae-vitb.pth"
+    torch.save({"model": state, "epoch": 399, "args": argparse.Namespace(input_size=64)}, path)
+    overrides = ["encoder=cross_scale_mae", "img_size=32", "encoder.patch_size=8",
+                 f"encoder.checkpoint={path}", "encoder.output_layers=[0,1,2,3]",
+                 "encoder.arch_kwargs={embed_dim: 32, depth: 4, num_heads: 4}"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with pytest.warns(UserWarning) as record:
+        encoder = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=s2_spec())
+    message = "\n".join(str(w.message) for w in record)
+    assert "dropped 7 checkpoint keys" in message and "predictor.layers.0.weight" in message
+    assert "missing" not in message
+    loaded = encoder.backbone.state_dict()
+    for i in range(4):
+        assert torch.equal(
+            loaded[f"blocks.{i}.attn.qkv.weight"], state[f"encoder.{i}.attn.qkv.weight"]
+        )
+    assert torch.equal(loaded["cls_token"], state["cls_token"])
+    assert torch.equal(loaded["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
+    expected = resample_abs_pos_embed(state["encoder_pos_embed"], new_size=[4, 4],
+                                      old_size=[8, 8], num_prefix_tokens=1)  # fmt: skip
+    torch.testing.assert_close(loaded["pos_embed"], expected)
+    assert (
+        sum(v.numel() for v in loaded.values())
+        == sum(state[k].numel() for k in state if k.startswith(("encoder.", "cls_", "patch_")))
+        + expected.numel()
+    )  # nothing of the encoder left at random

@@ -53,7 +53,8 @@ class Encoder(nn.Module):
         pretrained_bands: bands of the pretrained patch embedding, in its order.
         img_size: input size in pixels; a multiple of ``patch_size``.
         patch_size: patch size in pixels.
-        output_layers: blocks whose outputs form the feature pyramid.
+        output_layers: blocks whose outputs form the feature pyramid, None (the last block) or
+            ``"quarters"`` (see :meth:`finish_init`).
     """
 
     #: metadata the encoder's forward uses (e.g. ``("gsd",)``); batches provide them by name.
@@ -68,7 +69,7 @@ class Encoder(nn.Module):
         pretrained_bands: list[str],
         img_size: int,
         patch_size: int,
-        output_layers: list[int] | None,
+        output_layers: list[int] | str | None,
     ) -> None:
         super().__init__()
         if not isinstance(data, DataSpec):
@@ -89,7 +90,16 @@ class Encoder(nn.Module):
             self.pretrained_bands, f"the pretrained patch embedding of encoder {name}"
         )
         self.register_buffer("pretrained_index", torch.tensor(index), persistent=False)
-        self._output_layers = None if output_layers is None else [int(i) for i in output_layers]
+        if isinstance(output_layers, str) and output_layers != "quarters":
+            raise ValueError(
+                f"encoder {name}: output_layers={output_layers!r}; give block indices, null (the "
+                "last block) or 'quarters' (the last block of each quarter of the depth)"
+            )
+        self._output_layers = (
+            output_layers
+            if output_layers is None or isinstance(output_layers, str)
+            else [int(i) for i in output_layers]
+        )
 
     # ---- the contract ----------------------------------------------------------------------------
     @property
@@ -133,9 +143,12 @@ class Encoder(nn.Module):
         return list(self._output_layers)
 
     def finish_init(self, depth: int) -> None:
-        """Check ``output_layers`` against the depth (default: the last block)."""
+        """Check ``output_layers`` against the depth (default: the last block; ``quarters``:
+        the last block of each quarter, e.g. [2, 5, 8, 11] for 12 blocks)."""
         if self._output_layers is None:
             self._output_layers = [depth - 1]
+        elif self._output_layers == "quarters":
+            self._output_layers = sorted({max(0, depth * q // 4 - 1) for q in (1, 2, 3, 4)})
         bad = [i for i in self._output_layers if not 0 <= i < depth]
         if bad:
             raise ValueError(

@@ -16,17 +16,10 @@ import warnings
 
 import torch
 
+from deflect.encoders.sincos import sincos_1d
 from deflect.encoders.vit import ViTEncoder
 
 log = logging.getLogger(__name__)
-
-
-def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """``(..., M) -> (..., M, dim)``: ``[sin(p·ω), cos(p·ω)]``, ``ω_k = 10000^(-2k/dim)``."""
-    omega = torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2)
-    omega = 1.0 / 10000**omega  # (dim/2,)
-    angles = positions.double()[..., None] * omega  # (..., M, dim/2)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def gsd_pos_embed(dim: int, grid: tuple[int, int], res: torch.Tensor) -> torch.Tensor:

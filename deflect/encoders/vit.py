@@ -16,6 +16,24 @@ from deflect.encoders.checkpoint import resample_pos_embed_2d
 log = logging.getLogger(__name__)
 
 
+def default_patch_size(arch: str, arch_kwargs: dict | None = None) -> int:
+    """The patch size timm builds ``arch`` with, read from a model on the meta device (no
+    memory, no download).
+
+    Raises:
+        ValueError: ``arch`` is not a timm model name, or not a ViT with a patch embedding.
+    """
+    if arch not in timm.list_models():
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ValueError(f"timm has no model {arch!r}; e.g. {close}. See timm.list_models()")
+    with torch.device("meta"):
+        probe = timm.create_model(arch, pretrained=False, **dict(arch_kwargs or {}))
+    size = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
+    if size is None:
+        raise ValueError(f"timm model {arch!r} has no patch_embed.patch_size; it is not a ViT")
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 class ViTEncoder(Encoder):
     """A timm Vision Transformer that returns multi-level NCHW feature maps.
 
@@ -25,7 +43,7 @@ class ViTEncoder(Encoder):
         data: what the input holds (its bands pick the pretrained bands by name).
         pretrained_bands: bands of the pretrained patch embedding, in its pretraining order.
         img_size: input size in pixels; must be a multiple of ``patch_size``.
-        patch_size: patch size in pixels.
+        patch_size: patch size in pixels; None: the architecture's own (e.g. 14 for DINOv2).
         output_layers: indices of the blocks whose outputs form the feature pyramid.
         checkpoint: local path of pretrained weights, or ``None`` for random weights (warned).
         checkpoint_key_map: regex -> replacement rules applied to checkpoint keys.
@@ -39,12 +57,14 @@ class ViTEncoder(Encoder):
         data: DataSpec,
         pretrained_bands: list[str] = RGB_BANDS,
         img_size: int = 224,
-        patch_size: int = 16,
-        output_layers: list[int] | None = None,
+        patch_size: int | None = 16,
+        output_layers: list[int] | str | None = None,
         checkpoint: str | None = None,
         checkpoint_key_map: dict[str, str] | None = None,
         arch_kwargs: dict | None = None,
     ) -> None:
+        if patch_size is None:
+            patch_size = default_patch_size(arch, arch_kwargs)
         super().__init__(name, data, list(pretrained_bands), img_size, patch_size, output_layers)
         self.backbone = timm.create_model(
             arch,

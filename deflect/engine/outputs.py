@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from affine import Affine
 from PIL import Image, ImageDraw
 
 from deflect.io import atomic_path
@@ -99,8 +100,8 @@ def write_prediction_geotiff(
     }
     if crs is not None:
         profile["crs"] = crs
-    if transform is not None:
-        profile["transform"] = transform
+    if transform is not None and (crs is not None or transform != Affine.identity()):
+        profile["transform"] = transform  # an identity without a CRS: a file with no georeference
     with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(prediction.astype(np.uint8), 1)
         dst.set_band_description(1, "class")

@@ -85,7 +85,12 @@ def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     elif option.startswith("prithvi"):  # six HLS bands; the architecture is top-level
         overrides = [f"encoder={option}", *dataset_overrides("hls_burn_scars", demo_root, tmp_path)]
         shrink = [s for s in SHRINK if "arch_kwargs" not in s]
-        shrink += ["encoder.embed_dim=32", "encoder.depth=4", "encoder.num_heads=4"]
+        shrink += [
+            "encoder.embed_dim=32",
+            "encoder.depth=4",
+            "encoder.num_heads=4",
+            "encoder.patch_size=8",
+        ]
     else:
         overrides = [f"{group}={option}", f"dataset.root={demo_root}"]
         if option == "timm_vit":

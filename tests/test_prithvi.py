@@ -323,14 +323,14 @@ def test_deflect_geometry_stream_is_the_six_bands_and_spectral_stream_every_band
 
 # ---- the published architectures ------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("encoder", "d", "depth", "extra"),
-    [("prithvi_100m", 768, 12, 0), ("prithvi_eo2_300", 1024, 24, 0),
-     ("prithvi_eo2_300_tl", 1024, 24, 2)],
+    ("encoder", "d", "depth", "patch", "extra"),
+    [("prithvi_100m", 768, 12, 16, 0), ("prithvi_eo2_300", 1024, 24, 16, 0),
+     ("prithvi_eo2_300_tl", 1024, 24, 16, 2), ("prithvi_eo2_600", 1280, 32, 14, 0)],
 )  # fmt: skip
-def test_parameter_counts_are_the_published_architectures(encoder, d, depth, extra):
-    """ViT-B/16 (Prithvi-100M) or ViT-L/16 (EO-2.0 300M) encoder without final norm: blocks
-    of 12·D² + 13·D, the 3-D patch embedding 6·1·16·16·D + D, the CLS token, and for TL the
-    two learned coordinate scales."""
+def test_parameter_counts_are_the_published_architectures(encoder, d, depth, patch, extra):
+    """ViT-B/16 (Prithvi-100M), ViT-L/16 (EO-2.0 300M) or ViT-H/14 (600M) encoder without
+    final norm: blocks of 12·D² + 13·D, the 3-D patch embedding 6·1·p·p·D + D, the CLS token,
+    and for TL the two learned coordinate scales."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -343,5 +343,5 @@ def test_parameter_counts_are_the_published_architectures(encoder, d, depth, ext
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             built = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=s2_spec())
-    expected = depth * (12 * d * d + 13 * d) + 6 * 16 * 16 * d + d + d + extra
+    expected = depth * (12 * d * d + 13 * d) + 6 * patch * patch * d + d + d + extra
     assert sum(p.numel() for p in built.parameters()) == expected

@@ -8,6 +8,7 @@ from datasets.base import (
     read_raster,
 )
 from datasets.demo import DEMO_BAND_STATS, DEMO_CLASSES, DemoVegetation, prepare_demo
+from datasets.folder import GeoTIFFFolder, compute_band_stats
 from datasets.hls_burn_scars import HLSBurnScars
 from datasets.mados import MADOS, MADOS_CLASSES
 from datasets.sen1floods11 import Sen1Floods11
@@ -19,6 +20,7 @@ __all__ = [
     "SPLITS",
     "DemoVegetation",
     "FolderSegmentation",
+    "GeoTIFFFolder",
     "GeoTIFFSegmentationDataset",
     "HLSBurnScars",
     "JointTransform",
@@ -27,6 +29,7 @@ __all__ = [
     "Sample",
     "Sen1Floods11",
     "build_transform",
+    "compute_band_stats",
     "prepare_demo",
     "read_raster",
 ]

@@ -177,6 +177,15 @@ MUTANTS = [
            ("tests/test_prithvi.py",)),
     Mutant("HLS chip location at its corner, not its centre", "datasets/base.py",
            "@ (src.width / 2, src.height / 2)", "@ (0, 0)", ("tests/test_benchmark_datasets.py",)),
+    Mutant("band statistics combine files without the between-file term", "datasets/folder.py",
+           "m2 = m2 + m2_f + delta**2 * count * n_f / safe", "m2 = m2 + m2_f",
+           ("tests/test_folder_dataset.py",)),
+    Mutant("band statistics count no-data pixels", "datasets/folder.py",
+           "valid &= raw != nodata", "valid &= True", ("tests/test_folder_dataset.py",)),
+    Mutant("stale statistics cache kept after its files changed", "datasets/folder.py",
+           "for k in key} == key:", "for k in key} is not None:", ("tests/test_folder_dataset.py",)),
+    Mutant("class ids outside the class list read as ignored", "datasets/folder.py",
+           "and v != ignore]", "and v != ignore and False]", ("tests/test_folder_dataset.py",)),
 ]  # fmt: skip
 
 

@@ -67,8 +67,6 @@ def dataset_overrides(option: str, demo_root: Path, tmp_path: Path) -> list[str]
         return [
             "dataset=folder", f"dataset.root={tmp_path / 'folder'}",
             f"dataset.available_bands=[{','.join(bands)}]", "dataset.classes=[a,b,c]",
-            "dataset.band_stats.mean={B2:0.5,B3:0.5,B4:0.5,B8:0.5}",
-            "dataset.band_stats.std={B2:0.3,B3:0.3,B4:0.3,B8:0.3}",
         ]  # fmt: skip
     return [f"dataset={option}", f"dataset.root={demo_root}"]
 

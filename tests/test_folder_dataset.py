@@ -1,0 +1,247 @@
+"""The user's own GeoTIFFs (``dataset=folder``, :class:`datasets.GeoTIFFFolder`): two layouts
+with and without split files, band names from the band descriptions, statistics computed over
+the training split against numpy and cached with the files they came from, and the errors a
+user meets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+import datasets.folder as folder_module
+from datasets import GeoTIFFFolder
+from tests.conftest import TINY, run_cli
+
+BANDS = ["B2", "B3", "B4", "B8"]
+CLASSES = ["water", "field", "forest"]
+NODATA = -9999.0
+
+
+def write(path: Path, data: np.ndarray, descriptions=None, crs="EPSG:32631", nodata=None) -> None:
+    data = data[None] if data.ndim == 2 else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2],
+               "count": data.shape[0], "dtype": data.dtype, "crs": crs,
+               "transform": from_origin(600000, 5000000, 10, 10), "nodata": nodata}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        if descriptions:
+            dst.descriptions = tuple(descriptions)
+
+
+def chip(seed: int, size: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = rng.normal(1000 + 300 * np.arange(4)[:, None, None], 200, (4, size, size))
+    image = image.astype(np.float32)
+    image[:, 0, :3] = NODATA  # no data in every band
+    image[2, 5, 5] = np.nan
+    mask = rng.integers(0, 3, (size, size)).astype(np.uint8)
+    mask[0, :2] = 255  # unlabelled
+    return image, mask
+
+
+def write_split_folders(root: Path, descriptions=BANDS) -> Path:
+    """Layout A: <root>/<split>/<name>_image.tif + <name>_mask.tif, bands named in the file."""
+    for split, seeds in {"train": range(5), "val": range(10, 12), "test": range(20, 22)}.items():
+        for seed in seeds:
+            image, mask = chip(seed)
+            write(root / split / f"tile{seed:02d}_image.tif", image, descriptions)
+            write(root / split / f"tile{seed:02d}_mask.tif", mask)
+    return root
+
+
+def write_flat(root: Path, n: int = 10) -> Path:
+    """Layout B: images/<name>.tif and labels/<name>_lbl.tif, no band descriptions."""
+    for seed in range(n):
+        image, mask = chip(100 + seed)
+        write(root / "images" / f"s{seed:02d}.tif", image)
+        write(root / "labels" / f"s{seed:02d}_lbl.tif", mask)
+    return root
+
+
+def folder(root: Path, split: str = "train", **kwargs) -> GeoTIFFFolder:
+    kwargs.setdefault("classes", CLASSES)
+    kwargs.setdefault("ignore_index", 255)
+    kwargs.setdefault("nodata", NODATA)
+    return GeoTIFFFolder(root=str(root), split=split, **kwargs)
+
+
+FLAT = {"images": "images/{name}.tif", "masks": "labels/{name}_lbl.tif", "available_bands": BANDS}
+
+
+def numpy_stats(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    pixels = []
+    for path in paths:
+        with rasterio.open(path) as src:
+            x = src.read().astype(np.float64)
+        x[x == NODATA] = np.nan
+        pixels.append(x.reshape(4, -1))
+    allpix = np.concatenate(pixels, axis=1)
+    return np.nanmean(allpix, axis=1), np.nanstd(allpix, axis=1)
+
+
+def test_statistics_equal_numpys_and_are_cached_with_their_files(tmp_path, monkeypatch):
+    root = write_split_folders(tmp_path / "a")
+    data = folder(root)
+    assert data.bands == BANDS  # from the band descriptions
+    mean, std = numpy_stats(sorted((root / "train").glob("*_image.tif")))
+    np.testing.assert_allclose(data.spec.mean_list(), mean, rtol=1e-12)
+    np.testing.assert_allclose(data.spec.std_list(), std, rtol=1e-12)
+    cache = json.loads((root / "band_stats.json").read_text())
+    assert sorted(cache["files"]) == [f"train/tile{i:02d}_image.tif" for i in range(5)]
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("recomputed although nothing changed")
+
+    monkeypatch.setattr(folder_module, "compute_band_stats", no_compute)
+    assert folder(root, "val").spec.mean_list() == data.spec.mean_list()  # from the cache
+    monkeypatch.undo()
+    image, _ = chip(99)
+    write(root / "train" / "tile00_image.tif", image * 2, BANDS)  # a training file changes
+    os.utime(root / "train" / "tile00_image.tif", ns=(1, 1))
+    changed = folder(root)
+    mean2, _ = numpy_stats(sorted((root / "train").glob("*_image.tif")))
+    np.testing.assert_allclose(changed.spec.mean_list(), mean2, rtol=1e-12)
+    assert not np.allclose(mean2, mean)
+
+
+def test_given_statistics_are_used_as_they_are(tmp_path):
+    root = write_split_folders(tmp_path / "a")
+    stats = {"mean": dict.fromkeys(BANDS, 5.0), "std": dict.fromkeys(BANDS, 2.0)}
+    data = folder(root, band_stats=stats, bands=["B8", "B2"])
+    assert data.bands == ["B8", "B2"] and data.spec.mean_list() == [5.0, 5.0]
+    assert not (root / "band_stats.json").exists()
+    image, _ = data.read_sample(0)
+    expected, _ = chip(0)
+    np.testing.assert_array_equal(image[0][1:], expected[3][1:])  # B8 first, as asked
+
+
+def test_seeded_split_is_reproducible_disjoint_and_complete(tmp_path):
+    root = write_flat(tmp_path / "b", n=10)
+    names = {s: {x.name for x in folder(root, s, **FLAT).samples} for s in ("train", "val", "test")}
+    assert [len(names[s]) for s in ("train", "val", "test")] == [8, 1, 1]
+    assert set().union(*names.values()) == {f"s{i:02d}" for i in range(10)}
+    assert not (names["train"] & names["val"] or names["train"] & names["test"])
+    again = {x.name for x in folder(root, "val", **FLAT).samples}
+    assert again == names["val"]
+    other = {x.name for x in folder(root, "val", split_seed=7, val_fraction=0.3, **FLAT).samples}
+    assert len(other) == 3
+
+
+def test_split_files_name_the_samples(tmp_path):
+    root = write_flat(tmp_path / "b", n=6)
+    (root / "splits").mkdir()
+    (root / "splits" / "train.txt").write_text("s00\ns01\ns02.tif\n\n# comment\ns03\n")
+    (root / "splits" / "val.txt").write_text("s04\n")
+    (root / "splits" / "test.txt").write_text("s05\n")
+    files = {s: f"splits/{s}.txt" for s in ("train", "val", "test")}
+    train = folder(root, split_files=files, **FLAT)
+    assert [s.name for s in train.samples] == ["s00", "s01", "s02", "s03"]
+    (root / "splits" / "val.txt").write_text("s04\nnope\n")
+    with pytest.raises(ValueError, match=r"match no image/mask pair, e.g. \['nope'\]"):
+        folder(root, "val", split_files=files, **FLAT)
+
+
+@pytest.mark.parametrize("layout", ["split_folders", "flat_with_split_files"])
+def test_a_folder_of_geotiffs_trains_end_to_end(layout, tmp_path):
+    if layout == "split_folders":
+        root = write_split_folders(tmp_path / "data")
+        extra = []
+    else:
+        root = write_flat(tmp_path / "data", n=6)
+        (root / "s").mkdir()
+        for split, names in {"train": "s00\ns01\ns02\ns03", "val": "s04", "test": "s05"}.items():
+            (root / "s" / f"{split}.txt").write_text(names)
+        extra = ["dataset.images=images/*.tif", "dataset.masks=labels/*_lbl.tif",
+                 f"dataset.available_bands=[{','.join(BANDS)}]",
+                 "dataset.split_files={train: s/train.txt, val: s/val.txt, test: s/test.txt}"]  # fmt: skip
+    run_cli([*TINY, "dataset=folder", f"dataset.root={root}", f"dataset.classes=[{','.join(CLASSES)}]",
+             "dataset.ignore_index=255", f"dataset.nodata={NODATA}", "img_size=16", "epochs=1",
+             "max_steps_per_epoch=1", "batch_size=2", "finetune=deflect", *extra], tmp_path)  # fmt: skip
+    (work_dir,) = (tmp_path / "work_dirs").iterdir()
+    summary = json.loads((work_dir / "metrics.json").read_text())
+    assert summary["train_images"] == 2
+    test_chips = 2 if layout == "split_folders" else 1
+    assert summary["test"]["pixels"] == test_chips * (20 * 20 - 2)  # unlabelled left out
+    with rasterio.open(next((work_dir / "predictions").glob("*.tif"))) as src:
+        assert src.crs.to_epsg() == 32631 and src.transform.a == 10
+
+
+# ---- the errors a user meets --------------------------------------------------------------------
+def test_a_mask_without_an_image_is_named(tmp_path):
+    root = write_split_folders(tmp_path / "a")
+    (root / "val" / "tile10_image.tif").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"mask\(s\) without an image, e.g. .*tile10_mask.tif"
+    ):
+        folder(root)
+
+
+def test_images_with_other_band_counts_or_crs_are_named(tmp_path):
+    root = write_split_folders(tmp_path / "a")
+    image, _ = chip(0)
+    write(root / "test" / "tile20_image.tif", image[:3], BANDS[:3])
+    with pytest.raises(ValueError, match=r"tile20_image.tif' has 3 bands"):
+        folder(root)
+    write(root / "test" / "tile20_image.tif", image, BANDS, crs="EPSG:4326")
+    with pytest.raises(ValueError, match=r"EPSG:4326.*same bands and CRS"):
+        folder(root)
+
+
+def test_a_class_id_outside_the_class_list_is_named(tmp_path):
+    root = write_split_folders(tmp_path / "a")
+    _, mask = chip(21)
+    mask[3, 3] = 7
+    write(root / "test" / "tile21_mask.tif", mask)
+    test = folder(
+        root,
+        "test",
+        band_stats={"mean": dict.fromkeys(BANDS, 0.0), "std": dict.fromkeys(BANDS, 1.0)},
+    )
+    test.read_sample(0)  # a clean mask reads
+    with pytest.raises(
+        ValueError, match=r"tile21_mask.tif' holds class id\(s\) \[7\] outside the 3"
+    ):
+        test.read_sample(1)
+    write(root / "train" / "tile03_mask.tif", mask)
+    with pytest.raises(ValueError, match=r"tile03_mask.tif' holds class id\(s\) \[7\]"):
+        folder(root)  # found while computing the statistics, before training
+
+
+def test_band_names_that_are_not_in_the_file_are_named(tmp_path):
+    root = write_split_folders(tmp_path / "a")
+    with pytest.raises(
+        ValueError,
+        match=r"band 'B11' is not available; available bands are \['B2', 'B3', 'B4', 'B8'\]",
+    ):
+        folder(root, bands=["B2", "B11"])
+    flat = write_flat(tmp_path / "b", n=3)
+    with pytest.raises(ValueError, match="has no band descriptions.*available_bands"):
+        folder(flat, images="images/{name}.tif", masks="labels/{name}_lbl.tif")
+    with pytest.raises(ValueError, match="lists 3 bands"):
+        folder(flat, **{**FLAT, "available_bands": BANDS[:3]})
+
+
+def test_compute_stats_script_prints_the_training_statistics(tmp_path, capsys):
+    import importlib.util
+
+    root = write_split_folders(tmp_path / "a")
+    spec = importlib.util.spec_from_file_location(
+        "compute_stats", Path(__file__).parents[1] / "scripts" / "compute_stats.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    overrides = ["dataset=folder", f"dataset.root={root}", f"dataset.classes=[{','.join(CLASSES)}]",
+                 "dataset.ignore_index=255", f"dataset.nodata={NODATA}"]  # fmt: skip
+    for force in ([], ["--force"]):
+        stats = script.main([*overrides, *force])
+        mean, std = numpy_stats(sorted((root / "train").glob("*_image.tif")))
+        np.testing.assert_allclose([stats["mean"][b] for b in BANDS], mean, rtol=1e-12)
+        np.testing.assert_allclose([stats["std"][b] for b in BANDS], std, rtol=1e-12)
+    assert f"mean: {{B2: {mean[0]:.6g}" in capsys.readouterr().out

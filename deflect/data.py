@@ -32,6 +32,27 @@ def canonical_band(name: str) -> str:
     return re.sub(r"^B0(\d)", r"B\1", str(name).strip().upper())
 
 
+def band_differences(trained: list[str], given: list[str]) -> list[str]:
+    """What differs between the bands a model was trained on and the bands it is given, by
+    name: missing and extra bands, or the same bands in another order (empty if equal)."""
+    a, b = [canonical_band(x) for x in trained], [canonical_band(x) for x in given]
+    if a == b:
+        return []
+    missing, extra = [x for x in a if x not in b], [x for x in b if x not in a]
+    out = []
+    if missing:
+        out.append(f"bands {missing} are missing (trained on {trained}, given {given})")
+    if extra:
+        out.append(f"bands {extra} were not in training (trained on {trained}, given {given})")
+    if not missing and not extra:
+        moved = [f"{x} at {b.index(x)} instead of {i}" for i, x in enumerate(a) if b.index(x) != i]
+        out.append(
+            f"bands reordered: {', '.join(moved)} (trained on {trained}, given {given}); give "
+            "the bands in the training order"
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """The facts about the input data that encoders and tuners need, validated once.
@@ -207,8 +228,7 @@ class DataSpec:
         scale, no-data, sensor); empty when ``other`` feeds a model the same way."""
         out = []
         if [canonical_band(b) for b in self.bands] != [canonical_band(b) for b in other.bands]:
-            out.append(f"bands {list(self.bands)} != {list(other.bands)}")
-            return out
+            return band_differences(list(self.bands), list(other.bands))
         pairs = {
             "mean": (self.mean_list(), other.mean_list()),
             "std": (self.std_list(), other.std_list()),

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.transform import from_origin
 
 import datasets.folder as folder_module
@@ -171,6 +172,11 @@ def test_a_folder_of_geotiffs_trains_end_to_end(layout, tmp_path):
     assert summary["test"]["pixels"] == test_chips * (20 * 20 - 2)  # unlabelled left out
     with rasterio.open(next((work_dir / "predictions").glob("*.tif"))) as src:
         assert src.crs.to_epsg() == 32631 and src.transform.a == 10
+    best = torch.load(work_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert json.loads(best["data"])["bands"] == BANDS  # the band manifest travels with it
+    roles = json.loads(best["band_roles"])
+    assert roles["B8"]["pretrained"] == "-" and "DEFLECT" in roles["B8"]["adapter"]
+    assert roles["B2"]["pretrained"] == "pretrained patch embedding, channel 2"
 
 
 # ---- the errors a user meets --------------------------------------------------------------------

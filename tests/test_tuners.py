@@ -243,10 +243,26 @@ def test_save_load_round_trip_with_band_manifest(tmp_path, x11: torch.Tensor) ->
 
 def test_from_pretrained_refuses_an_encoder_built_for_other_bands(tmp_path) -> None:
     get_deflect_model(tiny_encoder(), DeflectConfig()).save_pretrained(tmp_path)
-    reordered = s2_spec(S2_BANDS[1:] + S2_BANDS[:1])
-    with pytest.raises(ValueError, match=r"trained on other input.*bands \['B1', 'B2'"):
-        DeflectModel.from_pretrained(tiny_encoder(reordered), tmp_path)
+    swapped = list(S2_BANDS)
+    swapped[1], swapped[2] = swapped[2], swapped[1]  # B3 before B2
+    with pytest.raises(
+        ValueError, match=r"bands reordered: B2 at 2 instead of 1, B3 at 1 instead of 2"
+    ):
+        DeflectModel.from_pretrained(tiny_encoder(s2_spec(swapped)), tmp_path)
+    with pytest.raises(ValueError, match=r"bands \['B1', 'B5'\] are missing"):
+        DeflectModel.from_pretrained(
+            tiny_encoder(s2_spec([b for b in S2_BANDS if b not in ("B1", "B5")])), tmp_path
+        )
     DeflectModel.from_pretrained(tiny_encoder(), tmp_path)  # the same bands load
+    manifest = json.loads((tmp_path / "default" / "deflect_config.json").read_text())[
+        "band_manifest"
+    ]
+    roles = manifest["band_roles"]
+    assert list(roles) == S2_BANDS and manifest["pretrained_bands"] == ["B4", "B3", "B2"]
+    assert roles["B4"]["pretrained"] == "pretrained patch embedding, channel 0"
+    assert roles["B1"]["pretrained"] == "-" and roles["B1"]["adapter"].startswith(
+        "DEFLECT spectral stream"
+    )
 
 
 def test_modules_to_save_are_trained_saved_and_restored(tmp_path) -> None:

@@ -142,6 +142,11 @@ class Trainer:
         self.fingerprint = frozen_fingerprint(raw_model)
         data = getattr(raw_model, "data", None)
         self.manifest = json.dumps(data.to_dict()) if data is not None else ""
+        encoder = getattr(raw_model, "encoder", None)
+        roles = encoder.band_roles() if hasattr(encoder, "band_roles") else {}
+        self.band_roles = json.dumps(
+            roles
+        )  # which bands feed the pretrained layers, which the adapter
         self.throughput = ThroughputMeter()
         self.memory = PeakMemory(info.device)
 
@@ -221,6 +226,7 @@ class Trainer:
                             "model": trainable_state_dict(self.raw_model),
                             "frozen_fingerprint": self.fingerprint,
                             "data": self.manifest,
+                            "band_roles": self.band_roles,
                             "epoch": epoch,
                             "metrics": json.dumps(metrics),
                         },
@@ -318,6 +324,7 @@ class Trainer:
                 "model": trainable_state_dict(self.raw_model),
                 "frozen_fingerprint": self.fingerprint,
                 "data": self.manifest,
+                "band_roles": self.band_roles,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),

@@ -205,6 +205,25 @@ class DeflectModel(nn.Module):
         """What the active adapter does with each input band (for the band table)."""
         return self.tuner.band_usage()
 
+    def band_roles(self) -> dict[str, dict[str, str]]:
+        """For each input band, what feeds on it: ``{"pretrained": ..., "adapter": ...}``
+        (``-`` for nothing); saved in the band manifest of adapters and checkpoints."""
+        data = self.tuner.data
+        if data is None:
+            return {}
+        base = self.base_model
+        encoder = base.band_usage() if hasattr(base, "band_usage") else {}
+        if not encoder:  # a bare ViT: the pretrained bands by position
+            pretrained = self.tuner.pretrained_bands or []
+            encoder = {
+                b: f"pretrained patch embedding, channel {i}" for i, b in enumerate(pretrained)
+            }
+        adapter = self.adapter_band_usage()
+        return {
+            band: {"pretrained": encoder.get(band, "-"), "adapter": adapter.get(band, "-")}
+            for band in data.bands
+        }
+
     # ---- parameter counts ----------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, gfm)``: parameters with ``requires_grad`` (after :meth:`set_adapter`,
@@ -280,6 +299,7 @@ class DeflectModel(nn.Module):
         record[MANIFEST_KEY] = {
             "data": data.to_dict() if data is not None else None,
             "pretrained_bands": self.tuner.pretrained_bands,
+            "band_roles": self.band_roles(),
         }
         return record
 

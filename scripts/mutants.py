@@ -186,6 +186,9 @@ MUTANTS = [
            "for k in key} == key:", "for k in key} is not None:", ("tests/test_folder_dataset.py",)),
     Mutant("class ids outside the class list read as ignored", "datasets/folder.py",
            "and v != ignore]", "and v != ignore and False]", ("tests/test_folder_dataset.py",)),
+    Mutant("fast fusion shifts the kernel taps the wrong way", "segmentors/upernet.py",
+           "interpolation_matrix(big_h, h, k - 1)", "interpolation_matrix(big_h, h, 1 - k)",
+           ("tests/test_segmentor.py",)),
 ]  # fmt: skip
 
 

@@ -1,0 +1,62 @@
+"""The decoder's faster paths compute the same function as UperNet written out: outputs and
+gradients equal in float64 (exact algebra), and within float32 rounding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segmentors.upernet import UperNetHead, conv3x3_of_upsampled, interpolation_matrix
+
+
+@pytest.mark.parametrize(
+    ("small", "big"), [((7, 5), (28, 20)), ((4, 4), (16, 16)), ((3, 6), (3, 12))]
+)
+def test_conv3x3_of_upsampled_equals_upsample_then_convolve(small, big):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, *small, dtype=torch.float64)
+    w = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    expected = F.conv2d(
+        F.interpolate(x, size=big, mode="bilinear", align_corners=False), w, padding=1
+    )
+    torch.testing.assert_close(conv3x3_of_upsampled(x, w, big), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_interpolation_matrix_is_linear_upsampling_with_zero_padded_shifts():
+    vector = torch.arange(5, dtype=torch.float64)
+    up = F.interpolate(vector.view(1, 1, 5), size=10, mode="linear", align_corners=False).flatten()
+    torch.testing.assert_close(interpolation_matrix(10, 5) @ vector, up)
+    shifted = interpolation_matrix(10, 5, shift=1) @ vector  # output o reads input row o + 1
+    torch.testing.assert_close(shifted[:-1], up[1:])
+    assert shifted[-1] == 0  # beyond the border: the convolution's zero padding
+
+
+def run(head: UperNetHead, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    for f in feats:
+        f.grad = None
+    head.zero_grad()
+    torch.manual_seed(1)  # the same dropout mask
+    out = head(feats)
+    (out.square().mean()).backward()
+    return out.detach(), [f.grad.clone() for f in feats] + [
+        p.grad.clone() for p in head.parameters()
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_fusion_is_the_same_head(dtype):
+    torch.manual_seed(0)
+    fast = UperNetHead([24] * 4, 5, channels=16).to(dtype).train()
+    slow = copy.deepcopy(fast)
+    slow.fast_fusion = False
+    feats = [torch.randn(2, 24, s, s, dtype=dtype, requires_grad=True) for s in (16, 8, 4, 2)]
+    out_fast, grads_fast = run(fast, feats)
+    out_slow, grads_slow = run(slow, feats)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(out_fast, out_slow, **tol)
+    if dtype == torch.float64:  # float32 gradients flip at ReLU kinks; float64 proves the algebra
+        for a, b in zip(grads_fast, grads_slow):
+            torch.testing.assert_close(a, b, **tol)

@@ -189,6 +189,13 @@ MUTANTS = [
     Mutant("fast fusion shifts the kernel taps the wrong way", "segmentors/upernet.py",
            "interpolation_matrix(big_h, h, k - 1)", "interpolation_matrix(big_h, h, 1 - k)",
            ("tests/test_segmentor.py",)),
+    Mutant("whole-scene prediction sums overlapping tiles without averaging", "deflect/engine/predict.py",
+           "logits /= torch.from_numpy(counts).to(predictor.device)", "logits /= 1",
+           ("tests/test_predict.py",)),
+    Mutant("whole-scene prediction keeps the bands in file order", "deflect/engine/predict.py",
+           "indexes = select_bands(",
+           "indexes = (lambda *a, **k: list(range(1, len(predictor.spec.bands) + 1)))(",
+           ("tests/test_predict.py",)),
 ]  # fmt: skip
 
 

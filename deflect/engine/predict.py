@@ -1,0 +1,756 @@
+"""Whole-scene prediction in bounded memory: a trained run folder over GeoTIFF scenes of any size.
+
+    from deflect.engine.predict import load_predictor, predict_scenes
+    predictor = load_predictor("work_dirs/<run>", device="cuda")
+    predict_scenes(predictor, ["scenes/"], "predictions/", probabilities=True)
+
+The result equals evaluation's sliding window (:func:`~deflect.engine.inference.
+sliding_window_logits`) run over the whole scene at once, pixel for pixel: the same global grid of
+``window`` x ``window`` tiles (:func:`~deflect.engine.inference.window_starts` over the full
+height and width, the last tile flush with the edge, NaN padding for scenes smaller than the
+window), logits summed over the tiles covering a pixel and divided by their count.
+
+Neither the scene nor its logits are ever held whole. The output is made in square blocks of
+``block`` pixels (a multiple of the stride); for each block, only the tiles of the global grid
+that intersect it are read (one windowed read of their union), run in batches, and averaged in a
+buffer the size of the block, which is then written (class map, optionally probabilities) into a
+tiled GeoTIFF. Tiles straddling two blocks are computed once for each: memory stays bounded by
+the block, never by the scene.
+
+Inputs are prepared as the data pipeline prepares training samples (``datasets/base.py``
+``read_sample`` and ``datasets/transforms.py`` ``JointTransform``): bands picked by name in the
+model's order, non-finite pixels and the training no-data value become NaN, then
+``(x - mean) / std`` per band with the run's statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from affine import Affine
+from omegaconf import DictConfig
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
+from torch import nn
+from tqdm import tqdm
+
+from deflect.data import DataSpec, canonical_band
+from deflect.engine.distributed import resolve_device
+from deflect.engine.evaluator import AUTOCAST_DTYPES, autocast_context
+from deflect.engine.inference import window_starts
+from deflect.engine.outputs import PALETTE
+from deflect.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+#: Default side of the output blocks, in pixels (rounded to a multiple of the stride).
+DEFAULT_BLOCK = 1024
+#: Class-map value of pixels where every input band is invalid.
+NODATA_CLASS = 255
+#: Side of the output GeoTIFFs' internal tiles.
+OUTPUT_TILE = 256
+#: The reflectance-scale check reads the scene decimated to at most this many pixels a side.
+SCALE_CHECK_SIZE = 512
+#: Scene medians further than this factor from the training means look like another scale.
+SCALE_CHECK_FACTOR = 20.0
+#: File suffixes of scenes.
+SCENE_SUFFIXES = (".tif", ".tiff")
+#: Name endings of this module's own outputs, skipped when a folder is listed.
+OUTPUT_ENDINGS = ("_pred.tif", "_prob.tif")
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A trained model and what is needed to run it over scenes.
+
+    Args:
+        model: the segmentor, in eval mode, on ``device``.
+        spec: the band manifest it was trained on (bands, statistics, no-data, classes).
+        window: the encoder input size (the run's ``img_size``).
+        stride: the sliding-window stride.
+        device: where the model runs.
+        precision: autocast precision, ``fp32``, ``bf16`` or ``fp16``.
+        run_dir: the run folder it came from.
+        epoch: the epoch (1-based) of ``checkpoints/best.pt``, when recorded.
+    """
+
+    model: nn.Module
+    spec: DataSpec
+    window: int
+    stride: int
+    device: torch.device
+    precision: str = "fp32"
+    run_dir: Path | None = None
+    epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class SceneOutputs:
+    """What :func:`predict_scene` wrote.
+
+    Args:
+        prediction: the uint8 class map GeoTIFF.
+        probabilities: the float32 per-class softmax GeoTIFF, or None.
+        forwards: tiles run through the model (tiles straddling blocks count once per block).
+    """
+
+    prediction: Path
+    probabilities: Path | None
+    forwards: int
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """The run folder of ``path``: the folder itself, or the run above an ``adapter/`` export.
+
+    Args:
+        path: a run folder (``work_dirs/<time>_<encoder>_<finetune>_<dataset>``) or its
+            ``adapter/`` (or ``adapter/<name>/``) subfolder.
+
+    Returns:
+        The folder holding ``config.yaml``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or is not a run folder.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"run folder {str(path)!r} does not exist; pass a folder written by training, e.g. "
+            "work_dirs/<time>_<encoder>_<finetune>_<dataset>"
+        )
+    candidates = [path]
+    if path.name == "adapter":
+        candidates.append(path.parent)
+    elif path.parent.name == "adapter":
+        candidates.append(path.parent.parent)
+    for candidate in candidates:
+        if (candidate / "config.yaml").is_file():
+            if candidate != path:
+                log.info("%s is the adapter export of run %s: using that run", path, candidate)
+            return candidate
+    raise FileNotFoundError(
+        f"{str(path)!r} is not a run folder (no config.yaml); pass a folder written by "
+        "training, e.g. work_dirs/<time>_<encoder>_<finetune>_<dataset>"
+    )
+
+
+def default_stride(cfg: DictConfig, window: int) -> int:
+    """The evaluation stride of a run: ``cfg.eval_stride`` when set, else half the window."""
+    stride = cfg.get("eval_stride")
+    return int(stride) if stride else max(window // 2, 1)
+
+
+def load_predictor(
+    run_dir: str | Path,
+    device: str | torch.device = "auto",
+    precision: str | None = None,
+    stride: int | None = None,
+) -> Predictor:
+    """Build a run's model from its ``config.yaml`` and load ``checkpoints/best.pt``.
+
+    The band manifest (bands, statistics, no-data value, classes) comes from the checkpoint, so
+    the dataset need not be on this machine.
+
+    Args:
+        run_dir: the run folder (or its ``adapter/`` subfolder).
+        device: ``auto``, ``cpu``, ``cuda`` or a ``torch.device``.
+        precision: autocast precision; None uses the run's ``precision``.
+        stride: sliding-window stride; None uses the run's evaluation stride (``eval_stride``,
+            else half the window).
+
+    Returns:
+        The model in eval mode on ``device`` with its window, stride and data description.
+
+    Raises:
+        FileNotFoundError: not a run folder, or the run has no ``checkpoints/best.pt``.
+        ValueError: a bad precision or stride, or a checkpoint without a band manifest.
+    """
+    from deflect.engine.build import build_model
+    from deflect.engine.checkpoint import load_checkpoint, load_model_state
+    from deflect.engine.workdir import eval_config
+
+    run_dir = resolve_run_dir(run_dir)
+    best = run_dir / "checkpoints" / "best.pt"
+    if not best.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no checkpoints/best.pt (the run never finished an epoch); finish "
+            f"training first, e.g. continue it with: python run.py resume=true work_dir={run_dir}"
+        )
+    cfg = eval_config(run_dir, [])
+    precision = str(precision or cfg.get("precision") or "fp32")
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision={precision!r} is not one of {list(AUTOCAST_DTYPES)}")
+    window = int(cfg.img_size)
+    stride = default_stride(cfg, window) if stride is None else int(stride)
+    if not 1 <= stride <= window:
+        raise ValueError(
+            f"stride={stride} must be between 1 and the window ({window} px, the run's img_size); "
+            "a larger stride leaves pixels no tile covers"
+        )
+    state = load_checkpoint(best)
+    if not state.get("data"):
+        raise ValueError(
+            f"checkpoint {best} has no band manifest ('data'), so its bands and statistics are "
+            "unknown; it was written by an older version: retrain the run"
+        )
+    spec = DataSpec.from_dict(json.loads(state["data"]))
+    if not spec.classes:
+        raise ValueError(f"the band manifest of {best} has no classes; it is not a segmentor")
+    if spec.num_classes > NODATA_CLASS:
+        raise ValueError(
+            f"the run has {spec.num_classes} classes but the class map is uint8 with "
+            f"{NODATA_CLASS} for no data; at most {NODATA_CLASS} classes can be written"
+        )
+    dev = device if isinstance(device, torch.device) else resolve_device(str(device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random-weights warnings: the checkpoint replaces them
+        model = build_model(cfg, spec)
+    load_model_state(model, state, str(best))
+    model = model.to(dev).eval()
+    epoch = int(state["epoch"]) + 1 if "epoch" in state else None
+    log.info(
+        "model of %s (best epoch %s): bands %s, %d classes, window %d, stride %d, %s on %s",
+        run_dir.name, epoch, list(spec.bands), spec.num_classes, window, stride, precision, dev,
+    )  # fmt: skip
+    return Predictor(model, spec, window, stride, dev, precision, run_dir, epoch)
+
+
+# ---------------------------------------------------------------------------------- the scene
+
+
+def select_bands(
+    count: int,
+    descriptions: Sequence[str | None],
+    spec: DataSpec,
+    bands: Sequence[str] | None = None,
+    source: str = "the scene",
+) -> list[int]:
+    """The scene's band numbers (1-based) holding the model's bands, in the model's order.
+
+    The scene's band names are ``bands`` when given, else its band descriptions when every band
+    has one, else (a scene of exactly as many bands as the model takes) the training order,
+    with a warning.
+
+    Args:
+        count: number of bands of the scene.
+        descriptions: the scene's band descriptions (``src.descriptions``; None where unset).
+        spec: the model's data description.
+        bands: the scene's band names in file order, overriding the descriptions.
+        source: the scene, for messages.
+
+    Returns:
+        1-based band indexes, one per band of ``spec.bands``.
+
+    Raises:
+        ValueError: ``bands`` of the wrong length, unnamed bands of another count than the
+            model's, or model bands missing from the scene.
+    """
+    model_bands = list(spec.bands)
+    if bands is not None:
+        names = [str(b) for b in bands]
+        if len(names) != count:
+            raise ValueError(
+                f"--bands names {len(names)} bands ({names}) but {source} has {count}; name "
+                "every band of the file, in file order"
+            )
+    elif count and all(d for d in descriptions):
+        names = [str(d) for d in descriptions]
+    elif count == len(model_bands):
+        log.warning(
+            "%s has no band names (descriptions); assuming the training order %s. If that is "
+            "wrong, give the file's order with --bands",
+            source,
+            ",".join(model_bands),
+        )
+        names = model_bands
+    else:
+        raise ValueError(
+            f"{source} has {count} bands without names (descriptions) and the model takes "
+            f"{len(model_bands)} ({model_bands}); give the file's band names in order with "
+            "--bands B2,B3,..."
+        )
+    canon = [canonical_band(n) for n in names]
+    missing = [b for b in model_bands if canonical_band(b) not in canon]
+    if missing:
+        raise ValueError(
+            f"{source} lacks bands {missing} that the model needs: the scene has {names}, the "
+            f"model takes {model_bands}. Use a scene with those bands (or, if its band names "
+            "are wrong, give the right ones with --bands)"
+        )
+    return [canon.index(canonical_band(b)) + 1 for b in model_bands]
+
+
+def invalid_to_nan(raw: np.ndarray, nodata: float | None) -> np.ndarray:
+    """``raw`` as float32 with NaN where it is non-finite or equals ``nodata``.
+
+    ``nodata`` is compared in the file's own dtype, as ``read_sample`` does: in float32, large
+    integers near the no-data value would compare equal to it.
+    """
+    invalid = (
+        ~np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else np.zeros(raw.shape, bool)
+    )
+    if nodata is not None:
+        invalid |= raw == nodata
+    image = raw.astype(np.float32)
+    image[invalid] = np.nan
+    return image
+
+
+def read_normalised(
+    src: rasterio.DatasetReader, indexes: list[int], window: Window, spec: DataSpec
+) -> np.ndarray:
+    """Bands ``indexes`` of ``window`` of ``src``, invalid pixels NaN, normalised per band.
+
+    Args:
+        src: the open scene.
+        indexes: 1-based band numbers, in the model's band order.
+        window: the pixels to read (inside the scene).
+        spec: the model's data description (no-data value, band statistics).
+
+    Returns:
+        float32 ``(C, height, width)``: ``(x - mean) / std``, NaN at invalid pixels.
+
+    Raises:
+        OSError: the pixels cannot be read.
+    """
+    try:
+        raw = src.read(indexes, window=window)
+    except RasterioError as err:
+        raise OSError(
+            f"cannot read pixels {window} of {src.name!r} (truncated or corrupt?): {err}"
+        ) from err
+    image = invalid_to_nan(raw, spec.nodata)
+    mean = np.asarray(spec.mean_list(), dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std_list(), dtype=np.float32)[:, None, None]
+    return (image - mean) / std
+
+
+def band_medians(
+    src: rasterio.DatasetReader, indexes: list[int], spec: DataSpec, size: int | None = None
+) -> list[float]:
+    """Median of the valid pixels of each band, from the scene decimated to ``size`` a side.
+
+    Args:
+        src: the open scene.
+        indexes: 1-based band numbers, in the model's band order.
+        spec: the model's data description (its no-data value).
+        size: at most this many pixels a side are read (default :data:`SCALE_CHECK_SIZE`).
+
+    Returns:
+        One median per band, in file units (NaN for a band without valid pixels).
+    """
+    size = SCALE_CHECK_SIZE if size is None else size
+    step = max(1, math.ceil(max(src.height, src.width) / size))
+    shape = (len(indexes), max(1, src.height // step), max(1, src.width // step))
+    raw = src.read(indexes, out_shape=shape, resampling=Resampling.nearest)
+    image = invalid_to_nan(raw, spec.nodata)
+    out = []
+    for band in image:
+        valid = band[np.isfinite(band)]
+        out.append(float(np.median(valid)) if valid.size else float("nan"))
+    return out
+
+
+def check_reflectance_scale(medians: Sequence[float], spec: DataSpec, source: str) -> bool:
+    """Warn when the scene's values look like another reflectance scale than training's.
+
+    A band is off when its median and its training mean (both positive) differ by more than
+    :data:`SCALE_CHECK_FACTOR`; the warning is given when most bands are off, e.g. a scene of
+    integer reflectance x10000 for a model trained on float reflectance.
+
+    Args:
+        medians: the scene's median per band, in the model's band order.
+        spec: the model's data description (band means, ``reflectance_scale``).
+        source: the scene, for the message.
+
+    Returns:
+        True when it warned.
+    """
+    means = spec.mean_list()
+    usable = [
+        (b, m, mean)
+        for b, m, mean in zip(spec.bands, medians, means)
+        if math.isfinite(m) and m > 0 and mean > 0
+    ]
+    off = [(b, m, mean) for b, m, mean in usable if max(m / mean, mean / m) > SCALE_CHECK_FACTOR]
+    if not off or len(off) * 2 <= len(usable):
+        return False
+    ratio = float(np.median([m / mean for _, m, mean in off]))
+    warnings.warn(
+        f"{source} looks like another reflectance scale than the model was trained on: bands "
+        f"{[b for b, _, _ in off]} have scene medians {[round(m, 4) for _, m, _ in off]} but "
+        f"training means {[round(mean, 4) for _, _, mean in off]} (about x{ratio:.3g}); the "
+        f"model expects reflectance_scale={spec.reflectance_scale:g} (the stored value of "
+        "reflectance 1.0). Rescale the scene to the training units, or predictions will be "
+        "meaningless",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
+
+
+def list_scenes(inputs: Iterable[str | Path]) -> list[Path]:
+    """The GeoTIFF scenes named by ``inputs``: files, and the .tif/.tiff files of folders.
+
+    Files of a folder that end in ``_pred.tif`` or ``_prob.tif`` (this module's outputs) are
+    skipped.
+
+    Args:
+        inputs: files or folders.
+
+    Returns:
+        The scenes, folders' files sorted by name.
+
+    Raises:
+        FileNotFoundError: an input does not exist, or a folder holds no GeoTIFF.
+        ValueError: no inputs, or two scenes with the same name (their outputs would collide).
+    """
+    scenes: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file()
+                and p.suffix.lower() in SCENE_SUFFIXES
+                and not p.name.endswith(OUTPUT_ENDINGS)
+            )
+            if not found:
+                raise FileNotFoundError(
+                    f"folder {str(path)!r} holds no .tif or .tiff scene; pass GeoTIFF files or "
+                    "a folder of them"
+                )
+            scenes.extend(found)
+        elif path.is_file():
+            scenes.append(path)
+        else:
+            raise FileNotFoundError(f"input {str(path)!r} does not exist; pass GeoTIFF files")
+    if not scenes:
+        raise ValueError("no input scenes; pass GeoTIFF files or folders of them")
+    stems: dict[str, Path] = {}
+    for scene in scenes:
+        if scene.stem in stems:
+            raise ValueError(
+                f"scenes {str(stems[scene.stem])!r} and {str(scene)!r} have the same name, so "
+                f"both would write {scene.stem}_pred.tif; predict them into separate --out folders"
+            )
+        stems[scene.stem] = scene
+    return scenes
+
+
+# ------------------------------------------------------------------------------------ blocks
+
+
+def round_block(block: int, stride: int) -> int:
+    """``block`` rounded down to a multiple of ``stride`` (at least one stride)."""
+    if block < 1:
+        raise ValueError(f"block={block} must be >= 1 pixel")
+    return max(stride, block // stride * stride)
+
+
+def coverage_counts(length: int, window: int, stride: int) -> np.ndarray:
+    """How many tiles of the grid along one axis cover each of ``length`` pixels (float32).
+
+    The grid is :func:`~deflect.engine.inference.window_starts` over ``max(length, window)``
+    (a scene smaller than the window is padded to it). The count of 2-D tiles covering a pixel
+    is the product of its row's and its column's counts.
+    """
+    counts = np.zeros(max(length, window), dtype=np.float32)
+    for start in window_starts(max(length, window), window, stride):
+        counts[start : start + window] += 1
+    return counts[:length]
+
+
+def intersecting(starts: Sequence[int], lo: int, hi: int, window: int) -> list[int]:
+    """The tile starts of ``starts`` whose tile ``[start, start + window)`` meets ``[lo, hi)``."""
+    return [s for s in starts if s < hi and s + window > lo]
+
+
+def blocks(height: int, width: int, block: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(y0, y1, x0, x1)`` of the output blocks, row by row."""
+    for y0 in range(0, height, block):
+        for x0 in range(0, width, block):
+            yield y0, min(y0 + block, height), x0, min(x0 + block, width)
+
+
+def _metadata(predictor: Predictor, batch: int, warned: set[str]) -> dict[str, torch.Tensor]:
+    """The per-sample metadata the encoder takes that a scene can give: ``gsd`` only."""
+    out = {}
+    for key in getattr(predictor.model, "metadata_keys", ()):
+        if key == "gsd":
+            gsd = predictor.spec.gsd or 1.0
+            out["gsd"] = torch.full((batch,), gsd, dtype=torch.float32, device=predictor.device)
+        elif key not in warned:
+            warned.add(key)
+            log.warning(
+                "the encoder takes %r, which needs per-sample metadata (dates, locations) a scene "
+                "does not carry; predicting without it",
+                key,
+            )
+    return out
+
+
+class TileGrid:
+    """The global tile grid of a scene, as :func:`~deflect.engine.inference.sliding_window_logits`
+    lays it over the whole scene: tile starts and coverage counts along both axes.
+
+    Args:
+        height, width: the scene's size in pixels.
+        window: the tile side.
+        stride: the tile step.
+    """
+
+    def __init__(self, height: int, width: int, window: int, stride: int) -> None:
+        self.height, self.width = height, width
+        self.starts_y = window_starts(max(height, window), window, stride)
+        self.starts_x = window_starts(max(width, window), window, stride)
+        self.counts_y = coverage_counts(height, window, stride)
+        self.counts_x = coverage_counts(width, window, stride)
+
+
+@torch.no_grad()
+def predict_block(
+    predictor: Predictor,
+    src: rasterio.DatasetReader,
+    indexes: list[int],
+    grid: TileGrid,
+    box: tuple[int, int, int, int],
+    batch_size: int,
+    warned: set[str] | None = None,
+) -> tuple[torch.Tensor, np.ndarray, int]:
+    """Averaged logits of one output block from the global tiles that intersect it.
+
+    Args:
+        predictor: the model and its window.
+        src: the open scene.
+        indexes: the scene's band numbers in the model's order (:func:`select_bands`).
+        grid: the scene's tile grid.
+        box: the block ``(y0, y1, x0, x1)``.
+        batch_size: tiles per forward pass.
+        warned: metadata keys already warned about.
+
+    Returns:
+        Logits ``(K, y1 - y0, x1 - x0)`` float32 on the CPU, the block's mask of pixels where
+        every band is invalid ``(y1 - y0, x1 - x0)``, and the number of tiles run.
+    """
+    y0, y1, x0, x1 = box
+    win = predictor.window
+    tops = intersecting(grid.starts_y, y0, y1, win)
+    lefts = intersecting(grid.starts_x, x0, x1, win)
+    # The union of those tiles; beyond the scene (only for scenes smaller than the window) NaN.
+    ey0, ey1, ex0, ex1 = tops[0], tops[-1] + win, lefts[0], lefts[-1] + win
+    ry1, rx1 = min(ey1, grid.height), min(ex1, grid.width)
+    read = read_normalised(src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec)
+    image = torch.from_numpy(read)
+    if ry1 < ey1 or rx1 < ex1:
+        image = torch.nn.functional.pad(image, (0, ex1 - rx1, 0, ey1 - ry1), value=torch.nan)
+    invalid = np.isnan(read[:, y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0]).all(axis=0)
+    image = image.to(predictor.device)
+
+    num_classes = predictor.spec.num_classes
+    logits = torch.zeros((num_classes, y1 - y0, x1 - x0), dtype=torch.float32,
+                         device=predictor.device)  # fmt: skip
+    tiles = [(top, left) for top in tops for left in lefts]  # the order of sliding_window_logits
+    warned = set() if warned is None else warned
+    for first in range(0, len(tiles), batch_size):
+        chunk = tiles[first : first + batch_size]
+        batch = torch.stack(
+            [image[:, t - ey0 : t - ey0 + win, le - ex0 : le - ex0 + win] for t, le in chunk]
+        )
+        with autocast_context(predictor.device, predictor.precision):
+            out = predictor.model(batch, **_metadata(predictor, len(chunk), warned)).float()
+        for (top, left), tile in zip(chunk, out):
+            # The part of the tile inside the block (and inside the scene).
+            a0, a1 = max(top, y0), min(top + win, y1)
+            b0, b1 = max(left, x0), min(left + win, x1)
+            logits[:, a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] += tile[
+                :, a0 - top : a1 - top, b0 - left : b1 - left
+            ]
+    counts = np.outer(grid.counts_y[y0:y1], grid.counts_x[x0:x1])
+    logits /= torch.from_numpy(counts).to(predictor.device)
+    return logits.cpu(), invalid, len(tiles)
+
+
+def _profile(src: rasterio.DatasetReader, count: int, dtype: str, nodata: float) -> dict:
+    profile = {
+        "driver": "GTiff",
+        "height": src.height,
+        "width": src.width,
+        "count": count,
+        "dtype": dtype,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": OUTPUT_TILE,
+        "blockysize": OUTPUT_TILE,
+        "compress": "deflate",
+        "bigtiff": "IF_SAFER",
+    }
+    if src.crs is not None:
+        profile["crs"] = src.crs
+    if src.crs is not None or src.transform != Affine.identity():
+        profile["transform"] = src.transform  # an identity without a CRS: no georeference
+    return profile
+
+
+def predict_scene(
+    predictor: Predictor,
+    path: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 8,
+    block: int = DEFAULT_BLOCK,
+    probabilities: bool = False,
+    bands: Sequence[str] | None = None,
+    progress: bool = True,
+) -> SceneOutputs:
+    """Predict one GeoTIFF scene of any size, block by block, into ``out_dir``.
+
+    Writes ``<stem>_pred.tif`` (uint8 class indices, :data:`NODATA_CLASS` where every band is
+    invalid) and, with ``probabilities``, ``<stem>_prob.tif`` (float32 softmax, one band per
+    class named after it, NaN where every band is invalid); both tiled, deflate-compressed, with
+    the scene's CRS and transform, written atomically (a failure leaves no partial file).
+
+    Args:
+        predictor: from :func:`load_predictor`.
+        path: the scene.
+        out_dir: the output folder (created if needed).
+        batch_size: tiles per forward pass.
+        block: side of the output blocks in pixels, rounded down to a multiple of the stride;
+            memory grows with its square, never with the scene.
+        probabilities: also write the class probabilities.
+        bands: the scene's band names in file order (default: its band descriptions).
+        progress: show a progress bar.
+
+    Returns:
+        The written paths.
+
+    Raises:
+        FileNotFoundError: the scene does not exist.
+        OSError: it cannot be read.
+        ValueError: it lacks bands the model needs, or a bad ``batch_size`` or ``block``.
+    """
+    path = Path(path).expanduser()
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if not path.is_file():
+        raise FileNotFoundError(f"scene {str(path)!r} does not exist")
+    block = round_block(block, predictor.stride)
+    spec = predictor.spec
+    out_dir = Path(out_dir).expanduser()
+    pred_path = out_dir / f"{path.stem}_pred.tif"
+    prob_path = out_dir / f"{path.stem}_prob.tif" if probabilities else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except RasterioError as err:
+        raise OSError(f"cannot open scene {str(path)!r} (not a GeoTIFF?): {err}") from err
+    with src, ExitStack() as stack:
+        indexes = select_bands(src.count, src.descriptions, spec, bands, f"scene {str(path)!r}")
+        if src.nodata is not None and spec.nodata != src.nodata:
+            log.warning(
+                "%s declares no-data %s but the model was trained with no-data %s: pixels equal "
+                "to %s are predicted as data, as in training",
+                path.name, src.nodata, spec.nodata, src.nodata,
+            )  # fmt: skip
+        check_reflectance_scale(band_medians(src, indexes, spec), spec, f"scene {str(path)!r}")
+        grid = TileGrid(src.height, src.width, predictor.window, predictor.stride)
+        tmp = stack.enter_context(atomic_path(pred_path))
+        pred = stack.enter_context(
+            rasterio.open(tmp, "w", **_profile(src, 1, "uint8", NODATA_CLASS))
+        )
+        pred.set_band_description(1, "class")
+        pred.update_tags(classes=",".join(spec.classes), run=str(predictor.run_dir or ""))
+        colours = {k: tuple(int(v) for v in PALETTE[k % len(PALETTE)]) for k in range(256)}
+        pred.write_colormap(1, colours)
+        prob = None
+        if prob_path is not None:
+            tmp_prob = stack.enter_context(atomic_path(prob_path))
+            prob = stack.enter_context(
+                rasterio.open(tmp_prob, "w", **_profile(src, spec.num_classes, "float32", np.nan))
+            )
+            for k, name in enumerate(spec.classes):
+                prob.set_band_description(k + 1, name)
+            prob.update_tags(classes=",".join(spec.classes), run=str(predictor.run_dir or ""))
+        boxes = list(blocks(src.height, src.width, block))
+        warned: set[str] = set()
+        forwards = 0
+        bar = tqdm(boxes, desc=path.name, disable=not progress, leave=False, dynamic_ncols=True)
+        for box in bar:
+            logits, invalid, run = predict_block(
+                predictor, src, indexes, grid, box, batch_size, warned
+            )
+            forwards += run
+            y0, y1, x0, x1 = box
+            out_window = Window(x0, y0, x1 - x0, y1 - y0)
+            classes = logits.argmax(dim=0).numpy().astype(np.uint8)
+            classes[invalid] = NODATA_CLASS
+            pred.write(classes, 1, window=out_window)
+            if prob is not None:
+                softmax = torch.softmax(logits, dim=0).numpy()
+                softmax[:, invalid] = np.nan
+                prob.write(softmax, window=out_window)
+    log.info(
+        "%s: %d x %d px, %d blocks of %d px, %d tiles -> %s",
+        path.name, grid.height, grid.width, len(boxes), block, forwards, pred_path,
+    )  # fmt: skip
+    return SceneOutputs(pred_path, prob_path, forwards)
+
+
+def predict_scenes(
+    predictor: Predictor,
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    batch_size: int = 8,
+    block: int = DEFAULT_BLOCK,
+    probabilities: bool = False,
+    bands: Sequence[str] | None = None,
+    progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> list[SceneOutputs]:
+    """Predict every scene of ``inputs`` (files or folders of .tif/.tiff) into ``out_dir``.
+
+    Under torchrun (a ``torch.distributed`` process group), rank ``r`` of ``world`` predicts
+    scenes ``r, r + world, ...``.
+
+    Args:
+        predictor: from :func:`load_predictor`.
+        inputs: scene files or folders.
+        out_dir: the output folder.
+        batch_size, block, probabilities, bands, progress: as :func:`predict_scene`.
+        rank, world_size: this process's share; default from ``torch.distributed`` (0 and 1
+            without a process group).
+
+    Returns:
+        What this process wrote.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`list_scenes` and :func:`predict_scene`.
+    """
+    scenes = list_scenes(inputs)
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        grouped = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if grouped else 0
+        world_size = dist.get_world_size() if grouped else 1
+    mine = scenes[rank::world_size]
+    log.info("%d scenes (%d on this process) -> %s", len(scenes), len(mine), out_dir)
+    return [
+        predict_scene(predictor, scene, out_dir, batch_size, block, probabilities, bands, progress)
+        for scene in mine
+    ]

@@ -1,0 +1,85 @@
+"""Predict GeoTIFF scenes of any size with a trained run, in bounded memory.
+
+    python scripts/predict.py work_dirs/<run> scene.tif --out predictions/
+    python scripts/predict.py work_dirs/<run> scenes/ --out predictions/ --probabilities \
+        --device cuda --precision bf16 --batch-size 32 --block 2048
+    torchrun --nproc_per_node=4 scripts/predict.py work_dirs/<run> scenes/ --out predictions/
+
+Writes ``<OUT>/<stem>_pred.tif`` per scene (uint8 class map, 255 where every band is invalid)
+and with ``--probabilities`` ``<OUT>/<stem>_prob.tif`` (float32 softmax, one band per class).
+The result equals the run's evaluation (sliding window over the whole scene), but the scene is
+processed in blocks of ``--block`` pixels: memory depends on the block, not on the scene. The
+scene's bands are matched to the model's by name (its band descriptions, or ``--bands``). Under
+torchrun, each rank predicts its share of the scenes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("predict")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, load the run's best checkpoint and predict every scene."""
+    from deflect.engine.distributed import cleanup_distributed, init_distributed
+    from deflect.engine.logging import setup_logging
+    from deflect.engine.predict import DEFAULT_BLOCK, load_predictor, predict_scenes
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path, help="the trained run folder (or its adapter/)")
+    parser.add_argument("inputs", nargs="+", type=Path, help="GeoTIFF scenes or folders of them")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
+    parser.add_argument(
+        "--stride", type=int, default=None,
+        help="sliding-window stride (default: the run's eval_stride, else half the window)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--block", type=int, default=DEFAULT_BLOCK,
+        help=f"output block side in pixels, a multiple of the stride (default {DEFAULT_BLOCK})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probabilities", action="store_true", help="also write <stem>_prob.tif (softmax)"
+    )
+    parser.add_argument("--bands", default="", help="the scenes' band names in file order, "
+                        "e.g. B2,B3,B4,B8 (default: their band descriptions)")  # fmt: skip
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--precision", default=None, choices=["fp32", "bf16", "fp16"],
+        help="autocast precision (default: the run's)",
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+
+    info = init_distributed(args.device)
+    setup_logging(None, info.is_main)
+    try:
+        predictor = load_predictor(args.run_dir, info.device, args.precision, args.stride)
+        bands = [b.strip() for b in args.bands.split(",") if b.strip()] or None
+        outputs = predict_scenes(
+            predictor, args.inputs, args.out, batch_size=args.batch_size, block=args.block,
+            probabilities=args.probabilities, bands=bands,
+            progress=info.is_main and not args.no_progress,
+            rank=info.rank, world_size=info.world_size,
+        )  # fmt: skip
+        for out in outputs:
+            log.info(
+                "wrote %s%s",
+                out.prediction,
+                f" and {out.probabilities}" if out.probabilities else "",
+            )
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

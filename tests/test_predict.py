@@ -1,0 +1,336 @@
+"""Whole-scene prediction (``deflect/engine/predict.py``, ``scripts/predict.py``) against the
+whole-scene sliding window of evaluation: same map pixel for pixel, in bounded memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from omegaconf import OmegaConf
+from rasterio.transform import from_origin
+
+from deflect.engine import predict
+from deflect.engine.inference import sliding_window_logits
+from tests.conftest import DEMO_BANDS, REPO, TINY, run_cli
+
+NODATA = -9999.0
+WINDOW, STRIDE = 32, 16  # TINY's img_size, and evaluation's default stride (half the window)
+CRS = "EPSG:32633"
+TRANSFORM = from_origin(500000.0, 5000000.0, 10.0, 10.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny model gains nothing from more, and a busy 2-core machine
+    slows down a lot when threads compete; the CLI subprocess runs with one too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_root, tmp_path_factory) -> Path:
+    """A run folder of the tiny model, trained one step on the demo with a no-data value."""
+    cwd = tmp_path_factory.mktemp("predict_run")
+    run_cli([*TINY, f"dataset.root={demo_root}", "epochs=1", "max_steps_per_epoch=1",
+             f"+dataset.nodata={NODATA}", "num_vis=0", "save_predictions=false"], cwd)  # fmt: skip
+    (run,) = (cwd / "work_dirs").iterdir()
+    return run
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir) -> predict.Predictor:
+    return predict.load_predictor(run_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference_model(run_dir):
+    """The run's model built and loaded by the test, as ``run.py eval_dir=...`` does."""
+    from deflect.engine import build
+    from deflect.engine.checkpoint import load_checkpoint, load_model_state
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build.build_model(cfg, build.build_dataset(cfg, "test").spec)
+    best = run_dir / "checkpoints" / "best.pt"
+    load_model_state(model, load_checkpoint(best), str(best))
+    return model.eval()
+
+
+def demo_pixels(height: int, width: int) -> np.ndarray:
+    """Real Sentinel-2 reflectance x10000 (the demo's source scene, bands B2, B3, B4, B8) as
+    float32, with NaN pixels, no-data pixels, a pixel with one NaN band and an all-invalid
+    corner."""
+    from datasets.demo import demo_scene
+
+    image = demo_scene()[:, 150 : 150 + height, 120 : 120 + width].astype(np.float32)
+    image[:, 2:5, 3:9] = np.nan
+    image[:, -3:, -4:] = NODATA
+    image[:, 9, 1:3] = NODATA
+    image[1, 12, 12] = np.nan  # one band invalid: still predicted
+    return image
+
+
+def write_scene(path: Path, image: np.ndarray, names: list[str] | None = DEMO_BANDS) -> Path:
+    profile = {"driver": "GTiff", "height": image.shape[1], "width": image.shape[2],
+               "count": image.shape[0], "dtype": str(image.dtype), "crs": CRS,
+               "transform": TRANSFORM}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(image)
+        for i, name in enumerate(names or []):
+            dst.set_band_description(i + 1, name)
+    return path
+
+
+def reference(model, run_dir: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluation's sliding window over the whole scene at once: logits (K, H, W), argmax, and
+    the all-bands-invalid mask; normalised here with the run's config statistics."""
+    stats = OmegaConf.load(run_dir / "config.yaml").dataset.band_stats
+    mean = np.array([stats.mean[b] for b in DEMO_BANDS], np.float32)[:, None, None]
+    std = np.array([stats.std[b] for b in DEMO_BANDS], np.float32)[:, None, None]
+    x = np.where(np.isfinite(image) & (image != NODATA), image, np.nan).astype(np.float32)
+    x = (x - mean) / std
+    logits = sliding_window_logits(model, torch.from_numpy(x)[None], WINDOW, STRIDE, 4)[0]
+    return logits.numpy(), logits.argmax(0).numpy(), np.isnan(x).all(0)
+
+
+def read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+class Recording(torch.nn.Module):
+    """The model, recording every batch it is given."""
+
+    def __init__(self, model: torch.nn.Module, batches: list) -> None:
+        super().__init__()
+        self.model, self.batches = model, batches
+        self.metadata_keys = ()
+
+    def forward(self, x: torch.Tensor, **metadata: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.detach().cpu().clone())
+        return self.model(x, **metadata)
+
+
+def recording_predictor(predictor: predict.Predictor, batches: list) -> predict.Predictor:
+    return predict.Predictor(**{**predictor.__dict__, "model": Recording(predictor.model, batches)})
+
+
+# ---------------------------------------------------------------- equal to the sliding window
+
+
+@pytest.mark.parametrize(
+    "shape, block, batch_size",
+    [((130, 75), 32, 3), ((75, 53), 48, 1), ((53, 75), 1024, 8), ((20, 45), 16, 2)],
+)
+def test_map_and_probabilities_equal_the_whole_scene_sliding_window(
+    predictor, reference_model, run_dir, tmp_path, shape, block, batch_size
+):
+    image = demo_pixels(*shape)
+    scene = write_scene(tmp_path / "scene.tif", image)
+    out = predict.predict_scene(predictor, scene, tmp_path / "out", batch_size=batch_size,
+                                block=block, probabilities=True, progress=False)  # fmt: skip
+    logits, expected, invalid = reference(reference_model, run_dir, image)
+    assert invalid.sum() == 3 * 4 + 2 + 3 * 6 and len(np.unique(expected[~invalid])) >= 2
+
+    classes = read(out.prediction)[0]
+    assert classes.shape == shape
+    np.testing.assert_array_equal(classes[~invalid], expected[~invalid])
+    assert (classes[invalid] == predict.NODATA_CLASS).all()
+
+    probabilities = read(out.probabilities)
+    softmax = torch.softmax(torch.from_numpy(logits), 0).numpy()
+    np.testing.assert_allclose(probabilities[:, ~invalid], softmax[:, ~invalid], atol=1e-5)
+    assert np.isnan(probabilities[:, invalid]).all()
+
+
+def test_outputs_keep_the_georeference_and_are_tiled_compressed_geotiffs(predictor, tmp_path):
+    scene = write_scene(tmp_path / "s.tif", demo_pixels(75, 53))
+    out = predict.predict_scene(predictor, scene, tmp_path / "out", block=32,
+                                probabilities=True, progress=False)  # fmt: skip
+    assert out.prediction == tmp_path / "out" / "s_pred.tif"
+    assert out.probabilities == tmp_path / "out" / "s_prob.tif"
+    for path, count, dtype in ((out.prediction, 1, "uint8"), (out.probabilities, 4, "float32")):
+        with rasterio.open(path) as src:
+            assert src.crs == rasterio.crs.CRS.from_string(CRS)
+            assert src.transform == TRANSFORM
+            assert (src.height, src.width, src.count, src.dtypes[0]) == (75, 53, count, dtype)
+            assert src.profile["tiled"] and src.block_shapes[0] == (256, 256)
+            assert src.compression == rasterio.enums.Compression.deflate
+            assert src.tags()["classes"] == "bare,sparse,moderate,dense"
+    with rasterio.open(out.probabilities) as src:
+        assert src.descriptions == ("bare", "sparse", "moderate", "dense")
+    with rasterio.open(out.prediction) as src:
+        assert src.nodata == 255
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s_pred.tif", "s_prob.tif"]
+
+
+# ----------------------------------------------------------------------- bands and run folders
+
+
+def test_bands_are_picked_by_name_whatever_the_file_order(predictor, tmp_path):
+    image = demo_pixels(53, 40)
+    expected = read(predict.predict_scene(predictor, write_scene(tmp_path / "a.tif", image),
+                                          tmp_path, block=32, progress=False).prediction)  # fmt: skip
+    order = [3, 0, 2, 1]  # B8, B2, B4, B3, named B08, B02, ... (canonical names match)
+    names = ["B08", "B02", "B04", "B03"]
+    extra = np.concatenate([image[order], image[:1] * 0 + 7])  # and a band the model ignores
+    scene = write_scene(tmp_path / "b.tif", extra, names + ["B11"])
+    got = read(predict.predict_scene(predictor, scene, tmp_path, block=32,
+                                     progress=False).prediction)  # fmt: skip
+    np.testing.assert_array_equal(got, expected)
+    # Unnamed bands, named on the command line instead.
+    scene = write_scene(tmp_path / "c.tif", image[order], names=None)
+    got = read(predict.predict_scene(predictor, scene, tmp_path, block=32, progress=False,
+                                     bands=["B8", "B2", "B4", "B3"]).prediction)  # fmt: skip
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_unnamed_bands_of_the_model_count_are_taken_in_training_order(predictor, caplog):
+    spec = predictor.spec
+    assert predict.select_bands(4, [None] * 4, spec) == [1, 2, 3, 4]
+    assert "assuming the training order" in caplog.text
+    with pytest.raises(ValueError, match="5 bands without names.*--bands"):
+        predict.select_bands(5, [None] * 5, spec)
+    with pytest.raises(ValueError, match="--bands names 3 bands"):
+        predict.select_bands(4, [None] * 4, spec, bands=["B2", "B3", "B4"])
+
+
+def test_a_scene_missing_a_band_is_refused_by_name(predictor, tmp_path):
+    scene = write_scene(tmp_path / "s.tif", demo_pixels(40, 40)[:3], ["B2", "B3", "B4"])
+    with pytest.raises(ValueError, match=r"lacks bands \['B8'\].*\['B2', 'B3', 'B4'\]"):
+        predict.predict_scene(predictor, scene, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "s_pred.tif").exists()
+
+
+def test_run_folders_without_a_best_checkpoint_or_config_are_refused(run_dir, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(run_dir / "config.yaml", unfinished)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoints/best.pt.*resume=true work_dir="):
+        predict.load_predictor(unfinished)
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        predict.load_predictor(tmp_path)
+    assert predict.resolve_run_dir(run_dir / "adapter") == run_dir
+    assert predict.resolve_run_dir(run_dir / "adapter" / "default") == run_dir
+
+
+def test_a_scene_in_another_reflectance_scale_is_warned_about(predictor, tmp_path):
+    image = demo_pixels(40, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right scale: no warning
+        predict.predict_scene(predictor, write_scene(tmp_path / "ok.tif", image), tmp_path,
+                              progress=False)  # fmt: skip
+    scaled = np.where(image == NODATA, NODATA, image / 10000)  # float reflectance, not x10000
+    with pytest.warns(UserWarning, match=r"reflectance.*B2.*reflectance_scale=10000"):
+        predict.predict_scene(predictor, write_scene(tmp_path / "f.tif", scaled), tmp_path,
+                              progress=False)  # fmt: skip
+
+
+def test_nodata_is_compared_in_the_file_dtype():
+    raw = np.array([16777216, 16777217, 5], dtype=np.int32)  # equal in float32, not in int32
+    out = predict.invalid_to_nan(raw, 16777216)
+    assert np.isnan(out[0]) and out[1] == np.float32(16777217) and out[2] == 5
+    out = predict.invalid_to_nan(np.array([np.inf, 1.0], np.float32), None)
+    assert np.isnan(out[0]) and out[1] == 1
+
+
+# ---------------------------------------------------------------------------- bounded memory
+
+
+def test_reads_and_batches_stay_bounded_by_the_block_not_the_scene(
+    predictor, reference_model, run_dir, tmp_path, monkeypatch
+):
+    block, batch_size = 32, 3
+    image = demo_pixels(130, 75)
+    scene = write_scene(tmp_path / "s.tif", image)
+    reads, batches = [], []
+    original_read = rasterio.io.DatasetReader.read
+
+    def recording_read(self, *args, **kwargs):
+        out = original_read(self, *args, **kwargs)
+        reads.append(out.shape[-2:])
+        return out
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", recording_read)
+    monkeypatch.setattr(predict, "SCALE_CHECK_SIZE", 24)  # the decimated read of the scale check
+    recording = recording_predictor(predictor, batches)
+    out = predict.predict_scene(recording, scene, tmp_path, batch_size=batch_size, block=block,
+                                progress=False)  # fmt: skip
+    monkeypatch.undo()
+
+    # The tiles meeting a block start less than a window before it and, with a stride of half
+    # the window, end less than a window plus a stride after it.
+    bound = block + WINDOW + STRIDE
+    assert bound < 130 and len(reads) > 10
+    assert max(h for h, _ in reads) <= bound and max(w for _, w in reads) <= bound
+    assert max(len(b) for b in batches) == batch_size
+    assert all(b.shape[1:] == (4, WINDOW, WINDOW) for b in batches)
+    # Every tile of the global grid was run (border tiles more than once), and nothing else.
+    assert sum(len(b) for b in batches) == out.forwards >= 8 * 5
+    _, expected, invalid = reference(reference_model, run_dir, image)
+    np.testing.assert_array_equal(read(out.prediction)[0][~invalid], expected[~invalid])
+
+
+def test_a_scene_smaller_than_the_window_is_padded_with_nan_as_evaluation_pads(predictor, tmp_path):
+    image = demo_pixels(20, 45)  # 20 rows: the window (32) overhangs the bottom by 12
+    batches: list[torch.Tensor] = []
+    predict.predict_scene(recording_predictor(predictor, batches),
+                          write_scene(tmp_path / "s.tif", image), tmp_path, progress=False)  # fmt: skip
+    tiles = torch.cat(batches)
+    assert tiles.shape == (2, 4, WINDOW, WINDOW)  # columns 0 and 13 (flush with the edge)
+    assert torch.isnan(tiles[:, :, 20:]).all() and torch.isfinite(tiles[:, :, :20]).any()
+
+
+def test_blocks_are_rounded_to_the_stride_and_cover_the_scene_once():
+    assert predict.round_block(1000, 16) == 992 and predict.round_block(5, 16) == 16
+    seen = np.zeros((70, 45), int)
+    for y0, y1, x0, x1 in predict.blocks(70, 45, 32):
+        seen[y0:y1, x0:x1] += 1
+    assert (seen == 1).all()
+
+
+# ----------------------------------------------------------------- many scenes and the CLI
+
+
+def test_folders_are_listed_and_ranks_share_the_scenes(predictor, tmp_path):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        write_scene(folder / f"{name}.tif", demo_pixels(20, 20))
+    (folder / "a_pred.tif").write_bytes(b"")  # an earlier output: skipped
+    (folder / "notes.txt").write_text("x")
+    assert [p.name for p in predict.list_scenes([folder])] == ["a.tif", "b.tif", "c.tif"]
+    outs = predict.predict_scenes(predictor, [folder], tmp_path / "out", progress=False,
+                                  rank=1, world_size=2)  # fmt: skip
+    assert [o.prediction.name for o in outs] == ["b_pred.tif"]
+    with pytest.raises(ValueError, match="same name"):
+        predict.list_scenes([folder / "a.tif", folder / "a.tif"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        predict.list_scenes([tmp_path / "missing.tif"])
+
+
+def test_cli_writes_what_the_library_writes(predictor, run_dir, tmp_path):
+    scene = write_scene(tmp_path / "s.tif", demo_pixels(53, 40))
+    expected = predict.predict_scene(predictor, scene, tmp_path / "lib", block=32,
+                                     probabilities=True, progress=False)  # fmt: skip
+    cmd = [sys.executable, str(REPO / "scripts" / "predict.py"), str(run_dir / "adapter"),
+           str(tmp_path / "s.tif"), "--out", str(tmp_path / "cli"), "--block", "32",
+           "--probabilities", "--device", "cpu", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    np.testing.assert_array_equal(read(tmp_path / "cli" / "s_pred.tif"),
+                                  read(expected.prediction))  # fmt: skip
+    np.testing.assert_allclose(read(tmp_path / "cli" / "s_prob.tif"),
+                               read(expected.probabilities), atol=1e-6)  # fmt: skip

@@ -9,6 +9,20 @@ Each (encoder, finetune) pair runs in a fresh subprocess so its peak memory is i
 ``max_memory_allocated`` on a GPU, the process's peak resident set size (``ru_maxrss``) on CPU.
 A step is forward + loss + backward + AdamW step, built by the same code as ``run.py``
 (the demo dataset's bands unless ``--bands`` is given; inputs are random).
+
+Side by side with TerraTorch (``pip install -e .[bench]``; TerraTorch is never a dependency)::
+
+    python scripts/benchmark.py --vs-terratorch --finetune frozen full deflect lora \
+        --threads 2 --rounds 3
+
+builds the same job in both: Prithvi-100M (ViT-B/16, 6 HLS bands, random weights), 224 px,
+UperNet with 512 channels, cross-entropy, AdamW; ours is ``encoder=prithvi_100m`` with the
+method, TerraTorch's is its ``EncoderDecoderFactory`` model (``prithvi_eo_v1_100``,
+``SelectIndices`` [3, 5, 7, 11], ``ReshapeTokensToImage``, ``LearnedInterpolateToPyramidal``,
+``UperNetDecoder``) with ``freeze_backbone`` for frozen and PEFT LoRA r16 on qkv, proj, fc1, fc2
+for lora and deflect. Each measurement is a fresh process; the two alternate for ``--rounds``
+rounds and the median images/s of each and their ratio are printed, with our step's phases
+(encoder forward, neck + decoder forward, loss + backward, optimiser) and the FLOPs of a step.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         f"encoder={encoder}", f"finetune={finetune}", f"img_size={args.img_size}",
         f"segmentor.channels={args.channels}",
     ]  # fmt: skip
+    overrides += list(args.set)  # e.g. segmentor.fast_fusion=false for the reference decoder
     if args.loader:  # the model for that dataset's bands and statistics
         overrides.append(f"dataset={args.loader}")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -59,6 +74,8 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         reflectance_scale=scale,
         classes=("a", "b", "c", "d"),
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build.build_model(cfg, data).to(device).train()
     optimizer = build.build_optimizer(cfg, model)
     loss_fn = build.build_loss(cfg, data).to(device)
@@ -88,6 +105,8 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     counts = build.parameter_counts(model)
+    phases = step_phases(model, images, masks, loss_fn, optimizer, device, args.precision)
+    flops = step_flops(step)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -104,7 +123,151 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         "encoder_trainable": counts["encoder_trainable"],
         "encoder_trainable_percent": counts["encoder_trainable_percent"],
         "decoder_trainable": counts["decoder_trainable"],
+        "phases_s": phases,
+        "gflop_per_step": flops / 1e9,
     }
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_phases(model, images, masks, loss_fn, optimizer, device, precision) -> dict:
+    """Seconds of one training step by phase: encoder forward, neck + decoder forward (with
+    the final upsampling), loss + backward, optimiser step."""
+    import torch.nn.functional as F
+
+    from deflect.engine.evaluator import autocast_context
+
+    times, clock = {}, time.perf_counter
+    _sync(device)
+    start = clock()
+    with autocast_context(device, precision):
+        features = model.encoder.forward_features(images)
+        _sync(device)
+        times["encoder_forward"], start = clock() - start, clock()
+        logits = model.decode_head(model.neck(features))
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        _sync(device)
+        times["neck_decoder_forward"], start = clock() - start, clock()
+    loss = loss_fn(logits, masks)
+    aux = model.auxiliary_losses()
+    optimizer.zero_grad(set_to_none=True)
+    (loss + sum(aux.values()) if aux else loss).backward()
+    _sync(device)
+    times["loss_backward"], start = clock() - start, clock()
+    optimizer.step()
+    _sync(device)
+    times["optimizer"] = clock() - start
+    return {k: round(v, 3) for k, v in times.items()}
+
+
+def step_flops(step) -> float:
+    """FLOPs of one training step (forward + backward) by PyTorch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+TT_BANDS = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
+LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def measure_terratorch(args: argparse.Namespace, method: str) -> dict:
+    """The same job in TerraTorch: its Prithvi-100M + UperNet model, frozen, full or LoRA r16
+    (our ``deflect`` and ``lora`` both face TerraTorch's LoRA)."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    from terratorch.models import EncoderDecoderFactory
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    peft = None
+    if method in ("lora", "deflect", "scaled_lora"):
+        peft = {"method": "LORA", "peft_config_kwargs": {"target_modules": LORA_TARGETS,
+                                                          "r": 16, "lora_alpha": 16}}  # fmt: skip
+    torch.manual_seed(0)
+    model = EncoderDecoderFactory().build_model(
+        task="segmentation", backbone="prithvi_eo_v1_100", backbone_pretrained=False,
+        backbone_bands=TT_BANDS, backbone_img_size=args.img_size,
+        necks=[{"name": "SelectIndices", "indices": [3, 5, 7, 11]},
+               {"name": "ReshapeTokensToImage"}, {"name": "LearnedInterpolateToPyramidal"}],
+        decoder="UperNetDecoder", decoder_channels=args.channels, num_classes=4,
+        peft_config=peft,
+    ).to(device).train()  # fmt: skip
+    if method == "frozen":
+        model.freeze_encoder()  # what SemanticSegmentationTask(freeze_backbone=True) calls
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-1)
+    images = torch.randn(args.batch_size, 6, args.img_size, args.img_size, device=device)
+    masks = torch.randint(0, 4, (args.batch_size, args.img_size, args.img_size), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images).output
+        loss = loss_fn(logits.float(), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"framework": "terratorch", "finetune": method,
+            "images_per_s": args.steps * args.batch_size / seconds,
+            "peak_mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable": sum(p.numel() for p in params), "gflop_per_step": step_flops(step) / 1e9}  # fmt: skip
+
+
+def side_by_side(args: argparse.Namespace, passthrough: list[str]) -> list[dict]:
+    """Ours (``encoder=prithvi_100m``) and TerraTorch's, alternating for ``args.rounds``
+    rounds, each measurement in a fresh process; prints the medians and their ratio."""
+    import statistics
+
+    rows = []
+    for finetune in args.finetune:
+        runs: dict[str, list[dict]] = {"ours": [], "terratorch": []}
+        for _ in range(args.rounds):
+            for side, single in (("ours", ["prithvi_100m", finetune]),
+                                 ("terratorch", ["terratorch", finetune])):  # fmt: skip
+                cmd = [sys.executable, __file__, *passthrough, "--bands",
+                       "B2,B3,B4,B8A,B11,B12", "--single", *single]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{side} {finetune} failed:\n{proc.stderr[-3000:]}")
+                runs[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        ours = statistics.median(r["images_per_s"] for r in runs["ours"])
+        theirs = statistics.median(r["images_per_s"] for r in runs["terratorch"])
+        phases = runs["ours"][-1]["phases_s"]
+        rows.append({"finetune": finetune, "ours_images_per_s": ours,
+                     "terratorch_images_per_s": theirs, "ratio": ours / theirs,
+                     "ours_gflop_per_step": runs["ours"][-1]["gflop_per_step"],
+                     "terratorch_gflop_per_step": runs["terratorch"][-1]["gflop_per_step"],
+                     "ours_peak_mib": runs["ours"][-1]["peak_mem_mib"],
+                     "terratorch_peak_mib": runs["terratorch"][-1]["peak_mem_mib"],
+                     "ours_phases_s": phases, "rounds": args.rounds})  # fmt: skip
+        print(f"{finetune:8s} ours {ours:7.3f} img/s  TerraTorch {theirs:7.3f} img/s  "
+              f"ratio {ours / theirs:5.2f}  GFLOP/step {rows[-1]['ours_gflop_per_step']:.0f} vs "
+              f"{rows[-1]['terratorch_gflop_per_step']:.0f}  phases {phases}", flush=True)  # fmt: skip
+    return rows
 
 
 def measure_loader(args: argparse.Namespace, workers: int) -> dict:
@@ -157,6 +320,12 @@ def main() -> None:
     parser.add_argument("--loader", default="", help="also time this dataset's training loader")
     parser.add_argument("--root", default="", help="its dataset.root")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="loader workers")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides of our model, e.g. segmentor.fold_laterals=false")  # fmt: skip
+    parser.add_argument("--vs-terratorch", action="store_true",
+                        help="the same job in TerraTorch, side by side (needs the bench extra)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (side by side)")
     parser.add_argument(
         "--single", nargs=2, metavar=("ENCODER", "FINETUNE"), help=argparse.SUPPRESS
     )
@@ -171,9 +340,15 @@ def main() -> None:
         import warnings
 
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        print(json.dumps(measure(args, *args.single)))
+        if args.single[0] == "terratorch":
+            print(json.dumps(measure_terratorch(args, args.single[1])))
+        else:
+            print(json.dumps(measure(args, *args.single)))
         return
-    passthrough = [a for a in sys.argv[1:]]
+    passthrough = [a for a in sys.argv[1:] if a != "--vs-terratorch"]
+    if args.vs_terratorch:
+        print(json.dumps(side_by_side(args, passthrough), indent=2))
+        return
     rows = []
     for encoder in args.encoder:
         for finetune in args.finetune:

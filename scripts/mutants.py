@@ -196,6 +196,9 @@ MUTANTS = [
            "indexes = select_bands(",
            "indexes = (lambda *a, **k: list(range(1, len(predictor.spec.bands) + 1)))(",
            ("tests/test_predict.py",)),
+    Mutant("folded laterals drop the transposed convolution's bias", "segmentors/segmentor.py",
+           "bias = w_lat @ convt.bias if convt.bias is not None else None", "bias = None",
+           ("tests/test_segmentor.py",)),
 ]  # fmt: skip
 
 

@@ -115,9 +115,20 @@ class UperNetHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Logits at the resolution of the finest level, ``(B, num_classes, h0, w0)``."""
-        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features[:-1])]
+    def forward(
+        self, features: list[torch.Tensor], laterals: list[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
+        """Logits at the resolution of the finest level, ``(B, num_classes, h0, w0)``.
+
+        ``laterals[i]``, when given, is level i's lateral branch already computed (the
+        segmentor folds the 1x1 lateral convolution into the neck's last transposed convolution);
+        ``features[i]`` is then not used.
+        """
+        given = laterals or [None] * (len(features) - 1)
+        laterals = [
+            conv(f) if pre is None else pre
+            for conv, f, pre in zip(self.lateral_convs, features[:-1], given)
+        ]
         laterals.append(self.ppm(features[-1]))
         for i in range(len(laterals) - 1, 0, -1):  # top-down path
             laterals[i - 1] = laterals[i - 1] + F.interpolate(

@@ -60,3 +60,40 @@ def test_fast_fusion_is_the_same_head(dtype):
     if dtype == torch.float64:  # float32 gradients flip at ReLU kinks; float64 proves the algebra
         for a, b in zip(grads_fast, grads_slow):
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("method", ["frozen", "full"])
+def test_folded_laterals_and_fast_fusion_are_the_same_segmentor(method):
+    """The whole segmentor with both faster paths against UperNet written out, in float64:
+    outputs, the input gradient and every parameter's gradient (neck's transposed convolutions
+    and the lateral 1x1 convolutions included)."""
+    from deflect import FrozenConfig, FullConfig, get_deflect_model
+    from segmentors import Segmentor
+    from tests.conftest import tiny_encoder
+
+    config = FrozenConfig() if method == "frozen" else FullConfig()
+    encoder = get_deflect_model(tiny_encoder(), config)
+    torch.manual_seed(3)
+    fast = Segmentor(encoder, num_classes=3, channels=16).double().train()
+    slow = copy.deepcopy(fast)
+    slow.fold_laterals = False
+    slow.decode_head.fast_fusion = False
+    x = torch.randn(2, 11, 32, 32, dtype=torch.float64, requires_grad=True)
+
+    def run(model):
+        x.grad = None
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), x.grad.clone(), grads
+
+    out_fast, dx_fast, grads_fast = run(fast)
+    out_slow, dx_slow, grads_slow = run(slow)
+    torch.testing.assert_close(out_fast, out_slow, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dx_fast, dx_slow, rtol=1e-9, atol=1e-12)
+    assert grads_fast.keys() == grads_slow.keys()
+    assert any("neck.ops.0.3" in n for n in grads_fast)  # the folded transposed convolution
+    for name in grads_slow:
+        torch.testing.assert_close(grads_fast[name], grads_slow[name], rtol=1e-9, atol=1e-12)

@@ -366,9 +366,7 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
     # ---- masks ---------------------------------------------------------------------------------
     def _check_classes(self, sample: Sample, mask: np.ndarray) -> None:
         """A class id outside the class list (and not the ignore index) is an error."""
-        spec = getattr(self, "spec", None)
-        classes = self._classes_arg if spec is None else list(spec.classes)
-        ignore = self._ignore_arg if spec is None else spec.ignore_index
+        classes, ignore = self._classes_arg, self._ignore_arg  # also before ``spec`` exists
         values = np.unique(mask)
         if np.issubdtype(values.dtype, np.floating):
             values = values[np.isfinite(values)]  # non-finite labels are read as ignored

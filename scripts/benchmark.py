@@ -93,17 +93,7 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         scaler.step(optimizer)
         scaler.update()
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = timed_steps(step, args, device)
     counts = build.parameter_counts(model)
     phases = step_phases(model, images, masks, loss_fn, optimizer, device, args.precision)
     flops = step_flops(step)
@@ -133,6 +123,23 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed_steps(step, args: argparse.Namespace, device) -> float:
+    """Seconds of ``args.steps`` calls of ``step`` after ``args.warmup`` untimed ones (the CUDA
+    peak-memory counter starts after the warm-up)."""
+    import torch
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def step_phases(model, images, masks, loss_fn, optimizer, device, precision) -> dict:
@@ -223,14 +230,7 @@ def measure_terratorch(args: argparse.Namespace, method: str) -> dict:
         loss.backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    seconds = time.perf_counter() - start
+    seconds = timed_steps(step, args, device)
     return {"framework": "terratorch", "finetune": method,
             "images_per_s": args.steps * args.batch_size / seconds,
             "peak_mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

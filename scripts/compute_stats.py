@@ -23,10 +23,8 @@ sys.path.insert(0, str(REPO))
 
 def main(argv: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from deflect.engine.build import RUN_HINTS
+    from deflect.engine.build import build_dataset
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,24 +37,17 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=args.overrides)
-    node = OmegaConf.to_container(cfg.dataset, resolve=True)
-    for key in RUN_HINTS:
-        node.pop(key, None)
-    if "images" not in node:  # only the generic folder dataset computes its own statistics
+    if "images" not in cfg.dataset:  # only the generic folder dataset computes its own statistics
         raise SystemExit(
-            f"{node['_target_']} takes its band_stats from its config; compute_stats.py is for "
-            "dataset=folder (datasets.GeoTIFFFolder)"
+            f"{cfg.dataset._target_} takes its band_stats from its config; compute_stats.py is "
+            "for dataset=folder (datasets.GeoTIFFFolder)"
         )
-    node["band_stats"] = None
-    dataset = instantiate(node, split="train", _convert_="all")
-    stats = (
-        dataset.training_stats(dataset.spec.nodata, force=args.force)
-        if args.force
-        else {
-            "mean": dict(zip(dataset.bands, dataset.spec.mean_list())),
-            "std": dict(zip(dataset.bands, dataset.spec.std_list())),
-        }
-    )
+    cfg.dataset.band_stats = None  # computed (or read from the cache) over the training split
+    dataset = build_dataset(cfg, "train")
+    stats = dataset.training_stats(dataset.spec.nodata, force=True) if args.force else {
+        "mean": dict(zip(dataset.bands, dataset.spec.mean_list())),
+        "std": dict(zip(dataset.bands, dataset.spec.std_list())),
+    }  # fmt: skip
     fmt = lambda table: "{" + ", ".join(f"{b}: {v:.6g}" for b, v in table.items()) + "}"  # noqa: E731
     print(f"band_stats:   # {len(dataset)} training images of {dataset.root}")
     print(f"  mean: {fmt(stats['mean'])}")

@@ -60,6 +60,24 @@ def tiny_encoder(data=None, output_layers=(0, 1, 2, 3), **kwargs):
     return encoder.eval()
 
 
+def encoder_on_meta(encoder: str, depth: int, data=None):
+    """``configs/encoder/<encoder>.yaml`` at 224 px with every block kept (output at the last),
+    built on the meta device (no memory, random-weights warning silenced): for counts."""
+    import warnings
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"encoder={encoder}", "img_size=224"])
+    cfg.encoder.output_layers = [depth - 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            return instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=data or s2_spec())
+
+
 def tiny_timm_vit(**kwargs):
     """A plain timm ViT (width 32, depth 4, patch 8, 32 px), seeded, in eval mode."""
     import timm

@@ -383,18 +383,9 @@ def test_parameter_counts_are_the_published_architectures(encoder, d, depth, pos
     """A ViT/16 encoder without head and final norm: blocks of 12·D² + 13·D parameters, the
     patch embedding 3·16²·D + D, the CLS token, and the learned positional table of 1 + 14²
     tokens at 224 px (none for Scale-MAE: its table is computed from the GSD)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+    from tests.conftest import encoder_on_meta
 
-    from tests.conftest import REPO
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"encoder={encoder}", "img_size=224"])
-    cfg.encoder.output_layers = [depth - 1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            built = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=s2_spec())
+    built = encoder_on_meta(encoder, depth)
     expected = depth * (12 * d * d + 13 * d) + 3 * 16 * 16 * d + d + d + pos_tokens * d
     assert sum(p.numel() for p in built.parameters()) == expected
 

@@ -331,17 +331,8 @@ def test_parameter_counts_are_the_published_architectures(encoder, d, depth, pat
     """ViT-B/16 (Prithvi-100M), ViT-L/16 (EO-2.0 300M) or ViT-H/14 (600M) encoder without
     final norm: blocks of 12·D² + 13·D, the 3-D patch embedding 6·1·p·p·D + D, the CLS token,
     and for TL the two learned coordinate scales."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+    from tests.conftest import encoder_on_meta
 
-    from tests.conftest import REPO
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"encoder={encoder}", "img_size=224"])
-    cfg.encoder.output_layers = [depth - 1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            built = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=s2_spec())
+    built = encoder_on_meta(encoder, depth)
     expected = depth * (12 * d * d + 13 * d) + 6 * patch * patch * d + d + d + extra
     assert sum(p.numel() for p in built.parameters()) == expected

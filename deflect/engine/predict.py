@@ -181,15 +181,11 @@ def load_predictor(
     """
     from deflect.engine.build import build_model
     from deflect.engine.checkpoint import load_checkpoint, load_model_state
+    from deflect.engine.report import best_checkpoint
     from deflect.engine.workdir import eval_config
 
     run_dir = resolve_run_dir(run_dir)
-    best = run_dir / "checkpoints" / "best.pt"
-    if not best.is_file():
-        raise FileNotFoundError(
-            f"{run_dir} has no checkpoints/best.pt (the run never finished an epoch); finish "
-            f"training first, e.g. continue it with: python run.py resume=true work_dir={run_dir}"
-        )
+    best = best_checkpoint(run_dir)
     cfg = eval_config(run_dir, [])
     precision = str(precision or cfg.get("precision") or "fp32")
     if precision not in AUTOCAST_DTYPES:

@@ -62,6 +62,21 @@ def last_checkpoint(work_dir: Path) -> Path:
     return work_dir / "checkpoints" / "last.pt"
 
 
+def best_checkpoint(work_dir: Path) -> Path:
+    """``checkpoints/best.pt`` of a run folder.
+
+    Raises:
+        FileNotFoundError: the run never finished an epoch (says how to continue it).
+    """
+    best = Path(work_dir) / "checkpoints" / "best.pt"
+    if not best.is_file():
+        raise FileNotFoundError(
+            f"{work_dir} has no checkpoints/best.pt (the run never finished an epoch); finish "
+            f"training first, e.g. continue it with: python run.py resume=true work_dir={work_dir}"
+        )
+    return best
+
+
 def resuming(cfg: DictConfig, work_dir: Path) -> bool:
     """Whether this run continues from ``last.pt``."""
     return bool(cfg.resume) and last_checkpoint(work_dir).is_file()
@@ -97,12 +112,7 @@ def test_best(
     """Load ``best.pt``, evaluate the test split (with the training run's evaluator when given),
     write ``test_metrics.json``, the picture panels and the GeoTIFF predictions; log the
     per-class table."""
-    best = work_dir / "checkpoints" / "best.pt"
-    if not best.is_file():
-        raise FileNotFoundError(
-            f"{work_dir} has no checkpoints/best.pt (the run never finished an epoch); "
-            f"continue it with resume=true work_dir={work_dir}"
-        )
+    best = best_checkpoint(work_dir)
     state = load_checkpoint(best)
     load_model_state(model, state, str(best))
     writer = PredictionWriter(

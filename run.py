@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from deflect.engine import build, report
 from deflect.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from deflect.engine.logging import setup_logging
+from deflect.engine.runtime import apply_runtime
 from deflect.engine.workdir import SweepJob, eval_config, launch_time
 
 log = logging.getLogger("run")
@@ -81,6 +82,7 @@ def evaluate(cfg: DictConfig, info: DistInfo) -> None:
     """Re-evaluate a finished run on its test split from its saved config and best checkpoint."""
     work_dir = Path(cfg.eval_dir).expanduser()
     run_cfg = eval_config(work_dir, HydraConfig.get().overrides.task)
+    apply_runtime(run_cfg)  # the run's matmul precision: re-evaluation repeats its numbers
     setup_logging(None, info.is_main)
     dataset = build.build_dataset(run_cfg, "test")
     model = build.build_model(run_cfg, dataset.spec).to(info.device)
@@ -91,6 +93,7 @@ def evaluate(cfg: DictConfig, info: DistInfo) -> None:
 def main(cfg: DictConfig) -> None:
     """Entry point: one process or one torchrun rank; called once per job of a multirun."""
     job = this_job()
+    apply_runtime(cfg)  # matmul precision, CPU allocator: before anything large is allocated
     info = init_distributed(cfg.device)
     if job.sweep_dir:  # later jobs of the sweep reuse the process group
         atexit.register(cleanup_distributed)

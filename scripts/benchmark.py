@@ -47,16 +47,19 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
     from deflect.data import DataSpec
     from deflect.engine import build
     from deflect.engine.evaluator import autocast_context
+    from deflect.engine.runtime import apply_runtime
 
     overrides = [
         f"encoder={encoder}", f"finetune={finetune}", f"img_size={args.img_size}",
         f"segmentor.channels={args.channels}",
     ]  # fmt: skip
+    overrides.append(f"matmul_precision={args.matmul_precision}")
     overrides += list(args.set)  # e.g. segmentor.fast_fusion=false for the reference decoder
     if args.loader:  # the model for that dataset's bands and statistics
         overrides.append(f"dataset={args.loader}")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
+    apply_runtime(cfg)  # as run.py: matmul precision and the CPU allocator
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
     if args.bands and not args.loader:
@@ -76,8 +79,10 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
+    rss_before_mib = current_rss_mib()
     model = build.build_model(cfg, data).to(device).train()
     optimizer = build.build_optimizer(cfg, model)
+    stepped = build.compile_if_asked(model, cfg)  # compile=true: what run.py trains
     loss_fn = build.build_loss(cfg, data).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     images = torch.randn(args.batch_size, len(bands), args.img_size, args.img_size, device=device)
@@ -85,7 +90,7 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
 
     def step() -> None:
         with autocast_context(device, args.precision):
-            logits = model(images)
+            logits = stepped(images)
         loss = loss_fn(logits, masks)
         aux = model.auxiliary_losses()
         optimizer.zero_grad(set_to_none=True)
@@ -93,14 +98,14 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         scaler.step(optimizer)
         scaler.update()
 
-    seconds = timed_steps(step, args, device)
+    seconds, first = timed_steps(step, args, device)
     counts = build.parameter_counts(model)
     phases = step_phases(model, images, masks, loss_fn, optimizer, device, args.precision)
     flops = step_flops(step)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before_mib
     return {
         "encoder": encoder,
         "finetune": finetune,
@@ -109,6 +114,7 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         "batch": args.batch_size,
         "img_size": args.img_size,
         "images_per_s": args.steps * args.batch_size / seconds,
+        "first_step_s": first,  # includes compilation with compile=true
         "peak_mem_mib": peak_mib,
         "encoder_trainable": counts["encoder_trainable"],
         "encoder_trainable_percent": counts["encoder_trainable_percent"],
@@ -125,13 +131,26 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step, args: argparse.Namespace, device) -> float:
+def current_rss_mib() -> float:
+    """This process's resident memory now (Linux), 0 where unknown."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * resource.getpagesize() / 2**20
+
+
+def timed_steps(step, args: argparse.Namespace, device) -> tuple[float, float]:
     """Seconds of ``args.steps`` calls of ``step`` after ``args.warmup`` untimed ones (the CUDA
-    peak-memory counter starts after the warm-up)."""
+    peak-memory counter starts after the warm-up), and the seconds of the first call."""
     import torch
 
-    for _ in range(args.warmup):
+    start, first = time.perf_counter(), float("nan")
+    for i in range(args.warmup):
         step()
+        if i == 0:
+            _sync(device)
+            first = time.perf_counter() - start
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -139,7 +158,7 @@ def timed_steps(step, args: argparse.Namespace, device) -> float:
     for _ in range(args.steps):
         step()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, first
 
 
 def step_phases(model, images, masks, loss_fn, optimizer, device, precision) -> dict:
@@ -193,9 +212,18 @@ def measure_terratorch(args: argparse.Namespace, method: str) -> dict:
 
     import torch
 
+    from deflect.engine.runtime import set_matmul_precision, tune_cpu_allocator
+
     warnings.filterwarnings("ignore")
+    tune_cpu_allocator(args.terratorch_allocator)
+    before = torch.get_float32_matmul_precision()
     from terratorch.models import EncoderDecoderFactory
 
+    if torch.get_float32_matmul_precision() != before:  # TerraTorch 1.2 sets "medium" on import
+        print(f"note: importing terratorch set float32 matmul precision {before!r} -> "
+              f"{torch.get_float32_matmul_precision()!r}; both sides run at "
+              f"{args.matmul_precision!r}", file=sys.stderr)  # fmt: skip
+    set_matmul_precision(args.matmul_precision)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else
@@ -205,6 +233,7 @@ def measure_terratorch(args: argparse.Namespace, method: str) -> dict:
         peft = {"method": "LORA", "peft_config_kwargs": {"target_modules": LORA_TARGETS,
                                                           "r": 16, "lora_alpha": 16}}  # fmt: skip
     torch.manual_seed(0)
+    rss_before_mib = current_rss_mib()
     model = EncoderDecoderFactory().build_model(
         task="segmentation", backbone="prithvi_eo_v1_100", backbone_pretrained=False,
         backbone_bands=TT_BANDS, backbone_img_size=args.img_size,
@@ -230,10 +259,11 @@ def measure_terratorch(args: argparse.Namespace, method: str) -> dict:
         loss.backward()
         optimizer.step()
 
-    seconds = timed_steps(step, args, device)
+    seconds, _ = timed_steps(step, args, device)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before_mib
     return {"framework": "terratorch", "finetune": method,
             "images_per_s": args.steps * args.batch_size / seconds,
-            "peak_mem_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_mem_mib": peak_mib,
             "trainable": sum(p.numel() for p in params), "gflop_per_step": step_flops(step) / 1e9}  # fmt: skip
 
 
@@ -326,6 +356,14 @@ def main() -> None:
     parser.add_argument("--vs-terratorch", action="store_true",
                         help="the same job in TerraTorch, side by side (needs the bench extra)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (side by side)")
+    parser.add_argument(
+        "--matmul-precision", default="highest", choices=["highest", "high", "medium"],
+        help="float32 matmul precision of both sides (highest: true fp32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--terratorch-allocator", default="default", choices=["default", "tuned"],
+        help="TerraTorch side's glibc allocator (ours follows cpu_allocator, tuned by default)",
+    )  # fmt: skip
     parser.add_argument(
         "--single", nargs=2, metavar=("ENCODER", "FINETUNE"), help=argparse.SUPPRESS
     )

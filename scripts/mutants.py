@@ -199,6 +199,11 @@ MUTANTS = [
     Mutant("folded laterals drop the transposed convolution's bias", "segmentors/segmentor.py",
            "bias = w_lat @ convt.bias if convt.bias is not None else None", "bias = None",
            ("tests/test_segmentor.py",)),
+    Mutant("the tuned allocator still maps large blocks afresh", "deflect/engine/runtime.py",
+           "(M_MMAP_MAX, 0)", "(M_MMAP_MAX, 65536)", ("tests/test_runtime.py",)),
+    Mutant("matmul_precision is ignored", "deflect/engine/runtime.py",
+           "torch.set_float32_matmul_precision(precision)",
+           "torch.set_float32_matmul_precision(\"highest\")", ("tests/test_runtime.py",)),
 ]  # fmt: skip
 
 

@@ -213,7 +213,7 @@ def build_trainer(
 ) -> Trainer:
     """The trainer with everything it steps: (DDP) model, loaders, loss, optimiser, schedule,
     validation, TensorBoard."""
-    ddp_model = distribute(model, info)
+    ddp_model = compile_if_asked(distribute(model, info), cfg)
     generator = torch.Generator()
     train_loader = build_loader(datasets["train"], cfg, info, train=True, generator=generator)
     settings = train_settings(cfg)
@@ -236,6 +236,16 @@ def build_trainer(
         info=info,
         writer=ScalarWriter(work_dir / "tensorboard" if info.is_main else None),
     )
+
+
+def compile_if_asked(model: nn.Module, cfg: DictConfig) -> nn.Module:
+    """``model`` compiled in place by ``torch.compile`` when ``compile=true`` (parameters and
+    state-dict keys unchanged; evaluation keeps the eager model). The first training steps pay
+    the compilation."""
+    if bool(cfg.get("compile", False)):
+        log.info("compile=true: the first training steps compile the model (can take minutes)")
+        model.compile()
+    return model
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int | float]:

@@ -182,11 +182,13 @@ def load_predictor(
     from deflect.engine.build import build_model
     from deflect.engine.checkpoint import load_checkpoint, load_model_state
     from deflect.engine.report import best_checkpoint
+    from deflect.engine.runtime import apply_runtime
     from deflect.engine.workdir import eval_config
 
     run_dir = resolve_run_dir(run_dir)
     best = best_checkpoint(run_dir)
     cfg = eval_config(run_dir, [])
+    apply_runtime(cfg)  # the run's matmul precision and CPU allocator
     precision = str(precision or cfg.get("precision") or "fp32")
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"precision={precision!r} is not one of {list(AUTOCAST_DTYPES)}")

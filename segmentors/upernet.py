@@ -4,6 +4,8 @@ classifier."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +55,20 @@ def interpolation_matrix(out_size: int, in_size: int, shift: int = 0) -> torch.T
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _placement_matrices(small, size, device, dtype):
+    rows = torch.stack([interpolation_matrix(size[0], small[0], k - 1) for k in range(3)])
+    cols = torch.stack([interpolation_matrix(size[1], small[1], k - 1) for k in range(3)])
+    return rows.to(device, dtype), cols.to(device, dtype)
+
+
+@torch.compiler.disable  # a cached constant: computed once per shape, outside compiled graphs
+def placement_matrices(small, size, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, H, h)`` and ``(3, W, w)``: the interpolation matrices from ``small = (h, w)`` to
+    ``size = (H, W)`` shifted by each 3x3 kernel offset (-1, 0, 1), cached per shape."""
+    return _placement_matrices(tuple(small), tuple(size), device, dtype)
+
+
 def conv3x3_of_upsampled(
     x: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
@@ -69,14 +85,7 @@ def conv3x3_of_upsampled(
     """
     b, _, h, w = x.shape
     c_out = weight.shape[0]
-    big_h, big_w = size
-    key = (h, w, big_h, big_w, x.device, x.dtype)
-    cache = conv3x3_of_upsampled.__dict__.setdefault("cache", {})
-    if key not in cache:
-        rows = torch.stack([interpolation_matrix(big_h, h, k - 1) for k in range(3)])  # (3, H, h)
-        cols = torch.stack([interpolation_matrix(big_w, w, k - 1) for k in range(3)])  # (3, W, w)
-        cache[key] = (rows.to(x.device, x.dtype), cols.to(x.device, x.dtype))
-    rows, cols = cache[key]
+    rows, cols = placement_matrices((h, w), tuple(size), x.device, x.dtype)
     taps = weight.permute(2, 3, 0, 1).reshape(9 * c_out, -1, 1, 1)  # (9 C_out, C_in, 1, 1)
     z = F.conv2d(x, taps.to(x.dtype)).view(b, 3, 3, c_out, h, w)  # channels mixed at (h, w)
     z = torch.einsum("bijchw,jXw->bichX", z, cols)  # columns placed: (B, 3, C_out, h, W)

@@ -23,6 +23,13 @@ method, TerraTorch's is its ``EncoderDecoderFactory`` model (``prithvi_eo_v1_100
 for lora and deflect. Each measurement is a fresh process; the two alternate for ``--rounds``
 rounds and the median images/s of each and their ratio are printed, with our step's phases
 (encoder forward, neck + decoder forward, loss + backward, optimiser) and the FLOPs of a step.
+
+Both sides run at one fp32 matmul precision (``--matmul-precision``, default ``highest``: true
+fp32). Importing TerraTorch 1.2 lowers it to ``medium`` for the whole process (bf16 linear layers
+on CPUs with avx512_bf16); the benchmark pins it back and says so. Ours uses the
+``cpu_allocator`` of the config (``tuned``, as ``run.py``); ``--terratorch-allocator tuned``
+gives TerraTorch the same. Memory is the peak resident size above the process's size just before
+the model is built; ``first_step_s`` includes compilation under ``--set compile=true``.
 """
 
 from __future__ import annotations

@@ -37,7 +37,10 @@ PAGES = 3 * (51 + 19 + 51 + 6 + 77 + 19 + 51) * 2**20 // 4096
 
 def steady_state_faults(mode: str) -> tuple[bool, int]:
     out = subprocess.run(
-        [sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", FAULTS, mode],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=Path(__file__).resolve().parents[1],
     ).stdout.split()
     return out[0] == "True", int(out[1])
@@ -59,7 +62,9 @@ def test_bad_settings_name_the_key_and_choices():
     with pytest.raises(ValueError, match=r"matmul_precision='fp32'.*highest"):
         set_matmul_precision("fp32")
     with pytest.raises(ValueError, match=r"cpu_allocator='jemalloc'.*tuned"):
-        apply_runtime(OmegaConf.create({"matmul_precision": "highest", "cpu_allocator": "jemalloc"}))
+        apply_runtime(
+            OmegaConf.create({"matmul_precision": "highest", "cpu_allocator": "jemalloc"})
+        )
 
 
 def test_apply_runtime_pins_the_precision_a_library_changed():

@@ -55,18 +55,14 @@ def interpolation_matrix(out_size: int, in_size: int, shift: int = 0) -> torch.T
     return out
 
 
+@torch.compiler.disable  # a cached constant: computed once per shape, outside compiled graphs
 @functools.lru_cache(maxsize=64)
-def _placement_matrices(small, size, device, dtype):
+def placement_matrices(small, size, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, H, h)`` and ``(3, W, w)``: the interpolation matrices from ``small = (h, w)`` to
+    ``size = (H, W)`` (tuples) shifted by each 3x3 kernel offset (-1, 0, 1), cached per shape."""
     rows = torch.stack([interpolation_matrix(size[0], small[0], k - 1) for k in range(3)])
     cols = torch.stack([interpolation_matrix(size[1], small[1], k - 1) for k in range(3)])
     return rows.to(device, dtype), cols.to(device, dtype)
-
-
-@torch.compiler.disable  # a cached constant: computed once per shape, outside compiled graphs
-def placement_matrices(small, size, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(3, H, h)`` and ``(3, W, w)``: the interpolation matrices from ``small = (h, w)`` to
-    ``size = (H, W)`` shifted by each 3x3 kernel offset (-1, 0, 1), cached per shape."""
-    return _placement_matrices(tuple(small), tuple(size), device, dtype)
 
 
 def conv3x3_of_upsampled(

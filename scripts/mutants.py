@@ -205,6 +205,15 @@ MUTANTS = [
     Mutant("matmul_precision is ignored", "deflect/engine/runtime.py",
            "torch.set_float32_matmul_precision(precision)",
            "torch.set_float32_matmul_precision(\"highest\")", ("tests/test_runtime.py",)),
+    Mutant("recomputed blocks draw fresh dropout masks", "deflect/encoders/recompute.py",
+           "return checkpoint(forward, *args, use_reentrant=False, **kwargs)",
+           "return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, "
+           "**kwargs)", ("tests/test_encoders.py",)),
+    Mutant("DEFLECT's target blocks never recompute", "deflect/tuners/deflect/layer.py",
+           "if self.checkpoint_activations and torch.is_grad_enabled():",
+           "if False:", MATRIX),
+    Mutant("activation_checkpointing=true is ignored", "deflect/engine/build.py",
+           "encoder.set_activation_checkpointing(True)", "pass", ("tests/test_configs.py",)),
 ]  # fmt: skip
 
 

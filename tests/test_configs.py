@@ -149,6 +149,16 @@ def test_every_method_starts_from_the_same_encoder_and_decoder(demo_root):
         assert all(torch.equal(base[k], frozen[k]) for k in frozen), name
 
 
+def test_activation_checkpointing_key_reaches_every_encoder_block(demo_root):
+    from deflect.encoders.recompute import is_checkpointed
+
+    for value in (False, True):
+        overrides = [f"activation_checkpointing={value}", f"dataset.root={demo_root}", *SHRINK]
+        cfg = compose_with(overrides)
+        model = build.build_model(cfg, build.build_dataset(cfg, "train").spec)
+        assert [is_checkpointed(b) for b in model.encoder.blocks] == [value] * 4
+
+
 def test_band_table_asks_each_part_what_it_does_with_each_band(demo_root):
     rows = {}
     for finetune in ("frozen", "deflect"):

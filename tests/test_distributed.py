@@ -30,12 +30,12 @@ def demo_spec(cfg):
     return build.build_dataset(cfg, "train").spec
 
 
-def tiny_config(finetune: str, demo_root: Path) -> dict:
+def tiny_config(finetune: str, demo_root: Path, *extra: str) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(
             "config",
             overrides=[*TINY, f"finetune={finetune}", f"dataset.root={demo_root}",
-                       "segmentor.dropout=0"],
+                       "segmentor.dropout=0", *extra],
         )  # fmt: skip
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -68,9 +68,15 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, batch_path: str, out
         cleanup_distributed()
 
 
-@pytest.mark.parametrize("finetune", ["full", "deflect"])
-def test_ddp_gradients_equal_mean_of_half_batch_gradients(finetune, demo_root, tmp_path):
-    cfg = tiny_config(finetune, demo_root)
+@pytest.mark.parametrize(
+    ("finetune", "recompute"),
+    [("full", False), ("deflect", False), ("deflect", True)],
+    ids=["full", "deflect", "deflect-activation_checkpointing"],
+)
+def test_ddp_gradients_equal_mean_of_half_batch_gradients(finetune, recompute, demo_root, tmp_path):
+    """DDP's gradients are the mean of each half batch's; with activation checkpointing in the
+    DDP ranks, still those of the plain model."""
+    cfg = tiny_config(finetune, demo_root, f"activation_checkpointing={recompute}")
     torch.manual_seed(1)
     images, masks = torch.randn(4, 4, 32, 32), torch.randint(0, 4, (4, 32, 32))
     torch.save((images, masks), tmp_path / "batch.pt")
@@ -78,6 +84,7 @@ def test_ddp_gradients_equal_mean_of_half_batch_gradients(finetune, demo_root, t
                                str(tmp_path / "grads.pt")), nprocs=2, join=True)  # fmt: skip
     ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
 
+    cfg["activation_checkpointing"] = False
     model = build.build_model(OmegaConf.create(cfg), demo_spec(OmegaConf.create(cfg)))
     loss_fn = build.build_loss(OmegaConf.create(cfg), demo_spec(OmegaConf.create(cfg)))
     first = loss_and_grads(model, loss_fn, images[:2], masks[:2])

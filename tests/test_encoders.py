@@ -29,7 +29,7 @@ def tiny(img_size: int = 32, **kwargs) -> ViTEncoder:
     def build() -> ViTEncoder:
         return ViTEncoder("tiny", "vit_tiny_patch16_224", s2_spec(BANDS), ["B4", "B3", "B2"],
                           img_size=img_size, patch_size=8, output_layers=[0, 1, 2, 3],
-                          arch_kwargs=TINY, **kwargs)  # fmt: skip
+                          **{"arch_kwargs": TINY, **kwargs})  # fmt: skip
 
     torch.manual_seed(0)
     if kwargs.get("checkpoint"):
@@ -453,3 +453,42 @@ def test_cross_scale_mae_release_checkpoint_loads_through_its_config(tmp_path):
         == sum(state[k].numel() for k in state if k.startswith(("encoder.", "cls_", "patch_")))
         + expected.numel()
     )  # nothing of the encoder left at random
+
+
+def test_activation_checkpointing_replays_dropout_and_recomputes_only_with_gradients():
+    """Drop-path and dropout draw the same masks when a block is recomputed (DEFLECT's target
+    blocks included), and evaluation runs each block once."""
+    drop = {**TINY, "drop_path_rate": 0.3, "proj_drop_rate": 0.2}
+
+    def model(recompute: bool, seed: int = 0):
+        encoder = tiny(arch_kwargs=drop)
+        adapted = get_deflect_model(encoder, DeflectConfig(target_blocks=[1, 2]))
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if name.endswith("U.weight"):
+                    p.normal_(0, 0.3)
+        adapted.set_activation_checkpointing(recompute)
+        calls = []
+        for block in encoder.blocks:
+            block.norm1.register_forward_hook(lambda *_: calls.append(1))
+        adapted.train()
+        torch.manual_seed(seed)
+        x = torch.randn(2, len(BANDS), 32, 32, generator=torch.Generator().manual_seed(1))
+        out = torch.cat([o.flatten() for o in adapted(x)])
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
+        forward_calls = len(calls)
+        with torch.no_grad():
+            adapted(x)
+        return grads, forward_calls, len(calls) - forward_calls
+
+    plain, plain_calls, _ = model(False)
+    again, calls, eval_calls = model(True)
+    other_masks, _, _ = model(False, seed=1)
+    assert plain.keys() == again.keys()
+    for name in plain:
+        torch.testing.assert_close(again[name], plain[name], atol=1e-7, rtol=1e-6, msg=name)
+    assert any(not torch.allclose(other_masks[n], plain[n]) for n in plain)  # dropout is on
+    # 4 blocks forward, then blocks 1-3 again in the backward pass: block 0 has none (its input
+    # and weights are frozen, DEFLECT's stream enters at its output)
+    assert (plain_calls, calls, eval_calls) == (4, 7, 4)

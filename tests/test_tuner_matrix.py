@@ -372,3 +372,50 @@ def test_unload_gives_back_the_base_module(kind, method):
     )  # fmt: skip
     if isinstance(restored, Encoder):
         assert not any(p.requires_grad for p in restored.parameters())
+
+
+def saved_bytes_and_gradients(model: DeflectModel, x: torch.Tensor):
+    """One training forward and backward: the bytes autograd stores for the backward (counted
+    by a pack hook; a checkpointed region stores only its inputs), the outputs, the auxiliary
+    losses and each trainable parameter's gradient."""
+    model.train()
+    stored = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal stored
+        stored += tensor.numel() * tensor.element_size()
+        return tensor
+
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = flat(model(x))
+    aux = model.auxiliary_losses()
+    loss = (out - 0.3).square().mean() + sum(aux.values())
+    if loss.requires_grad:  # not under `frozen`
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return stored, out.detach(), {k: v.detach() for k, v in aux.items()}, grads
+
+
+@pytest.mark.parametrize(("kind", "method"), CASES, ids=IDS)
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(kind, method):
+    """Recomputing every block in the backward pass changes what is stored, nothing else."""
+    plain, recomputed = adapt(kind, method), adapt(kind, method)
+    for model in (plain, recomputed):
+        perturb_zero_inits(model)
+    keys = recomputed.state_dict().keys()
+    recomputed.set_activation_checkpointing(True)
+    assert recomputed.state_dict().keys() == keys  # names, optimiser groups, checkpoints
+    x = inputs(kind, method)
+    stored_plain, out, aux, grads = saved_bytes_and_gradients(plain, x)
+    stored, out_r, aux_r, grads_r = saved_bytes_and_gradients(recomputed, x)
+    torch.testing.assert_close(out_r, out, atol=0, rtol=0)
+    torch.testing.assert_close(aux_r, aux, atol=0, rtol=0)
+    assert grads_r.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], atol=1e-7, rtol=1e-6, msg=name)
+    if grads:  # what autograd keeps for the blocks is their inputs only
+        assert stored < 0.5 * stored_plain, (stored, stored_plain)
+    recomputed.set_activation_checkpointing(False)  # and off again: the very same modules
+    assert [type(m) for m in recomputed.modules()] == [type(m) for m in plain.modules()]
+    assert not any(getattr(m, "checkpoint_activations", False) for m in recomputed.modules())

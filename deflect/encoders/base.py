@@ -12,7 +12,9 @@ The segmentor, the tuners and the band table rely on this contract and on nothin
 * ``vit``: the module holding ``patch_embed``, ``blocks`` (timm/DINO block layout) and the
   prefix tokens: this is where tuners inject their layers; ``num_prefix_tokens``;
 * ``load_checkpoint(path, key_map)``: the family's release layout, with positional-embedding
-  resampling (:meth:`resample_pos_embed`) to the configured input size.
+  resampling (:meth:`resample_pos_embed`) to the configured input size;
+* ``set_activation_checkpointing(enable)``: recompute the blocks' activations in the backward
+  pass instead of storing them (less memory, one more forward of the blocks per step).
 
 A patch embedding that wants every input band (DEFLECT's untangled patch embedding, the
 competitors' band strategies) sets ``takes_all_bands = True``; otherwise :meth:`embed_input`
@@ -32,6 +34,7 @@ from torch import nn
 
 from deflect.data import DataSpec
 from deflect.encoders.checkpoint import load_encoder_checkpoint
+from deflect.encoders.recompute import set_block_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +186,15 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, **metadata) -> list[torch.Tensor]:
         """Alias of :meth:`forward_features`."""
         return self.forward_features(x, **metadata)
+
+    def set_activation_checkpointing(self, enable: bool = True) -> None:
+        """Store only each block's input and recompute its activations during the backward pass
+        (:mod:`deflect.encoders.recompute`): the same outputs and gradients with less memory, at
+        the cost of one more forward of the blocks per training step. Call it after the tuner
+        is applied (``build_model`` does, from the top-level ``activation_checkpointing`` key);
+        blocks a tuner wraps later inherit the setting from the block they wrap."""
+        for block in self.blocks:
+            set_block_checkpointing(block, enable)
 
     def band_usage(self) -> dict[str, str]:
         """What the encoder does with each input band (for the band table logged at start)."""

@@ -106,6 +106,8 @@ def build_model(cfg: DictConfig, data: DataSpec) -> nn.Module:
     encoder = instantiate(cfg.encoder, _partial_=True, _convert_="all")(data=data)
     torch.manual_seed(seed + 1)
     encoder = get_deflect_model(encoder, instantiate(cfg.finetune, _convert_="all"))
+    if bool(cfg.get("activation_checkpointing", False)):
+        encoder.set_activation_checkpointing(True)
     torch.manual_seed(seed + 2)
     return instantiate(
         cfg.segmentor, encoder=encoder, num_classes=data.num_classes, _convert_="all"

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from deflect.data import DataSpec
+from deflect.encoders.recompute import set_block_checkpointing
 from deflect.io import atomic_path
-from deflect.tuners.base import BaseTuner
+from deflect.tuners.base import BaseTuner, vit_parts
 from deflect.tuners.config import TunerConfig
 from deflect.tuners.registry import get_method
 
@@ -187,6 +188,14 @@ class DeflectModel(nn.Module):
             )
         self.tuner.merge()
         return self.tuner.unload(keep_merged=True)
+
+    def set_activation_checkpointing(self, enable: bool = True) -> None:
+        """Store only each ViT block's input and recompute its activations in the backward pass
+        (:mod:`deflect.encoders.recompute`): the same outputs and gradients, less memory, one
+        more forward of the blocks per training step. Works on any adapted timm/DINO ViT; DEFLECT's
+        target blocks recompute their update without re-reading the spectral stream."""
+        for block in vit_parts(self.base_model).blocks:
+            set_block_checkpointing(block, enable)
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary training losses of the last training forward (DEFLECT soft deflection)."""

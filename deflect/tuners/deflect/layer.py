@@ -23,8 +23,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from deflect.encoders.base import fill_invalid
+from deflect.encoders.recompute import is_checkpointed, set_block_checkpointing
 from deflect.tuners.base import AdapterLayer
 from deflect.tuners.deflect.deflection import deflect_update, deflection_loss
 from deflect.tuners.deflect.uatt import UntangledAttention, untangled_attention
@@ -73,8 +75,9 @@ class SpectralStreamState:
         if self._tokens is None:
             raise RuntimeError(
                 "DEFLECT target block ran without a spectral stream: call the model (its "
-                "patch_embed and blocks[0]) rather than blocks alone; activation checkpointing "
-                "of target blocks is not supported"
+                "patch_embed and blocks[0]) rather than blocks alone; for activation "
+                "checkpointing use Encoder.set_activation_checkpointing (activation_checkpointing="
+                "true), not timm's grad_checkpointing"
             )
         tokens = self._tokens
         self._remaining -= 1
@@ -164,13 +167,24 @@ class DeflectBlock(AdapterLayer):
 
     Otherwise (and when adapters are disabled) the block is its ``base_layer``. The wrapper of
     ``blocks[0]`` (``is_entry``) also finishes the spectral stream from its input x_P.
+
+    Activation checkpointing (:meth:`set_activation_checkpointing`) recomputes only the pure
+    part, the update above as a function of (x, x̃_A): reading the shared stream and recording
+    the soft-deflection loss happen once per forward, outside the recomputation.
     """
 
     def __init__(self, base_layer: nn.Module, state: SpectralStreamState, is_entry: bool) -> None:
+        checkpointed = is_checkpointed(base_layer)
         super().__init__(base_layer)
         self.deflect_uatt = nn.ModuleDict()
         self.state = state
         self.is_entry = is_entry
+        self.checkpoint_activations = checkpointed
+
+    def set_activation_checkpointing(self, enable: bool) -> None:
+        """Recompute this block's activations in the backward pass (the base block's too)."""
+        self.checkpoint_activations = bool(enable)
+        set_block_checkpointing(self.base_layer, enable)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
@@ -185,16 +199,36 @@ class DeflectBlock(AdapterLayer):
             return block(x, attn_mask=attn_mask, is_causal=is_causal)
         if self.is_entry:
             self.state.enter(x)
-        uatt: UntangledAttention = self.deflect_uatt[self.active_adapter]
         spectral = self.state.consume()  # (B, P+N, D)
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            x, loss = checkpoint(
+                self._adapted, x, spectral, attn_mask, is_causal, use_reentrant=False
+            )
+        else:
+            x, loss = self._adapted(x, spectral, attn_mask, is_causal)
+        if loss is not None:
+            self.state.add_aux("deflection", loss)
+        return x
+
+    def _adapted(
+        self,
+        x: torch.Tensor,
+        spectral: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The adapted block as a pure function of x and x̃_A: its output and the weighted
+        soft-deflection loss (None unless ``deflection: soft`` in training)."""
+        block = self.base_layer
+        uatt: UntangledAttention = self.deflect_uatt[self.active_adapter]
         u = block.norm1(x)  # (B, P+N, D)
         delta_uatt, delta_rgb = untangled_attention(
             block.attn, u, uatt(spectral), uatt.temperature, attn_mask, is_causal
         )  # (B, P+N, D) each
         delta = deflect_update(delta_uatt, delta_rgb, uatt.deflection, uatt.eps)
+        loss = None
         if uatt.deflection == "soft" and self.training:
-            loss = deflection_loss(delta_uatt, delta_rgb, uatt.eps)
-            self.state.add_aux("deflection", uatt.lambda_deflection * loss)
+            loss = uatt.lambda_deflection * deflection_loss(delta_uatt, delta_rgb, uatt.eps)
         proj_drop = getattr(block.attn, "proj_drop", None)
         if proj_drop is not None:
             delta = proj_drop(delta)
@@ -202,4 +236,4 @@ class DeflectBlock(AdapterLayer):
         drop1 = getattr(block, "drop_path1", getattr(block, "drop_path", nn.Identity()))
         drop2 = getattr(block, "drop_path2", getattr(block, "drop_path", nn.Identity()))
         x = x + drop1(ls1(delta))
-        return x + drop2(ls2(block.mlp(block.norm2(x))))
+        return x + drop2(ls2(block.mlp(block.norm2(x)))), loss

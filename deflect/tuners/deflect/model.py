@@ -130,8 +130,9 @@ class DeflectTuner(BaseTuner):
         self.state.consumers[adapter_name] = len(config.target_blocks)
         if getattr(parts.owner, "grad_checkpointing", False):
             warnings.warn(
-                "DEFLECT target blocks do not support activation checkpointing; disable "
-                "grad_checkpointing on the encoder",
+                "timm's grad_checkpointing recomputes DEFLECT's target blocks without their "
+                "spectral stream; disable it and use Encoder.set_activation_checkpointing "
+                "(activation_checkpointing=true) instead",
                 stacklevel=3,
             )
 

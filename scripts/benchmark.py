@@ -112,7 +112,7 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before_mib
+        peak_mib = peak_rss_above_mib(rss_before_mib)
     return {
         "encoder": encoder,
         "finetune": finetune,
@@ -145,6 +145,11 @@ def current_rss_mib() -> float:
     except (OSError, IndexError, ValueError):
         return 0.0
     return pages * resource.getpagesize() / 2**20
+
+
+def peak_rss_above_mib(before_mib: float) -> float:
+    """This process's peak resident memory (``ru_maxrss``) above ``before_mib``."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before_mib
 
 
 def timed_steps(step, args: argparse.Namespace, device) -> tuple[float, float]:
@@ -267,7 +272,7 @@ def measure_terratorch(args: argparse.Namespace, method: str) -> dict:
         optimizer.step()
 
     seconds, _ = timed_steps(step, args, device)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before_mib
+    peak_mib = peak_rss_above_mib(rss_before_mib)
     return {"framework": "terratorch", "finetune": method,
             "images_per_s": args.steps * args.batch_size / seconds,
             "peak_mem_mib": peak_mib,

@@ -34,7 +34,7 @@ from torch import nn
 
 from deflect.data import DataSpec
 from deflect.encoders.checkpoint import load_encoder_checkpoint
-from deflect.encoders.recompute import set_block_checkpointing
+from deflect.encoders.recompute import set_blocks_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ class Encoder(nn.Module):
         the cost of one more forward of the blocks per training step. Call it after the tuner
         is applied (``build_model`` does, from the top-level ``activation_checkpointing`` key);
         blocks a tuner wraps later inherit the setting from the block they wrap."""
-        for block in self.blocks:
-            set_block_checkpointing(block, enable)
+        set_blocks_checkpointing(self.blocks, enable)
 
     def band_usage(self) -> dict[str, str]:
         """What the encoder does with each input band (for the band table logged at start)."""

@@ -15,6 +15,8 @@ spectral stream) cannot be recomputed as a whole; they implement
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -35,16 +37,18 @@ def _subclass(cls: type) -> type:
         _SUBCLASSES[cls] = type(
             f"Checkpointed{cls.__name__}",
             (cls,),
-            {"forward": _checkpointed_forward, "__module__": cls.__module__},
+            {
+                "forward": _checkpointed_forward,
+                "checkpoint_activations": True,
+                "__module__": cls.__module__,
+            },
         )
     return _SUBCLASSES[cls]
 
 
 def is_checkpointed(module: nn.Module) -> bool:
     """Whether ``module`` recomputes its activations in the backward pass."""
-    return type(module) in _SUBCLASSES.values() or bool(
-        getattr(module, "checkpoint_activations", False)
-    )
+    return bool(getattr(module, "checkpoint_activations", False))
 
 
 def set_block_checkpointing(block: nn.Module, enable: bool) -> None:
@@ -58,3 +62,9 @@ def set_block_checkpointing(block: nn.Module, enable: bool) -> None:
         block.__class__ = _subclass(cls)
     elif not enable and cls in _SUBCLASSES.values():
         block.__class__ = cls.__mro__[1]
+
+
+def set_blocks_checkpointing(blocks: Iterable[nn.Module], enable: bool) -> None:
+    """:func:`set_block_checkpointing` for each of ``blocks`` (a ViT's ``blocks``)."""
+    for block in blocks:
+        set_block_checkpointing(block, enable)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from deflect.data import DataSpec
-from deflect.encoders.recompute import set_block_checkpointing
+from deflect.encoders.recompute import set_blocks_checkpointing
 from deflect.io import atomic_path
 from deflect.tuners.base import BaseTuner, vit_parts
 from deflect.tuners.config import TunerConfig
@@ -194,8 +194,7 @@ class DeflectModel(nn.Module):
         (:mod:`deflect.encoders.recompute`): the same outputs and gradients, less memory, one
         more forward of the blocks per training step. Works on any adapted timm/DINO ViT; DEFLECT's
         target blocks recompute their update without re-reading the spectral stream."""
-        for block in vit_parts(self.base_model).blocks:
-            set_block_checkpointing(block, enable)
+        set_blocks_checkpointing(vit_parts(self.base_model).blocks, enable)
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary training losses of the last training forward (DEFLECT soft deflection)."""

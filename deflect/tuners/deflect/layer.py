@@ -174,16 +174,18 @@ class DeflectBlock(AdapterLayer):
     """
 
     def __init__(self, base_layer: nn.Module, state: SpectralStreamState, is_entry: bool) -> None:
-        checkpointed = is_checkpointed(base_layer)
         super().__init__(base_layer)
         self.deflect_uatt = nn.ModuleDict()
         self.state = state
         self.is_entry = is_entry
-        self.checkpoint_activations = checkpointed
+
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Whether this block recomputes its activations: it follows its base block."""
+        return is_checkpointed(self.base_layer)
 
     def set_activation_checkpointing(self, enable: bool) -> None:
-        """Recompute this block's activations in the backward pass (the base block's too)."""
-        self.checkpoint_activations = bool(enable)
+        """Recompute this block's activations in the backward pass (switches the base block)."""
         set_block_checkpointing(self.base_layer, enable)
 
     def forward(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmentors.neck import ViTFeaturePyramid
-from segmentors.upernet import UperNetHead
+from segmentors.upernet import UperNetHead, relu_keeping_mask
 
 
 class Segmentor(nn.Module):
@@ -83,13 +83,13 @@ class Segmentor(nn.Module):
                 laterals.append(None)
                 continue
             before = op[:-1](f) if len(op) > 1 else f
-            convt, (conv, bn, relu) = op[-1], lateral
+            convt, (conv, bn, _) = op[-1], lateral
             w_lat = conv.weight[:, :, 0, 0]  # (channels, C)
             weight = torch.einsum("iokl,po->ipkl", convt.weight, w_lat)
             bias = w_lat @ convt.bias if convt.bias is not None else None
             pre = F.conv_transpose2d(before, weight, bias, stride=convt.stride)
             levels.append(f)  # not used by the head for this level
-            laterals.append(relu(bn(pre)))
+            laterals.append(relu_keeping_mask(bn(pre)))  # only added to the level above
         return levels, laterals[: len(head.lateral_convs)]
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segmentors.upernet import UperNetHead, conv3x3_of_upsampled, interpolation_matrix
+from segmentors.upernet import (
+    UperNetHead,
+    add_conv3x3_of_upsampled_,
+    conv3x3_of_upsampled,
+    interpolation_matrix,
+    relu_keeping_mask,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,6 +29,76 @@ def test_conv3x3_of_upsampled_equals_upsample_then_convolve(small, big):
         F.interpolate(x, size=big, mode="bilinear", align_corners=False), w, padding=1
     )
     torch.testing.assert_close(conv3x3_of_upsampled(x, w, big), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 9 * 4 * 7 * 5 * 8, 2**30])  # 1, 2 or 5 samples
+def test_chunked_in_place_fusion_equals_the_sum(chunk_bytes):
+    """out + conv(upsample(x)) accumulated in place a few samples at a time (an uneven last
+    chunk included): the same values and the same gradients for out, x and the weight."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, 7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(5, 4, 28, 20, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(5, 4, 28, 20, dtype=torch.float64)
+
+    def run(fn):
+        for t in (x, w, base):
+            t.grad = None
+        out = fn()
+        (out * probe).sum().backward()
+        return out.detach(), x.grad.clone(), w.grad.clone(), base.grad.clone()
+
+    expected = run(lambda: base * 2 + F.conv2d(
+        F.interpolate(x, size=(28, 20), mode="bilinear", align_corners=False), w, padding=1
+    ))  # fmt: skip
+    got = run(lambda: add_conv3x3_of_upsampled_(base * 2, x, w, chunk_bytes=chunk_bytes))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_classifier_dropout_folded_into_weights_is_dropout_then_classifier():
+    """In training the Dropout2d mask is folded into the classifier's weights: the same random
+    draw (and what is drawn next), the same logits and gradients as classifier(dropout(z))."""
+    torch.manual_seed(0)
+    head = UperNetHead([6] * 4, 5, channels=8, dropout=0.5).double().train()
+    z = torch.randn(4, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(4, 5, 6, 6, dtype=torch.float64)
+
+    def run(fn):
+        z.grad = None
+        head.zero_grad()
+        torch.manual_seed(1)
+        out = fn(z)
+        (out * probe).sum().backward()
+        grads = [z.grad.clone(), head.classifier.weight.grad.clone(), head.classifier.bias.grad]
+        return out.detach(), grads, torch.rand(3)
+
+    out, grads, after = run(head.classify)
+    out_ref, grads_ref, after_ref = run(lambda t: head.classifier(head.dropout(t)))
+    assert not torch.allclose(out_ref, head.classifier(z).detach())  # the dropout did drop
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(after, after_ref)  # the same amount of randomness consumed
+    head.eval()
+    torch.testing.assert_close(head.classify(z), head.classifier(z))
+
+
+def test_relu_keeping_mask_is_relu_and_keeps_only_a_boolean_mask():
+    x = torch.tensor([[-2.0, -0.0, 0.0, 1e-30, 3.0], [5.0, -1e-30, 0.5, -7.0, 0.0]])
+    grad = torch.tensor([[1.0, 2.0, float("nan"), 4.0, 5.0], [6.0, 7.0, 8.0, float("inf"), 9.0]])
+    results = []
+    for fn in (torch.relu, relu_keeping_mask):
+        leaf = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(leaf * 1.0)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad, saved))
+    (out_ref, grad_ref, _), (out, grad_got, saved) = results
+    assert torch.equal(out, out_ref)
+    torch.testing.assert_close(grad_got, grad_ref, equal_nan=True, rtol=0, atol=0)
+    assert [t.dtype for t in saved] == [torch.bool]  # a mask, not a float copy of the output
 
 
 def test_interpolation_matrix_is_linear_upsampling_with_zero_padded_shifts():

@@ -87,15 +87,16 @@ def test_classifier_dropout_folded_into_weights_is_dropout_then_classifier():
 def test_relu_keeping_mask_is_relu_and_keeps_only_a_boolean_mask():
     x = torch.tensor([[-2.0, -0.0, 0.0, 1e-30, 3.0], [5.0, -1e-30, 0.5, -7.0, 0.0]])
     grad = torch.tensor([[1.0, 2.0, float("nan"), 4.0, 5.0], [6.0, 7.0, 8.0, float("inf"), 9.0]])
-    results = []
-    for fn in (torch.relu, relu_keeping_mask):
+
+    def run(fn):
         leaf = x.clone().requires_grad_()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = fn(leaf * 1.0)
         out.backward(grad)
-        results.append((out.detach(), leaf.grad, saved))
-    (out_ref, grad_ref, _), (out, grad_got, saved) = results
+        return out.detach(), leaf.grad, saved
+
+    (out_ref, grad_ref, _), (out, grad_got, saved) = run(torch.relu), run(relu_keeping_mask)
     assert torch.equal(out, out_ref)
     torch.testing.assert_close(grad_got, grad_ref, equal_nan=True, rtol=0, atol=0)
     assert [t.dtype for t in saved] == [torch.bool]  # a mask, not a float copy of the output

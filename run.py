@@ -14,17 +14,19 @@ import atexit
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from deflect.engine import build, report
-from deflect.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
-from deflect.engine.logging import setup_logging
-from deflect.engine.runtime import apply_runtime
+# Only Hydra and the folder helpers here: torch, timm and torchvision (about ten seconds on a
+# small CPU) are imported once the config has composed, so a bad key or --help answers at once.
 from deflect.engine.workdir import SweepJob, eval_config, launch_time
+
+if TYPE_CHECKING:
+    from deflect.engine.distributed import DistInfo
 
 log = logging.getLogger("run")
 # The sweep folder's time stamp: one for every process of a torchrun launch.
@@ -44,6 +46,9 @@ def this_job() -> SweepJob:
 
 def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
     """Train, keep the best checkpoint, test it, export the adapter."""
+    from deflect.engine import build, report
+    from deflect.engine.distributed import barrier
+
     work_dir = report.open_run(cfg, HydraConfig.get().runtime.choices, info, job)
     try:
         build.train_settings(cfg)  # a bad precision, epochs or monitor fails before building
@@ -80,6 +85,10 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
 
 def evaluate(cfg: DictConfig, info: DistInfo) -> None:
     """Re-evaluate a finished run on its test split from its saved config and best checkpoint."""
+    from deflect.engine import build, report
+    from deflect.engine.logging import setup_logging
+    from deflect.engine.runtime import apply_runtime
+
     work_dir = Path(cfg.eval_dir).expanduser()
     run_cfg = eval_config(work_dir, HydraConfig.get().overrides.task)
     apply_runtime(run_cfg)  # the run's matmul precision: re-evaluation repeats its numbers
@@ -92,6 +101,9 @@ def evaluate(cfg: DictConfig, info: DistInfo) -> None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Entry point: one process or one torchrun rank; called once per job of a multirun."""
+    from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
+    from deflect.engine.runtime import apply_runtime
+
     job = this_job()
     apply_runtime(cfg)  # matmul precision, CPU allocator: before anything large is allocated
     info = init_distributed(cfg.device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import rasterio
 import torch
 from PIL import Image
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, run_cli
 
 
 def only_run(cwd: Path) -> Path:
@@ -158,6 +160,37 @@ def test_bad_input_fails_with_a_message_naming_it(overrides, message, demo_root,
     proc = run_cli([*TINY, f"dataset.root={demo_root}", *overrides], tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+
+
+def test_a_bad_key_is_reported_before_torch_is_imported(tmp_path):
+    """Hydra's own errors come at once: run.py imports torch, timm and torchvision (about ten
+    seconds on a small CPU) only after the config has composed; ``import deflect`` neither."""
+    code = (
+        "import runpy, sys\n"
+        "import deflect\n"
+        "assert 'torch' not in sys.modules, 'import deflect imported torch'\n"
+        f"sys.argv = [{str(REPO / 'run.py')!r}, 'bogus_option=1']\n"
+        "try:\n"
+        f"    runpy.run_path({str(REPO / 'run.py')!r}, run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    print('exit', stop.code)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert "bogus_option" in proc.stderr, proc.stderr[-3000:]
+    assert "exit 1" in proc.stdout and "torch imported: False" in proc.stdout, proc.stdout
+
+
+def test_the_package_exports_its_api_on_first_use():
+    import deflect
+
+    for name in deflect.__all__:
+        assert getattr(deflect, name).__name__ == name, name
+    assert set(deflect.__all__) <= set(dir(deflect))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        deflect.no_such_name  # noqa: B018
 
 
 def test_missing_dataset_root_names_the_path(tmp_path):

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Only Hydra and the folder helpers here: torch, timm and torchvision (about ten seconds on a
 # small CPU) are imported once the config has composed, so a bad key or --help answers at once.
-from deflect.engine.workdir import SweepJob, eval_config, launch_time
+from deflect.engine.workdir import SweepJob, best_checkpoint, eval_config, launch_time
 
 if TYPE_CHECKING:
     from deflect.engine.distributed import DistInfo
@@ -83,14 +83,21 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
         raise
 
 
-def evaluate(cfg: DictConfig, info: DistInfo) -> None:
+def finished_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
+    """The folder and saved config of the run that ``eval_dir`` names, with the command line's
+    overrides; fails at once (before torch is imported) on a folder that is not a finished run."""
+    work_dir = Path(cfg.eval_dir).expanduser()
+    run_cfg = eval_config(work_dir, HydraConfig.get().overrides.task)
+    best_checkpoint(work_dir)  # a run that never finished an epoch
+    return work_dir, run_cfg
+
+
+def evaluate(work_dir: Path, run_cfg: DictConfig, info: DistInfo) -> None:
     """Re-evaluate a finished run on its test split from its saved config and best checkpoint."""
     from deflect.engine import build, report
     from deflect.engine.logging import setup_logging
     from deflect.engine.runtime import apply_runtime
 
-    work_dir = Path(cfg.eval_dir).expanduser()
-    run_cfg = eval_config(work_dir, HydraConfig.get().overrides.task)
     apply_runtime(run_cfg)  # the run's matmul precision: re-evaluation repeats its numbers
     setup_logging(None, info.is_main)
     dataset = build.build_dataset(run_cfg, "test")
@@ -101,6 +108,7 @@ def evaluate(cfg: DictConfig, info: DistInfo) -> None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Entry point: one process or one torchrun rank; called once per job of a multirun."""
+    finished = finished_run(cfg) if cfg.eval_dir else None
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
     from deflect.engine.runtime import apply_runtime
 
@@ -110,8 +118,8 @@ def main(cfg: DictConfig) -> None:
     if job.sweep_dir:  # later jobs of the sweep reuse the process group
         atexit.register(cleanup_distributed)
     try:
-        if cfg.eval_dir:
-            evaluate(cfg, info)
+        if finished is not None:
+            evaluate(*finished, info)
         else:
             train(cfg, info, job)
         # Every rank is done with collectives before the group goes away (a rank tearing gloo

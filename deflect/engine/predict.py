@@ -181,9 +181,8 @@ def load_predictor(
     """
     from deflect.engine.build import build_model
     from deflect.engine.checkpoint import load_checkpoint, load_model_state
-    from deflect.engine.report import best_checkpoint
     from deflect.engine.runtime import apply_runtime
-    from deflect.engine.workdir import eval_config
+    from deflect.engine.workdir import best_checkpoint, eval_config
 
     run_dir = resolve_run_dir(run_dir)
     best = best_checkpoint(run_dir)

@@ -18,7 +18,12 @@ from deflect.engine.distributed import DistInfo, broadcast_object
 from deflect.engine.evaluator import Evaluator
 from deflect.engine.logging import ScalarWriter, metric_scalars, metrics_table, setup_logging
 from deflect.engine.outputs import PredictionWriter
-from deflect.engine.workdir import SweepJob, choose_work_dir, resume_config_changes
+from deflect.engine.workdir import (
+    SweepJob,
+    best_checkpoint,
+    choose_work_dir,
+    resume_config_changes,
+)
 
 log = logging.getLogger("run")
 
@@ -60,21 +65,6 @@ def open_run(cfg: DictConfig, choices: dict, info: DistInfo, job: SweepJob) -> P
 def last_checkpoint(work_dir: Path) -> Path:
     """Where a run keeps its full training state."""
     return work_dir / "checkpoints" / "last.pt"
-
-
-def best_checkpoint(work_dir: Path) -> Path:
-    """``checkpoints/best.pt`` of a run folder.
-
-    Raises:
-        FileNotFoundError: the run never finished an epoch (says how to continue it).
-    """
-    best = Path(work_dir) / "checkpoints" / "best.pt"
-    if not best.is_file():
-        raise FileNotFoundError(
-            f"{work_dir} has no checkpoints/best.pt (the run never finished an epoch); finish "
-            f"training first, e.g. continue it with: python run.py resume=true work_dir={work_dir}"
-        )
-    return best
 
 
 def resuming(cfg: DictConfig, work_dir: Path) -> bool:

@@ -162,3 +162,18 @@ def resume_config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
             continue
         changes.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
     return changes
+
+
+def best_checkpoint(work_dir: Path) -> Path:
+    """``checkpoints/best.pt`` of a run folder.
+
+    Raises:
+        FileNotFoundError: the run never finished an epoch (says how to continue it).
+    """
+    best = Path(work_dir) / "checkpoints" / "best.pt"
+    if not best.is_file():
+        raise FileNotFoundError(
+            f"{work_dir} has no checkpoints/best.pt (the run never finished an epoch); finish "
+            f"training first, e.g. continue it with: python run.py resume=true work_dir={work_dir}"
+        )
+    return best

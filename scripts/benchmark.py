@@ -1,4 +1,5 @@
-"""Training throughput and peak memory of encoder x fine-tuning method on this device.
+"""Training, evaluation and prediction throughput and peak memory of encoder x fine-tuning
+method on this device.
 
     python scripts/benchmark.py --encoder vit_s16 vit_b16 --finetune frozen full deflect \
         --batch-size 8 --img-size 224
@@ -9,6 +10,20 @@ Each (encoder, finetune) pair runs in a fresh subprocess so its peak memory is i
 ``max_memory_allocated`` on a GPU, the process's peak resident set size (``ru_maxrss``) on CPU.
 A step is forward + loss + backward + AdamW step, built by the same code as ``run.py``
 (the demo dataset's bands unless ``--bands`` is given; inputs are random).
+
+Evaluation and prediction (``--mode eval`` / ``--mode predict``) time what ``run.py eval_dir=...``
+and ``scripts/predict.py`` run: the evaluator's sliding window, argmax and confusion matrix over
+``--eval-size`` images, or a ``--scene-size`` GeoTIFF scene read, predicted block by block and
+written as a class map (reading and writing included)::
+
+    python scripts/benchmark.py --mode eval --eval-size 512 --precision bf16 --batch-size 32
+    python scripts/benchmark.py --mode predict --scene-size 4096 --precision bf16
+
+Every mode prints the FLOPs of a step (``FlopCounterMode``), the TFLOP/s reached and, on a GPU
+whose data-sheet peak is known (or with ``--peak-tflops``), the model FLOPs utilisation (MFU):
+FLOPs per second over the dense peak of the precision (bf16/fp16 tensor cores; TF32 for fp32
+at ``--matmul-precision high``; plain fp32 at ``highest``). With ``activation_checkpointing``
+the recomputed forward is counted too.
 
 Side by side with TerraTorch (``pip install -e .[bench]``; TerraTorch is never a dependency)::
 
@@ -53,7 +68,6 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
 
     from deflect.data import DataSpec
     from deflect.engine import build
-    from deflect.engine.evaluator import autocast_context
     from deflect.engine.runtime import apply_runtime
 
     overrides = [
@@ -88,11 +102,48 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         torch.set_num_threads(args.threads)
     rss_before_mib = current_rss_mib()
     model = build.build_model(cfg, data).to(device).train()
+    counts = build.parameter_counts(model)
+    row = {
+        "mode": args.mode,
+        "encoder": encoder,
+        "finetune": finetune,
+        "device": str(device),
+        "device_name": device_name(device),
+        "precision": args.precision,
+        "batch": args.batch_size,
+        "img_size": args.img_size,
+        "encoder_trainable": counts["encoder_trainable"],
+        "encoder_trainable_percent": counts["encoder_trainable_percent"],
+        "decoder_trainable": counts["decoder_trainable"],
+    }
+    if args.mode == "eval":
+        row.update(measure_eval(args, model, data, device))
+    elif args.mode == "predict":
+        row.update(measure_predict(args, model, data, device))
+    else:
+        row.update(measure_train(args, cfg, model, data, device))
+    if device.type == "cuda":
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        row["peak_mem_mib"] = peak_rss_above_mib(rss_before_mib)
+    row.update(utilisation(row["flops"], row["seconds"], peak_tflops(args, device)))
+    return row
+
+
+def measure_train(args: argparse.Namespace, cfg, model, data, device) -> dict:
+    """``args.steps`` training steps (forward + loss + backward + AdamW) after ``args.warmup``."""
+    import torch
+
+    from deflect.engine import build
+    from deflect.engine.evaluator import autocast_context
+
     optimizer = build.build_optimizer(cfg, model)
     stepped = build.compile_if_asked(model, cfg)  # compile=true: what run.py trains
     loss_fn = build.build_loss(cfg, data).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    images = torch.randn(args.batch_size, len(bands), args.img_size, args.img_size, device=device)
+    images = torch.randn(
+        args.batch_size, len(data.bands), args.img_size, args.img_size, device=device
+    )
     masks = torch.randint(0, 4, (args.batch_size, args.img_size, args.img_size), device=device)
 
     def step() -> None:
@@ -106,28 +157,179 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         scaler.update()
 
     seconds, first = timed_steps(step, args, device)
-    counts = build.parameter_counts(model)
     phases = step_phases(model, images, masks, loss_fn, optimizer, device, args.precision)
     flops = step_flops(step)
-    if device.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = peak_rss_above_mib(rss_before_mib)
     return {
-        "encoder": encoder,
-        "finetune": finetune,
-        "device": str(device),
-        "precision": args.precision,
-        "batch": args.batch_size,
-        "img_size": args.img_size,
         "images_per_s": args.steps * args.batch_size / seconds,
         "first_step_s": first,  # includes compilation with compile=true
-        "peak_mem_mib": peak_mib,
-        "encoder_trainable": counts["encoder_trainable"],
-        "encoder_trainable_percent": counts["encoder_trainable_percent"],
-        "decoder_trainable": counts["decoder_trainable"],
         "phases_s": phases,
         "gflop_per_step": flops / 1e9,
+        "flops": flops * args.steps,
+        "seconds": seconds,
+    }
+
+
+def measure_eval(args: argparse.Namespace, model, data, device) -> dict:
+    """The evaluator over ``args.steps`` batches of ``--eval-size`` images (sliding window of
+    the model's ``img_size``, argmax, confusion matrix), after ``args.warmup`` batches."""
+    import torch
+
+    from deflect.engine.distributed import DistInfo
+    from deflect.engine.evaluator import EvalSettings, Evaluator
+
+    size = args.eval_size or args.img_size
+    settings = EvalSettings(args.img_size, args.eval_stride or None, args.precision)
+    evaluator = Evaluator(settings, data, DistInfo(0, 1, 0, device))
+    batch = {
+        "image": torch.randn(args.batch_size, len(data.bands), size, size, device=device),
+        "mask": torch.randint(0, data.num_classes, (args.batch_size, size, size), device=device),
+    }
+    evaluator.evaluate(model, [batch] * max(args.warmup, 1), desc="warm-up")
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    evaluator.evaluate(model, [batch] * args.steps)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    flops = step_flops(lambda: evaluator.evaluate(model, [batch]))
+    images = args.steps * args.batch_size
+    return {
+        "eval_size": size,
+        "stride": evaluator.stride,
+        "images_per_s": images / seconds,
+        "megapixels_per_s": images * size * size / seconds / 1e6,
+        "gflop_per_step": flops / 1e9,
+        "flops": flops * args.steps,
+        "seconds": seconds,
+    }
+
+
+def measure_predict(args: argparse.Namespace, model, data, device) -> dict:
+    """``scripts/predict.py`` on one random ``--scene-size`` GeoTIFF scene: reading, the
+    sliding window block by block, the class map written (after a warm-up on a small scene)."""
+    import tempfile
+
+    import torch
+
+    from deflect.engine.predict import Predictor, predict_scenes
+
+    model.eval()
+    window = args.img_size
+    stride = args.eval_stride or max(window // 2, 1)  # the run's default: half the window
+    predictor = Predictor(model, data, window, stride, device, args.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small = write_scene(tmp / "warmup.tif", data, 2 * window)
+        scene = write_scene(tmp / "scene.tif", data, args.scene_size)
+        predict_scenes(predictor, [small], tmp / "out", args.batch_size, progress=False)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = predict_scenes(predictor, [scene], tmp / "out", args.batch_size, progress=False)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    forwards = out[0].forwards
+    tile = torch.randn(args.batch_size, len(data.bands), window, window, device=device)
+    with torch.no_grad(), _autocast(device, args.precision):
+        per_tile = step_flops(lambda: model(tile)) / args.batch_size
+    return {
+        "scene_size": args.scene_size,
+        "stride": stride,
+        "tiles": forwards,
+        "megapixels_per_s": args.scene_size**2 / seconds / 1e6,
+        "tiles_per_s": forwards / seconds,
+        "gflop_per_step": per_tile * args.batch_size / 1e9,
+        "flops": per_tile * forwards,
+        "seconds": seconds,
+    }
+
+
+def write_scene(path: Path, data, size: int) -> Path:
+    """A ``size`` x ``size`` float32 GeoTIFF of ``data``'s bands (named in the band
+    descriptions), values drawn around the band statistics, in UTM 33N at 10 m."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(0)
+    profile = {
+        "driver": "GTiff", "width": size, "height": size, "count": len(data.bands),
+        "dtype": "float32", "crs": "EPSG:32633", "transform": from_origin(500000, 5000000, 10, 10),
+        "tiled": True, "blockxsize": 256, "blockysize": 256,
+    }  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        for i, band in enumerate(data.bands, start=1):
+            values = data.mean[band] + data.std[band] * rng.standard_normal((size, size))
+            dst.write(values.astype(np.float32), i)
+            dst.set_band_description(i, band)
+    return path
+
+
+def _autocast(device, precision: str):
+    from deflect.engine.evaluator import autocast_context
+
+    return autocast_context(device, precision)
+
+
+#: Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets: (half = bf16/fp16 tensor cores,
+#: tf32, fp32), matched on ``torch.cuda.get_device_name`` in this order.
+PEAK_TFLOPS = (
+    ("H200", (989.4, 494.7, 66.9)),
+    ("H100 PCIe", (756.5, 378.0, 51.2)),
+    ("H100 NVL", (835.5, 417.5, 60.0)),
+    ("H100", (989.4, 494.7, 66.9)),  # SXM
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.05, 183.0, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+)
+
+
+def peak_tflops_of(name: str, precision: str, matmul_precision: str) -> float | None:
+    """The data-sheet dense peak of GPU ``name`` for a step in ``precision`` (fp32 runs on TF32
+    tensor cores unless ``matmul_precision`` is ``highest``); None for a GPU not listed."""
+    for key, (half, tf32, fp32) in PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            if precision in ("bf16", "fp16"):
+                return half
+            return fp32 if matmul_precision == "highest" else tf32
+    return None
+
+
+def peak_tflops(args: argparse.Namespace, device) -> float | None:
+    """``--peak-tflops``, else the data-sheet peak of this GPU, else None (CPUs)."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    return peak_tflops_of(device_name(device), args.precision, args.matmul_precision)
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def utilisation(flops: float, seconds: float, peak: float | None) -> dict:
+    """TFLOP/s reached and, with a peak, the model FLOPs utilisation."""
+    achieved = flops / seconds / 1e12
+    return {
+        "achieved_tflops": achieved,
+        "peak_tflops": peak,
+        "mfu": achieved / peak if peak else None,
     }
 
 
@@ -344,6 +546,20 @@ def measure_loader(args: argparse.Namespace, workers: int) -> dict:
             "loader_images_per_s": images / (time.perf_counter() - start)}  # fmt: skip
 
 
+def summary_line(r: dict) -> str:
+    """One printed line of a measurement."""
+    if r["mode"] == "predict":
+        speed = f"{r['megapixels_per_s']:8.3f} Mpx/s ({r['tiles_per_s']:.1f} tiles/s)"
+    else:
+        speed = f"{r['images_per_s']:8.2f} img/s"
+    mfu = f"  MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:g}" if r["mfu"] is not None else ""
+    return (
+        f"{r['mode']:7s} {r['encoder']:8s} {r['finetune']:8s} {r['device']:6s} {r['precision']}  "
+        f"{speed}  peak {r['peak_mem_mib']:8.0f} MiB  {r['achieved_tflops']:.3f} TFLOP/s{mfu}  "
+        f"encoder trainable {r['encoder_trainable']:>11,} ({r['encoder_trainable_percent']:.3f}%)"
+    )
+
+
 def main() -> None:
     """Parse arguments; run each pair in a subprocess (or measure one with --single)."""
     parser = argparse.ArgumentParser(
@@ -351,9 +567,19 @@ def main() -> None:
     )
     parser.add_argument("--encoder", nargs="+", default=["vit_s16"])
     parser.add_argument("--finetune", nargs="+", default=["frozen", "full"])
+    parser.add_argument("--mode", default="train", choices=["train", "eval", "predict"],
+                        help="what to time: training steps, the evaluator, or predict.py on a scene")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--channels", type=int, default=512, help="UperNet width")
+    parser.add_argument("--eval-size", type=int, default=0,
+                        help="--mode eval: image side (default img-size: one window per image)")  # fmt: skip
+    parser.add_argument("--eval-stride", type=int, default=0,
+                        help="eval/predict: sliding-window stride (default half the window)")  # fmt: skip
+    parser.add_argument("--scene-size", type=int, default=2048,
+                        help="--mode predict: side of the GeoTIFF scene")  # fmt: skip
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the device's peak for MFU (default: data sheet of known GPUs)")  # fmt: skip
     parser.add_argument("--bands", default="", help="comma-separated band names (default: demo's)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--device", default="auto")
@@ -409,10 +635,7 @@ def main() -> None:
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{encoder:8s} {finetune:8s} {r['device']:6s} {r['precision']}  "
-                  f"{r['images_per_s']:8.2f} img/s  peak {r['peak_mem_mib']:8.0f} MiB  "
-                  f"encoder trainable {r['encoder_trainable']:>11,} "
-                  f"({r['encoder_trainable_percent']:.3f}%)", flush=True)  # fmt: skip
+            print(summary_line(r), flush=True)
     print(json.dumps(rows, indent=2))
 
 

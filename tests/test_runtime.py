@@ -68,14 +68,20 @@ def test_bad_settings_name_the_key_and_choices():
 
 
 def test_apply_runtime_pins_the_precision_a_library_changed():
-    saved = torch.get_float32_matmul_precision()
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         torch.set_float32_matmul_precision("medium")  # what importing TerraTorch 1.2 does
         apply_runtime(OmegaConf.create({"matmul_precision": "highest", "cpu_allocator": "default"}))
         assert torch.get_float32_matmul_precision() == "highest"
+        # cuDNN convolutions are true fp32 too (PyTorch's switch alone leaves them in TF32).
+        assert not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.conv.fp32_precision != "tf32"
         apply_runtime(OmegaConf.create({"matmul_precision": "high", "cpu_allocator": "default"}))
         assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
         apply_runtime(OmegaConf.create({}))  # old run folders have neither key: true fp32
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
-        torch.set_float32_matmul_precision(saved)
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]

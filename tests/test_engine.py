@@ -268,3 +268,18 @@ def test_batches_carry_the_gsd_to_encoders_that_take_it(demo_root):
 
     assert batch_metadata(TakesGsd(), batch, torch.device("cpu")) == {"gsd": batch["gsd"]}
     assert batch_metadata(torch.nn.Identity(), batch, torch.device("cpu")) == {}
+
+
+@pytest.mark.parametrize(("batch_size", "message"), [(1, "batch_size>=2"), (9, "fewer than")])
+def test_training_loader_refuses_a_batch_the_decoder_cannot_train_on(batch_size, message):
+    """One image per step would fail deep in BatchNorm; more than the split never steps."""
+    from omegaconf import OmegaConf
+
+    from deflect.engine.build import build_loader
+
+    cfg = OmegaConf.create({"batch_size": batch_size, "num_workers": 0, "seed": 0})
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match=message):
+        build_loader(list(range(8)), cfg, info, train=True)
+    cfg.batch_size = 2
+    assert len(build_loader(list(range(8)), cfg, info, train=True)) == 4

@@ -72,6 +72,13 @@ def build_loader(
         else:
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
         batch_size = int(cfg.batch_size)
+        if batch_size < 2:
+            raise ValueError(
+                f"batch_size={batch_size}: training needs at least 2 images per process and "
+                "step, since the decoder's BatchNorm normalises over the batch (the pyramid "
+                "pooling's 1x1 branch has one value per channel per image); set batch_size>=2 "
+                "(it is per process under torchrun)"
+            )
         if len(sampler) < batch_size:
             raise ValueError(
                 f"the training split has {len(sampler)} samples per process, fewer than "

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint benchmark clean
+.PHONY: setup demo test test-slow gpu-check lint benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)  ## the default test suite (CPU, < 10 minutes)
 
 test-slow: $(STAMP)  ## the slow tests
 	$(BIN)/python -m pytest -q -m slow
+
+gpu-check: $(STAMP)  ## on a CUDA machine: the GPU tests, bf16/fp32 throughput and MFU, eval/predict speed
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

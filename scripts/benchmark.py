@@ -474,7 +474,10 @@ def measure_terratorch(args: argparse.Namespace, method: str) -> dict:
         optimizer.step()
 
     seconds, _ = timed_steps(step, args, device)
-    peak_mib = peak_rss_above_mib(rss_before_mib)
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = peak_rss_above_mib(rss_before_mib)
     return {"framework": "terratorch", "finetune": method,
             "images_per_s": args.steps * args.batch_size / seconds,
             "peak_mem_mib": peak_mib,
@@ -506,6 +509,7 @@ def side_by_side(args: argparse.Namespace, passthrough: list[str]) -> list[dict]
                      "ours_gflop_per_step": runs["ours"][-1]["gflop_per_step"],
                      "terratorch_gflop_per_step": runs["terratorch"][-1]["gflop_per_step"],
                      "ours_peak_mib": runs["ours"][-1]["peak_mem_mib"],
+                     "ours_mfu": runs["ours"][-1]["mfu"],
                      "terratorch_peak_mib": runs["terratorch"][-1]["peak_mem_mib"],
                      "ours_phases_s": phases, "rounds": args.rounds})  # fmt: skip
         print(f"{finetune:8s} ours {ours:7.3f} img/s  TerraTorch {theirs:7.3f} img/s  "
@@ -606,6 +610,8 @@ def main() -> None:
         "--single", nargs=2, metavar=("ENCODER", "FINETUNE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.mode == "train" and args.batch_size < 2:
+        parser.error("--batch-size must be >= 2 to train (the decoder's BatchNorm needs 2 images)")
     if args.loader and not args.single:
         for workers in args.workers:
             r = measure_loader(args, workers)
@@ -625,18 +631,21 @@ def main() -> None:
     if args.vs_terratorch:
         print(json.dumps(side_by_side(args, passthrough), indent=2))
         return
-    rows = []
+    rows, failed = [], []
     for encoder in args.encoder:
         for finetune in args.finetune:
             cmd = [sys.executable, __file__, *passthrough, "--single", encoder, finetune]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{encoder} {finetune}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                failed.append(f"{encoder} {finetune}")
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(summary_line(r), flush=True)
     print(json.dumps(rows, indent=2))
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

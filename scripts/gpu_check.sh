@@ -12,8 +12,9 @@
 # 4. With TerraTorch installed (pip install -e .[bench]): the same job side by side, bf16.
 #
 # Each step's output goes to OUT_DIR/<step>.txt; a failing step is reported and the rest run.
-# BATCH (32), STEPS (timed steps, 20), SCENE (4096) and DEVICE (cuda) override the sizes; e.g.
-# DEVICE=cpu BATCH=1 STEPS=1 SCENE=448 tries the script out on a CPU.
+# BATCH (32), STEPS (timed steps, 20), SCENE (4096), ENCODER (prithvi_100m), IMG (224) and
+# DEVICE (cuda) override the defaults; e.g. a quick try on a CPU:
+#     DEVICE=cpu ENCODER=tiny_vit IMG=32 BATCH=2 STEPS=1 SCENE=96 bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check}
@@ -22,6 +23,8 @@ BATCH=${BATCH:-32}
 STEPS=${STEPS:-20}
 SCENE=${SCENE:-4096}
 DEVICE=${DEVICE:-cuda}
+ENCODER=${ENCODER:-prithvi_100m}
+IMG=${IMG:-224}
 WARMUP=$(( STEPS / 4 > 1 ? STEPS / 4 : 1 ))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -31,7 +34,7 @@ step() {  # step NAME COMMAND...: run, keep its output, remember a failure
     echo "== $name: $*"
     if ! "$@" 2>&1 | tee "$OUT/$name.txt"; then failed+=("$name"); fi
 }
-COMMON=(--encoder prithvi_100m --bands B2,B3,B4,B8A,B11,B12 --device "$DEVICE")
+COMMON=(--encoder "$ENCODER" --img-size "$IMG" --bands B2,B3,B4,B8A,B11,B12 --device "$DEVICE")
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 [[ $DEVICE == cuda ]] || export DEFLECT_TEST_GPU_DEVICE=$DEVICE
@@ -40,8 +43,10 @@ step train_bf16 "$PY" scripts/benchmark.py "${COMMON[@]}" --precision bf16 \
     --finetune frozen deflect lora full --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
 step train_fp32 "$PY" scripts/benchmark.py "${COMMON[@]}" --precision fp32 \
     --finetune frozen deflect --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
+EVAL_SIZE=$((IMG * 16 / 7))  # 512 px images at the 224 px window: 4 x 4 windows each
 step eval_bf16 "$PY" scripts/benchmark.py "${COMMON[@]}" --mode eval --precision bf16 \
-    --finetune deflect --batch-size "$BATCH" --eval-size 512 --steps "$STEPS" --warmup "$WARMUP"
+    --finetune deflect --batch-size "$BATCH" --eval-size "$EVAL_SIZE" --steps "$STEPS" \
+    --warmup "$WARMUP"
 step predict_bf16 "$PY" scripts/benchmark.py "${COMMON[@]}" --mode predict --precision bf16 \
     --finetune deflect --batch-size "$BATCH" --scene-size "$SCENE"
 if "$PY" -c "import terratorch" 2>/dev/null; then

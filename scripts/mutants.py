@@ -223,6 +223,15 @@ MUTANTS = [
            "if False:", MATRIX),
     Mutant("activation_checkpointing=true is ignored", "deflect/engine/build.py",
            "encoder.set_activation_checkpointing(True)", "pass", ("tests/test_configs.py",)),
+    Mutant("a crop without a labelled pixel takes the cross-entropy's empty mean",
+           "deflect/engine/trainer.py",
+           'labelled = bool((batch["mask"] != self.ignore_index).any())', "labelled = True",
+           ("tests/test_run.py::test_batches_without_a_labelled_pixel_train_on_without_nan",)),
+    Mutant("matmul_precision=highest leaves cuDNN convolutions in TF32", "deflect/engine/runtime.py",
+           'torch.backends.cudnn.allow_tf32 = precision != "highest"', "pass",
+           ("tests/test_runtime.py",)),
+    Mutant("training accepts one image per step", "deflect/engine/build.py",
+           "if batch_size < 2:", "if batch_size < 1:", ("tests/test_engine.py",)),
 ]  # fmt: skip
 
 

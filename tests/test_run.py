@@ -306,6 +306,24 @@ def test_non_finite_training_stops_with_a_clear_error(demo_root, tmp_path):
     assert "non-finite loss or gradients" in proc.stderr
 
 
+def test_batches_without_a_labelled_pixel_train_on_without_nan(demo_root, tmp_path):
+    """Training crops with every pixel ignored (sparse labels, as in MADOS): their loss is 0
+    and their gradients zero, not the NaN of an empty mean that would stop the run."""
+    data = tmp_path / "demo"
+    shutil.copytree(demo_root, data)
+    for path in (data / "train").glob("*_mask.tif"):
+        with rasterio.open(path, "r+") as dst:
+            dst.write(np.full((1, dst.height, dst.width), 255, dst.dtypes[0]))  # not evaluated
+    work_dir = tmp_path / "run"
+    run_cli([*TINY, f"dataset.root={data}", f"work_dir={work_dir}", "save_predictions=false"],
+            tmp_path)  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work_dir / "tensorboard")).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses and all(v == 0.0 for v in losses)
+
+
 def test_multirun_gives_each_job_a_folder_in_one_sweep_folder(demo_root, tmp_path):
     run_cli(["-m", "finetune=frozen,deflect", *TINY, f"dataset.root={demo_root}", "epochs=1",
              "save_predictions=false"], tmp_path)  # fmt: skip

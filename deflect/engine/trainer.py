@@ -264,11 +264,14 @@ class Trainer:
                 break
             images = batch["image"].to(self.info.device, non_blocking=True)
             seen += images.shape[0]
+            # Asked of the mask still on the host: on a GPU, asking the device copy would wait
+            # for the forward pass to finish before the backward pass could be queued.
+            labelled = bool((batch["mask"] != self.ignore_index).any())
             target = batch["mask"].to(self.info.device, non_blocking=True)
             metadata = batch_metadata(self.raw_model, batch, self.info.device)
             with autocast_context(self.info.device, self.settings.precision):
                 logits = self.model(images, **metadata)
-            if (target != self.ignore_index).any():
+            if labelled:
                 loss = self.loss_fn(logits, target)
             else:  # a crop without labels: no signal, but keep every rank's graph alike
                 loss = logits.float().sum() * 0.0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, on a machine with CUDA and this project installed:
 #
-#     bash scripts/gpu_check.sh [OUT_DIR]        # default: gpu_check/
+#     bash scripts/gpu_check.sh [OUT_DIR [STEP ...]]    # default: gpu_check/, every step
 #
 # 1. tests/test_gpu.py: fp32 on the GPU equals the CPU, bf16/fp16 track fp32, activation
 #    checkpointing replays CUDA's random draws, torchrun with NCCL on every visible GPU,
@@ -12,13 +12,18 @@
 # 4. With TerraTorch installed (pip install -e .[bench]): the same job side by side, bf16.
 #
 # Each step's output goes to OUT_DIR/<step>.txt; a failing step is reported and the rest run.
+# STEPs, to run only some: tests train_bf16 train_fp32 eval_bf16 predict_bf16 vs_terratorch_bf16.
 # BATCH (32), STEPS (timed steps, 20), SCENE (4096), ENCODER (prithvi_100m), IMG (224) and
-# DEVICE (cuda) override the defaults; e.g. a quick try on a CPU:
+# DEVICE (cuda) override the defaults, ROUNDS (3) the side-by-side rounds; e.g. a quick try
+# on a CPU:
 #     DEVICE=cpu ENCODER=tiny_vit IMG=32 BATCH=2 STEPS=1 SCENE=96 bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check}
+shift $(( $# > 0 ? 1 : 0 ))
+ONLY=" $* "
 PY=${PYTHON:-python}
+ROUNDS=${ROUNDS:-3}
 BATCH=${BATCH:-32}
 STEPS=${STEPS:-20}
 SCENE=${SCENE:-4096}
@@ -31,6 +36,7 @@ export PYTHONUNBUFFERED=1
 failed=()
 step() {  # step NAME COMMAND...: run, keep its output, remember a failure
     local name=$1; shift
+    [[ $ONLY == "  " || $ONLY == *" $name "* ]] || return 0
     echo "== $name: $*"
     if ! "$@" 2>&1 | tee "$OUT/$name.txt"; then failed+=("$name"); fi
 }
@@ -52,7 +58,7 @@ step predict_bf16 "$PY" scripts/benchmark.py "${COMMON[@]}" --mode predict --pre
 if "$PY" -c "import terratorch" 2>/dev/null; then
     step vs_terratorch_bf16 "$PY" scripts/benchmark.py --vs-terratorch --device "$DEVICE" \
         --precision bf16 --finetune frozen deflect full --batch-size "$BATCH" --steps "$STEPS" \
-        --warmup "$WARMUP" --rounds 3
+        --warmup "$WARMUP" --rounds "$ROUNDS"
 else
     echo "== vs_terratorch: skipped (TerraTorch is not installed: pip install -e .[bench])"
 fi

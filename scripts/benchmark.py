@@ -122,10 +122,7 @@ def measure(args: argparse.Namespace, encoder: str, finetune: str) -> dict:
         row.update(measure_predict(args, model, data, device))
     else:
         row.update(measure_train(args, cfg, model, data, device))
-    if device.type == "cuda":
-        row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        row["peak_mem_mib"] = peak_rss_above_mib(rss_before_mib)
+    row["peak_mem_mib"] = peak_mem_mib(device, rss_before_mib)
     row.update(utilisation(row["flops"], row["seconds"], peak_tflops(args, device)))
     return row
 
@@ -212,6 +209,7 @@ def measure_predict(args: argparse.Namespace, model, data, device) -> dict:
 
     import torch
 
+    from deflect.engine.evaluator import autocast_context
     from deflect.engine.predict import Predictor, predict_scenes
 
     model.eval()
@@ -232,7 +230,7 @@ def measure_predict(args: argparse.Namespace, model, data, device) -> dict:
         seconds = time.perf_counter() - start
     forwards = out[0].forwards
     tile = torch.randn(args.batch_size, len(data.bands), window, window, device=device)
-    with torch.no_grad(), _autocast(device, args.precision):
+    with torch.no_grad(), autocast_context(device, args.precision):
         per_tile = step_flops(lambda: model(tile)) / args.batch_size
     return {
         "scene_size": args.scene_size,
@@ -265,12 +263,6 @@ def write_scene(path: Path, data, size: int) -> Path:
             dst.write(values.astype(np.float32), i)
             dst.set_band_description(i, band)
     return path
-
-
-def _autocast(device, precision: str):
-    from deflect.engine.evaluator import autocast_context
-
-    return autocast_context(device, precision)
 
 
 #: Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets: (half = bf16/fp16 tensor cores,
@@ -347,6 +339,16 @@ def current_rss_mib() -> float:
     except (OSError, IndexError, ValueError):
         return 0.0
     return pages * resource.getpagesize() / 2**20
+
+
+def peak_mem_mib(device, rss_before_mib: float) -> float:
+    """Peak memory of the measurement: CUDA's peak allocation on a GPU, else the peak resident
+    size above ``rss_before_mib``."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_above_mib(rss_before_mib)
 
 
 def peak_rss_above_mib(before_mib: float) -> float:
@@ -474,10 +476,7 @@ def measure_terratorch(args: argparse.Namespace, method: str) -> dict:
         optimizer.step()
 
     seconds, _ = timed_steps(step, args, device)
-    if device.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = peak_rss_above_mib(rss_before_mib)
+    peak_mib = peak_mem_mib(device, rss_before_mib)
     return {"framework": "terratorch", "finetune": method,
             "images_per_s": args.steps * args.batch_size / seconds,
             "peak_mem_mib": peak_mib,

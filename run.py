@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import atexit
 import logging
-import time
+import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 # Only Hydra and the folder helpers here: torch, timm and torchvision (about ten seconds on a
 # small CPU) are imported once the config has composed, so a bad key or --help answers at once.
-from deflect.engine.workdir import SweepJob, best_checkpoint, eval_config, launch_time
+from deflect.engine.workdir import (
+    SweepJob,
+    best_checkpoint,
+    check_run_config,
+    eval_config,
+    launch_time,
+)
 
 if TYPE_CHECKING:
     from deflect.engine.distributed import DistInfo
@@ -49,17 +56,23 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
     from deflect.engine import build, report
     from deflect.engine.distributed import barrier
 
-    work_dir = report.open_run(cfg, HydraConfig.get().runtime.choices, info, job)
+    run = report.open_run(cfg, HydraConfig.get().runtime.choices, info, job)
+    if run.finished:  # resume=true on a finished run: left untouched
+        return
+    work_dir = run.path
+    started = False
     try:
+        if job.sweep_dir:
+            check_run_config(cfg)
         build.train_settings(cfg)  # a bad precision, epochs or monitor fails before building
         datasets = build.build_datasets(cfg)
         model = build.build_model(cfg, datasets["train"].spec).to(info.device)
-        counts = report.describe_model(model, work_dir, info)
+        counts = report.describe_model(model, work_dir, info, datasets["train"])
 
         trainer = build.build_trainer(cfg, model, datasets, work_dir, info)
         if report.resuming(cfg, work_dir):
             trainer.resume(report.last_checkpoint(work_dir))
-        start = time.time()
+        started = True
         finished = trainer.fit()
         barrier(info)
         if not finished:
@@ -73,14 +86,23 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
             return
 
         metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
-        seconds = time.time() - start
         report.close_run(
-            model, metrics, counts, trainer.cost(), seconds, trainer.writer,
-            trainer.settings.epochs, work_dir, info,
+            model, metrics, counts, trainer.cost(), trainer.writer, trainer.settings.epochs,
+            work_dir, info, extra=report.encoder_checkpoint_record(model),
+            keep_last=bool(cfg.keep_last),
         )  # fmt: skip
-    except Exception:
-        report.record_failure(work_dir, info)
+    except BaseException:
+        if isinstance(sys.exc_info()[1], Exception):
+            report.record_failure(work_dir, info)
+        if not started and run.fresh and not job.sweep_dir and info.is_main:
+            # A single run that failed while building (bad data, weights, settings): its
+            # folder holds nothing but the log of the error, which the console has shown.
+            run.release()
+            shutil.rmtree(work_dir, ignore_errors=True)
+            log.error("removed the run folder %s: the run failed before training", work_dir)
         raise
+    finally:
+        run.release()
 
 
 def finished_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
@@ -97,24 +119,43 @@ def evaluate(work_dir: Path, run_cfg: DictConfig, info: DistInfo) -> None:
     from deflect.engine import build, report
     from deflect.engine.logging import setup_logging
     from deflect.engine.runtime import apply_runtime
+    from deflect.engine.workdir import RunLock
 
     apply_runtime(run_cfg)  # the run's matmul precision: re-evaluation repeats its numbers
     setup_logging(None, info.is_main)
-    dataset = build.build_dataset(run_cfg, "test")
-    model = build.build_model(run_cfg, dataset.spec).to(info.device)
-    report.test_best(run_cfg, model, dataset, work_dir, info)
+    # Evaluation rewrites the run's test outputs: never while another process writes the folder.
+    lock = RunLock(work_dir).acquire() if info.is_main else None
+    try:
+        dataset = build.build_dataset(run_cfg, "test")
+        model = build.build_model(run_cfg, dataset.spec).to(info.device)
+        report.test_best(run_cfg, model, dataset, work_dir, info)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Entry point: one process or one torchrun rank; called once per job of a multirun."""
+    job = this_job()
+    # Bad values fail here, before any folder is made; in a sweep, inside the job's folder,
+    # where failed.txt tells the ablation table why the job failed.
+    unread = check_run_config(cfg) if not job.sweep_dir else []
+    if unread:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")  # fmt: skip
+        log.warning(
+            "top-level key(s) %s are read by no part of the framework and have no effect (a "
+            "typo? the known keys are in configs/config.yaml)", unread,
+        )  # fmt: skip
     finished = finished_run(cfg) if cfg.eval_dir else None
+    if finished is not None:
+        check_run_config(finished[1])
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
     from deflect.engine.runtime import apply_runtime
 
-    job = this_job()
     apply_runtime(cfg)  # matmul precision, CPU allocator: before anything large is allocated
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, (finished[1] if finished else cfg).get("dist_timeout"))
     if job.sweep_dir:  # later jobs of the sweep reuse the process group
         atexit.register(cleanup_distributed)
     try:

@@ -29,6 +29,7 @@ georeferencing of predictions) lives here once.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch.utils.data import Dataset
 
-from deflect.data import DataSpec
+from deflect.data import DataSpec, invalid_to_nan, reflectance_bands
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -195,8 +196,12 @@ class GeoTIFFSegmentationDataset(Dataset):
                     f"{name}: band_stats has no {key!r} table; give dataset.band_stats.{key} as "
                     f"{{band: value}} for bands {bands}"
                 )
-        if not list(classes):
-            raise ValueError(f"{name}: classes is empty; list the class names in dataset.classes")
+        if len(list(classes)) < 2:
+            raise ValueError(
+                f"{name}: dataset.classes={list(classes)} has {len(list(classes))} class(es); "
+                "segmentation needs at least 2: list every class the masks hold, e.g. "
+                "[background, <your class>]"
+            )
         try:
             self.spec = DataSpec(
                 bands=tuple(bands),
@@ -314,21 +319,13 @@ class GeoTIFFSegmentationDataset(Dataset):
         """Raw image (C, H, W) float32 with NaN at invalid pixels (non-finite or the no-data
         value), and mask (H, W) int64.
 
-        Mask values outside ``[0, num_classes)`` after ``label_offset`` become ``ignore_index``.
+        Mask values outside ``[0, num_classes)`` after ``label_offset`` become ``ignore_index``,
+        as do pixels where every band is invalid (nothing to classify: evaluation never scores
+        them, and whole-scene prediction writes no-data there).
         """
         sample = self.samples[index]
         raw = np.asarray(self.read_image(sample))  # (C, H, W), the file's dtype
-        # Compared in the file's own dtype: in float32, large integers near the no-data value
-        # would compare equal to it.
-        invalid = (
-            ~np.isfinite(raw)
-            if np.issubdtype(raw.dtype, np.floating)
-            else np.zeros(raw.shape, bool)
-        )
-        if self.spec.nodata is not None:
-            invalid |= raw == self.spec.nodata
-        image = raw.astype(np.float32)
-        image[invalid] = np.nan
+        image = invalid_to_nan(raw, self.spec.nodata)
 
         raw_mask = np.asarray(self.read_mask(sample))  # (H, W)
         if image.shape[1:] != raw_mask.shape:
@@ -341,7 +338,66 @@ class GeoTIFFSegmentationDataset(Dataset):
             raw_mask = np.where(finite, raw_mask, -1)
         mask = raw_mask.astype(np.int64) - self.label_offset  # (H, W)
         mask[(mask < 0) | (mask >= self.num_classes)] = self.ignore_index
+        # A pixel without a single valid band carries no data to classify: it is not scored,
+        # and scripts/predict.py writes no-data (255) there.
+        mask[np.isnan(image).all(axis=0)] = self.ignore_index
         return image, mask
+
+    def check_reflectance_scale(self, samples: int = 8) -> dict[str, float]:
+        """Check that ``reflectance_scale`` turns the files' values into plausible reflectance.
+
+        The median of the valid pixels of each reflectance band (optical bands spyndex knows for
+        the sensor) is taken over up to ``samples`` samples spread over the split. Surface
+        reflectance lies in about [0, 1]: medians above 1.5, or all bands below 0.002, mean the
+        scale is wrong (DEFLECT's spectral indices and any physical reading of the bands would
+        then be computed on values off by orders of magnitude).
+
+        Returns:
+            The reflectance median per band checked (empty when no band is a reflectance band).
+
+        Raises:
+            ValueError: naming the bands, their medians, the likely scale and how to skip the
+                check (``check_reflectance_scale=false``).
+        """
+        bands = reflectance_bands(self.bands, self.spec.sensor)
+        if not bands:
+            return {}
+        index = [self.bands.index(b) for b in bands]
+        picks = sorted({round(i * (len(self) - 1) / max(samples - 1, 1)) for i in range(samples)})
+        values: list[list[np.ndarray]] = [[] for _ in bands]
+        for i in picks[: len(self)]:
+            image, _ = self.read_sample(i)
+            for k, c in enumerate(index):
+                band = image[c][np.isfinite(image[c])]
+                values[k].append(band[:: max(1, band.size // 20000)])
+        raw = {
+            b: float(np.median(np.concatenate(v))) for b, v in zip(bands, values)
+            if sum(x.size for x in v)
+        }  # fmt: skip
+        if not raw:
+            return {}
+        scale = self.spec.reflectance_scale
+        reflectance = {b: v / scale for b, v in raw.items()}
+        typical = float(np.median(list(reflectance.values())))
+        too_high = typical > 1.5
+        too_low = max(abs(v) for v in reflectance.values()) < 0.002
+        if too_high or too_low:
+            median_raw = float(np.median([abs(v) for v in raw.values()]))
+            guess = 10 ** round(math.log10(median_raw / 0.15)) if median_raw > 0 else None
+            likely = (
+                f"the files look like they store reflectance x{guess:g}: set "
+                f"dataset.reflectance_scale={guess:g}"
+                if guess and guess != scale
+                else "check dataset.reflectance_scale (the file value of reflectance 1.0)"
+            )
+            shown = ", ".join(f"{b} {raw[b]:.4g} -> {reflectance[b]:.4g}" for b in raw)
+            raise ValueError(
+                f"{type(self).__name__} ({self.split}): with reflectance_scale={scale:g} the "
+                f"data are not plausible reflectance: median valid value -> reflectance per band "
+                f"{shown} (surface reflectance lies in about 0..1). {likely[0].upper()}{likely[1:]}. If these bands are "
+                "not reflectance (or the values are right), set check_reflectance_scale=false"
+            )
+        return reflectance
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.read_sample(index)

@@ -23,23 +23,31 @@ size and modification time of every file they came from; they are recomputed whe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from datasets.base import GeoTIFFSegmentationDataset, Sample, _open_raster, read_raster
-from deflect.data import canonical_band
+from datasets.base import (
+    GeoTIFFSegmentationDataset,
+    Sample,
+    _open_raster,
+    _read_bands,
+    read_raster,
+)
+from deflect.data import canonical_band, resolve_band_name, sensor_band_codes
 from deflect.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 STATS_FILE = "band_stats.json"
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: file records hold a content fingerprint and the file's band order
 
 
 def _pattern_regex(template: str) -> re.Pattern:
@@ -74,26 +82,101 @@ def find_files(root: Path, template: str) -> dict[str, Path]:
     return out
 
 
-def file_record(path: Path) -> dict[str, int]:
-    """Size and modification time: what the statistics cache compares."""
+#: Bytes of a file hashed for the statistics cache: this many chunks of this size, spread evenly.
+FINGERPRINT_CHUNKS, FINGERPRINT_CHUNK = 16, 4096
+
+
+def content_fingerprint(path: Path) -> str:
+    """A cheap digest of a file's contents: BLAKE2 of 16 chunks of 4 KiB spread over it (the
+    whole file when smaller). Catches contents rewritten with size and time kept."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= FINGERPRINT_CHUNKS * FINGERPRINT_CHUNK:
+            digest.update(f.read())
+        else:
+            step = (size - FINGERPRINT_CHUNK) // (FINGERPRINT_CHUNKS - 1)
+            for i in range(FINGERPRINT_CHUNKS):
+                f.seek(i * step)
+                digest.update(f.read(FINGERPRINT_CHUNK))
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size, modification time and a content fingerprint: what the statistics cache compares."""
     stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "content": content_fingerprint(path)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """What a GeoTIFF's header says (no pixels read)."""
+
+    height: int
+    width: int
+    count: int
+    crs: Any
+    descriptions: tuple[str | None, ...]
+    nodata: float | None
+
+
+_HEADERS: dict[tuple[Path, int, int], FileHeader] = {}
+
+
+def file_header(path: Path) -> FileHeader:
+    """The header of ``path``, cached by path, size and time (the three splits of a dataset
+    are built from the same files)."""
+    stat = Path(path).stat() if Path(path).is_file() else None
+    key = (Path(path), stat.st_size, stat.st_mtime_ns) if stat else None
+    if key is not None and key in _HEADERS:
+        return _HEADERS[key]
+    with _open_raster(path) as src:
+        header = FileHeader(src.height, src.width, src.count, src.crs, tuple(src.descriptions),
+                            src.nodata)  # fmt: skip
+    if key is not None:
+        _HEADERS[key] = header
+    return header
+
+
+_LOGGED: set[str] = set()
+
+
+def log_once(emit, message: str) -> None:
+    """Log ``message`` once per process (the three splits of a dataset say the same things)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        emit(message)
+
+
+def _codes(sensor: str) -> set[str]:
+    try:
+        return set(sensor_band_codes(sensor))
+    except ValueError:
+        return set()
 
 
 def compute_band_stats(
-    images: list[Path], nodata: float | None
+    images: list[Path], nodata: float | None, orders: list[list[int]] | None = None
 ) -> tuple[list[float], list[float], list[int]]:
     """Mean, standard deviation (population) and number of valid pixels of every band over
     ``images``, in file units: NaN, infinities and ``nodata`` are left out. Files are combined
     exactly with Chan et al.'s pairwise update (float64), one file in memory at a time.
 
+    Args:
+        images: the files.
+        nodata: the no-data value, or None.
+        orders: per file, the 1-based band numbers to read, in the output's band order (files
+            whose bands are in another order); None reads every band in file order.
+
     Raises:
         ValueError: a band without a single valid pixel.
+        OSError: a file whose pixels cannot be read (names it).
     """
     count = mean = m2 = None
-    for path in images:
+    for i, path in enumerate(images):
         with _open_raster(path) as src:
-            raw = src.read()  # (C, H, W) in the file's dtype
+            raw = _read_bands(src, path, orders[i] if orders else None)  # (C, H, W)
         valid = (
             np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else np.ones(raw.shape, bool)
         )
@@ -156,6 +239,7 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        label_offset: int = 0,
         **kwargs: Any,
     ) -> None:
         name = type(self).__name__
@@ -173,6 +257,8 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
                 f"{name}: val_fraction={val_fraction} and test_fraction={test_fraction} must be "
                 "fractions in [0, 1) summing to less than 1"
             )
+        if int(label_offset) < 0:
+            raise ValueError(f"{name}: label_offset={label_offset} must be >= 0")
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
             raise FileNotFoundError(
@@ -182,6 +268,7 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         self.split_files = dict(split_files or {})
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.split_seed = int(split_seed)
+        self.label_offset = int(label_offset)
         self.root = root_path
         self._classes_arg = list(kwargs.get("classes") or [])
         self._ignore_arg = kwargs.get("ignore_index", -1)
@@ -192,12 +279,15 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
                 f"{name}: no image/mask pair under {str(root_path)!r} matches images={images!r} "
                 f"and masks={masks!r}; check dataset.root and the two patterns"
             )
-        self.available_bands = self._file_bands(first.images["image"], available_bands)
-        self._check_headers(first.images["image"])
+        sensor = self._sensor = kwargs.get("sensor") or type(self).sensor
+        headers = self._read_headers()
+        self.available_bands, self.band_sources = self._band_names(
+            headers, first.images["image"], available_bands, sensor
+        )
+        kwargs["nodata"] = self._nodata(headers, kwargs.get("nodata"))
         bands = list(bands) if bands else list(self.available_bands)
-        nodata = kwargs.get("nodata")
         if band_stats is None:
-            band_stats = self.training_stats(nodata)
+            band_stats = self.training_stats(kwargs["nodata"])
         super().__init__(
             root=str(root_path), split=split, bands=bands, band_stats=band_stats, **kwargs
         )
@@ -219,8 +309,8 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
             )
         unlabelled = sorted(set(images) - set(masks))
         if unlabelled:
-            log.warning("%d image(s) have no mask and are not used, e.g. %s", len(unlabelled),
-                        images[unlabelled[0]])  # fmt: skip
+            log_once(log.warning, f"{len(unlabelled)} image(s) have no mask and are not used, "
+                     f"e.g. {images[unlabelled[0]]}")  # fmt: skip
         return [Sample(name=n, mask=masks[n], images={"image": images[n]}) for n in sorted(masks)]
 
     def _pairs(self, split: str) -> list[Sample]:
@@ -270,51 +360,177 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         return self._splits[split]
 
     # ---- bands and headers ---------------------------------------------------------------------
-    def _file_bands(self, image: Path, available_bands: list[str] | None) -> list[str]:
-        with _open_raster(image) as src:
-            count, descriptions = src.count, src.descriptions
-        if available_bands is None:
+    def _all_samples(self) -> list[Sample]:
+        return [s for pairs in self._splits.values() for s in pairs]
+
+    def _read_headers(self) -> dict[Path, FileHeader]:
+        """The header of every image and mask (no pixels read); image and mask of a pair must
+        have the same size, every image the first one's band count and CRS."""
+        headers: dict[Path, FileHeader] = {}
+        reference = None
+        for sample in self._all_samples():
+            image, mask = sample.images["image"], sample.mask
+            headers[image] = h = file_header(image)
+            headers[mask] = m = file_header(mask)
+            if (m.height, m.width) != (h.height, h.width):
+                raise ValueError(
+                    f"{type(self).__name__}: image {str(image)!r} is {h.height}x{h.width} px but "
+                    f"its mask {str(mask)!r} is {m.height}x{m.width}; every mask must cover its "
+                    "image pixel for pixel (resample or crop the mask)"
+                )
+            if reference is None:
+                reference = (image, h)
+            elif h.count != reference[1].count or h.crs != reference[1].crs:
+                raise ValueError(
+                    f"{type(self).__name__}: {str(image)!r} has {h.count} bands in {h.crs}, but "
+                    f"{str(reference[0])!r} has {reference[1].count} bands in {reference[1].crs}; "
+                    "every image must have the same bands and CRS (reproject or split the folder)"
+                )
+        return headers
+
+    def _resolve(self, names: list[str], sensor: str, source: str, fix: str) -> list[str]:
+        """Band names as given (codes, common names, wavelengths) -> the framework's codes."""
+        out = []
+        for given in names:
+            band = resolve_band_name(given, sensor)
+            if band is None:
+                canon = canonical_band(given)
+                if re.fullmatch(r"[A-Z][A-Z0-9]{0,3}", canon):  # a code (VV, VH, HH, DEM, ...)
+                    band = canon
+                else:
+                    raise ValueError(
+                        f"{type(self).__name__}: band {given!r} of {source} is neither a band "
+                        f"of sensor {sensor!r} ({sorted(_codes(sensor))}) nor a common name "
+                        "(Blue, Green, Red, NIR, NIR Narrow, Red Edge 1, SWIR 1, SWIR 2, ...) or "
+                        f"a wavelength (842 nm) of one; {fix}"
+                    )
+            out.append(band)
+        repeated = sorted({b for b in out if out.count(b) > 1})
+        if repeated:
+            raise ValueError(
+                f"{type(self).__name__}: {source} names bands {names}, which map to {out}: "
+                f"{repeated} twice; {fix}"
+            )
+        return out
+
+    def _band_names(
+        self,
+        headers: dict[Path, FileHeader],
+        first: Path,
+        available_bands: list[str] | None,
+        sensor: str,
+    ) -> tuple[list[str], dict[str, str]]:
+        """The bands of the images, by name, and how the files (or the config) name each.
+
+        From ``available_bands`` (the same order for every file) or, when it is null, from
+        each file's own band descriptions: every file is read by name, whatever its order.
+        """
+        fix = "give dataset.available_bands=[...] in file order"
+        self._file_orders: dict[Path, list[str]] = {}
+        count = headers[first].count
+        if available_bands is not None:
+            bands = self._resolve(
+                [str(b) for b in available_bands], sensor, "dataset.available_bands",
+                "fix dataset.available_bands",
+            )  # fmt: skip
+            if len(bands) != count:
+                raise ValueError(
+                    f"{type(self).__name__}: dataset.available_bands lists {len(bands)} bands "
+                    f"{bands} but {str(first)!r} has {count}"
+                )
+            return bands, dict(zip(bands, (str(b) for b in available_bands)))
+        reference = None
+        for sample in self._all_samples():
+            image = sample.images["image"]
+            descriptions = headers[image].descriptions
             if not all(descriptions):
                 raise ValueError(
-                    f"{type(self).__name__}: {str(image)!r} has no band descriptions to name its "
-                    f"{count} bands; give dataset.available_bands=[...] in file order"
+                    f"{type(self).__name__}: {str(image)!r} has no band descriptions to name "
+                    f"its {headers[image].count} bands; {fix}"
                 )
-            return [canonical_band(d) for d in descriptions]
-        bands = [canonical_band(b) for b in available_bands]
-        if len(bands) != count:
-            raise ValueError(
-                f"{type(self).__name__}: dataset.available_bands lists {len(bands)} bands {bands} "
-                f"but {str(image)!r} has {count}"
-            )
-        return bands
+            order = self._resolve(list(descriptions), sensor, f"{str(image)!r}", fix)
+            if reference is None:
+                reference = (image, order, list(descriptions))
+            elif set(order) != set(reference[1]):
+                raise ValueError(
+                    f"{type(self).__name__}: {str(image)!r} has bands {order} but "
+                    f"{str(reference[0])!r} has {reference[1]}; every image must hold the same "
+                    "bands (in any order: they are read by name)"
+                )
+            self._file_orders[image] = order
+        _, bands, names = reference
+        return bands, dict(zip(bands, names))
 
-    def _check_headers(self, reference: Path) -> None:
-        """Every image has the reference's band count and CRS."""
-        with _open_raster(reference) as src:
-            count, crs = src.count, src.crs
-        for sample in (s for pairs in self._splits.values() for s in pairs):
-            with _open_raster(sample.images["image"]) as src:
-                if src.count != count or src.crs != crs:
-                    raise ValueError(
-                        f"{type(self).__name__}: {str(sample.images['image'])!r} has {src.count} "
-                        f"bands in {src.crs}, but {str(reference)!r} has {count} bands in {crs}; "
-                        "every image must have the same bands and CRS (reproject or split the "
-                        "folder)"
-                    )
+    def _nodata(self, headers: dict[Path, FileHeader], nodata: float | None) -> float | None:
+        """The no-data value: ``dataset.nodata`` when given, else the one the image files
+        declare (they must agree)."""
+        declared: dict[float, Path] = {}
+        for sample in self._all_samples():
+            value = headers[sample.images["image"]].nodata
+            if value is not None and not np.isnan(value):
+                declared.setdefault(float(value), sample.images["image"])
+        if nodata is not None:
+            other = {v: p for v, p in declared.items() if v != float(nodata)}
+            if other:
+                value, path = next(iter(other.items()))
+                log_once(
+                    log.warning,
+                    f"{type(self).__name__}: dataset.nodata={nodata:g} overrides the no-data "
+                    f"value {value:g} that {str(path)!r} declares: pixels of {value:g} are read "
+                    "as data",
+                )
+            return nodata
+        if len(declared) > 1:
+            (a, pa), (b, pb) = list(declared.items())[:2]
+            raise ValueError(
+                f"{type(self).__name__}: the image files declare different no-data values: "
+                f"{a:g} in {str(pa)!r}, {b:g} in {str(pb)!r}; set dataset.nodata to the value "
+                "that marks missing pixels in all of them (or fix the files' no-data tags)"
+            )
+        if declared:
+            value, path = next(iter(declared.items()))
+            log_once(
+                log.info,
+                f"no-data value {value:g} from the image files' headers (e.g. {str(path)!r}); "
+                "dataset.nodata overrides it",
+            )
+            return value
+        return None
+
+    def read_image(self, sample: Sample) -> np.ndarray:
+        """The bands ``self.bands`` of the sample, found by name in its own file's order."""
+        path = sample.images["image"]
+        order = self._file_orders.get(path, self.available_bands)
+        with _open_raster(path, self.georeferenced) as src:
+            if src.count != len(order):
+                raise ValueError(
+                    f"GeoTIFF {str(path)!r} has {src.count} bands but {len(order)} were expected "
+                    f"({order}); the file changed since the dataset was listed"
+                )
+            return _read_bands(src, path, [order.index(b) + 1 for b in self.bands])
 
     def _validated_bands(self, bands: list[str]) -> list[str]:
-        return super()._validated_bands([canonical_band(b) for b in bands])
+        return super()._validated_bands(
+            [resolve_band_name(b, self._sensor) or canonical_band(b) for b in bands]
+        )
 
     # ---- statistics ----------------------------------------------------------------------------
     def training_stats(self, nodata: float | None, force: bool = False) -> dict[str, dict]:
         """Per-band mean and std over the training images: read from ``<root>/band_stats.json``
-        when it was computed from exactly these files, else computed and cached."""
+        when it was computed from exactly these files (size, time, a sample of their bytes, band
+        order), else computed and cached."""
         train = [s.images["image"] for s in self._splits["train"]]
         if not train:
             raise ValueError(
                 f"{type(self).__name__}: no training images to compute band statistics from"
             )
-        files = {p.relative_to(self.root).as_posix(): file_record(p) for p in train}
+        files = {}
+        for path in train:
+            record = file_record(path)
+            order = self._file_orders.get(path)
+            if order is not None and order != self.available_bands:
+                record["bands"] = order
+            files[path.relative_to(self.root).as_posix()] = record
         key = {
             "version": STATS_VERSION,
             "bands": self.available_bands,
@@ -326,13 +542,19 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
             try:
                 saved = json.loads(cache.read_text())
                 if {k: saved.get(k) for k in key} == key:
-                    log.info("band statistics from %s (%d training images)", cache, len(files))
+                    log_once(log.info, f"band statistics from {cache} ({len(files)} training "
+                             "images)")  # fmt: skip
                     return {"mean": saved["mean"], "std": saved["std"]}
             except (OSError, ValueError):
                 pass
         start = time.time()
         self._check_training_masks()
-        mean, std, pixels = compute_band_stats(train, nodata)
+        orders = [
+            [self._file_orders.get(p, self.available_bands).index(b) + 1
+             for b in self.available_bands]
+            for p in train
+        ]  # fmt: skip
+        mean, std, pixels = compute_band_stats(train, nodata, orders)
         stats = {
             "mean": dict(zip(self.available_bands, mean)),
             "std": dict(zip(self.available_bands, std)),
@@ -365,19 +587,36 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
 
     # ---- masks ---------------------------------------------------------------------------------
     def _check_classes(self, sample: Sample, mask: np.ndarray) -> None:
-        """A class id outside the class list (and not the ignore index) is an error."""
+        """A stored label that is neither a class id (after ``label_offset``), nor the ignore
+        index, nor below the offset (unlabelled) is an error; the message suggests the fix."""
         classes, ignore = self._classes_arg, self._ignore_arg  # also before ``spec`` exists
+        offset = self.label_offset
         values = np.unique(mask)
         if np.issubdtype(values.dtype, np.floating):
             values = values[np.isfinite(values)]  # non-finite labels are read as ignored
-        bad = [int(v) for v in values if not (0 <= v < len(classes)) and v != ignore]
-        if bad:
-            raise ValueError(
-                f"{type(self).__name__}: mask {str(sample.mask)!r} holds class id(s) {bad[:10]} "
-                f"outside the {len(classes)} classes {classes} (ids 0..{len(classes) - 1}) and "
-                f"not the ignore_index {ignore}; add the classes to dataset.classes or set "
-                "dataset.ignore_index to the value that marks unlabelled pixels"
+        bad = [
+            int(v) for v in values
+            if not (offset <= v < offset + len(classes)) and v != ignore and not 0 <= v < offset
+        ]  # fmt: skip
+        if not bad:
+            return
+        ids = f"{offset}..{offset + len(classes) - 1}"
+        if offset == 0 and bad == [len(classes)] and 0 in values:
+            hint = (
+                f"if the masks number the classes from 1 with 0 for unlabelled pixels, set "
+                f"dataset.label_offset=1 (ids 1..{len(classes)} become the classes, 0 is ignored)"
             )
+        else:
+            hint = (
+                "add the classes to dataset.classes, set dataset.ignore_index to the value that "
+                "marks unlabelled pixels, or dataset.label_offset=k when the classes are "
+                "numbered from k"
+            )
+        raise ValueError(
+            f"{type(self).__name__}: mask {str(sample.mask)!r} holds class id(s) {bad[:10]} "
+            f"outside the {len(classes)} classes {classes} (stored ids {ids}, label_offset="
+            f"{offset}) and not the ignore_index {ignore}; {hint}"
+        )
 
     def read_mask(self, sample: Sample) -> np.ndarray:
         mask = super().read_mask(sample)

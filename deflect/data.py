@@ -18,9 +18,30 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+
+def invalid_to_nan(raw, nodata: float | Iterable[float] | None = None):
+    """A raster read from a file (numpy ``(C, H, W)``, the file's dtype) as float32 with NaN at
+    its invalid pixels: non-finite values and the no-data value(s).
+
+    No-data is compared in the file's own dtype: in float32, large integers near the no-data
+    value would compare equal to it (16777217 == 16777216).
+    """
+    import numpy as np
+
+    invalid = (
+        ~np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else np.zeros(raw.shape, bool)
+    )
+    values = [] if nodata is None else [nodata] if np.isscalar(nodata) else list(nodata)
+    for value in values:
+        invalid |= raw == value
+    image = raw.astype(np.float32)
+    image[invalid] = np.nan
+    return image
+
 
 #: The true-colour bands (red, green, blue): the default display bands, and the pretrained
 #: bands of an RGB ViT.
@@ -30,6 +51,91 @@ RGB_BANDS: tuple[str, ...] = ("B4", "B3", "B2")
 def canonical_band(name: str) -> str:
     """Canonical Sentinel-2 band name: ``B02`` -> ``B2``, ``b8a`` -> ``B8A``; others upper-cased."""
     return re.sub(r"^B0(\d)", r"B\1", str(name).strip().upper())
+
+
+# Names that files and tools give bands (GeoTIFF band descriptions, STAC common names), spelt
+# in lower case without spaces or punctuation, -> spyndex's band symbols.
+_BAND_ALIASES: dict[str, str] = {
+    "coastal": "A", "aerosol": "A", "coastalaerosol": "A", "ultrablue": "A", "a": "A",
+    "blue": "B", "b": "B", "green": "G", "g": "G", "red": "R", "r": "R", "yellow": "Y",
+    "rededge1": "RE1", "re1": "RE1", "vre1": "RE1", "vegetationrededge1": "RE1",
+    "rededge2": "RE2", "re2": "RE2", "vre2": "RE2", "vegetationrededge2": "RE2",
+    "rededge3": "RE3", "re3": "RE3", "vre3": "RE3", "vegetationrededge3": "RE3",
+    "nir": "N", "n": "N", "nearinfrared": "N", "nirbroad": "N", "broadnir": "N",
+    "nir08": "N2", "nirnarrow": "N2", "narrownir": "N2", "n2": "N2", "nir2": "N2",
+    "watervapour": "WV", "watervapor": "WV", "wv": "WV", "nir09": "WV",
+    "swir1": "S1", "s1": "S1", "swir16": "S1", "shortwaveinfrared1": "S1",
+    "swir2": "S2", "s2": "S2", "swir22": "S2", "shortwaveinfrared2": "S2",
+}  # fmt: skip
+_WAVELENGTH = re.compile(r"^(\d+(?:\.\d+)?)\s*(nm|um|µm|micron|microns)?$")
+
+
+def _sensor_bands(sensor: str) -> dict[str, tuple[str, float, float]]:
+    """spyndex symbol -> (the sensor's band name, centre and bandwidth in nm)."""
+    import spyndex
+
+    out = {}
+    for symbol in spyndex.bands:
+        info = getattr(spyndex.bands[symbol], sensor, None)
+        if info is not None:
+            out[symbol] = (canonical_band(info.band), float(info.wavelength),
+                           float(info.bandwidth))  # fmt: skip
+    return out
+
+
+def sensor_band_codes(sensor: str) -> list[str]:
+    """The band codes spyndex knows for ``sensor`` (``B1``, ..., ``B12``, ``B8A``).
+
+    Raises:
+        ValueError: spyndex has no band metadata for ``sensor``.
+    """
+    table = _sensor_bands(sensor)
+    if not table:
+        raise ValueError(f"spyndex has no band metadata for sensor {sensor!r}")
+    return sorted({band for band, _, _ in table.values()})
+
+
+#: spyndex symbols of bands that are not reflectance (thermal emission).
+_NOT_REFLECTANCE = {"T", "T1", "T2"}
+
+
+def reflectance_bands(bands: Sequence[str], sensor: str = "sentinel2a") -> list[str]:
+    """The bands of ``bands`` that spyndex knows as reflectance bands of ``sensor`` (optical;
+    not thermal, not SAR or elevation)."""
+    table = _sensor_bands(sensor)
+    codes = {band for symbol, (band, _, _) in table.items() if symbol not in _NOT_REFLECTANCE}
+    return [b for b in bands if canonical_band(b) in codes]
+
+
+def resolve_band_name(name: str, sensor: str = "sentinel2a") -> str | None:
+    """The framework's name (the sensor's band code, e.g. ``B8A``) of a band named ``name``.
+
+    ``name`` may be the code itself (``B08``, ``b8a``), a common name (``Blue``, ``NIR``,
+    ``NIR Narrow``, ``SWIR 1``, ``swir16``, ``Red Edge 2``, spyndex's symbols and common names),
+    or a centre wavelength (``842 nm``, ``0.842 um``), looked up in spyndex's band metadata for
+    ``sensor``. ``NIR`` is the sensor's broad NIR band, or its narrow one where it has only that
+    (Landsat 8/9). Returns None when ``name`` is none of these for ``sensor``.
+    """
+    table = _sensor_bands(sensor)
+    codes = {band for band, _, _ in table.values()}
+    canon = canonical_band(name)
+    if canon in codes:
+        return canon
+    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    symbol = _BAND_ALIASES.get(key)
+    if symbol == "N" and "N" not in table:
+        symbol = "N2"
+    if symbol is not None:
+        return table[symbol][0] if symbol in table else None
+    match = _WAVELENGTH.match(str(name).strip().lower())
+    if match:
+        value = float(match[1])
+        nm = value * 1000 if (match[2] or "nm") != "nm" or value < 20 else value
+        inside = [
+            (width, band) for band, centre, width in table.values() if abs(nm - centre) <= width / 2
+        ]
+        return min(inside)[1] if inside else None
+    return None
 
 
 def band_differences(trained: list[str], given: list[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Training, evaluation and prediction throughput and peak memory of encoder x fine-tuning
+r"""Training, evaluation and prediction throughput and peak memory of encoder x fine-tuning
 method on this device.
 
     python scripts/benchmark.py --encoder vit_s16 vit_b16 --finetune frozen full deflect \
@@ -249,12 +249,12 @@ def write_scene(path: Path, data, size: int) -> Path:
     descriptions), values drawn around the band statistics, in UTM 33N at 10 m."""
     import numpy as np
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     rng = np.random.default_rng(0)
     profile = {
         "driver": "GTiff", "width": size, "height": size, "count": len(data.bands),
-        "dtype": "float32", "crs": "EPSG:32633", "transform": from_origin(500000, 5000000, 10, 10),
+        "dtype": "float32", "crs": "EPSG:32633", "transform": Affine(10, 0, 500000, 0, -10, 5000000),
         "tiled": True, "blockxsize": 256, "blockysize": 256,
     }  # fmt: skip
     with rasterio.open(path, "w", **profile) as dst:

@@ -1,4 +1,4 @@
-"""Per-band mean and standard deviation of a dataset's training split, for its config.
+r"""Per-band mean and standard deviation of a dataset's training split, for its config.
 
     python scripts/compute_stats.py dataset=folder dataset.root=/data/fields \
         dataset.classes=[crop,fallow,forest] dataset.nodata=-9999

@@ -1,4 +1,4 @@
-"""What each fine-tuning method trains on an encoder for a set of bands, before any training.
+r"""What each fine-tuning method trains on an encoder for a set of bands, before any training.
 
     python scripts/param_counts.py --encoder vit_b16 \
         --bands B1,B2,B3,B4,B5,B6,B7,B8,B8A,B11,B12 --sensor sentinel2a

@@ -1,4 +1,4 @@
-"""Predict GeoTIFF scenes of any size with a trained run, in bounded memory.
+r"""Predict GeoTIFF scenes of any size with a trained run, in bounded memory.
 
     python scripts/predict.py work_dirs/<run> scene.tif --out predictions/
     python scripts/predict.py work_dirs/<run> scenes/ --out predictions/ --probabilities \
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from deflect.engine.predict import DEFAULT_BLOCK, load_predictor, predict_scenes
 
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dir", type=Path, help="the trained run folder (or its adapter/)")
     parser.add_argument("inputs", nargs="+", type=Path, help="GeoTIFF scenes or folders of them")
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--bands", default="", help="the scenes' band names in file order, "
                         "e.g. B2,B3,B4,B8 (default: their band descriptions)")  # fmt: skip
+    parser.add_argument(
+        "--pattern", default=None,
+        help="file names taken from input folders, e.g. '*_B.tif' (default: the images of a "
+        "folder in the run's training layout, its masks left out; else every GeoTIFF)",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
         "--precision", default=None, choices=["fp32", "bf16", "fp16"],
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             probabilities=args.probabilities, bands=bands,
             progress=info.is_main and not args.no_progress,
             rank=info.rank, world_size=info.world_size,
+            pattern=args.pattern,
         )  # fmt: skip
         for out in outputs:
             log.info(

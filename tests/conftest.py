@@ -25,6 +25,14 @@ TINY = [
 ]
 
 
+def north_up(west: float, north: float, xsize: float, ysize: float):
+    """A north-up affine transform, built directly: rasterio's ``from_origin`` composes it with
+    Affine's deprecated ``*`` and warns on every call."""
+    from affine import Affine
+
+    return Affine(xsize, 0.0, west, 0.0, -ysize, north)
+
+
 S2_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
 DEMO_BANDS = ["B2", "B3", "B4", "B8"]
 

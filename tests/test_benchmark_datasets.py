@@ -13,16 +13,15 @@ import pytest
 import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning
-from rasterio.transform import from_origin
 
 from datasets import MADOS, HLSBurnScars, Sen1Floods11
 from datasets.mados import MADOS_BANDS, MADOS_CLASSES
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, north_up, run_cli
 
 MADOS_10M = 24  # the fixture's 10 m crops (240 in the release); 20 m: 12, 60 m: 4
 
 
-UTM_33N = from_origin(500000, 4000000, 30, 30)
+UTM_33N = north_up(500000, 4000000, 30, 30)
 
 
 def write_tif(path: Path, data: np.ndarray, georeferenced: bool = True, crs: str = "EPSG:32633",
@@ -207,7 +206,7 @@ def test_hls_samples_carry_their_date_and_centre_for_prithvi_tl(tmp_path):
     image = np.zeros((6, HLS, HLS), np.float32)
     mask = np.zeros((HLS, HLS), np.int16)
     name = "subsetted_512x512_HLS.S30.T11SLT.2020245.v1.4"
-    degrees = from_origin(-120.0, 40.0, 0.001, 0.002)
+    degrees = north_up(-120.0, 40.0, 0.001, 0.002)
     write_tif(tmp_path / "validation" / f"{name}_merged.tif", image, crs="EPSG:4326",
               transform=degrees)  # fmt: skip
     write_tif(tmp_path / "validation" / f"{name}.mask.tif", mask, crs="EPSG:4326",
@@ -218,7 +217,7 @@ def test_hls_samples_carry_their_date_and_centre_for_prithvi_tl(tmp_path):
     assert lat == pytest.approx(40.0 - 0.002 * HLS / 2) and lon == pytest.approx(
         -120 + 0.001 * HLS / 2
     )
-    utm = from_origin(500000 - 30 * HLS / 2, 4000000, 30, 30)
+    utm = north_up(500000 - 30 * HLS / 2, 4000000, 30, 30)
     write_tif(tmp_path / "validation" / f"{name}.mask.tif", mask, transform=utm)
     lat, lon = hls(tmp_path, "test").sample_metadata(0)["location_coords"].tolist()
     assert lon == pytest.approx(15.0, abs=1e-6) and 36.0 < lat < 36.3

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from deflect.engine import build
+from tests.conftest import north_up
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -38,7 +39,7 @@ def write_folder_dataset(root: Path, bands: list[str], classes: int) -> None:
                 height=32,
                 width=32,
                 crs="EPSG:32631",
-                transform=rasterio.transform.from_origin(0, 320, 10, 10),
+                transform=north_up(0, 320, 10, 10),
             )
             with rasterio.open(
                 root / split / f"t{i}_image.tif", "w", count=len(bands), dtype="float32", **profile

@@ -645,3 +645,29 @@ def test_demo_with_training_transform(demo_root):
                     ):
                         found.append((k, flip, top, left))
     assert found
+
+
+def test_a_wrong_reflectance_scale_is_refused_with_the_likely_one(demo_root):
+    """The demo stores L2A reflectance x10000 (real Sentinel-2 values): read at scale 1 its
+    medians are ~10^3 "reflectance", at scale 10^8 ~10^-5; both are refused with the scale that
+    fits, and the right scale gives the scene's own reflectance (spyndex's sample, / 10000)."""
+    from datasets.demo import demo_scene
+
+    for scale, suggested in ((1, "10000"), (1e8, "10000")):
+        data = DemoVegetation(root=str(demo_root), split="train", reflectance_scale=scale)
+        with pytest.raises(ValueError, match=rf"set dataset.reflectance_scale={suggested}\b.*"
+                           r"check_reflectance_scale=false"):  # fmt: skip
+            data.check_reflectance_scale()
+    good = DemoVegetation(root=str(demo_root), split="train").check_reflectance_scale(samples=100)
+    assert list(good) == ["B2", "B3", "B4", "B8"]
+    scene = demo_scene().astype(np.float64) / 10000
+    for i, band in enumerate(good):  # the training strips of the scene: near its own medians
+        assert abs(good[band] - np.median(scene[i])) < 0.5 * np.median(scene[i])
+
+
+def test_a_class_list_of_one_is_refused_before_any_model_is_built(demo_root):
+    with pytest.raises(ValueError, match=r"has 1 class\(es\); segmentation needs at least 2"):
+        FolderSegmentation(
+            root=str(demo_root), split="train", available_bands=["B2", "B3", "B4", "B8"],
+            bands=["B2"], classes=["a"], band_stats={"mean": {}, "std": {}},
+        )  # fmt: skip

@@ -120,3 +120,80 @@ def test_torchrun_multirun_keeps_one_sweep_folder_and_one_process_group(demo_roo
         summary = json.loads((sweeps[0] / name / "metrics.json").read_text())
         assert summary["test"]["pixels"] == 64 * 300  # each test pixel once, over both ranks
         assert summary["train_images"] == 3 * 2 * 2  # 3 steps x 2 images x 2 ranks
+
+
+def test_an_error_on_another_rank_than_0_reaches_the_run_folder(demo_root, tmp_path):
+    """Rank 1 alone meets a corrupt validation image (the evaluation sampler gives it sample
+    1): failed.txt starts with its error naming the file, not with rank 0's "connection closed"
+    that follows, and train.log has it too."""
+    import shutil
+
+    data = tmp_path / "demo"
+    shutil.copytree(demo_root, data)
+    bad = sorted((data / "val").glob("*_image.tif"))[1]
+    bad.write_bytes(b"this is not a GeoTIFF")
+    work_dir = tmp_path / "run"
+    proc = run_cli([*TINY, f"dataset.root={data}", f"work_dir={work_dir}", "epochs=1",
+                    "check_reflectance_scale=false"], tmp_path, nproc=2, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    failed = (work_dir / "failed.txt").read_text()
+    assert failed.splitlines()[0].startswith(f"OSError: cannot read GeoTIFF '{bad}'"), failed[:300]
+    assert "rank 1 of 2" in failed
+    assert (
+        f"ERROR rank 1: OSError: cannot read GeoTIFF '{bad}'"
+        in (work_dir / "train.log").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_named_when_the_timeout_fires(demo_root, tmp_path):
+    """Rank 1 is stopped (SIGSTOP) while training: rank 0 gives up after dist_timeout and the
+    run folder says which rank stalled and what it was doing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "run.py"), *TINY, f"dataset.root={demo_root}", f"work_dir={work_dir}",
+           "epochs=200", "max_steps_per_epoch=null", "dist_timeout=10"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    rank1 = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            log = work_dir / "train.log"
+            if log.is_file() and "epoch 1/200" in log.read_text():
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the run never finished its first epoch")
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if (
+                b"RANK=1" in environ
+                and f"work_dir={work_dir}".encode() in open(f"/proc/{pid}/cmdline", "rb").read()
+            ):
+                rank1 = int(pid)
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGSTOP)
+        deadline = time.time() + 90
+        while time.time() < deadline and not (work_dir / "failed.txt").is_file():
+            time.sleep(0.5)
+        failed = (work_dir / "failed.txt").read_text()
+    finally:
+        if rank1 is not None:
+            os.kill(rank1, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
+    head = failed.splitlines()[0]
+    assert head.startswith(f"stalled rank: rank 1 (pid {rank1} on "), failed[:500]
+    assert "at: training, epoch" in head and "dist_timeout=10 s" in head

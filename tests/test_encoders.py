@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import re
 import warnings
 
 import numpy as np
@@ -19,7 +21,8 @@ from deflect import DeflectConfig, get_deflect_model
 from deflect.encoders import Encoder, ViTEncoder
 from deflect.encoders.checkpoint import resample_pos_embed_3d
 from segmentors import SegmentationLoss
-from tests.conftest import DEMO_BANDS, s2_spec
+from tests.conftest import DEMO_BANDS, run_cli, s2_spec
+from tests.conftest import TINY as TINY_RUN
 
 BANDS = DEMO_BANDS
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 4}
@@ -133,6 +136,53 @@ def test_checkpoint_errors_name_the_path_and_the_fix(tmp_path):
     torch.save({"fn": print}, evil)
     with pytest.raises(ValueError, match="weights_only"):
         tiny(checkpoint=str(evil))
+
+
+def test_a_checkpoint_that_covers_too_little_of_the_encoder_is_refused(tmp_path):
+    """A resnet18-like state dict, or the right ViT under an unknown wrapper prefix (``net.``),
+    would train on random weights: refused, naming the coverage, the prefixes seen and the fix.
+    A partial one (blocks 2 and 3 missing) loads with its coverage in the warning and report."""
+    resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64),
+              "layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3), "fc.weight": torch.zeros(10, 512)}  # fmt: skip
+    torch.save(resnet, tmp_path / "resnet18.pth")
+    total = len(tiny().backbone.state_dict())
+    with pytest.raises(ValueError, match=rf"supplies 0 of the encoder's {total} tensors \(0%.*"
+                       r"start with \['bn1.', 'conv1.', 'fc.', 'layer1.'\].*another architecture"):  # fmt: skip
+        tiny(checkpoint=str(tmp_path / "resnet18.pth"))
+    source = tiny()
+    torch.save({f"net.{k}": v for k, v in source.backbone.state_dict().items()}, tmp_path / "n.pth")
+    with pytest.raises(ValueError, match=r"under the prefix 'net.': strip it with "
+                       r"'encoder.checkpoint_key_map=\{net\\\.: \"\"\}' on the command line"):  # fmt: skip
+        tiny(checkpoint=str(tmp_path / "n.pth"))
+    encoder = tiny(checkpoint=str(tmp_path / "n.pth"), checkpoint_key_map={r"^net\.": ""})
+    assert encoder.checkpoint_report["coverage"] == 1.0
+    partial = {k: v for k, v in source.backbone.state_dict().items()
+               if not k.startswith(("blocks.2.", "blocks.3."))}  # fmt: skip
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.warns(UserWarning, match=rf"supplies {len(partial)} of the encoder's {total}"):
+        encoder = tiny(checkpoint=str(tmp_path / "partial.pth"))
+    assert encoder.checkpoint_report["loaded"] == len(partial) < total
+    with pytest.raises(ValueError, match="below encoder.checkpoint_min_coverage=0.9"):
+        tiny(checkpoint=str(tmp_path / "partial.pth"), checkpoint_min_coverage=0.9)
+
+
+def test_the_coverage_error_s_fix_works_on_the_command_line(demo_root, tmp_path):
+    """The fix the message gives, pasted on the command line, loads every tensor, and the
+    run's metrics.json records the checkpoint and its coverage."""
+    source = tiny()
+    path = tmp_path / "wrapped.pth"
+    torch.save({f"net.{k}": v for k, v in source.backbone.state_dict().items()}, path)
+    args = [*TINY_RUN, f"dataset.root={demo_root}", "epochs=1", "max_steps_per_epoch=1",
+            f"encoder.checkpoint={path}", "save_predictions=false", "num_vis=0"]  # fmt: skip
+    proc = run_cli([*args, "work_root=refused"], tmp_path, check=False)
+    assert proc.returncode != 0
+    fix = re.search(r"strip it with '(encoder.checkpoint_key_map=[^']+)'", proc.stderr)[1]
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    run_cli([*args, fix, "work_root=loaded"], tmp_path)
+    (run,) = (tmp_path / "loaded").iterdir()
+    record = json.loads((run / "metrics.json").read_text())["encoder_checkpoint"]
+    assert record["path"] == str(path) and record["coverage"] == 1.0
+    assert record["loaded"] == record["total"] == len(source.backbone.state_dict())
 
 
 def test_encoder_config_errors():

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from rasterio.transform import from_origin
 
 import datasets.folder as folder_module
 from datasets import GeoTIFFFolder
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, north_up, run_cli
 
 BANDS = ["B2", "B3", "B4", "B8"]
 CLASSES = ["water", "field", "forest"]
@@ -29,7 +28,7 @@ def write(path: Path, data: np.ndarray, descriptions=None, crs="EPSG:32631", nod
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2],
                "count": data.shape[0], "dtype": data.dtype, "crs": crs,
-               "transform": from_origin(600000, 5000000, 10, 10), "nodata": nodata}  # fmt: skip
+               "transform": north_up(600000, 5000000, 10, 10), "nodata": nodata}  # fmt: skip
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
         if descriptions:
@@ -164,12 +163,14 @@ def test_a_folder_of_geotiffs_trains_end_to_end(layout, tmp_path):
                  "dataset.split_files={train: s/train.txt, val: s/val.txt, test: s/test.txt}"]  # fmt: skip
     run_cli([*TINY, "dataset=folder", f"dataset.root={root}", f"dataset.classes=[{','.join(CLASSES)}]",
              "dataset.ignore_index=255", f"dataset.nodata={NODATA}", "img_size=16", "epochs=1",
+             "dataset.reflectance_scale=10000",
              "max_steps_per_epoch=1", "batch_size=2", "finetune=deflect", *extra], tmp_path)  # fmt: skip
     (work_dir,) = (tmp_path / "work_dirs").iterdir()
     summary = json.loads((work_dir / "metrics.json").read_text())
     assert summary["train_images"] == 2
     test_chips = 2 if layout == "split_folders" else 1
-    assert summary["test"]["pixels"] == test_chips * (20 * 20 - 2)  # unlabelled left out
+    # Left out: the 2 unlabelled pixels and the 3 without data in any band (2 of them both).
+    assert summary["test"]["pixels"] == test_chips * (20 * 20 - 3)
     with rasterio.open(next((work_dir / "predictions").glob("*.tif"))) as src:
         assert src.crs.to_epsg() == 32631 and src.transform.a == 10
     best = torch.load(work_dir / "checkpoints" / "best.pt", weights_only=True)
@@ -244,10 +245,167 @@ def test_compute_stats_script_prints_the_training_statistics(tmp_path, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     overrides = ["dataset=folder", f"dataset.root={root}", f"dataset.classes=[{','.join(CLASSES)}]",
-                 "dataset.ignore_index=255", f"dataset.nodata={NODATA}"]  # fmt: skip
+                 "dataset.ignore_index=255", f"dataset.nodata={NODATA}",
+                 "dataset.reflectance_scale=10000"]  # fmt: skip
     for force in ([], ["--force"]):
         stats = script.main([*overrides, *force])
         mean, std = numpy_stats(sorted((root / "train").glob("*_image.tif")))
         np.testing.assert_allclose([stats["mean"][b] for b in BANDS], mean, rtol=1e-12)
         np.testing.assert_allclose([stats["std"][b] for b in BANDS], std, rtol=1e-12)
     assert f"mean: {{B2: {mean[0]:.6g}" in capsys.readouterr().out
+
+
+# ---- files as users bring them: read by name, their own no-data value, common band names --------
+def test_each_file_is_read_by_its_own_band_names_not_by_position(tmp_path):
+    """A file whose descriptions list the bands in another order is read by name everywhere:
+    samples, statistics (against numpy, band by band) and the cache key."""
+    root = write_split_folders(tmp_path / "a")
+    image, mask = chip(3)
+    order = [3, 1, 0, 2]  # B8, B3, B2, B4 in the file
+    write(root / "train" / "tile03_image.tif", image[order], [BANDS[i] for i in order])
+    data = folder(root)
+    assert data.bands == BANDS
+    sample = data.samples.index(next(s for s in data.samples if s.name == "tile03"))
+    got, _ = data.read_sample(sample)
+    expected = image.copy()
+    expected[expected == NODATA] = np.nan
+    np.testing.assert_array_equal(got, expected)  # B2, B3, B4, B8 whatever the file's order
+    pixels = []
+    for path in sorted((root / "train").glob("*_image.tif")):
+        with rasterio.open(path) as src:
+            x = src.read().astype(np.float64)
+            names = list(src.descriptions)
+        x[x == NODATA] = np.nan
+        pixels.append(x[[names.index(b) for b in BANDS]].reshape(4, -1))
+    np.testing.assert_allclose(data.spec.mean_list(), np.nanmean(np.hstack(pixels), 1), rtol=1e-12)
+    np.testing.assert_allclose(data.spec.std_list(), np.nanstd(np.hstack(pixels), 1), rtol=1e-12)
+    cache = json.loads((root / "band_stats.json").read_text())
+    assert cache["files"]["train/tile03_image.tif"]["bands"] == ["B8", "B3", "B2", "B4"]
+    write(root / "val" / "tile10_image.tif", image[[0, 1, 2, 2]], ["B2", "B3", "B4", "B5"])
+    with pytest.raises(ValueError, match=r"tile10_image.tif' has bands \['B2', 'B3', 'B4', 'B5'\]"):
+        folder(root)
+
+
+def test_the_files_no_data_value_is_honoured_unless_the_config_says_otherwise(tmp_path):
+    """int16 files declaring nodata=-9999: the statistics leave -9999 out (numpy oracle), the
+    samples read it as NaN; dataset.nodata overrides it; files that disagree are refused."""
+    root = tmp_path / "int16"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1), ("test", 1)):
+        for i in range(n):
+            image = rng.normal([[[448]], [[700]], [[900]], [[2500]]], 240, (4, 12, 12))
+            image = image.round().astype(np.int16)
+            image[:, :4, :] = -9999
+            write(root / split / f"t{i}_image.tif", image, BANDS, nodata=-9999)
+            write(root / split / f"t{i}_mask.tif", rng.integers(0, 3, (12, 12)).astype(np.uint8))
+    data = folder(root, nodata=None)
+    assert data.spec.nodata == -9999
+    pixels = []
+    for path in sorted((root / "train").glob("*_image.tif")):
+        with rasterio.open(path) as src:
+            x = src.read().astype(np.float64)
+        x[x == -9999] = np.nan
+        pixels.append(x.reshape(4, -1))
+    np.testing.assert_allclose(data.spec.mean_list(), np.nanmean(np.hstack(pixels), 1), rtol=1e-12)
+    assert 400 < data.spec.mean_list()[0] < 500 and data.spec.std_list()[0] < 300
+    image, _ = data.read_sample(0)
+    assert np.isnan(image[:, :4]).all() and not np.isnan(image[:, 4:]).any()
+    (root / "band_stats.json").unlink()
+    as_data = folder(root, nodata=-1.0)  # the config's value wins: -9999 is then data
+    assert as_data.spec.nodata == -1.0 and as_data.spec.mean_list()[0] < 0
+    write(root / "test" / "t0_image.tif", np.ones((4, 12, 12), np.float32), BANDS, nodata=0)
+    with pytest.raises(ValueError, match=r"different no-data values: -9999 in .*, 0 in .*t0_image"):
+        folder(root, nodata=None)
+
+
+def test_common_band_names_and_wavelengths_map_through_spyndex_for_the_sensor(tmp_path):
+    root = tmp_path / "named"
+    for split in ("train", "val", "test"):
+        image, mask = chip(1)
+        names = (
+            ["Blue", "Green", "Red", "NIR"]
+            if split != "test"
+            else ["490 nm", "B03", "red", "Near Infrared"]
+        )
+        write(root / split / "c_image.tif", image, names)
+        write(root / split / "c_mask.tif", mask)
+    data = folder(root)
+    assert data.bands == ["B2", "B3", "B4", "B8"]  # Sentinel-2: NIR is B8 (B8A is NIR Narrow)
+    assert data.band_sources == {"B2": "Blue", "B3": "Green", "B4": "Red", "B8": "NIR"}
+    (root / "band_stats.json").unlink()
+    landsat = folder(root, sensor="landsat8")
+    assert landsat.bands == ["B2", "B3", "B4", "B5"]  # Landsat 8: NIR is B5
+    image, mask = chip(1)
+    write(root / "val" / "c_image.tif", image, ["Blue", "Green", "Red", "Infrared-ish"])
+    with pytest.raises(ValueError, match=r"band 'Infrared-ish' of .*c_image.tif' is neither a band "
+                       r"of sensor 'sentinel2a'.*available_bands"):  # fmt: skip
+        folder(root)
+
+
+def test_masks_numbered_from_one_use_label_offset_and_the_error_suggests_it(tmp_path):
+    root = tmp_path / "from1"
+    rng = np.random.default_rng(2)
+    for split in ("train", "val", "test"):
+        image, _ = chip(4)
+        mask = rng.integers(0, 4, (20, 20)).astype(np.uint8)  # 0 unlabelled, 1..3 the classes
+        write(root / split / "m_image.tif", image, BANDS)
+        write(root / split / "m_mask.tif", mask)
+    with pytest.raises(ValueError, match=r"holds class id\(s\) \[3\].*set dataset.label_offset=1"):
+        folder(root, ignore_index=-1)
+    data = folder(root, ignore_index=-1, label_offset=1)
+    image, mask = data.read_sample(0)
+    with rasterio.open(root / "train" / "m_mask.tif") as src:
+        stored = src.read(1).astype(np.int64)
+    expected = np.where(stored == 0, -1, stored - 1)
+    expected[np.isnan(image).all(axis=0)] = -1  # no band holds data there: never scored
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_an_image_and_its_mask_of_other_sizes_are_named_up_front(tmp_path):
+    root = write_split_folders(tmp_path / "a")
+    write(root / "test" / "tile21_mask.tif", np.zeros((20, 19), np.uint8))
+    with pytest.raises(ValueError, match=r"tile21_image.tif' is 20x20 px but its mask .*20x19"):
+        folder(root, "train")  # found while listing, before any training
+
+
+def test_a_truncated_training_image_is_named_while_computing_statistics(tmp_path):
+    root = write_split_folders(tmp_path / "a")
+    path = root / "train" / "tile02_image.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=20, width=20, count=4, dtype="float32",
+                       compress="deflate", crs="EPSG:32631") as dst:  # fmt: skip
+        dst.write(np.random.default_rng(0).random((4, 20, 20), np.float32))
+        dst.descriptions = tuple(BANDS)
+    data = bytearray(path.read_bytes())
+    data[200:3000] = bytes(2800)  # the header survives, the compressed pixels do not
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError, match=r"cannot read pixels of GeoTIFF .*tile02_image.tif"):
+        folder(root)
+
+
+def test_the_statistics_cache_notices_contents_rewritten_with_size_and_time_kept(tmp_path):
+    root = write_split_folders(tmp_path / "a")
+    first = folder(root).spec.mean_list()
+    path = root / "train" / "tile00_image.tif"
+    stat = path.stat()
+    image, _ = chip(0)
+    write(path, np.where(image == NODATA, NODATA, image + 5.0), BANDS)  # same size and header
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    again = folder(root).spec.mean_list()
+    assert again[0] > first[0] + 0.5  # recomputed, not the stale cache
+
+
+def test_the_three_splits_log_each_dataset_fact_once(tmp_path, caplog):
+    import logging
+
+    root = write_split_folders(tmp_path / "a")
+    image, _ = chip(30)
+    write(root / "train" / "extra_image.tif", image, BANDS)  # an image without a mask
+    folder(root)  # computes and caches the statistics
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        for split in ("train", "val", "test"):
+            folder(root, split)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("band statistics from" in m for m in messages) == 1
+    assert sum("have no mask" in m for m in messages) <= 1

@@ -3,6 +3,7 @@ whole-scene sliding window of evaluation: same map pixel for pixel, in bounded m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,16 +16,16 @@ import pytest
 import rasterio
 import torch
 from omegaconf import OmegaConf
-from rasterio.transform import from_origin
 
+from deflect.data import invalid_to_nan
 from deflect.engine import predict
 from deflect.engine.inference import sliding_window_logits
-from tests.conftest import DEMO_BANDS, REPO, TINY, run_cli
+from tests.conftest import DEMO_BANDS, REPO, TINY, north_up, run_cli
 
 NODATA = -9999.0
 WINDOW, STRIDE = 32, 16  # TINY's img_size, and evaluation's default stride (half the window)
 CRS = "EPSG:32633"
-TRANSFORM = from_origin(500000.0, 5000000.0, 10.0, 10.0)
+TRANSFORM = north_up(500000.0, 5000000.0, 10.0, 10.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -239,9 +240,9 @@ def test_a_scene_in_another_reflectance_scale_is_warned_about(predictor, tmp_pat
 
 def test_nodata_is_compared_in_the_file_dtype():
     raw = np.array([16777216, 16777217, 5], dtype=np.int32)  # equal in float32, not in int32
-    out = predict.invalid_to_nan(raw, 16777216)
+    out = invalid_to_nan(raw, 16777216)
     assert np.isnan(out[0]) and out[1] == np.float32(16777217) and out[2] == 5
-    out = predict.invalid_to_nan(np.array([np.inf, 1.0], np.float32), None)
+    out = invalid_to_nan(np.array([np.inf, 1.0], np.float32), None)
     assert np.isnan(out[0]) and out[1] == 1
 
 
@@ -318,6 +319,55 @@ def test_folders_are_listed_and_ranks_share_the_scenes(predictor, tmp_path):
         predict.list_scenes([folder / "a.tif", folder / "a.tif"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         predict.list_scenes([tmp_path / "missing.tif"])
+
+
+def test_a_folder_in_the_training_layout_gives_its_images_not_its_masks(predictor, tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for name in ("x", "y"):
+        write_scene(folder / f"{name}_image.tif", demo_pixels(20, 20))
+        write_scene(folder / f"{name}_mask.tif", np.zeros((1, 20, 20), np.uint8), None)
+    assert predictor.file_patterns == ("*_image.tif", "*_mask.tif")  # the demo's layout
+    found = predict.list_scenes([folder], None, predictor.file_patterns)
+    assert [p.name for p in found] == ["x_image.tif", "y_image.tif"]
+    assert [p.name for p in predict.list_scenes([folder], "y_*")] == ["y_image.tif", "y_mask.tif"]
+    other = tmp_path / "scenes"
+    other.mkdir()
+    write_scene(other / "scene.tif", demo_pixels(20, 20))  # not that layout: every GeoTIFF
+    assert predict.list_scenes([other], None, predictor.file_patterns) == [other / "scene.tif"]
+
+
+def test_evaluation_and_whole_scene_prediction_agree_where_no_band_has_data(
+    run_dir, predictor, demo_root, tmp_path
+):
+    """One rule for pixels without a valid band, in both: never scored, written as 255. A test
+    tile gets labelled pixels of no-data in every band; ``eval_dir`` (a command line) and
+    predict.py then give the same map pixel for pixel, and the metrics count the rest."""
+    data = tmp_path / "demo"
+    shutil.copytree(demo_root, data)
+    tile = sorted((data / "test").glob("*_image.tif"))[0]
+    with rasterio.open(tile) as src:
+        image, profile, names = src.read().astype(np.float32), src.profile, src.descriptions
+    image[:, 5:15, 20:40] = NODATA
+    profile.update(dtype="float32")
+    with rasterio.open(tile, "w", **profile) as dst:
+        dst.write(image)
+        dst.descriptions = names
+    labelled = 0
+    for mask_path in sorted((data / "test").glob("*_mask.tif")):
+        with rasterio.open(mask_path) as src:
+            mask = src.read(1)
+        labelled += int((mask < 4).sum())
+        if mask_path.name == tile.name.replace("_image", "_mask"):
+            block = int((mask[5:15, 20:40] < 4).sum())
+    assert block > 0
+    run_cli([f"eval_dir={run_dir}", f"dataset.root={data}", "save_predictions=true"], tmp_path)
+    evaluated = read(run_dir / "predictions" / tile.name.replace("_image", ""))[0]
+    scene = predict.predict_scene(predictor, tile, tmp_path / "pred", progress=False)
+    np.testing.assert_array_equal(evaluated, read(scene.prediction)[0])
+    assert (evaluated[5:15, 20:40] == 255).all() and (evaluated != 255).sum() == 64 * 64 - 200
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["pixels"] == labelled - block
 
 
 def test_cli_writes_what_the_library_writes(predictor, run_dir, tmp_path):

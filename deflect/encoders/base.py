@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from deflect.data import DataSpec
-from deflect.encoders.checkpoint import load_encoder_checkpoint
+from deflect.encoders.checkpoint import DEFAULT_MIN_COVERAGE, load_encoder_checkpoint
 from deflect.encoders.recompute import set_blocks_checkpointing
 
 log = logging.getLogger(__name__)
@@ -226,10 +226,19 @@ class Encoder(nn.Module):
         final norm the feature pyramid never uses): logged, not warned about."""
         return False
 
-    def load_checkpoint(self, path: str | Path, key_map: dict[str, str] | None = None) -> None:
+    #: What the encoder checkpoint supplied (path, tensors loaded of total, coverage, missing
+    #: and dropped keys); None on random weights. Recorded in the run's ``metrics.json``.
+    checkpoint_report: dict | None = None
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        key_map: dict[str, str] | None = None,
+        min_coverage: float = DEFAULT_MIN_COVERAGE,
+    ) -> None:
         """Load the family's released weights into :attr:`vit` (see
         :func:`~deflect.encoders.checkpoint.load_encoder_checkpoint`)."""
-        load_encoder_checkpoint(self, path, key_map)
+        load_encoder_checkpoint(self, path, key_map, min_coverage)
 
     def warn_random_weights(self) -> None:
         """The loud warning of an encoder without pretrained weights."""

@@ -48,9 +48,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "path of the pretrained weights, or to null to run on random weights"
         )
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(
+                f"cannot read encoder checkpoint {str(path)!r} as safetensors ({err}); the file "
+                "is damaged or not a .safetensors file (a .pth renamed?). Re-download it, or give "
+                "the path of the original .pth/.pt file"
+            ) from err
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -156,9 +164,39 @@ def resample_pos_embed_3d(
     return torch.cat([prefix, *resampled], dim=1)
 
 
+#: Below this share of the encoder's tensors found in a checkpoint, loading it is an error.
+DEFAULT_MIN_COVERAGE = 0.5
+
+
+def _prefix_fix(dropped: list[str], own: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Wrapper prefixes that, stripped, would make dropped checkpoint keys match the model:
+    ``{"net.": 52}`` when 52 keys ``net.<model key>`` were seen."""
+    found: dict[str, int] = {}
+    for key in dropped:
+        parts = key.split(".")
+        for i in range(1, min(len(parts), 4)):
+            if ".".join(parts[i:]) in own:
+                prefix = ".".join(parts[:i]) + "."
+                found[prefix] = found.get(prefix, 0) + 1
+                break
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
+
+
+def _top_prefixes(keys: list[str], limit: int = 8) -> list[str]:
+    """The distinct first name components of ``keys`` (``layer1.``, ``fc.``), most frequent first."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        head = key.split(".", 1)[0] + ("." if "." in key else "")
+        counts[head] = counts.get(head, 0) + 1
+    return [k for k, _ in sorted(counts.items(), key=lambda kv: -kv[1])][:limit]
+
+
 def load_encoder_checkpoint(
-    encoder: Encoder, path: str | Path, key_map: dict[str, str] | None = None
-) -> tuple[list[str], list[str]]:
+    encoder: Encoder,
+    path: str | Path,
+    key_map: dict[str, str] | None = None,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
+) -> dict:
     """Load a checkpoint into ``encoder.vit``.
 
     Keys are remapped (:func:`remap_keys`), keys the model lacks (heads, MAE decoders, mask
@@ -166,11 +204,17 @@ def load_encoder_checkpoint(
     family, and every dropped or missing key is listed in one warning (keys of parts the encoder
     prunes on purpose, such as an unused final norm, are only logged).
 
+    The **coverage** is the share of the encoder's tensors the checkpoint supplied. Below
+    ``min_coverage`` the checkpoint is refused: a file of another architecture, or the right one
+    under an unknown wrapper prefix, would otherwise train on random weights unseen.
+
     Returns:
-        ``(missing, dropped)`` keys.
+        A report: ``path``, ``loaded`` and ``total`` tensors, ``coverage``, ``missing`` and
+        ``dropped`` keys (also kept as ``encoder.checkpoint_report`` for ``metrics.json``).
 
     Raises:
-        ValueError: a tensor whose shape differs and cannot be mapped (names it and both shapes).
+        ValueError: coverage below ``min_coverage`` (with the prefixes seen and the fix), or a
+            tensor whose shape differs and cannot be mapped (names it and both shapes).
     """
     name = encoder.name
     state = remap_keys(read_state_dict(path), key_map)
@@ -178,6 +222,29 @@ def load_encoder_checkpoint(
     unused = sorted(k for k in state if k not in own and encoder.is_unused_key(k))
     dropped = sorted(k for k in state if k not in own and k not in unused)
     state = {k: v for k, v in state.items() if k in own}
+    coverage = len(state) / max(len(own), 1)
+    if coverage < min_coverage:
+        fixes = _prefix_fix(dropped, own)
+        if fixes:
+            prefix, count = next(iter(fixes.items()))
+            fix = (
+                f"{count} checkpoint keys are model keys under the prefix {prefix!r}: strip it "
+                f"with 'encoder.checkpoint_key_map={{{re.escape(prefix)}: \"\"}}' on the command "
+                f"line (in a YAML file: checkpoint_key_map: {{'^{re.escape(prefix)}': ''}})"
+            )
+        else:
+            fix = (
+                "none of its keys look like this encoder's (a checkpoint of another "
+                f"architecture?); check that encoder={name} is the model it was trained as, or "
+                "rename its keys with encoder.checkpoint_key_map={regex: replacement}"
+            )
+        raise ValueError(
+            f"{name}: checkpoint {str(path)!r} supplies {len(state)} of the encoder's {len(own)} "
+            f"tensors ({100 * coverage:.0f}%, below encoder.checkpoint_min_coverage="
+            f"{min_coverage:g}), so the encoder would run on random weights. Its keys start with "
+            f"{_top_prefixes(dropped + list(state))}; the encoder's with "
+            f"{_top_prefixes(list(own))}. Fix: {fix}"
+        )
     if unused:
         log.info("%s: %d checkpoint tensors of parts the encoder does not use: %s", name,
                  len(unused), ", ".join(unused))  # fmt: skip
@@ -201,7 +268,10 @@ def load_encoder_checkpoint(
     result = encoder.vit.load_state_dict(state, strict=False)
     missing = list(result.missing_keys)
     if dropped or missing:
-        lines = [f"{name}: checkpoint {str(path)!r} does not match the model exactly"]
+        lines = [
+            f"{name}: checkpoint {str(path)!r} does not match the model exactly: it supplies "
+            f"{len(state)} of the encoder's {len(own)} tensors ({100 * coverage:.1f}%)"
+        ]
         if dropped:
             lines.append(f"  dropped {len(dropped)} checkpoint keys: " + ", ".join(dropped))
         if missing:
@@ -213,4 +283,13 @@ def load_encoder_checkpoint(
         warnings.warn("\n".join(lines), stacklevel=3)
     else:
         log.info("%s: loaded all %d tensors from %s", name, len(state), path)
-    return missing, dropped
+    report = {
+        "path": str(Path(path).expanduser()),
+        "loaded": len(state),
+        "total": len(own),
+        "coverage": round(coverage, 6),
+        "missing": missing,
+        "dropped": dropped,
+    }
+    encoder.checkpoint_report = report
+    return report

@@ -28,6 +28,7 @@ from torch import nn
 
 from deflect.data import DataSpec
 from deflect.encoders.base import Encoder
+from deflect.encoders.checkpoint import DEFAULT_MIN_COVERAGE
 from deflect.encoders.sincos import sincos_1d
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,8 @@ class PrithviEncoder(Encoder):
         output_layers: blocks whose outputs form the feature pyramid (default: the last).
         checkpoint: local path of the released weights, or ``None`` for random weights (warned).
         checkpoint_key_map: regex -> replacement rules applied to checkpoint keys.
+        checkpoint_min_coverage: the least share of the encoder's tensors the checkpoint must
+            supply (below it, loading is an error: it would train on random weights unseen).
     """
 
     tubelet_size = 1
@@ -175,6 +178,7 @@ class PrithviEncoder(Encoder):
         output_layers: list[int] | str | None = None,
         checkpoint: str | None = None,
         checkpoint_key_map: dict[str, str] | None = None,
+        checkpoint_min_coverage: float = DEFAULT_MIN_COVERAGE,
     ) -> None:
         super().__init__(name, data, list(pretrained_bands), img_size, patch_size, output_layers)
         unknown = sorted(set(coords_encoding) - set(COORDS))
@@ -198,7 +202,7 @@ class PrithviEncoder(Encoder):
         self._warned_missing: set[str] = set()
         self.checkpoint = checkpoint
         if checkpoint:
-            self.load_checkpoint(checkpoint, checkpoint_key_map)
+            self.load_checkpoint(checkpoint, checkpoint_key_map, checkpoint_min_coverage)
         else:
             self.warn_random_weights()
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from deflect.data import RGB_BANDS, DataSpec
 from deflect.encoders.base import Encoder
-from deflect.encoders.checkpoint import resample_pos_embed_2d
+from deflect.encoders.checkpoint import DEFAULT_MIN_COVERAGE, resample_pos_embed_2d
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class ViTEncoder(Encoder):
         output_layers: indices of the blocks whose outputs form the feature pyramid.
         checkpoint: local path of pretrained weights, or ``None`` for random weights (warned).
         checkpoint_key_map: regex -> replacement rules applied to checkpoint keys.
+        checkpoint_min_coverage: the least share of the encoder's tensors the checkpoint must
+            supply (below it, loading is an error: it would train on random weights unseen).
         arch_kwargs: overrides passed to timm (``embed_dim``, ``depth``, ``num_heads``, ...).
     """
 
@@ -61,6 +63,7 @@ class ViTEncoder(Encoder):
         output_layers: list[int] | str | None = None,
         checkpoint: str | None = None,
         checkpoint_key_map: dict[str, str] | None = None,
+        checkpoint_min_coverage: float = DEFAULT_MIN_COVERAGE,
         arch_kwargs: dict | None = None,
     ) -> None:
         if patch_size is None:
@@ -86,7 +89,7 @@ class ViTEncoder(Encoder):
         self._pruned_blocks = set(range(max(self.output_layers) + 1, depth))
         self.checkpoint = checkpoint
         if checkpoint:
-            self.load_checkpoint(checkpoint, checkpoint_key_map)
+            self.load_checkpoint(checkpoint, checkpoint_key_map, checkpoint_min_coverage)
         else:
             self.warn_random_weights()
 

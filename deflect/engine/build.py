@@ -36,6 +36,8 @@ def build_dataset(cfg: DictConfig, split: str):
     for key in RUN_HINTS:  # e.g. the dataset's native tile size, read as ${dataset.img_size}
         node.pop(key, None)
     dataset = instantiate(node, split=split, _convert_="all")
+    if bool(cfg.get("check_reflectance_scale", True)):
+        dataset.check_reflectance_scale()
     aug = cfg.augmentation
     dataset.transform = build_transform(
         dataset.spec,
@@ -277,13 +279,17 @@ def parameter_counts(model: nn.Module) -> dict[str, int | float]:
     }
 
 
-def band_table(model: nn.Module) -> str:
+def band_table(model: nn.Module, sources: dict[str, str] | None = None) -> str:
     """What each input band feeds, asked of each part: the encoder (its pretrained patch
     embedding), the fine-tuning method (e.g. DEFLECT's spectral stream) and the pictures. Logged
-    at start so nothing is mapped, filled or dropped unseen."""
+    at start so nothing is mapped, filled or dropped unseen. ``sources`` (band -> how the files
+    name it, e.g. ``Blue``) adds a column when a dataset renamed any band."""
     data: DataSpec = model.data
     encoder = model.encoder
-    columns = {
+    columns = {}
+    if sources and any(sources.get(b, b) != b for b in data.bands):
+        columns["in the files"] = {b: sources.get(b, b) for b in data.bands}
+    columns |= {
         "encoder": encoder.base_model.band_usage(),
         "fine-tuning method": encoder.adapter_band_usage(),
         "pictures": {b: "RGB"[i] for i, b in enumerate(data.display_bands)},
@@ -293,7 +299,8 @@ def band_table(model: nn.Module) -> str:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    unused = [b for b in data.bands if all(b not in c for c in list(columns.values())[:2])]
+    used = [columns["encoder"], columns["fine-tuning method"]]
+    unused = [b for b in data.bands if all(b not in c for c in used)]
     if unused:
         lines.append(f"not used by the model: {', '.join(unused)}")
     return "\n".join(lines)

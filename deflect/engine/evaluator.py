@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm import tqdm
 
 from deflect.data import DataSpec
-from deflect.engine.distributed import DistInfo
+from deflect.engine.distributed import DistInfo, heartbeat
 from deflect.engine.inference import sliding_window_logits
 
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -138,7 +138,8 @@ class Evaluator:
         bar = tqdm(
             loader, desc=desc, disable=not self.info.is_main, leave=False, dynamic_ncols=True
         )
-        for batch in bar:
+        for step, batch in enumerate(bar):
+            heartbeat(f"{desc}, batch {step + 1}", self.info)
             images = batch["image"].to(self.info.device, non_blocking=True)
             target = batch["mask"].to(self.info.device, non_blocking=True)
             metadata = batch_metadata(model, batch, self.info.device)

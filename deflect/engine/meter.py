@@ -58,6 +58,7 @@ class PeakMemory:
         self.device = device
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "host_rss"
         self._peak = 0.0
+        self._floor = 0.0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -71,9 +72,14 @@ class PeakMemory:
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
             self._peak = max(self._peak, rss)
 
+    def floor(self, mib: float) -> None:
+        """Count ``mib`` as already reached (the peak of a run's epochs before a resume)."""
+        self._floor = max(self._floor, mib)
+
     @property
     def peak_mib(self) -> float:
         """The peak so far, in MiB."""
+        floor = self._floor
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return self._peak
+            return max(floor, torch.cuda.max_memory_allocated(self.device) / 2**20)
+        return max(floor, self._peak)

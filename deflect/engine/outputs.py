@@ -86,16 +86,23 @@ def save_panels(
         canvas.save(tmp, format="PNG")
 
 
+#: Class-map value of pixels where every input band is invalid (evaluation's GeoTIFFs and
+#: ``scripts/predict.py`` alike).
+NODATA_CLASS = 255
+
+
 def write_prediction_geotiff(
     prediction: np.ndarray, path: Path, crs, transform, class_names: list[str]
 ) -> None:
-    """A single-band uint8 GeoTIFF of class indices with the source CRS and transform."""
+    """A single-band uint8 GeoTIFF of class indices with the source CRS and transform;
+    :data:`NODATA_CLASS` (declared as its no-data value) where the input had no valid band."""
     profile = {
         "driver": "GTiff",
         "height": prediction.shape[0],
         "width": prediction.shape[1],
         "count": 1,
         "dtype": "uint8",
+        "nodata": NODATA_CLASS,
         "compress": "deflate",
     }
     if crs is not None:
@@ -140,7 +147,9 @@ class PredictionWriter:
 
     def __call__(self, batch: dict, prediction: torch.Tensor) -> None:
         """Record one evaluated batch."""
-        prediction = prediction.cpu().numpy()
+        prediction = prediction.cpu().numpy().astype(np.uint8)
+        # Where no band holds data there is nothing to predict: no-data, as scripts/predict.py.
+        prediction[torch.isnan(batch["image"]).all(dim=1).numpy()] = NODATA_CLASS
         for j, index in enumerate(batch["index"].tolist()):
             if self.write_geotiffs:
                 crs, transform = self.dataset.georeference(index)
@@ -154,7 +163,9 @@ class PredictionWriter:
                 )
             if len(self.rows) < self.num_panels:
                 image = batch["image"][j].numpy()[self.rgb_index] * self.std + self.mean
-                self.rows.append((rgb_composite(image), batch["mask"][j].numpy(), prediction[j]))
+                shown = np.where(prediction[j] == NODATA_CLASS, self.dataset.ignore_index,
+                                 prediction[j])  # fmt: skip
+                self.rows.append((rgb_composite(image), batch["mask"][j].numpy(), shown))
 
     def save_png(self, path: Path) -> None:
         """Write the collected panels."""

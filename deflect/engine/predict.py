@@ -25,6 +25,7 @@ model's order, non-finite pixels and the training no-data value become NaN, then
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -45,19 +46,17 @@ from rasterio.windows import Window
 from torch import nn
 from tqdm import tqdm
 
-from deflect.data import DataSpec, canonical_band
+from deflect.data import DataSpec, canonical_band, invalid_to_nan, resolve_band_name
 from deflect.engine.distributed import resolve_device
 from deflect.engine.evaluator import AUTOCAST_DTYPES, autocast_context
 from deflect.engine.inference import window_starts
-from deflect.engine.outputs import PALETTE
+from deflect.engine.outputs import NODATA_CLASS, PALETTE
 from deflect.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 #: Default side of the output blocks, in pixels (rounded to a multiple of the stride).
 DEFAULT_BLOCK = 1024
-#: Class-map value of pixels where every input band is invalid.
-NODATA_CLASS = 255
 #: Side of the output GeoTIFFs' internal tiles.
 OUTPUT_TILE = 256
 #: The reflectance-scale check reads the scene decimated to at most this many pixels a side.
@@ -83,6 +82,8 @@ class Predictor:
         precision: autocast precision, ``fp32``, ``bf16`` or ``fp16``.
         run_dir: the run folder it came from.
         epoch: the epoch (1-based) of ``checkpoints/best.pt``, when recorded.
+        file_patterns: file names of the run's training images and masks
+            (:func:`file_patterns`): how folders are listed by default.
     """
 
     model: nn.Module
@@ -93,6 +94,30 @@ class Predictor:
     precision: str = "fp32"
     run_dir: Path | None = None
     epoch: int | None = None
+    file_patterns: tuple[str | None, str | None] = (None, None)
+
+
+def file_patterns(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """The file-name patterns of the run's training images and masks (``*_image.tif`` and
+    ``*_mask.tif`` for the default folder layout), so that a folder in the training layout is
+    predicted without its masks; None where the dataset names no files by a pattern."""
+    dataset = cfg.get("dataset") or {}
+    out = []
+    for key, attr in (("images", "image_suffix"), ("masks", "mask_suffix")):
+        pattern = dataset.get(key)
+        if isinstance(pattern, str) and pattern:
+            name = Path(pattern).name.replace("{name}", "*").replace("{split}", "*")
+            out.append(name if name != "*" else None)
+            continue
+        target = str(dataset.get("_target_", ""))
+        suffix = None
+        if target.startswith("datasets."):
+            import datasets
+
+            cls = getattr(datasets, target.split(".", 1)[1], None)
+            suffix = getattr(cls, attr, None)
+        out.append(f"*{suffix}" if isinstance(suffix, str) else None)
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -223,7 +248,9 @@ def load_predictor(
         "model of %s (best epoch %s): bands %s, %d classes, window %d, stride %d, %s on %s",
         run_dir.name, epoch, list(spec.bands), spec.num_classes, window, stride, precision, dev,
     )  # fmt: skip
-    return Predictor(model, spec, window, stride, dev, precision, run_dir, epoch)
+    return Predictor(
+        model, spec, window, stride, dev, precision, run_dir, epoch, file_patterns(cfg)
+    )
 
 
 # ---------------------------------------------------------------------------------- the scene
@@ -280,7 +307,11 @@ def select_bands(
             f"{len(model_bands)} ({model_bands}); give the file's band names in order with "
             "--bands B2,B3,..."
         )
-    canon = [canonical_band(n) for n in names]
+    # Codes, common names (Blue, NIR, SWIR 1) or wavelengths, for the model's sensor.
+    canon = [resolve_band_name(n, spec.sensor) or canonical_band(n) for n in names]
+    renamed = [f"{n} -> {c}" for n, c in zip(names, canon) if canonical_band(n) != c]
+    if renamed:
+        log.info("%s: band names read as %s", source, ", ".join(renamed))
     missing = [b for b in model_bands if canonical_band(b) not in canon]
     if missing:
         raise ValueError(
@@ -291,24 +322,12 @@ def select_bands(
     return [canon.index(canonical_band(b)) + 1 for b in model_bands]
 
 
-def invalid_to_nan(raw: np.ndarray, nodata: float | None) -> np.ndarray:
-    """``raw`` as float32 with NaN where it is non-finite or equals ``nodata``.
-
-    ``nodata`` is compared in the file's own dtype, as ``read_sample`` does: in float32, large
-    integers near the no-data value would compare equal to it.
-    """
-    invalid = (
-        ~np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else np.zeros(raw.shape, bool)
-    )
-    if nodata is not None:
-        invalid |= raw == nodata
-    image = raw.astype(np.float32)
-    image[invalid] = np.nan
-    return image
-
-
 def read_normalised(
-    src: rasterio.DatasetReader, indexes: list[int], window: Window, spec: DataSpec
+    src: rasterio.DatasetReader,
+    indexes: list[int],
+    window: Window,
+    spec: DataSpec,
+    nodata: Sequence[float] = (),
 ) -> np.ndarray:
     """Bands ``indexes`` of ``window`` of ``src``, invalid pixels NaN, normalised per band.
 
@@ -317,6 +336,7 @@ def read_normalised(
         indexes: 1-based band numbers, in the model's band order.
         window: the pixels to read (inside the scene).
         spec: the model's data description (no-data value, band statistics).
+        nodata: no-data values besides the training one (the scene's own declared value).
 
     Returns:
         float32 ``(C, height, width)``: ``(x - mean) / std``, NaN at invalid pixels.
@@ -330,14 +350,18 @@ def read_normalised(
         raise OSError(
             f"cannot read pixels {window} of {src.name!r} (truncated or corrupt?): {err}"
         ) from err
-    image = invalid_to_nan(raw, spec.nodata)
+    image = invalid_to_nan(raw, [v for v in (spec.nodata, *nodata) if v is not None])
     mean = np.asarray(spec.mean_list(), dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std_list(), dtype=np.float32)[:, None, None]
     return (image - mean) / std
 
 
 def band_medians(
-    src: rasterio.DatasetReader, indexes: list[int], spec: DataSpec, size: int | None = None
+    src: rasterio.DatasetReader,
+    indexes: list[int],
+    spec: DataSpec,
+    size: int | None = None,
+    nodata: Sequence[float] = (),
 ) -> list[float]:
     """Median of the valid pixels of each band, from the scene decimated to ``size`` a side.
 
@@ -353,8 +377,14 @@ def band_medians(
     size = SCALE_CHECK_SIZE if size is None else size
     step = max(1, math.ceil(max(src.height, src.width) / size))
     shape = (len(indexes), max(1, src.height // step), max(1, src.width // step))
-    raw = src.read(indexes, out_shape=shape, resampling=Resampling.nearest)
-    image = invalid_to_nan(raw, spec.nodata)
+    try:
+        raw = src.read(indexes, out_shape=shape, resampling=Resampling.nearest)
+    except RasterioError as err:
+        raise OSError(
+            f"cannot read pixels of {src.name!r} (truncated or corrupt?): {err}; re-download "
+            "or re-export this scene"
+        ) from err
+    image = invalid_to_nan(raw, [v for v in (spec.nodata, *nodata) if v is not None])
     out = []
     for band in image:
         valid = band[np.isfinite(band)]
@@ -400,22 +430,31 @@ def check_reflectance_scale(medians: Sequence[float], spec: DataSpec, source: st
     return True
 
 
-def list_scenes(inputs: Iterable[str | Path]) -> list[Path]:
+def list_scenes(
+    inputs: Iterable[str | Path],
+    pattern: str | None = None,
+    layout: tuple[str | None, str | None] = (None, None),
+) -> list[Path]:
     """The GeoTIFF scenes named by ``inputs``: files, and the .tif/.tiff files of folders.
 
     Files of a folder that end in ``_pred.tif`` or ``_prob.tif`` (this module's outputs) are
-    skipped.
+    skipped. With ``pattern``, only the files whose name matches it are taken. Without it, a
+    folder in the training layout ``layout = (image pattern, mask pattern)`` gives its images
+    (its masks are left out); any other folder gives every GeoTIFF.
 
     Args:
         inputs: files or folders.
+        pattern: a file-name pattern (``fnmatch``: ``*`` and ``?``) for the files of folders.
+        layout: the run's training image and mask file-name patterns (:func:`file_patterns`).
 
     Returns:
         The scenes, folders' files sorted by name.
 
     Raises:
-        FileNotFoundError: an input does not exist, or a folder holds no GeoTIFF.
+        FileNotFoundError: an input does not exist, or a folder holds no matching GeoTIFF.
         ValueError: no inputs, or two scenes with the same name (their outputs would collide).
     """
+    images, masks = layout
     scenes: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -427,10 +466,19 @@ def list_scenes(inputs: Iterable[str | Path]) -> list[Path]:
                 and p.suffix.lower() in SCENE_SUFFIXES
                 and not p.name.endswith(OUTPUT_ENDINGS)
             )
+            if pattern is not None:
+                found = [p for p in found if fnmatch.fnmatch(p.name, pattern)]
+            elif images and any(fnmatch.fnmatch(p.name, images) for p in found):
+                found = [p for p in found if fnmatch.fnmatch(p.name, images)]
+                log.info("%s is in the training layout: its %s files (masks left out)", path,
+                         images)  # fmt: skip
+            elif masks:
+                found = [p for p in found if not fnmatch.fnmatch(p.name, masks)]
             if not found:
+                which = f"matching --pattern {pattern!r}" if pattern else ".tif or .tiff"
                 raise FileNotFoundError(
-                    f"folder {str(path)!r} holds no .tif or .tiff scene; pass GeoTIFF files or "
-                    "a folder of them"
+                    f"folder {str(path)!r} holds no {which} scene; pass GeoTIFF files or a "
+                    "folder of them"
                 )
             scenes.extend(found)
         elif path.is_file():
@@ -529,6 +577,7 @@ def predict_block(
     box: tuple[int, int, int, int],
     batch_size: int,
     warned: set[str] | None = None,
+    nodata: Sequence[float] = (),
 ) -> tuple[torch.Tensor, np.ndarray, int]:
     """Averaged logits of one output block from the global tiles that intersect it.
 
@@ -540,6 +589,7 @@ def predict_block(
         box: the block ``(y0, y1, x0, x1)``.
         batch_size: tiles per forward pass.
         warned: metadata keys already warned about.
+        nodata: no-data values besides the training one (the scene's own declared value).
 
     Returns:
         Logits ``(K, y1 - y0, x1 - x0)`` float32 on the CPU, the block's mask of pixels where
@@ -552,7 +602,9 @@ def predict_block(
     # The union of those tiles; beyond the scene (only for scenes smaller than the window) NaN.
     ey0, ey1, ex0, ex1 = tops[0], tops[-1] + win, lefts[0], lefts[-1] + win
     ry1, rx1 = min(ey1, grid.height), min(ex1, grid.width)
-    read = read_normalised(src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec)
+    read = read_normalised(
+        src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec, nodata
+    )
     image = torch.from_numpy(read)
     if ry1 < ey1 or rx1 < ex1:
         image = torch.nn.functional.pad(image, (0, ex1 - rx1, 0, ey1 - ry1), value=torch.nan)
@@ -658,13 +710,14 @@ def predict_scene(
         raise OSError(f"cannot open scene {str(path)!r} (not a GeoTIFF?): {err}") from err
     with src, ExitStack() as stack:
         indexes = select_bands(src.count, src.descriptions, spec, bands, f"scene {str(path)!r}")
-        if src.nodata is not None and spec.nodata != src.nodata:
-            log.warning(
-                "%s declares no-data %s but the model was trained with no-data %s: pixels equal "
-                "to %s are predicted as data, as in training",
-                path.name, src.nodata, spec.nodata, src.nodata,
-            )  # fmt: skip
-        check_reflectance_scale(band_medians(src, indexes, spec), spec, f"scene {str(path)!r}")
+        # The scene's own no-data value is honoured too, as training honours its files' value.
+        nodata = () if src.nodata is None or np.isnan(src.nodata) else (float(src.nodata),)
+        if nodata and spec.nodata != nodata[0]:
+            log.info("%s declares no-data %g (training used %s): those pixels are left out",
+                     path.name, nodata[0], spec.nodata)  # fmt: skip
+        check_reflectance_scale(
+            band_medians(src, indexes, spec, nodata=nodata), spec, f"scene {str(path)!r}"
+        )
         grid = TileGrid(src.height, src.width, predictor.window, predictor.stride)
         tmp = stack.enter_context(atomic_path(pred_path))
         pred = stack.enter_context(
@@ -689,7 +742,7 @@ def predict_scene(
         bar = tqdm(boxes, desc=path.name, disable=not progress, leave=False, dynamic_ncols=True)
         for box in bar:
             logits, invalid, run = predict_block(
-                predictor, src, indexes, grid, box, batch_size, warned
+                predictor, src, indexes, grid, box, batch_size, warned, nodata
             )
             forwards += run
             y0, y1, x0, x1 = box
@@ -719,6 +772,7 @@ def predict_scenes(
     progress: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
+    pattern: str | None = None,
 ) -> list[SceneOutputs]:
     """Predict every scene of ``inputs`` (files or folders of .tif/.tiff) into ``out_dir``.
 
@@ -732,6 +786,8 @@ def predict_scenes(
         batch_size, block, probabilities, bands, progress: as :func:`predict_scene`.
         rank, world_size: this process's share; default from ``torch.distributed`` (0 and 1
             without a process group).
+        pattern: file names taken from folders (:func:`list_scenes`); None: the images of a
+            folder in the run's training layout, else every GeoTIFF.
 
     Returns:
         What this process wrote.
@@ -739,7 +795,7 @@ def predict_scenes(
     Raises:
         FileNotFoundError, ValueError: as :func:`list_scenes` and :func:`predict_scene`.
     """
-    scenes = list_scenes(inputs)
+    scenes = list_scenes(inputs, pattern, predictor.file_patterns)
     if rank is None or world_size is None:
         dist = torch.distributed
         grouped = dist.is_available() and dist.is_initialized()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -14,14 +15,17 @@ from torch import nn
 
 from deflect.engine import build
 from deflect.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state
-from deflect.engine.distributed import DistInfo, broadcast_object
+from deflect.engine.distributed import DistInfo, broadcast_object, explain_stall
 from deflect.engine.evaluator import Evaluator
 from deflect.engine.logging import ScalarWriter, metric_scalars, metrics_table, setup_logging
 from deflect.engine.outputs import PredictionWriter
 from deflect.engine.workdir import (
+    FINISHED_MARKER,
+    RunFolder,
     SweepJob,
     best_checkpoint,
     choose_work_dir,
+    remove_stale_temporaries,
     resume_config_changes,
 )
 
@@ -35,31 +39,87 @@ JOB = "job.json"
 FAILED = "failed.txt"
 
 
-def open_run(cfg: DictConfig, choices: dict, info: DistInfo, job: SweepJob) -> Path:
-    """Rank 0 chooses (and creates) the run folder and every rank receives it; logging goes
-    there; ``job.json`` and ``config.yaml`` are written (a resumed run lists the settings it
-    changes)."""
+def open_run(cfg: DictConfig, choices: dict, info: DistInfo, job: SweepJob) -> RunFolder:
+    """Rank 0 chooses and claims (locks) the run folder and every rank receives it; logging goes
+    there; ``job.json`` and ``config.yaml`` are written.
+
+    A finished run named by ``resume=true`` is left untouched (``RunFolder.finished``: nothing is
+    written). Resuming with settings that differ from the saved ``config.yaml`` is refused,
+    naming them, unless ``resume_allow_changes=true``.
+
+    Raises:
+        RuntimeError, FileExistsError, ValueError: on every rank when rank 0 cannot claim the
+            folder (another process holds it, it holds a run and resume is not set, ...).
+    """
     sweep = job if job.sweep_dir else None
-    chosen = choose_work_dir(cfg, choices, sweep) if info.is_main else None
-    work_dir = Path(broadcast_object(chosen, info))
+    claimed: RunFolder | None = None
+    outcome: tuple[str, str, bool] | None = None
+    if info.is_main:
+        try:
+            claimed = choose_work_dir(cfg, choices, sweep)
+            if not claimed.finished and resuming(cfg, claimed.path):
+                check_resume_changes(cfg, claimed.path)
+            if not claimed.finished:
+                for old in claimed.path.glob("failed*.txt"):
+                    old.unlink(missing_ok=True)  # a resumed run starts clean
+            outcome = ("ok", str(claimed.path), claimed.finished)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            if claimed is not None:
+                claimed.release()
+            outcome = ("error", f"{type(err).__name__}: {err}", False)
+            if not info.distributed:
+                raise
+            broadcast_object(outcome, info)
+            raise
+    status, value, finished = broadcast_object(outcome, info)
+    if status == "error":
+        raise RuntimeError(f"rank 0 could not open the run folder: {value}")
+    work_dir = Path(value)
+    run = claimed or RunFolder(work_dir, None, finished)
+    if finished:
+        setup_logging(None, info.is_main)
+        if info.is_main:
+            log.info(
+                "%s has already finished (it has %s): left untouched. To train again, start "
+                "a new run in another folder", work_dir, FINISHED_MARKER,
+            )  # fmt: skip
+        return run
     setup_logging(work_dir, info.is_main)
     if info.is_main:
-        (work_dir / FAILED).unlink(missing_ok=True)  # a resumed run starts clean
+        remove_stale_temporaries(work_dir)  # this process holds the folder: they are garbage
         record = {"num": job.num, "overrides": job.overrides, "sweep_dir": job.sweep_dir or None}
         atomic_write_text(json.dumps(record, indent=2), work_dir / JOB)
-        saved = work_dir / "config.yaml"
-        if resuming(cfg, work_dir) and saved.is_file():
-            changes = resume_config_changes(OmegaConf.load(saved), cfg)
-            if changes:
-                log.warning(
-                    "resuming %s with settings that differ from its saved config.yaml; the rest "
-                    "of the run uses the new ones:\n  %s",
-                    work_dir,
-                    "\n  ".join(changes),
-                )
-        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), saved)
+        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), work_dir / "config.yaml")
         log.info("run folder: %s", work_dir)
-    return work_dir
+    return run
+
+
+def check_resume_changes(cfg: DictConfig, work_dir: Path) -> None:
+    """Refuse to resume a run with settings that differ from its saved ``config.yaml`` (the
+    weights were trained with the saved ones), unless ``resume_allow_changes=true``.
+
+    Raises:
+        ValueError: naming every changed setting and both ways out.
+    """
+    saved = work_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    changes = resume_config_changes(OmegaConf.load(saved), cfg)
+    if not changes:
+        return
+    listing = "\n  ".join(changes)
+    if not bool(cfg.get("resume_allow_changes", False)):
+        raise ValueError(
+            f"resuming {work_dir} with settings that differ from its saved config.yaml, which "
+            f"its weights were trained with:\n  {listing}\nResume with the saved settings "
+            "(drop those overrides), or pass resume_allow_changes=true to go on with the new "
+            "ones (config.yaml is then rewritten and the change logged)"
+        )
+    log.warning(
+        "resuming %s with settings that differ from its saved config.yaml "
+        "(resume_allow_changes=true); the rest of the run uses the new ones:\n  %s",
+        work_dir, listing,
+    )  # fmt: skip
 
 
 def last_checkpoint(work_dir: Path) -> Path:
@@ -72,12 +132,14 @@ def resuming(cfg: DictConfig, work_dir: Path) -> bool:
     return bool(cfg.resume) and last_checkpoint(work_dir).is_file()
 
 
-def describe_model(model: nn.Module, work_dir: Path, info: DistInfo) -> dict:
-    """Log the band table and the parameter counts; write ``params.json``."""
+def describe_model(model: nn.Module, work_dir: Path, info: DistInfo, dataset=None) -> dict:
+    """Log the band table (with the file band each came from, when ``dataset`` renamed any)
+    and the parameter counts; write ``params.json``."""
     counts = build.parameter_counts(model)
     if info.is_main:
         atomic_write_text(json.dumps(counts, indent=2), work_dir / "params.json")
-        log.info("bands:\n%s", build.band_table(model))
+        sources = getattr(dataset, "band_sources", None)
+        log.info("bands:\n%s", build.band_table(model, sources))
         log.info(
             "parameters: encoder %s trainable (%.3f%% of the GFM's %s), decoder %s trainable; "
             "total %s trainable of %s",
@@ -124,13 +186,49 @@ def test_best(
     return metrics
 
 
-def record_failure(work_dir: Path, info: DistInfo) -> None:
-    """Write the error being handled to ``failed.txt`` (rank 0), so a sweep shows it: the
-    exception line first, then the traceback."""
-    if info.is_main:
-        error = sys.exc_info()[1]
-        head = "".join(traceback.format_exception_only(type(error), error)).strip()
-        atomic_write_text(f"{head}\n\n{traceback.format_exc()}", work_dir / FAILED)
+def record_failure(work_dir: Path, info: DistInfo) -> Path | None:
+    """Write the error being handled to the run folder, so a sweep (and its table) shows it:
+    the exception line first, then the traceback.
+
+    Every rank records its own error. The first rank to fail writes ``failed.txt`` (created
+    exclusively, so a later "connection closed by peer" on rank 0 cannot replace the real
+    cause); a rank that fails after it writes ``failed.rank<N>.txt``. A rank other than 0 also
+    appends its error to ``train.log``.
+
+    Returns:
+        The file written (None when nothing could be written).
+    """
+    error = sys.exc_info()[1]
+    head = "".join(traceback.format_exception_only(type(error), error)).strip()
+    stall = explain_stall(error, info)
+    if stall:  # a collective's timeout says nothing of who stopped: name the rank first
+        log.error("%s", stall)
+        head = f"{stall}\n(the timeout: {head})"
+    where = f"rank {info.rank} of {info.world_size}: " if info.distributed else ""
+    text = f"{head}\n\n{where}{traceback.format_exc()}"
+    try:
+        if not info.distributed:
+            atomic_write_text(text, work_dir / FAILED)
+            return work_dir / FAILED
+        try:
+            with open(work_dir / FAILED, "x") as f:  # the first rank to fail
+                f.write(text)
+            path = work_dir / FAILED
+        except FileExistsError:
+            path = work_dir / f"failed.rank{info.rank}.txt"
+            atomic_write_text(text, path)
+            if info.is_main:
+                log.error(
+                    "rank 0 stopped after another rank failed (its error is in %s): %s",
+                    work_dir / FAILED, head,
+                )  # fmt: skip
+        if not info.is_main:
+            with open(work_dir / "train.log", "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} ERROR rank {info.rank}: {text}\n")
+        return path
+    except OSError as err:  # a full disk, a vanished folder: the console still has the error
+        log.error("could not record the failure in %s: %s", work_dir, err)
+        return None
 
 
 def close_run(
@@ -138,26 +236,30 @@ def close_run(
     metrics: dict,
     counts: dict,
     cost: dict,
-    seconds: float,
     writer: ScalarWriter,
     epochs: int,
     work_dir: Path,
     info: DistInfo,
+    extra: dict | None = None,
+    keep_last: bool = False,
 ) -> None:
-    """Write ``metrics.json`` (best validation, test, parameters, time), the test curves, and
-    the adapter export (``adapter/<name>/``)."""
+    """Export the adapter (``adapter/<name>/``), write the test curves and, last, ``metrics.json``
+    (best validation, test, parameters, cost, and ``extra`` such as the encoder checkpoint's
+    coverage): its presence marks the run finished. Unless ``keep_last``, ``last.pt`` (the
+    optimiser state, only needed to continue an unfinished run) is then deleted."""
     if info.is_main:
         best_val = json.loads((work_dir / "best_val_metrics.json").read_text())
-        summary = {
-            "best_val": best_val,
-            "test": metrics,
-            "params": counts,
-            "train_seconds": round(seconds, 1),
-            **cost,
-        }
-        atomic_write_text(json.dumps(summary, indent=2), work_dir / "metrics.json")
-        writer.scalars(metric_scalars("test", metrics), epochs)
         model.encoder.save_pretrained(work_dir / "adapter")
+        writer.scalars(metric_scalars("test", metrics), epochs)
+        summary = {"best_val": best_val, "test": metrics, "params": counts, **cost,
+                   **(extra or {})}  # fmt: skip
+        atomic_write_text(json.dumps(summary, indent=2), work_dir / FINISHED_MARKER)
+        last = last_checkpoint(work_dir)
+        if not keep_last and last.is_file():
+            size = last.stat().st_size
+            last.unlink()
+            log.info("deleted %s (%.0f MB of optimiser state; keep_last=true keeps it)", last,
+                     size / 1e6)  # fmt: skip
         log.info(
             "done: test mIoU %.2f; training %s images/s, peak memory %.0f MiB (%s); everything "
             "is in %s",
@@ -168,3 +270,15 @@ def close_run(
             work_dir,
         )
     writer.close()
+
+
+def encoder_checkpoint_record(model: nn.Module) -> dict:
+    """What the encoder checkpoint supplied, for ``metrics.json``: its path and coverage, or
+    ``null`` on random weights."""
+    encoder = model.encoder.base_model
+    report = getattr(encoder, "checkpoint_report", None)
+    if report is None:
+        return {"encoder_checkpoint": None}
+    keep = ("path", "loaded", "total", "coverage")
+    return {"encoder_checkpoint": {**{k: report[k] for k in keep},
+                                   "missing": len(report["missing"])}}  # fmt: skip

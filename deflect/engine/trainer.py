@@ -33,7 +33,7 @@ from deflect.engine.checkpoint import (
     set_rng_state,
     trainable_state_dict,
 )
-from deflect.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean
+from deflect.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, heartbeat
 from deflect.engine.evaluator import AUTOCAST_DTYPES, Evaluator, autocast_context, batch_metadata
 from deflect.engine.logging import ScalarWriter, metric_scalars
 from deflect.engine.meter import PeakMemory, ThroughputMeter
@@ -149,16 +149,29 @@ class Trainer:
         )  # which bands feed the pretrained layers, which the adapter
         self.throughput = ThroughputMeter()
         self.memory = PeakMemory(info.device)
+        self.started_at = time.time()
+        self.elapsed_before = 0.0  # wall time of the run before a resume
 
     def cost(self) -> dict:
-        """Training images per second (all ranks) and peak memory (largest rank) of the epochs
-        this process trained, for ``metrics.json``."""
+        """Training images, seconds and images per second (all ranks) and peak memory (largest
+        rank) over every epoch of the run, those before a resume included, for
+        ``metrics.json``."""
         rate = self.throughput.images_per_second
         return {
+            "train_seconds": round(self.elapsed_before + time.time() - self.started_at, 1),
             "train_images": self.throughput.images,
             "train_images_per_s": round(rate, 2) if rate is not None else None,
             "peak_memory_mb": round(all_reduce_max(self.memory.peak_mib, self.info), 1),
             "peak_memory_kind": self.memory.kind,
+        }
+
+    def _cost_state(self) -> dict:
+        """What :meth:`cost` needs to carry across a resume (stored in ``last.pt``)."""
+        return {
+            "images": self.throughput.images,
+            "seconds": self.throughput.seconds,
+            "peak_memory_mb": self.memory.peak_mib,
+            "elapsed": self.elapsed_before + time.time() - self.started_at,
         }
 
     @property
@@ -178,12 +191,18 @@ class Trainer:
         self.global_step = state["global_step"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.best_metrics = json.loads(state["best_metrics"]) if state["best_metrics"] else None
-        log.info(
-            "resumed from %s: continuing at epoch %d of %d",
-            path,
-            self.start_epoch + 1,
-            self.settings.epochs,
-        )
+        cost = state.get("cost")
+        if cost:  # the resumed run reports the whole run's cost, not only its own epochs
+            self.throughput.images = int(cost["images"])
+            self.throughput.seconds = float(cost["seconds"])
+            self.memory.floor(float(cost["peak_memory_mb"]))
+            self.elapsed_before = float(cost["elapsed"])
+        if self.start_epoch >= self.settings.epochs:
+            log.info("resumed from %s: all %d epochs were trained; testing the best checkpoint",
+                     path, self.settings.epochs)  # fmt: skip
+        else:
+            log.info("resumed from %s: continuing at epoch %d of %d", path,
+                     self.start_epoch + 1, self.settings.epochs)  # fmt: skip
 
     def fit(self) -> bool:
         """Train the remaining epochs; True when all are done (False if stopped early)."""
@@ -262,6 +281,7 @@ class Trainer:
         for batch in bar:
             if steps >= n_batches:
                 break
+            heartbeat(f"training, epoch {epoch + 1} step {steps + 1}", self.info)
             images = batch["image"].to(self.info.device, non_blocking=True)
             seen += images.shape[0]
             # Asked of the mask still on the host: on a GPU, asking the device copy would wait
@@ -337,6 +357,7 @@ class Trainer:
                 "best_epoch": self.best_epoch,
                 "best_metrics": json.dumps(self.best_metrics) if self.best_metrics else "",
                 "rng": rng_state(),
+                "cost": self._cost_state(),
                 "saved_at": time.time(),
             },
             self.checkpoint_dir / "last.pt",

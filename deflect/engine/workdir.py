@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,18 +63,163 @@ class SweepJob:
         return Path(self.sweep_dir).expanduser() / f"{self.num:03d}_{suffix}"
 
 
-def _claim(work_dir: Path, resume: bool, fix: str) -> str:
-    """Create the named run folder; one that already holds a run is refused unless resuming."""
-    if (work_dir / "checkpoints" / "last.pt").is_file() and not resume:
-        raise FileExistsError(f"{work_dir} already holds a run; {fix} (nothing was overwritten)")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return str(work_dir)
+#: The lock file of a run folder: held (``flock``) by the one process that writes the folder.
+LOCK = ".lock"
+#: Written last when a run has finished (tested, exported): a finished run is never rewritten.
+FINISHED_MARKER = "metrics.json"
+#: Temporary files of interrupted atomic writes (``deflect.io.atomic_path``): ``.<name>.<8
+#: random characters>.tmp<suffix>``.
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
-def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None) -> str:
-    """The run folder: in a multirun, the job's folder in the sweep folder; else ``work_dir`` if
-    given, the newest matching run on ``resume=true``, or a new timestamped folder. Called on
-    rank 0 only; the result is broadcast."""
+class RunFolderBusy(RuntimeError):
+    """The run folder is held by another live process."""
+
+
+class RunLock:
+    """An exclusive claim on a run folder, so that two processes never write one folder.
+
+    ``<folder>/.lock`` is locked with ``flock``, which the kernel releases when the holder
+    exits, however it exits (a crash or SIGKILL leaves nothing stuck). The file holds the
+    holder's pid, host, start time and command line, for the message a second process gets.
+
+    Args:
+        folder: the run folder (created if needed).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self._file = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise :class:`RunFolderBusy` naming the holder."""
+        import fcntl
+        import json
+        import socket
+        import sys
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            text = handle.read()
+            handle.close()
+            try:
+                holder = json.loads(text)
+                who = (
+                    f"pid {holder['pid']} on {holder['host']}, started {holder['started']} "
+                    f"({holder['command']})"
+                )
+            except (ValueError, KeyError, TypeError):
+                who = "a process that has not yet written its name"
+            raise RunFolderBusy(
+                f"run folder {str(self.folder)!r} is in use by another run: {who}. Wait for "
+                "it to finish, or choose another work_dir (nothing here was changed)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:500],
+        }))  # fmt: skip
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        """Give the folder up (also done by the kernel when the process ends)."""
+        if self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._file is not None
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run's results (a checkpoint, or a finished run's metrics)."""
+    return any(
+        (folder / name).is_file()
+        for name in ("checkpoints/last.pt", "checkpoints/best.pt", FINISHED_MARKER)
+    )
+
+
+def is_finished(folder: Path) -> bool:
+    """Whether the run in ``folder`` finished: trained, tested and exported."""
+    return (folder / FINISHED_MARKER).is_file()
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files interrupted writes (a SIGKILL during a checkpoint write) left
+    in a run folder. Only call it while holding the folder's :class:`RunLock`: then no other
+    process is writing them."""
+    removed = []
+    for sub in (folder, folder / "checkpoints", folder / "predictions"):
+        if not sub.is_dir():
+            continue
+        for path in sub.iterdir():
+            if path.is_file() and _TEMPORARY.match(path.name):
+                size = path.stat().st_size
+                path.unlink(missing_ok=True)
+                removed.append(path)
+                log.warning(
+                    "removed %s (%.1f MB), left by a write that was interrupted", path, size / 1e6
+                )
+    return removed
+
+
+@dataclass
+class RunFolder:
+    """The folder a run writes, claimed by this process.
+
+    Args:
+        path: the folder.
+        lock: its lock, held until :meth:`release`.
+        finished: it holds a finished run (``resume=true`` then leaves it untouched).
+        fresh: this process created it (nothing was in it before).
+    """
+
+    path: Path
+    lock: RunLock | None
+    finished: bool = False
+    fresh: bool = False
+
+    def release(self) -> None:
+        """Release the lock."""
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _claim(folder: Path, resume: bool, fix: str, fresh: bool = False) -> RunFolder:
+    """Lock a named run folder; one that holds a run is refused unless resuming."""
+    folder = folder.expanduser()
+    fresh = fresh or not folder.exists()
+    lock = RunLock(folder).acquire()
+    if holds_run(folder) and not resume:
+        lock.release()
+        raise FileExistsError(f"{folder} already holds a run; {fix} (nothing was overwritten)")
+    return RunFolder(folder, lock, finished=resume and is_finished(folder), fresh=fresh)
+
+
+def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None) -> RunFolder:
+    """The run folder, claimed: in a multirun, the job's folder in the sweep folder; else
+    ``work_dir`` if given, the newest matching run on ``resume=true``, or a new timestamped
+    folder. Called on rank 0 only; the path is broadcast.
+
+    Raises:
+        RunFolderBusy: another live process writes the folder.
+        FileExistsError: the folder holds a run and ``resume`` is not set.
+    """
     suffix = run_suffix(cfg, choices)
     if job is not None:
         if cfg.work_dir:
@@ -85,26 +231,143 @@ def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None)
             job.folder(suffix), bool(cfg.resume), "pass resume=true to continue the sweep"
         )
     if cfg.work_dir:
-        return _claim(Path(cfg.work_dir).expanduser(), bool(cfg.resume),
+        return _claim(Path(cfg.work_dir), bool(cfg.resume),
                       "pass resume=true to continue it, or choose another work_dir")  # fmt: skip
     root = Path(cfg.work_root).expanduser()
     if cfg.resume:
-        runs = sorted(
-            p.parent.parent for p in root.glob(f"*_{suffix}/checkpoints/last.pt") if p.is_file()
-        )
+        runs = sorted(p for p in root.glob(f"*_{suffix}") if p.is_dir() and holds_run(p))
         if runs:
-            return str(runs[-1])
+            return _claim(runs[-1], True, "")
         log.warning(
-            "resume=true but no run *_%s in %s has a last checkpoint: starting anew", suffix, root
+            "resume=true but no run *_%s in %s has a checkpoint: starting anew", suffix, root
         )
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    work_dir = root / f"{stamp}_{suffix}"
-    n = 1
-    while work_dir.exists():
-        work_dir = root / f"{stamp}-{n}_{suffix}"
-        n += 1
-    work_dir.mkdir(parents=True)
-    return str(work_dir)
+    n = 0
+    while True:  # mkdir is the claim: two runs started in the same second get two folders
+        work_dir = root / (f"{stamp}_{suffix}" if n == 0 else f"{stamp}-{n}_{suffix}")
+        try:
+            work_dir.mkdir(parents=True)
+        except FileExistsError:
+            n += 1
+            continue
+        return _claim(work_dir, False, "", fresh=True)
+
+
+# ---- the run's top-level settings, checked before anything is built or written ----------------
+_INT, _FLOAT, _BOOL, _CHOICE = "an integer", "a number", "true or false", "one of"
+#: key -> (kind, lower bound or choices, may be null, an example)
+RUN_SETTINGS: dict[str, tuple] = {
+    "seed": (_INT, None, False, "seed=0"),
+    "img_size": (_INT, 1, False, "img_size=224"),
+    "batch_size": (_INT, 2, False, "batch_size=8 (per process; BatchNorm needs 2)"),
+    "eval_batch_size": (_INT, 1, False, "eval_batch_size=8"),
+    "num_workers": (_INT, 0, False, "num_workers=4"),
+    "epochs": (_INT, 1, False, "epochs=15"),
+    "max_steps_per_epoch": (_INT, 1, True, "max_steps_per_epoch=100 (null: whole epochs)"),
+    "stop_after_epochs": (_INT, 1, True, "stop_after_epochs=5"),
+    "log_interval": (_INT, 1, False, "log_interval=10"),
+    "num_vis": (_INT, 0, False, "num_vis=4"),
+    "eval_stride": (_INT, 1, True, "eval_stride=112 (null: half of img_size)"),
+    "grad_clip": (_FLOAT, 0.0, False, "grad_clip=1.0 (0 disables it)"),
+    "encoder_lr_scale": (_FLOAT, 0.0, False, "encoder_lr_scale=10"),
+    "dist_timeout": (_FLOAT, 1.0, False, "dist_timeout=600 (seconds)"),
+    "precision": (_CHOICE, ("fp32", "fp16", "bf16"), False, "precision=bf16"),
+    "device": (_CHOICE, ("auto", "cpu", "cuda"), False, "device=cuda"),
+    "matmul_precision": (_CHOICE, ("highest", "high", "medium"), False, "matmul_precision=high"),
+    "cpu_allocator": (_CHOICE, ("tuned", "default"), False, "cpu_allocator=default"),
+    "monitor": (_CHOICE, ("mIoU", "mF1", "mPrecision", "mRecall", "OA"), False, "monitor=mF1"),
+    **{key: (_BOOL, None, False, f"{key}=true") for key in (
+        "compile", "activation_checkpointing", "save_predictions", "resume",
+        "resume_allow_changes", "keep_last", "check_reflectance_scale",
+    )},
+    "optimizer.lr": (_FLOAT, 0.0, False, "optimizer.lr=1e-4"),
+    "optimizer.weight_decay": (_FLOAT, 0.0, False, "optimizer.weight_decay=0.05"),
+}  # fmt: skip
+#: Keys whose value must be strictly above the lower bound (a learning rate of 0 trains nothing).
+_STRICT = {"encoder_lr_scale", "optimizer.lr"}
+#: Top-level keys the framework reads (config groups, settings and the folders).
+KNOWN_KEYS = {
+    *CONFIG_GROUPS, *(k for k in RUN_SETTINGS if "." not in k), "loss", "work_root", "work_dir",
+    "eval_dir",
+}  # fmt: skip
+
+
+def check_run_config(cfg: DictConfig) -> list[str]:
+    """Check the top-level settings before anything is built or any folder is made: each bad
+    value is an error naming the key, what it must be and an example. Keys no part reads (a
+    ``+typo=...``) are returned, and warned about by the caller.
+
+    Raises:
+        ValueError: every bad value found, one per line.
+    """
+    problems = []
+    for key, (kind, bound, nullable, example) in RUN_SETTINGS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            if not nullable and OmegaConf.select(cfg, key, default="<absent>") != "<absent>":
+                problems.append(f"{key}=null: expected {kind}; e.g. {example}")
+            continue
+        ok = True
+        if kind == _BOOL:
+            ok = isinstance(value, bool)
+        elif kind == _CHOICE:
+            ok = value in bound
+        elif kind == _INT:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = ok and (bound is None or value >= bound)
+        elif kind == _FLOAT:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = (
+                ok
+                and value == value
+                and (  # NaN is no number here
+                    bound is None or (value > bound if key in _STRICT else value >= bound)
+                )
+            )
+        if not ok:
+            if kind == _CHOICE:
+                expected = f"one of {list(bound)}"
+            elif bound is None or kind == _BOOL:
+                expected = kind
+            else:
+                expected = f"{kind} {'>' if key in _STRICT else '>='} {bound}"
+            problems.append(f"{key}={value!r}: expected {expected}; e.g. {example}")
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError("bad settings:\n  " + "\n  ".join(problems))
+    return sorted(set(cfg) - KNOWN_KEYS)
+
+
+#: What a saved run's ``config.yaml`` may instantiate: the framework's own classes and torch's
+#: optimisers and schedulers. A run folder can come from anyone; its config must not run code.
+ALLOWED_TARGETS = ("deflect.", "datasets.", "segmentors.", "torch.optim.")
+
+
+def check_targets(tree: object, source: str, path: str = "") -> None:
+    """Refuse a config whose ``_target_`` (or ``_partial_`` callables) name anything outside
+    :data:`ALLOWED_TARGETS`, before it is instantiated.
+
+    Raises:
+        ValueError: naming the key, the target and the file.
+    """
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                target = str(value)
+                if not target.startswith(ALLOWED_TARGETS) or ".." in target:
+                    raise ValueError(
+                        f"{source} sets {where}={target!r}: a saved run may only build the "
+                        f"framework's own classes and torch optimisers ({', '.join(ALLOWED_TARGETS)}"
+                        "). The file was edited or is not from this framework; refusing to "
+                        "instantiate it"
+                    )
+            else:
+                check_targets(value, source, where)
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            check_targets(value, source, f"{path}[{i}]")
 
 
 def eval_config(work_dir: Path, overrides: list[str]) -> DictConfig:
@@ -132,14 +395,16 @@ def eval_config(work_dir: Path, overrides: list[str]) -> DictConfig:
             )
         keep.append(item)
     merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(keep))
+    check_targets(OmegaConf.to_container(merged, resolve=False), str(path))
     merged.eval_dir = str(work_dir)
     return merged
 
 
 # Keys that may change between a run and its resumption without changing the experiment.
 RESUME_FREE_KEYS = {
-    "resume", "work_dir", "work_root", "stop_after_epochs", "num_workers", "eval_dir",
-    "log_interval", "device",
+    "resume", "resume_allow_changes", "work_dir", "work_root", "stop_after_epochs",
+    "num_workers", "eval_dir", "log_interval", "device", "dist_timeout", "keep_last",
+    "eval_batch_size", "num_vis", "save_predictions", "check_reflectance_scale",
 }  # fmt: skip
 
 

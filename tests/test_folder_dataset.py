@@ -332,6 +332,13 @@ def test_common_band_names_and_wavelengths_map_through_spyndex_for_the_sensor(tm
     data = folder(root)
     assert data.bands == ["B2", "B3", "B4", "B8"]  # Sentinel-2: NIR is B8 (B8A is NIR Narrow)
     assert data.band_sources == {"B2": "Blue", "B3": "Green", "B4": "Red", "B8": "NIR"}
+    from deflect.engine import build
+    from tests.test_configs import SHRINK, compose_with
+
+    cfg = compose_with(["finetune=deflect", *SHRINK])
+    table = build.band_table(build.build_model(cfg, data.spec), data.band_sources)
+    assert table.splitlines()[0].split()[:5] == ["band", "in", "the", "files", "encoder"]
+    assert table.splitlines()[4].split()[:2] == ["B8", "NIR"]
     (root / "band_stats.json").unlink()
     landsat = folder(root, sensor="landsat8")
     assert landsat.bands == ["B2", "B3", "B4", "B5"]  # Landsat 8: NIR is B5

@@ -321,6 +321,32 @@ def test_folders_are_listed_and_ranks_share_the_scenes(predictor, tmp_path):
         predict.list_scenes([tmp_path / "missing.tif"])
 
 
+def test_a_scene_with_unreadable_pixels_is_named(predictor, tmp_path):
+    path = tmp_path / "broken.tif"
+    profile = {"driver": "GTiff", "height": 40, "width": 40, "count": 4, "dtype": "float32",
+               "crs": CRS, "transform": TRANSFORM, "compress": "deflate"}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.random.default_rng(0).random((4, 40, 40), np.float32) * 3000)
+        dst.descriptions = tuple(DEMO_BANDS)
+    data = bytearray(path.read_bytes())
+    data[200:20000] = bytes(19800)  # the header survives, the pixels do not
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError, match=r"cannot read pixels of .*broken.tif"):
+        predict.predict_scene(predictor, path, tmp_path / "out", progress=False)
+
+
+def test_a_scene_declaring_its_own_no_data_value_is_predicted_without_it(predictor, tmp_path):
+    """The scene's declared no-data value is honoured as training honours its files' value:
+    written as 255, whatever the training no-data value was."""
+    image = demo_pixels(24, 24)
+    image[:, :5, :5] = 0.0
+    scene = write_scene(tmp_path / "zeros.tif", image)
+    with rasterio.open(scene, "r+") as dst:
+        dst.nodata = 0
+    out = predict.predict_scene(predictor, scene, tmp_path / "out", progress=False)
+    assert (read(out.prediction)[0, :5, :5] == 255).all()
+
+
 def test_a_folder_in_the_training_layout_gives_its_images_not_its_masks(predictor, tmp_path):
     folder = tmp_path / "train"
     folder.mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from deflect.engine.workdir import (
     check_run_config,
     eval_config,
     launch_time,
+    precheck_work_dir,
 )
 
 if TYPE_CHECKING:
@@ -151,6 +153,8 @@ def main(cfg: DictConfig) -> None:
     finished = finished_run(cfg) if cfg.eval_dir else None
     if finished is not None:
         check_run_config(finished[1])
+    elif not job.sweep_dir and int(os.environ.get("RANK", "0")) == 0:
+        precheck_work_dir(cfg)  # a busy, taken or changed work_dir: said at once
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
     from deflect.engine.runtime import apply_runtime
 

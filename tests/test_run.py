@@ -129,6 +129,8 @@ def test_eval_dir_reproduces_the_training_runs_test_metrics(trained, tmp_path):
 
 
 def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(demo_root, tmp_path):
+    """Also: resuming with another setting is refused (config.yaml unchanged), and the
+    temporary a SIGKILL during a checkpoint write leaves is removed on resume."""
     args = [*TINY, f"dataset.root={demo_root}", "finetune=full", "save_predictions=false",
             "keep_last=true"]  # fmt: skip
     run_cli([*args, f"work_dir={tmp_path / 'straight'}"], tmp_path)
@@ -136,8 +138,17 @@ def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(demo_root, tmp
     run_cli([*args, f"work_dir={stopped}", "stop_after_epochs=1"], tmp_path)
     first = torch.load(stopped / "checkpoints/last.pt", weights_only=True)
     assert first["epoch"] == 0 and not (stopped / "metrics.json").exists()
+    saved = (stopped / "config.yaml").read_text()
+    changed = run_cli([*args, f"work_dir={stopped}", "resume=true", "epochs=3"], tmp_path,
+                      check=False)  # fmt: skip
+    assert changed.returncode != 0 and "epochs: 2 -> 3" in changed.stderr
+    assert "resume_allow_changes=true" in changed.stderr
+    assert (stopped / "config.yaml").read_text() == saved  # not rewritten to unseen values
+    stale = stopped / "checkpoints" / ".last.pt.k3x_9q2a.tmp.pt"  # as atomic_path names them
+    stale.write_bytes(b"\0" * 4096)
     resumed = run_cli([*args, f"work_dir={stopped}", "resume=true"], tmp_path)
     assert "differ from its saved config" not in resumed.stdout + resumed.stderr
+    assert not stale.exists() and "left by a write that was interrupted" in resumed.stdout
     a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
     b = torch.load(stopped / "checkpoints/last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1 and a["global_step"] == b["global_step"]

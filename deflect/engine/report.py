@@ -27,6 +27,7 @@ from deflect.engine.workdir import (
     choose_work_dir,
     remove_stale_temporaries,
     resume_config_changes,
+    resume_refusal,
 )
 
 log = logging.getLogger("run")
@@ -109,12 +110,7 @@ def check_resume_changes(cfg: DictConfig, work_dir: Path) -> None:
         return
     listing = "\n  ".join(changes)
     if not bool(cfg.get("resume_allow_changes", False)):
-        raise ValueError(
-            f"resuming {work_dir} with settings that differ from its saved config.yaml, which "
-            f"its weights were trained with:\n  {listing}\nResume with the saved settings "
-            "(drop those overrides), or pass resume_allow_changes=true to go on with the new "
-            "ones (config.yaml is then rewritten and the change logged)"
-        )
+        raise ValueError(resume_refusal(work_dir, changes))
     log.warning(
         "resuming %s with settings that differ from its saved config.yaml "
         "(resume_allow_changes=true); the rest of the run uses the new ones:\n  %s",

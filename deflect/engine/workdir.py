@@ -211,6 +211,44 @@ def _claim(folder: Path, resume: bool, fix: str, fresh: bool = False) -> RunFold
     return RunFolder(folder, lock, finished=resume and is_finished(folder), fresh=fresh)
 
 
+def precheck_work_dir(cfg: DictConfig) -> None:
+    """Before anything heavy is imported: refuse at once an explicit ``work_dir`` that another
+    process holds, that holds a run without ``resume=true``, or whose saved config differs from
+    this resume's settings. (The folder is claimed for real later; these are the same checks.)
+
+    Raises:
+        RunFolderBusy, FileExistsError, ValueError: as the claim itself would.
+    """
+    if not cfg.get("work_dir"):
+        return
+    folder = Path(cfg.work_dir).expanduser()
+    if not folder.is_dir():
+        return
+    if (folder / LOCK).is_file():
+        RunLock(folder).acquire().release()
+    if holds_run(folder) and not cfg.resume:
+        raise FileExistsError(
+            f"{folder} already holds a run; pass resume=true to continue it, or choose another "
+            "work_dir (nothing was overwritten)"
+        )
+    saved = folder / "config.yaml"
+    if cfg.resume and holds_run(folder) and not is_finished(folder) and saved.is_file():
+        changes = resume_config_changes(OmegaConf.load(saved), cfg)
+        if changes and not cfg.get("resume_allow_changes", False):
+            raise ValueError(resume_refusal(folder, changes))
+
+
+def resume_refusal(folder: Path, changes: list[str]) -> str:
+    """The message refusing to resume ``folder`` with changed settings."""
+    listing = "\n  ".join(changes)
+    return (
+        f"resuming {folder} with settings that differ from its saved config.yaml, which its "
+        f"weights were trained with:\n  {listing}\nResume with the saved settings (drop those "
+        "overrides), or pass resume_allow_changes=true to go on with the new ones (config.yaml "
+        "is then rewritten and the change logged)"
+    )
+
+
 def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None) -> RunFolder:
     """The run folder, claimed: in a multirun, the job's folder in the sweep folder; else
     ``work_dir`` if given, the newest matching run on ``resume=true``, or a new timestamped

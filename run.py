@@ -26,12 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 # Only Hydra and the folder helpers here: torch, timm and torchvision (about ten seconds on a
 # small CPU) are imported once the config has composed, so a bad key or --help answers at once.
 from deflect.engine.workdir import (
+    FINISHED_MARKER,
     SweepJob,
     best_checkpoint,
     check_run_config,
     eval_config,
+    is_finished,
     launch_time,
     precheck_work_dir,
+    run_suffix,
 )
 
 if TYPE_CHECKING:
@@ -155,6 +158,14 @@ def main(cfg: DictConfig) -> None:
         check_run_config(finished[1])
     elif not job.sweep_dir and int(os.environ.get("RANK", "0")) == 0:
         precheck_work_dir(cfg)  # a busy, taken or changed work_dir: said at once
+    elif job.sweep_dir and cfg.resume and not cfg.work_dir:
+        folder = job.folder(run_suffix(cfg, HydraConfig.get().runtime.choices))
+        if is_finished(folder):  # resuming a sweep: its finished jobs cost nothing
+            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout)  # fmt: skip
+            log.info("%s has already finished (it has %s): left untouched. To train again, "
+                     "start a new run in another folder", folder, FINISHED_MARKER)  # fmt: skip
+            return
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
     from deflect.engine.runtime import apply_runtime
 

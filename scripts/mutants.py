@@ -240,7 +240,7 @@ MUTANTS = [
            "            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)",
            "            pass", ("tests/test_run_folder.py::test_two_runs_with_one_work_dir_the_second_refuses",)),
     Mutant("(18.3) resume=true trains a finished run again", "deflect/engine/workdir.py",
-           "finished=resume and is_finished(folder)", "finished=False",
+           "    return (folder / FINISHED_MARKER).is_file()", "    return False",
            ("tests/test_run.py::test_multirun_gives_each_job_a_folder_in_one_sweep_folder",)),
     Mutant("(18.3) changed settings on resume only warn", "deflect/engine/report.py",
            'if not bool(cfg.get("resume_allow_changes", False)):', "if False:",

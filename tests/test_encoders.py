@@ -156,6 +156,13 @@ def test_a_checkpoint_that_covers_too_little_of_the_encoder_is_refused(tmp_path)
         tiny(checkpoint=str(tmp_path / "n.pth"))
     encoder = tiny(checkpoint=str(tmp_path / "n.pth"), checkpoint_key_map={r"^net\.": ""})
     assert encoder.checkpoint_report["coverage"] == 1.0
+    from deflect.engine.report import encoder_checkpoint_record
+    from segmentors import Segmentor
+
+    segmentor = Segmentor(get_deflect_model(encoder, DeflectConfig()), num_classes=2, channels=8)
+    record = encoder_checkpoint_record(segmentor)["encoder_checkpoint"]  # what metrics.json gets
+    assert record == {"path": str(tmp_path / "n.pth"), "loaded": total, "total": total,
+                      "coverage": 1.0, "missing": 0}  # fmt: skip
     partial = {k: v for k, v in source.backbone.state_dict().items()
                if not k.startswith(("blocks.2.", "blocks.3."))}  # fmt: skip
     torch.save(partial, tmp_path / "partial.pth")
@@ -166,6 +173,7 @@ def test_a_checkpoint_that_covers_too_little_of_the_encoder_is_refused(tmp_path)
         tiny(checkpoint=str(tmp_path / "partial.pth"), checkpoint_min_coverage=0.9)
 
 
+@pytest.mark.slow
 def test_the_coverage_error_s_fix_works_on_the_command_line(demo_root, tmp_path):
     """The fix the message gives, pasted on the command line, loads every tensor, and the
     run's metrics.json records the checkpoint and its coverage."""

@@ -29,6 +29,7 @@ from deflect import (
     LoraConfig,
     NormTuningConfig,
     ScaledLoraConfig,
+    SpectralKernelConfig,
     TunerConfig,
     get_deflect_model,
     registered_methods,
@@ -164,6 +165,13 @@ ROWS: dict[str, Row] = {
         lambda n: not n.endswith("patch_embed.base_layer.proj.weight"),
         all_bands=True,
         init_pair=(same, repeat_mix),
+    ),  # fmt: skip
+    "spectral_kernel": Row(
+        SpectralKernelConfig,
+        lambda norm: KERNEL,
+        lambda n: ".bands_kernel." in n,
+        all_bands=True,
+        init_pair=(zero_extra, rgb_of),
     ),  # fmt: skip
     "deflect": Row(DeflectConfig, deflect_count, lambda n: ".deflect_" in n, all_bands=True),
     "deflect_soft": Row(

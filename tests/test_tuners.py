@@ -67,6 +67,7 @@ def expected_count(
 def test_registry_and_unknown_method() -> None:
     assert set(registered_methods()) == {
         "frozen", "full", "bitfit", "norm_tuning", "lora", "scaled_lora", "deflect",
+        "spectral_kernel",
     }  # fmt: skip
     with pytest.raises(ValueError, match=r"unknown tuning method 'dora'.*bitfit.*deflect.*lora"):
         TunerConfig.from_dict({"method": "dora"})
@@ -416,3 +417,25 @@ def test_hls_bands_need_nir_from_b8a() -> None:
         warnings.simplefilter("error")  # no warning on the happy path
         usage = adapted.adapter_band_usage()
     assert "NDVI" in usage["B8A"] and "NBR" in usage["B8A"] and "NDVI" not in usage["B2"]
+
+
+def test_spectral_kernel_trains_only_an_all_band_kernel_that_starts_as_the_pretrained_one():
+    """D x C x p x p trainable parameters (hand count), the pretrained kernel's slices for the
+    RGB bands by name, and a config that would make it the frozen baseline is refused."""
+    from deflect import SpectralKernelConfig, get_deflect_model
+    from tests.conftest import S2_BANDS, tiny_encoder
+
+    encoder = tiny_encoder()
+    pretrained = encoder.vit.patch_embed.proj.weight.detach().clone()  # (D, 3, p, p): B4 B3 B2
+    model = get_deflect_model(encoder, SpectralKernelConfig())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    (name,) = trainable
+    assert name.endswith("patch_embed.bands_kernel.default.weight")
+    kernel = trainable[name]
+    assert kernel.numel() == 32 * len(S2_BANDS) * 8 * 8
+    for i, band in enumerate(["B4", "B3", "B2"]):
+        assert torch.equal(kernel[:, S2_BANDS.index(band)], pretrained[:, i])
+    with pytest.raises(ValueError, match="band_strategy rgb_random or repeat"):
+        SpectralKernelConfig(band_strategy="rgb")
+    with pytest.raises(ValueError, match="train_patch_embed must be true"):
+        SpectralKernelConfig(train_patch_embed=False)

@@ -1,7 +1,7 @@
 """Parameter-efficient tuners, PEFT-shaped: one package per method, one registry.
 
 Methods register here, explicitly: ``frozen``, ``full``, ``bitfit``, ``norm_tuning``, ``lora``,
-``scaled_lora`` and ``deflect`` (DEFLECT, Thoreau, Marsocci & Derksen, ICCV 2025,
+``scaled_lora``, ``spectral_kernel`` and ``deflect`` (DEFLECT, Thoreau, Marsocci & Derksen, ICCV 2025,
 arXiv:2503.09493). Every method but DEFLECT takes a ``band_strategy``
 (:class:`~deflect.tuners.config.BandStrategyConfig`). Adding a method
 is one new package and one :func:`register_deflect_method` line below.
@@ -18,6 +18,7 @@ from deflect.tuners.model import DeflectModel, get_deflect_model, inject_adapter
 from deflect.tuners.norm_tuning import NormTuningConfig, NormTuningTuner
 from deflect.tuners.registry import get_method, register_deflect_method, registered_methods
 from deflect.tuners.scaled_lora import ScaledLoraConfig, ScaledLoraTuner
+from deflect.tuners.spectral_kernel import SpectralKernelConfig, SpectralKernelTuner
 
 register_deflect_method("frozen", FrozenConfig, FrozenTuner)
 register_deflect_method("full", FullConfig, FullTuner)
@@ -26,6 +27,7 @@ register_deflect_method("norm_tuning", NormTuningConfig, NormTuningTuner)
 register_deflect_method("lora", LoraConfig, LoraTuner)
 register_deflect_method("scaled_lora", ScaledLoraConfig, ScaledLoraTuner)
 register_deflect_method("deflect", DeflectConfig, DeflectTuner)
+register_deflect_method("spectral_kernel", SpectralKernelConfig, SpectralKernelTuner)
 
 __all__ = [
     "AdapterLayer",
@@ -46,6 +48,8 @@ __all__ = [
     "NormTuningTuner",
     "ScaledLoraConfig",
     "ScaledLoraTuner",
+    "SpectralKernelConfig",
+    "SpectralKernelTuner",
     "TunerConfig",
     "ViTParts",
     "get_deflect_model",

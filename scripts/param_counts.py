@@ -21,7 +21,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ORDER = ["frozen", "bitfit", "norm_tuning", "deflect", "lora", "scaled_lora", "full"]
+ORDER = [
+    "frozen",
+    "bitfit",
+    "norm_tuning",
+    "deflect",
+    "spectral_kernel",
+    "lora",
+    "scaled_lora",
+    "full",
+]
 
 
 def count(encoder: str, bands: list[str], sensor: str, img_size: int, finetune: str,

@@ -89,6 +89,7 @@ ARMS: dict[str, list[str]] = {
     "deflect": ["finetune=deflect"],
     "deflect_soft": ["finetune=deflect", "finetune.deflection=soft"],
     "deflect_none": ["finetune=deflect", "finetune.deflection=none"],
+    "deflect_embedding": ["finetune=deflect", "finetune.deflection=embedding"],
     "deflect_all_blocks": ["finetune=deflect", "finetune.target_blocks=[0,1,2,3,4,5]"],
 }
 QUICK_ARMS = ["frozen", "spectral_kernel", "deflect", "deflect_none"]
@@ -277,6 +278,104 @@ def sweep_arm(out: Path, task: str, arm: str, size: Size, checkpoint: Path, log:
     return sweep
 
 
+# ---- why: what the deflection lets through --------------------------------------------------------
+def diagnose(run_dir: Path) -> dict:
+    """What a trained DEFLECT run's spectral stream does, on its test split.
+
+    Per target block (medians over tokens): the norm of the tokens entering it ‖x‖, of the
+    frozen attention update ‖δ_RGB‖, of the untangled one ‖δ_uAtt‖ and of the update actually
+    added, the angle between δ_uAtt and δ_RGB, and the added update relative to ‖x‖. Per output
+    level of the encoder (what the decoder reads): the class separability of the patch tokens
+    (Fisher ratio: between-class over within-class variance, patches labelled by their majority
+    class). And the gradient norm that reaches UPE's projection on one training batch.
+    """
+    import torch
+
+    from deflect.engine import build
+    from deflect.engine.predict import load_predictor
+    from deflect.tuners.deflect import layer as deflect_layer
+
+    predictor = load_predictor(run_dir, device="cpu")
+    model = predictor.model
+    cfg = __import__("omegaconf").OmegaConf.load(run_dir / "config.yaml")
+    test = build.build_dataset(cfg, "test")
+    records: list[dict] = []
+    update, embedding = deflect_layer.deflect_update, deflect_layer.deflect_embedding
+
+    def record_update(delta_uatt, delta_rgb, mode="hard", eps=1e-6):
+        out = update(delta_uatt, delta_rgb, mode, eps)
+        records.append({"uatt": delta_uatt, "rgb": delta_rgb, "added": out})
+        return out
+
+    def record_embedding(x, delta_uatt, delta_rgb, eps=1e-6):
+        out = embedding(x, delta_uatt, delta_rgb, eps)
+        records[-1]["added"] = out
+        return out
+
+    inputs: list[torch.Tensor] = []
+    blocks = model.encoder.base_model.vit.blocks
+    targets = [i for i, b in enumerate(blocks) if getattr(b, "deflect_uatt", None)]
+    hooks = [blocks[i].register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+             for i in targets]  # fmt: skip
+    deflect_layer.deflect_update = record_update
+    deflect_layer.deflect_embedding = record_embedding
+    features: list[list[torch.Tensor]] = []
+    labels: list[torch.Tensor] = []
+    patch = model.encoder.base_model.patch_size
+    try:
+        with torch.no_grad():
+            for i in range(len(test)):
+                sample = test[i]
+                x = sample["image"][None]
+                features.append(model.encoder(x))
+                mask = sample["mask"]  # majority class per patch
+                h, w = mask.shape[0] // patch, mask.shape[1] // patch
+                tiles = mask[: h * patch, : w * patch].reshape(h, patch, w, patch)
+                tiles = tiles.permute(0, 2, 1, 3).reshape(h * w, -1)
+                labels.append(torch.mode(tiles, dim=1).values)
+    finally:
+        deflect_layer.deflect_update, deflect_layer.deflect_embedding = update, embedding
+        for hook in hooks:
+            hook.remove()
+    out: dict = {"blocks": []}
+    n = len(targets)
+    for k, block in enumerate(targets):
+        rec = records[k::n]
+        x = torch.cat(inputs[k::n]).flatten(0, 1)
+        uatt = torch.cat([r["uatt"] for r in rec]).flatten(0, 1)
+        rgb = torch.cat([r["rgb"] for r in rec]).flatten(0, 1)
+        added = torch.cat([r["added"] for r in rec]).flatten(0, 1)
+        cos = torch.nn.functional.cosine_similarity(uatt, rgb, dim=-1).clamp(-1, 1)
+        out["blocks"].append({
+            "block": block,
+            "x": float(x.norm(dim=-1).median()),
+            "delta_rgb": float(rgb.norm(dim=-1).median()),
+            "delta_uatt": float(uatt.norm(dim=-1).median()),
+            "added": float(added.norm(dim=-1).median()),
+            "angle_deg": float(torch.rad2deg(torch.acos(cos)).median()),
+            "added_over_x": float((added.norm(dim=-1) / x.norm(dim=-1)).median()),
+        })  # fmt: skip
+    y = torch.cat(labels)
+    out["separability"] = []
+    for level in range(len(features[0])):
+        maps = torch.cat([f[level] for f in features])  # (N, D, H/p, W/p): the patch grid
+        tokens = maps.flatten(2).transpose(1, 2).flatten(0, 1)  # (N·h·w, D), as y
+        mean = tokens.mean(0)
+        between = sum(((tokens[y == c].mean(0) - mean) ** 2).sum() * (y == c).sum()
+                      for c in y.unique())  # fmt: skip
+        within = sum(((tokens[y == c] - tokens[y == c].mean(0)) ** 2).sum() for c in y.unique())
+        out["separability"].append(float(between / within))
+    model.train()
+    train = build.build_dataset(cfg, "train")
+    batch = torch.stack([train[i]["image"] for i in range(min(8, len(train)))])
+    target = torch.stack([train[i]["mask"] for i in range(min(8, len(train)))])
+    loss = torch.nn.functional.cross_entropy(model(batch), target, ignore_index=255)
+    loss.backward()
+    upe = model.encoder.base_model.vit.patch_embed.deflect_upe["default"]
+    out["grad_upe"] = float(upe.projection.weight.grad.norm())
+    return out
+
+
 # ---- the summary -----------------------------------------------------------------------------------
 def arm_results(sweep: Path) -> dict:
     """Test mIoU of each seed, and the encoder's trainable parameters."""
@@ -313,6 +412,34 @@ def summarise(out: Path, results: dict[str, dict[str, dict]], size: Size, second
         cells = [mean_std(results[t][arm]["mIoU"]) if arm in results[t] else "-" for t in tasks]
         lines.append(f"| {arm} | `{' '.join(ARMS[arm])}` | {trainable:,} | " + " | ".join(cells)
                      + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def diagnostics_table(diagnostics: dict[str, dict]) -> str:
+    """What each DEFLECT arm's spectral stream did (seed 0): per target block, the added
+    attention update relative to the token, and its angle to the frozen update; the class
+    separability of what the decoder reads; the gradient reaching UPE."""
+    lines = [
+        "",
+        "## What the spectral stream let through (seed 0, test split)",
+        "",
+        "| task / arm | ‖δ_RGB‖ / ‖x‖ per block | added update / ‖x‖ per block | angle(δ_uAtt, "
+        "δ_RGB) per block | class separability of the encoder outputs | ‖∇ UPE‖ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, d in diagnostics.items():
+        rgb = " / ".join(f"{b['delta_rgb'] / b['x']:.3f}" for b in d["blocks"])
+        added = " / ".join(f"{b['added_over_x']:.3f}" for b in d["blocks"])
+        angle = " / ".join(f"{b['angle_deg']:.0f}°" for b in d["blocks"])
+        sep = " / ".join(f"{v:.3f}" for v in d["separability"])
+        lines.append(f"| {name} | {rgb} | {added} | {angle} | {sep} | {d['grad_upe']:.2g} |")
+    lines += [
+        "",
+        "Separability: between-class over within-class variance of the patch tokens at each "
+        "output level (patches labelled by their majority class); 0 means the decoder gets no "
+        "class information from the encoder. ‖∇ UPE‖: gradient norm on UPE's projection for one "
+        "training batch of the trained model.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -377,7 +504,13 @@ def main(argv: list[str] | None = None) -> int:
             results[task][arm] = arm_results(sweep)
             print(f"{task:18s} {arm:20s} mIoU {mean_std(results[task][arm]['mIoU']):>12s}  "
                   f"({(time.time() - start) / 60:.1f} min)", flush=True)  # fmt: skip
-    text = summarise(out, results, size, time.time() - start)
+    diagnostics = {}
+    for task in args.tasks:
+        for arm in (a for a in arms if a.startswith("deflect")):
+            first = sorted(p for p in (out / "sweeps" / task / arm).iterdir() if p.is_dir())[0]
+            diagnostics[f"{task} / {arm}"] = diagnose(first)
+    (out / "diagnostics.json").write_text(json.dumps(diagnostics, indent=1))
+    text = summarise(out, results, size, time.time() - start) + diagnostics_table(diagnostics)
     (out / "study.md").write_text(text)
     (out / "study.json").write_text(json.dumps(results, indent=1))
     picture = draw(out, results)

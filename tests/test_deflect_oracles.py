@@ -1,5 +1,5 @@
 """DEFLECT against an independent re-implementation of the spec's formulas, with non-zero adapter
-weights (``shared/docs/deflect_method.md``, sections 1-3).
+weights (``docs/method.md``, sections 1-3).
 
 The reference below is written from the spec in numpy (float64) and plain torch, and calls none
 of the project's functions: spyndex computes the indices, numpy's NaN-aware reductions the
@@ -159,7 +159,15 @@ def reference_block(block, uatt, x, spectral, deflection, temperature, lam=1.0):
     n_rgb = np.linalg.norm(delta_rgb, axis=-1, keepdims=True)
     delta = n_rgb * delta_uatt / n_uatt if deflection == "hard" else delta_uatt
     loss = lam * np.mean(np.abs(n_uatt - n_rgb) / n_uatt)
-    x = x + delta
+    if deflection == "embedding":  # the token, not the update, keeps the frozen block's length
+        turned = x + delta_uatt
+        x = (
+            np.linalg.norm(x + delta_rgb, axis=-1, keepdims=True)
+            * turned
+            / np.linalg.norm(turned, axis=-1, keepdims=True)
+        )
+    else:
+        x = x + delta
     mlp = block.mlp
     x = x + linear(gelu(linear(layer_norm(x, block.norm2), mlp.fc1)), mlp.fc2)
     return x, loss
@@ -211,8 +219,9 @@ def adapt(config: DeflectConfig):
         DeflectConfig(indices=INDICES, deflection="none", target_blocks=[1, 2]),
         DeflectConfig(indices=INDICES, deflection="soft", temperature="sqrt_2d", cls_token="learned",
                       lambda_deflection=0.7),
+        DeflectConfig(indices=INDICES, deflection="embedding", target_blocks=[0, 3]),
     ],
-    ids=["hard", "none", "soft-sqrt2d-learned"],
+    ids=["hard", "none", "soft-sqrt2d-learned", "embedding"],
 )  # fmt: skip
 def test_adapted_vit_equals_the_spec_formulas(config):
     adapted, data = adapt(config)
@@ -222,6 +231,10 @@ def test_adapted_vit_equals_the_spec_formulas(config):
     got = adapted.forward_features(x)
     assert torch.isfinite(got).all()
     np.testing.assert_allclose(got.detach().double().numpy(), expected, rtol=1e-4, atol=2e-4)
+    if config.deflection == "embedding":  # the adapter acts: far from the frozen model
+        with adapted.disable_adapter():
+            base = adapted.forward_features(x).detach().double().numpy()
+        assert np.abs(base - expected).max() > 0.1
     aux = adapted.auxiliary_losses()
     if config.deflection == "soft":
         assert aux["deflection"].item() == pytest.approx(soft_loss, rel=1e-4)

@@ -180,6 +180,12 @@ ROWS: dict[str, Row] = {
         lambda n: ".deflect_" in n,
         all_bands=True,
     ),  # fmt: skip
+    "deflect_embedding": Row(
+        lambda: DeflectConfig(deflection="embedding", target_blocks=[0, 2]),
+        lambda norm: deflect_count(norm) - 4 * D * 8,
+        lambda n: ".deflect_" in n,
+        all_bands=True,
+    ),  # fmt: skip
     "deflect_none": Row(
         lambda: DeflectConfig(deflection="none", target_blocks=[1, 3]),
         lambda norm: deflect_count(norm) - 4 * D * 8,

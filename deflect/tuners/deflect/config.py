@@ -3,7 +3,8 @@
 Only the method's hyper-parameters: the data (bands, statistics, reflectance scale, sensor) come
 from the :class:`~deflect.data.DataSpec` the model is built with, and the geometry stream's bands
 are the encoder's ``pretrained_bands``. Every point the public sources leave open is an option
-here; the defaults are this project's (see ``shared/docs/deflect_method.md``).
+here; the defaults are this project's (``docs/method.md`` gives every equation and option, and
+the spectral study behind the defaults).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class DeflectConfig(TunerConfig):
         rank: rank r of U_ℓ V_ℓ.
         target_blocks: blocks with untangled attention.
         temperature: ``sqrt_d`` (τ = 1/√d) or ``sqrt_2d`` (τ = 1/√(2d), the prototype's).
-        deflection: ``hard``, ``soft`` or ``none``.
+        deflection: ``hard`` (the attention update keeps the frozen update's length),
+            ``embedding`` (the token after the attention keeps the frozen block's length),
+            ``soft`` (a loss pulls the update's length to the frozen one's) or ``none``.
         lambda_deflection: weight of the soft-deflection loss.
         eps: floor of norms in divisions.
     """

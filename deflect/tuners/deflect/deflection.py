@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-DEFLECTION_MODES: tuple[str, ...] = ("hard", "soft", "none")
+DEFLECTION_MODES: tuple[str, ...] = ("hard", "embedding", "soft", "none")
 
 
 def deflect_update(
@@ -20,7 +20,9 @@ def deflect_update(
     """The attention update added to the residual stream.
 
     ``hard``: δ = ‖δ_RGB‖ · δ_uAtt / max(‖δ_uAtt‖, ε) per token (a pure rotation of δ_RGB's length);
-    ``soft`` and ``none``: δ = δ_uAtt (``soft`` adds :func:`deflection_loss` to the training loss).
+    ``soft`` and ``none``: δ = δ_uAtt (``soft`` adds :func:`deflection_loss` to the training loss);
+    ``embedding`` deflects the token rather than the update (:func:`deflect_embedding`, which the
+    block calls with the token); here it returns δ_uAtt unchanged.
 
     Args:
         delta_uatt: the untangled attention update ``(B, T, D)``.
@@ -33,9 +35,33 @@ def deflect_update(
             dim=-1, keepdim=True
         ).clamp_min(eps)  # (B, T, 1)
         return delta_uatt * scale
-    if mode in ("soft", "none"):
+    if mode in ("soft", "none", "embedding"):  # embedding: see deflect_embedding
         return delta_uatt
     raise ValueError(f"unknown deflection mode {mode!r}; use one of {list(DEFLECTION_MODES)}")
+
+
+def deflect_embedding(
+    x: torch.Tensor, delta_uatt: torch.Tensor, delta_rgb: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Embedding deflection of the token itself: the update that takes ``x`` to
+
+        x' = ‖x + δ_RGB‖ · (x + δ_uAtt) / max(‖x + δ_uAtt‖, ε)          per token
+
+    i.e. the token after the block's attention keeps the length the frozen block gives it, and
+    the spectral stream turns it (by any angle) instead of only turning the attention update.
+    With δ_uAtt = δ_RGB (U_ℓ = 0 at initialisation) x' = x + δ_RGB: the frozen block.
+
+    Args:
+        x: the tokens entering the block ``(B, T, D)``.
+        delta_uatt, delta_rgb: the two attention updates ``(B, T, D)`` (after layer scale).
+        eps: floor of ‖x + δ_uAtt‖.
+
+    Returns:
+        The update ``x' - x`` ``(B, T, D)``.
+    """
+    target = (x + delta_rgb).norm(dim=-1, keepdim=True)  # (B, T, 1)
+    turned = x + delta_uatt
+    return turned * (target / turned.norm(dim=-1, keepdim=True).clamp_min(eps)) - x
 
 
 def deflection_loss(

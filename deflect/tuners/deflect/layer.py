@@ -28,7 +28,11 @@ from torch.utils.checkpoint import checkpoint
 from deflect.encoders.base import fill_invalid
 from deflect.encoders.recompute import is_checkpointed, set_block_checkpointing
 from deflect.tuners.base import AdapterLayer
-from deflect.tuners.deflect.deflection import deflect_update, deflection_loss
+from deflect.tuners.deflect.deflection import (
+    deflect_embedding,
+    deflect_update,
+    deflection_loss,
+)
 from deflect.tuners.deflect.uatt import UntangledAttention, untangled_attention
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding
 
@@ -237,5 +241,8 @@ class DeflectBlock(AdapterLayer):
         ls1, ls2 = getattr(block, "ls1", nn.Identity()), getattr(block, "ls2", nn.Identity())
         drop1 = getattr(block, "drop_path1", getattr(block, "drop_path", nn.Identity()))
         drop2 = getattr(block, "drop_path2", getattr(block, "drop_path", nn.Identity()))
+        if uatt.deflection == "embedding":  # the token keeps the frozen block's length
+            x = x + drop1(deflect_embedding(x, ls1(delta), ls1(delta_rgb), uatt.eps))
+            return x + drop2(ls2(block.mlp(block.norm2(x)))), loss
         x = x + drop1(ls1(delta))
         return x + drop2(ls2(block.mlp(block.norm2(x)))), loss

@@ -96,6 +96,13 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
             work_dir, info, extra=report.encoder_checkpoint_record(model),
             keep_last=bool(cfg.keep_last),
         )  # fmt: skip
+        if cfg.get("diagnostics") and info.is_main and not info.distributed:
+            from deflect.engine.explain import explain_run
+
+            explain_run(work_dir, "test", str(info.device.type))
+        elif cfg.get("diagnostics") and info.is_main:
+            log.info("diagnostics=true runs in one process: python scripts/explain.py %s",
+                     work_dir)  # fmt: skip
     except BaseException:
         if isinstance(sys.exc_info()[1], Exception):
             report.record_failure(work_dir, info)
@@ -114,7 +121,7 @@ def finished_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
     """The folder and saved config of the run that ``eval_dir`` names, with the command line's
     overrides; fails at once (before torch is imported) on a folder that is not a finished run."""
     work_dir = Path(cfg.eval_dir).expanduser()
-    run_cfg = eval_config(work_dir, HydraConfig.get().overrides.task)
+    run_cfg = eval_config(work_dir, HydraConfig.get().overrides.task, cfg.dataset)
     best_checkpoint(work_dir)  # a run that never finished an epoch
     return work_dir, run_cfg
 
@@ -132,8 +139,12 @@ def evaluate(work_dir: Path, run_cfg: DictConfig, info: DistInfo) -> None:
     lock = RunLock(work_dir).acquire() if info.is_main else None
     try:
         dataset = build.build_dataset(run_cfg, "test")
+        if run_cfg.get("cross_sensor"):  # another sensor's bands, mapped to the trained ones
+            dataset, out_dir, extra = report.cross_sensor_dataset(run_cfg, dataset, work_dir)
+        else:
+            out_dir, extra = work_dir, None
         model = build.build_model(run_cfg, dataset.spec).to(info.device)
-        report.test_best(run_cfg, model, dataset, work_dir, info)
+        report.test_best(run_cfg, model, dataset, work_dir, info, out_dir=out_dir, extra=extra)
     finally:
         if lock is not None:
             lock.release()

@@ -2,6 +2,7 @@
 
 from datasets.base import (
     SPLITS,
+    BandMappedDataset,
     FolderSegmentation,
     GeoTIFFSegmentationDataset,
     Sample,
@@ -15,6 +16,7 @@ from datasets.sen1floods11 import Sen1Floods11
 from datasets.transforms import JointTransform, build_transform
 
 __all__ = [
+    "BandMappedDataset",
     "DEMO_BAND_STATS",
     "DEMO_CLASSES",
     "SPLITS",

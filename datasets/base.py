@@ -481,3 +481,72 @@ class FolderSegmentation(GeoTIFFSegmentationDataset):
                 )
             samples.append(Sample(name=name, mask=mask, images={"image": image}))
         return samples
+
+
+class BandMappedDataset(Dataset):
+    """Another sensor's dataset read as the bands a model was trained on (cross-sensor
+    evaluation: ``run.py eval_dir=<run> dataset=<other sensor>``).
+
+    Sample ``i`` is the wrapped dataset's, with its channels taken in the trained order
+    (``given_bands[k]`` stands in for ``trained.bands[k]``, see :func:`deflect.data.map_bands`)
+    and its reflectance bands converted to the trained reflectance scale; invalid pixels stay
+    NaN. ``spec`` is the trained data description: the trained statistics normalise the values,
+    since reflectance is a physical quantity the two sensors share.
+
+    Args:
+        dataset: the other sensor's dataset (a :class:`GeoTIFFSegmentationDataset`).
+        given_bands: its band standing in for each trained band, in the trained order.
+        trained: the band manifest of the trained run.
+    """
+
+    def __init__(self, dataset: GeoTIFFSegmentationDataset, given_bands: list[str],
+                 trained: DataSpec) -> None:  # fmt: skip
+        self.dataset = dataset
+        self.spec = trained
+        self.index = [dataset.bands.index(b) for b in given_bands]
+        reflectance = set(reflectance_bands(trained.bands, trained.sensor))
+        factor = trained.reflectance_scale / dataset.spec.reflectance_scale
+        self.factors = np.array(
+            [factor if b in reflectance else 1.0 for b in trained.bands], dtype=np.float32
+        )[:, None, None]
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read_sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The trained bands (C, H, W) in trained units, NaN where invalid, and the mask (its
+        ignored pixels marked with the trained ``ignore_index``)."""
+        image, mask = self.dataset.read_sample(index)
+        mask = np.where(mask == self.dataset.ignore_index, self.spec.ignore_index, mask)
+        return image[self.index] * self.factors, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask = self.read_sample(index)
+        image_t, mask_t = torch.from_numpy(image), torch.from_numpy(mask)
+        if self.transform is not None:
+            image_t, mask_t = self.transform(image_t, mask_t)
+        return {"image": image_t, "mask": mask_t, "index": index,
+                **self.dataset.sample_metadata(index)}  # fmt: skip
+
+    @property
+    def bands(self) -> list[str]:
+        return list(self.spec.bands)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec.classes)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.spec.ignore_index
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def sample_name(self, index: int) -> str:
+        return self.dataset.sample_name(index)
+
+    def georeference(self, index: int) -> tuple[CRS | None, Affine]:
+        return self.dataset.georeference(index)

@@ -138,6 +138,70 @@ def resolve_band_name(name: str, sensor: str = "sentinel2a") -> str | None:
     return None
 
 
+#: How far (nm) a band's centre may lie outside another band's width and still stand in for it.
+CROSS_SENSOR_TOLERANCE_NM = 30.0
+
+
+def map_bands(
+    trained: Sequence[str],
+    trained_sensor: str,
+    given: Sequence[str],
+    given_sensor: str,
+    tolerance_nm: float = CROSS_SENSOR_TOLERANCE_NM,
+) -> list[tuple[str, str, float | None, float | None]]:
+    """Which band of another sensor stands in for each band a model was trained on.
+
+    A given band takes the place of a trained one when spyndex gives both the same band symbol
+    (``N2``: Sentinel-2's B8A and Landsat 8's B5); otherwise the given band whose centre lies
+    within the trained band's width (centre ± half the bandwidth, widened by ``tolerance_nm``),
+    the nearest if several (Landsat 8's B5 at 865 nm for Sentinel-2's broad NIR B8, 780-886 nm).
+    Bands spyndex does not know (SAR, elevation) must be present under the same name.
+
+    Returns:
+        ``(trained band, given band, trained centre nm, given centre nm)`` per trained band, in
+        the trained order (centres None for bands spyndex does not know).
+
+    Raises:
+        ValueError: naming every trained band without a counterpart, with its wavelength.
+    """
+    t_table, g_table = _sensor_bands(trained_sensor), _sensor_bands(given_sensor)
+    t_symbol = {band: sym for sym, (band, _, _) in t_table.items()}
+    g_by_symbol = {sym: band for sym, (band, _, _) in g_table.items()}
+    given_canon = [canonical_band(b) for b in given]
+    out, missing = [], []
+    for band in trained:
+        canon = canonical_band(band)
+        symbol = t_symbol.get(canon)
+        if symbol is None:  # not an optical band spyndex knows: the same name, or nothing
+            if canon in given_canon:
+                out.append((band, given[given_canon.index(canon)], None, None))
+            else:
+                missing.append(f"{band} (no wavelength known: needs a band named {band})")
+            continue
+        _, centre, width = t_table[symbol]
+        match = g_by_symbol.get(symbol)
+        if match is None or match not in given_canon:
+            near = [
+                (abs(g_centre - centre), g_band)
+                for g_band, g_centre, _ in g_table.values()
+                if g_band in given_canon and abs(g_centre - centre) <= width / 2 + tolerance_nm
+            ]
+            match = min(near)[1] if near else None
+        if match is None:
+            missing.append(f"{band} ({centre:.0f} nm, {width:.0f} nm wide)")
+            continue
+        g_centre = next(c for b, c, _ in g_table.values() if b == match)
+        out.append((band, given[given_canon.index(match)], centre, g_centre))
+    if missing:
+        raise ValueError(
+            f"the model was trained on {trained_sensor} bands {list(trained)}; the "
+            f"{given_sensor} bands {list(given)} have no counterpart for {', '.join(missing)} "
+            f"(same spyndex band, or a centre within the band's width + {tolerance_nm:g} nm). "
+            "Use data with those bands, or a model trained without them"
+        )
+    return out
+
+
 def band_differences(trained: list[str], given: list[str]) -> list[str]:
     """What differs between the bands a model was trained on and the bands it is given, by
     name: missing and extra bands, or the same bands in another order (empty if equal)."""

@@ -57,6 +57,15 @@ def main(argv: list[str] | None = None) -> None:
         help="file names taken from input folders, e.g. '*_B.tif' (default: the images of a "
         "folder in the run's training layout, its masks left out; else every GeoTIFF)",
     )  # fmt: skip
+    parser.add_argument(
+        "--sensor", default=None,
+        help="the scenes' sensor when it is not the model's, e.g. landsat8 for a Sentinel-2 "
+        "model: bands are mapped to the trained ones by spyndex band and wavelength",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reflectance-scale", type=float, default=None,
+        help="the scenes' stored value of reflectance 1.0 when it is not training's",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
         "--precision", default=None, choices=["fp32", "bf16", "fp16"],
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             probabilities=args.probabilities, bands=bands,
             progress=info.is_main and not args.no_progress,
             rank=info.rank, world_size=info.world_size,
-            pattern=args.pattern,
+            pattern=args.pattern, sensor=args.sensor, reflectance_scale=args.reflectance_scale,
         )  # fmt: skip
         for out in outputs:
             log.info(

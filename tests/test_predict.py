@@ -410,3 +410,58 @@ def test_cli_writes_what_the_library_writes(predictor, run_dir, tmp_path):
                                   read(expected.prediction))  # fmt: skip
     np.testing.assert_allclose(read(tmp_path / "cli" / "s_prob.tif"),
                                read(expected.probabilities), atol=1e-6)  # fmt: skip
+
+
+def test_a_sentinel2_run_evaluates_on_landsat8_bands_through_the_mapping(run_dir, demo_root,
+                                                                         tmp_path):  # fmt: skip
+    """The demo's tiles rewritten as Landsat 8 files (B2, B3, B4 and B5 for NIR, named as
+    Landsat names them): ``eval_dir=<run> dataset=folder dataset.sensor=landsat8`` maps B8 <- B5
+    by wavelength, prints the table, records it, and scores exactly what the Sentinel-2 files
+    score; without B5 the missing counterpart is named."""
+    landsat = tmp_path / "landsat"
+    for path in demo_root.rglob("*.tif"):
+        target = landsat / path.relative_to(demo_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path) as src:
+            data, profile = src.read(), src.profile
+        with rasterio.open(target, "w", **profile) as dst:
+            dst.write(data)
+            if src.count == 4:
+                dst.descriptions = ("B2", "B3", "B4", "B5")
+    args = [f"eval_dir={run_dir}", "dataset=folder", f"dataset.root={landsat}",
+            "dataset.sensor=landsat8", "dataset.classes=[bare,sparse,moderate,dense]",
+            "dataset.ignore_index=255", "dataset.reflectance_scale=10000", "num_vis=0",
+            "save_predictions=false"]  # fmt: skip
+    proc = run_cli(args, tmp_path)
+    assert "B8    <- B5       832.8 nm <-   865.0 nm" in proc.stdout
+    out = run_dir / "cross_sensor" / "GeoTIFFFolder_landsat8" / "test_metrics.json"
+    crossed = json.loads(out.read_text())
+    assert [m["given"] for m in crossed["band_mapping"]] == ["B2", "B3", "B4", "B5"]
+    assert crossed["sensor"] == "landsat8" and crossed["trained_sensor"] == "sentinel2a"
+    same = json.loads((run_dir / "metrics.json").read_text())["test"]  # the Sentinel-2 tiles
+    assert crossed["confusion_matrix"] == same["confusion_matrix"]
+    from deflect.data import map_bands
+
+    with pytest.raises(ValueError, match=r"no counterpart for B8 \(833 nm, 106 nm wide\)"):
+        map_bands(DEMO_BANDS, "sentinel2a", ["B2", "B3", "B4", "B6"], "landsat8")  # no NIR
+    mapped = map_bands(DEMO_BANDS, "sentinel2a", ["B5", "B4", "B2", "B3"], "landsat8")
+    assert [g for _, g, _, _ in mapped] == ["B2", "B3", "B4", "B5"]  # by wavelength, any order
+
+
+def test_a_landsat8_scene_is_mapped_to_the_trained_bands_and_converted(predictor, tmp_path):
+    """predict.py --sensor landsat8 [--reflectance-scale 1]: the same map as the Sentinel-2
+    scene (reflectance is physical; only names and units differ)."""
+    image = demo_pixels(40, 40)
+    s2 = write_scene(tmp_path / "s2.tif", image)
+    l8 = write_scene(tmp_path / "l8.tif", image[[3, 2, 1, 0]], ["B5", "B4", "B3", "B2"])
+    fraction = np.where(np.isfinite(image) & (image != NODATA), image / 10000, image)
+    l8f = write_scene(tmp_path / "l8_float.tif", fraction, ["B2", "B3", "B4", "B5"])
+    expected = read(predict.predict_scene(predictor, s2, tmp_path / "a", progress=False).prediction)
+    got = predict.predict_scene(predictor, l8, tmp_path / "b", progress=False, sensor="landsat8")
+    np.testing.assert_array_equal(read(got.prediction), expected)
+    got = predict.predict_scene(predictor, l8f, tmp_path / "c", progress=False, sensor="landsat8",
+                                reflectance_scale=1.0)  # fmt: skip
+    assert (read(got.prediction) == expected).mean() > 0.999  # float32 rounding of x/1e4*1e4
+    with pytest.raises(ValueError, match="no counterpart for B8"):
+        predict.predict_scene(predictor, l8, tmp_path / "d", progress=False, sensor="landsat8",
+                              bands=["B6", "B4", "B3", "B2"])  # fmt: skip

@@ -371,3 +371,22 @@ def test_multirun_gives_each_job_a_folder_in_one_sweep_folder(demo_root, tmp_pat
                if before.get(p) != after[p] and p.name not in ("multirun.yaml", ".lock")]  # fmt: skip
     assert not changed, changed
     assert [p.name for p in (tmp_path / "work_dirs").iterdir()] == ["multirun"]
+
+
+def test_explain_reproduces_the_test_metric_and_occludes_every_band(trained):
+    """scripts/explain.py on a finished run: its baseline is the run's own test mIoU, exactly;
+    each band's occlusion is scored; files, train.log table and TensorBoard scalars written."""
+    from deflect.engine.explain import explain_run
+
+    work_dir, _ = trained
+    report = explain_run(work_dir, "test", "cpu")
+    assert (
+        report["baseline"]["mIoU"]
+        == json.loads((work_dir / "metrics.json").read_text())["test"]["mIoU"]
+    )
+    assert sorted(r["input"] for r in report["importance"]) == ["B2", "B3", "B4", "B8"]
+    rows = {r["input"]: r for r in report["importance"]}
+    assert rows["B8"]["drop"] == 0.0  # frozen RGB encoder: NIR never reaches the model
+    for name in ("importance.csv", "importance.png", "explain.json"):
+        assert (work_dir / "diagnostics" / name).is_file()
+    assert "diagnostics (test): drop of mIoU" in (work_dir / "train.log").read_text()

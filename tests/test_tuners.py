@@ -406,11 +406,16 @@ def test_hydra_instantiate_builds_config() -> None:
     json.dumps(config.to_dict())
 
 
-def test_hls_bands_need_nir_from_b8a() -> None:
+def test_hls_bands_take_their_nir_indices_from_b8a_unless_told_not_to() -> None:
+    """B8A stands in for N where B8 is absent, by default: HLS data get NDVI and NBR."""
     hls = s2_spec(["B2", "B3", "B4", "B8A", "B11", "B12"])
     with pytest.raises(ValueError, match=r"NDVI.*N \(band B8\)"):
-        get_deflect_model(tiny_vit(), DeflectConfig(indices=["NDVI", "NBR"]), data=hls)
-    config = DeflectConfig(indices=["NDVI", "NBR", "FAI"], nir_from_b8a=True)
+        get_deflect_model(
+            tiny_vit(), DeflectConfig(indices=["NDVI", "NBR"], nir_from_b8a=False), data=hls
+        )
+    default = get_deflect_model(tiny_vit(), DeflectConfig(), data=hls)
+    assert "NDVI" in default.peft_config["default"].indices
+    config = DeflectConfig(indices=["NDVI", "NBR", "FAI"])
     adapted = get_deflect_model(tiny_vit(), config, data=hls)
     assert adapted(torch.rand(1, 6, 32, 32)).shape == (1, 32)
     with warnings.catch_warnings():

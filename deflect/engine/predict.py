@@ -46,7 +46,14 @@ from rasterio.windows import Window
 from torch import nn
 from tqdm import tqdm
 
-from deflect.data import DataSpec, canonical_band, invalid_to_nan, resolve_band_name
+from deflect.data import (
+    DataSpec,
+    canonical_band,
+    invalid_to_nan,
+    map_bands,
+    reflectance_bands,
+    resolve_band_name,
+)
 from deflect.engine.distributed import resolve_device
 from deflect.engine.evaluator import AUTOCAST_DTYPES, autocast_context
 from deflect.engine.inference import window_starts
@@ -262,8 +269,13 @@ def select_bands(
     spec: DataSpec,
     bands: Sequence[str] | None = None,
     source: str = "the scene",
+    sensor: str | None = None,
 ) -> list[int]:
     """The scene's band numbers (1-based) holding the model's bands, in the model's order.
+
+    With ``sensor`` other than the model's (a Landsat 8 scene for a Sentinel-2 model), the
+    scene's bands are read as that sensor's and mapped to the trained ones by spyndex band and
+    wavelength (:func:`~deflect.data.map_bands`); the mapping is logged.
 
     The scene's band names are ``bands`` when given, else its band descriptions when every band
     has one, else (a scene of exactly as many bands as the model takes) the training order,
@@ -307,6 +319,12 @@ def select_bands(
             f"{len(model_bands)} ({model_bands}); give the file's band names in order with "
             "--bands B2,B3,..."
         )
+    if sensor and sensor != spec.sensor:
+        given = [resolve_band_name(n, sensor) or canonical_band(n) for n in names]
+        mapping = map_bands(spec.bands, spec.sensor, given, sensor)
+        log.info("%s: %s bands mapped to the trained %s bands: %s", source, sensor, spec.sensor,
+                 ", ".join(f"{t} <- {g}" for t, g, _, _ in mapping))  # fmt: skip
+        return [given.index(g) + 1 for _, g, _, _ in mapping]
     # Codes, common names (Blue, NIR, SWIR 1) or wavelengths, for the model's sensor.
     canon = [resolve_band_name(n, spec.sensor) or canonical_band(n) for n in names]
     renamed = [f"{n} -> {c}" for n, c in zip(names, canon) if canonical_band(n) != c]
@@ -328,6 +346,7 @@ def read_normalised(
     window: Window,
     spec: DataSpec,
     nodata: Sequence[float] = (),
+    factors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Bands ``indexes`` of ``window`` of ``src``, invalid pixels NaN, normalised per band.
 
@@ -337,6 +356,7 @@ def read_normalised(
         window: the pixels to read (inside the scene).
         spec: the model's data description (no-data value, band statistics).
         nodata: no-data values besides the training one (the scene's own declared value).
+        factors: ``(C, 1, 1)`` per-band factors to the trained units (another reflectance scale).
 
     Returns:
         float32 ``(C, height, width)``: ``(x - mean) / std``, NaN at invalid pixels.
@@ -351,6 +371,8 @@ def read_normalised(
             f"cannot read pixels {window} of {src.name!r} (truncated or corrupt?): {err}"
         ) from err
     image = invalid_to_nan(raw, [v for v in (spec.nodata, *nodata) if v is not None])
+    if factors is not None:  # another reflectance scale than training's
+        image = image * factors
     mean = np.asarray(spec.mean_list(), dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std_list(), dtype=np.float32)[:, None, None]
     return (image - mean) / std
@@ -578,6 +600,7 @@ def predict_block(
     batch_size: int,
     warned: set[str] | None = None,
     nodata: Sequence[float] = (),
+    factors: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, int]:
     """Averaged logits of one output block from the global tiles that intersect it.
 
@@ -603,7 +626,7 @@ def predict_block(
     ey0, ey1, ex0, ex1 = tops[0], tops[-1] + win, lefts[0], lefts[-1] + win
     ry1, rx1 = min(ey1, grid.height), min(ex1, grid.width)
     read = read_normalised(
-        src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec, nodata
+        src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec, nodata, factors
     )
     image = torch.from_numpy(read)
     if ry1 < ey1 or rx1 < ex1:
@@ -665,6 +688,8 @@ def predict_scene(
     probabilities: bool = False,
     bands: Sequence[str] | None = None,
     progress: bool = True,
+    sensor: str | None = None,
+    reflectance_scale: float | None = None,
 ) -> SceneOutputs:
     """Predict one GeoTIFF scene of any size, block by block, into ``out_dir``.
 
@@ -683,6 +708,10 @@ def predict_scene(
         probabilities: also write the class probabilities.
         bands: the scene's band names in file order (default: its band descriptions).
         progress: show a progress bar.
+        sensor: the scene's sensor when it is not the model's (its bands are then mapped to the
+            trained ones by spyndex band and wavelength).
+        reflectance_scale: the scene's stored value of reflectance 1.0 when it differs from
+            training's (its reflectance bands are converted).
 
     Returns:
         The written paths.
@@ -709,15 +738,24 @@ def predict_scene(
     except RasterioError as err:
         raise OSError(f"cannot open scene {str(path)!r} (not a GeoTIFF?): {err}") from err
     with src, ExitStack() as stack:
-        indexes = select_bands(src.count, src.descriptions, spec, bands, f"scene {str(path)!r}")
+        indexes = select_bands(
+            src.count, src.descriptions, spec, bands, f"scene {str(path)!r}", sensor
+        )
+        factors = None
+        if reflectance_scale and float(reflectance_scale) != spec.reflectance_scale:
+            optical = set(reflectance_bands(spec.bands, spec.sensor))
+            factor = spec.reflectance_scale / float(reflectance_scale)
+            factors = np.array([factor if b in optical else 1.0 for b in spec.bands],
+                               dtype=np.float32)[:, None, None]  # fmt: skip
         # The scene's own no-data value is honoured too, as training honours its files' value.
         nodata = () if src.nodata is None or np.isnan(src.nodata) else (float(src.nodata),)
         if nodata and spec.nodata != nodata[0]:
             log.info("%s declares no-data %g (training used %s): those pixels are left out",
                      path.name, nodata[0], spec.nodata)  # fmt: skip
-        check_reflectance_scale(
-            band_medians(src, indexes, spec, nodata=nodata), spec, f"scene {str(path)!r}"
-        )
+        medians = band_medians(src, indexes, spec, nodata=nodata)
+        if factors is not None:
+            medians = [m * float(f) for m, f in zip(medians, factors.ravel())]
+        check_reflectance_scale(medians, spec, f"scene {str(path)!r}")
         grid = TileGrid(src.height, src.width, predictor.window, predictor.stride)
         tmp = stack.enter_context(atomic_path(pred_path))
         pred = stack.enter_context(
@@ -742,7 +780,7 @@ def predict_scene(
         bar = tqdm(boxes, desc=path.name, disable=not progress, leave=False, dynamic_ncols=True)
         for box in bar:
             logits, invalid, run = predict_block(
-                predictor, src, indexes, grid, box, batch_size, warned, nodata
+                predictor, src, indexes, grid, box, batch_size, warned, nodata, factors
             )
             forwards += run
             y0, y1, x0, x1 = box
@@ -773,6 +811,8 @@ def predict_scenes(
     rank: int | None = None,
     world_size: int | None = None,
     pattern: str | None = None,
+    sensor: str | None = None,
+    reflectance_scale: float | None = None,
 ) -> list[SceneOutputs]:
     """Predict every scene of ``inputs`` (files or folders of .tif/.tiff) into ``out_dir``.
 
@@ -788,6 +828,7 @@ def predict_scenes(
             without a process group).
         pattern: file names taken from folders (:func:`list_scenes`); None: the images of a
             folder in the run's training layout, else every GeoTIFF.
+        sensor, reflectance_scale: as :func:`predict_scene`.
 
     Returns:
         What this process wrote.
@@ -804,6 +845,17 @@ def predict_scenes(
     mine = scenes[rank::world_size]
     log.info("%d scenes (%d on this process) -> %s", len(scenes), len(mine), out_dir)
     return [
-        predict_scene(predictor, scene, out_dir, batch_size, block, probabilities, bands, progress)
+        predict_scene(
+            predictor,
+            scene,
+            out_dir,
+            batch_size,
+            block,
+            probabilities,
+            bands,
+            progress,
+            sensor,
+            reflectance_scale,
+        )  # fmt: skip
         for scene in mine
     ]

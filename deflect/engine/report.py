@@ -156,23 +156,28 @@ def test_best(
     work_dir: Path,
     info: DistInfo,
     evaluator: Evaluator | None = None,
+    out_dir: Path | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Load ``best.pt``, evaluate the test split (with the training run's evaluator when given),
-    write ``test_metrics.json``, the picture panels and the GeoTIFF predictions; log the
+    write ``test_metrics.json`` (with ``extra``, e.g. a cross-sensor band mapping), the picture
+    panels and the GeoTIFF predictions into ``out_dir`` (default: the run folder); log the
     per-class table."""
+    out_dir = Path(out_dir or work_dir)
     best = best_checkpoint(work_dir)
     state = load_checkpoint(best)
     load_model_state(model, state, str(best))
     writer = PredictionWriter(
-        dataset, work_dir, int(cfg.num_vis), bool(cfg.save_predictions), info.is_main
+        dataset, out_dir, int(cfg.num_vis), bool(cfg.save_predictions), info.is_main
     )
     evaluator = evaluator or Evaluator(build.eval_settings(cfg), dataset.spec, info)
     loader = build.build_loader(dataset, cfg, info, train=False)
     metrics = evaluator.evaluate(model, loader, desc="test", on_batch=writer)
     if info.is_main:
         metrics["checkpoint_epoch"] = int(state["epoch"]) + 1
-        atomic_write_text(json.dumps(metrics, indent=2), work_dir / TEST_METRICS)
-        writer.save_png(work_dir / "test_predictions.png")
+        metrics.update(extra or {})
+        atomic_write_text(json.dumps(metrics, indent=2), out_dir / TEST_METRICS)
+        writer.save_png(out_dir / "test_predictions.png")
         log.info(
             "test metrics (%s, best epoch %d)\n%s",
             work_dir.name,
@@ -180,6 +185,52 @@ def test_best(
             metrics_table(metrics, f"test: {work_dir.name}"),
         )
     return metrics
+
+
+def cross_sensor_dataset(cfg: DictConfig, dataset, work_dir: Path):
+    """Another sensor's test split seen through the bands the run was trained on.
+
+    The trained bands come from the best checkpoint's band manifest; each is matched with a band
+    of ``dataset`` (:func:`~deflect.data.map_bands`: the same spyndex band, or the nearest centre
+    within its width), the mapping is logged as a table, values are converted to the trained
+    reflectance scale (reflectance is physical: the trained statistics are kept), and the
+    results go to ``cross_sensor/<dataset>/``.
+
+    Returns:
+        ``(mapped dataset, output folder, {"band_mapping": [...]})``.
+
+    Raises:
+        ValueError: a trained band without a counterpart (named), or other classes.
+    """
+    from datasets import BandMappedDataset
+    from datasets.transforms import build_transform
+    from deflect.data import DataSpec, map_bands
+
+    state = load_checkpoint(best_checkpoint(work_dir))
+    trained = DataSpec.from_dict(json.loads(state["data"]))
+    given = dataset.spec
+    if list(given.classes) != list(trained.classes):
+        raise ValueError(
+            f"the run was trained on classes {list(trained.classes)}, the dataset has "
+            f"{list(given.classes)}; cross-sensor evaluation needs the same classes, in order"
+        )
+    mapping = map_bands(trained.bands, trained.sensor, given.bands, given.sensor)
+    lines = [f"  {t:<5} <- {g:<5}  {tw:7.1f} nm <- {gw:7.1f} nm" if tw else f"  {t:<5} <- {g}"
+             for t, g, tw, gw in mapping]  # fmt: skip
+    log.info("bands of %s (%s) mapped to the trained %s bands:\n%s", type(dataset).__name__,
+             given.sensor, trained.sensor, "\n".join(lines))  # fmt: skip
+    mapped = BandMappedDataset(dataset, [g for _, g, _, _ in mapping], trained)
+    aug = cfg.augmentation
+    mapped.transform = build_transform(
+        trained, train=False, crop_size=int(cfg.img_size), hflip=float(aug.hflip),
+        vflip=float(aug.vflip), rot90=bool(aug.rot90),
+        min_labelled_fraction=float(aug.min_labelled_fraction),
+    )  # fmt: skip
+    name = str(cfg.dataset.get("_target_", "dataset")).rsplit(".", 1)[-1]
+    record = [{"trained": t, "given": g, "trained_nm": tw, "given_nm": gw}
+              for t, g, tw, gw in mapping]  # fmt: skip
+    extra = {"band_mapping": record, "sensor": given.sensor, "trained_sensor": trained.sensor}
+    return mapped, work_dir / "cross_sensor" / f"{name}_{given.sensor}", extra
 
 
 def record_failure(work_dir: Path, info: DistInfo) -> Path | None:

@@ -316,7 +316,7 @@ RUN_SETTINGS: dict[str, tuple] = {
     "monitor": (_CHOICE, ("mIoU", "mF1", "mPrecision", "mRecall", "OA"), False, "monitor=mF1"),
     **{key: (_BOOL, None, False, f"{key}=true") for key in (
         "compile", "activation_checkpointing", "save_predictions", "resume",
-        "resume_allow_changes", "keep_last", "check_reflectance_scale",
+        "resume_allow_changes", "keep_last", "check_reflectance_scale", "diagnostics",
     )},
     "optimizer.lr": (_FLOAT, 0.0, False, "optimizer.lr=1e-4"),
     "optimizer.weight_decay": (_FLOAT, 0.0, False, "optimizer.weight_decay=0.05"),
@@ -326,7 +326,7 @@ _STRICT = {"encoder_lr_scale", "optimizer.lr"}
 #: Top-level keys the framework reads (config groups, settings and the folders).
 KNOWN_KEYS = {
     *CONFIG_GROUPS, *(k for k in RUN_SETTINGS if "." not in k), "loss", "work_root", "work_dir",
-    "eval_dir",
+    "eval_dir", "cross_sensor",
 }  # fmt: skip
 
 
@@ -408,11 +408,15 @@ def check_targets(tree: object, source: str, path: str = "") -> None:
             check_targets(value, source, f"{path}[{i}]")
 
 
-def eval_config(work_dir: Path, overrides: list[str]) -> DictConfig:
+def eval_config(
+    work_dir: Path, overrides: list[str], dataset: DictConfig | None = None
+) -> DictConfig:
     """The config a run was trained with, updated by command-line key overrides.
 
     ``dataset.root=...`` or ``batch_size=...`` apply; selecting another config group
-    (``dataset=other``) would evaluate a different experiment and is refused.
+    (``encoder=...``) would evaluate a different experiment and is refused. ``dataset=other``
+    (another sensor's data, evaluated through a band mapping) is taken when the caller passes
+    that dataset's composed config as ``dataset``; the result then has ``cross_sensor: true``.
     """
     path = work_dir / "config.yaml"
     if not path.is_file():
@@ -421,11 +425,14 @@ def eval_config(work_dir: Path, overrides: list[str]) -> DictConfig:
             "folder written by a training run, e.g. work_dirs/<time>_<encoder>_<finetune>_<dataset>"
         )
     saved = OmegaConf.load(path)
+    other = any(item.split("=", 1)[0] == "dataset" for item in overrides)
+    if other and dataset is None:
+        raise ValueError("eval_dir with dataset=<other>: the other dataset's config is needed")
     keep = []
     for item in overrides:
         key = item.split("=", 1)[0]
-        if key == "eval_dir":
-            continue
+        if key == "eval_dir" or (other and (key == "dataset" or key.startswith("dataset."))):
+            continue  # another dataset: its own composed config replaces the saved one
         if key.startswith(("+", "~")) or key in CONFIG_GROUPS:
             raise ValueError(
                 f"eval_dir: the override {item!r} changes the experiment; only key overrides "
@@ -433,8 +440,11 @@ def eval_config(work_dir: Path, overrides: list[str]) -> DictConfig:
             )
         keep.append(item)
     merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(keep))
+    if other:
+        merged.dataset = OmegaConf.create(OmegaConf.to_container(dataset, resolve=True))
     check_targets(OmegaConf.to_container(merged, resolve=False), str(path))
     merged.eval_dir = str(work_dir)
+    merged.cross_sensor = bool(other)
     return merged
 
 
@@ -442,7 +452,7 @@ def eval_config(work_dir: Path, overrides: list[str]) -> DictConfig:
 RESUME_FREE_KEYS = {
     "resume", "resume_allow_changes", "work_dir", "work_root", "stop_after_epochs",
     "num_workers", "eval_dir", "log_interval", "device", "dist_timeout", "keep_last",
-    "eval_batch_size", "num_vis", "save_predictions", "check_reflectance_scale",
+    "eval_batch_size", "num_vis", "save_predictions", "check_reflectance_scale", "diagnostics",
 }  # fmt: skip
 
 

@@ -27,7 +27,8 @@ class DeflectConfig(TunerConfig):
         indices: ``"default"`` (the curated list, restricted to the indices the bands allow),
             ``"auto"`` (every computable spyndex index) or a list of spyndex names (each must be
             computable from the bands). Stored resolved to a list once the model is built.
-        nir_from_b8a: B8A stands in for N (NIR) when B8 is absent (HLS).
+        nir_from_b8a: B8A stands in for N (NIR) when B8 is absent (HLS, or any band set
+            with the narrow NIR band only); without it NDVI, NBR, EVI, ... are left out.
         raw_bands: include the normalised bands among the per-pixel features.
         stats: pixel-set statistics per patch (``mean std min max median qNN``).
         pixels_per_patch: sample k random pixels per patch in training (None: all pixels).
@@ -49,7 +50,7 @@ class DeflectConfig(TunerConfig):
 
     method: str = "deflect"
     indices: list[str] | str = "default"
-    nir_from_b8a: bool = False
+    nir_from_b8a: bool = True
     raw_bands: bool = True
     stats: list[str] = field(default_factory=lambda: list(DEFAULT_STATS))
     pixels_per_patch: int | None = None

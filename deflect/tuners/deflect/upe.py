@@ -230,6 +230,11 @@ class UntangledPatchEmbedding(nn.Module):
         self.norm = nn.LayerNorm(in_dim, elementwise_affine=False)
         self.projection = nn.Linear(in_dim, embed_dim)
         self.spectral_map = SpectralMap(embed_dim, hidden_dim)
+        #: Occlusion for diagnostics (``scripts/explain.py``): per-pixel feature index -> the
+        #: value that replaces it at its valid pixels, and statistic column (of the F·S) -> its
+        #: replacement. Empty in training and evaluation.
+        self.occlude_features: dict[int, float] = {}
+        self.occlude_statistics: dict[int, float] = {}
         self.cls_token = None
         if cls_token == "learned":
             # Unit norm, not zero: under norm matching the token is divided by its own norm,
@@ -276,14 +281,22 @@ class UntangledPatchEmbedding(nn.Module):
                 masks.append(index_valid)
             return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
 
+    def feature_names(self) -> list[str]:
+        """Names of the F per-pixel features, in order: the raw bands, then the indices."""
+        return [*(self.bands if self.raw_bands else []), *self.indices.names]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Spectral patch tokens before norm matching: ``(B, C, H, W) -> (B, N, D)``."""
         with torch.no_grad():  # the data, not the adapter, decides these: no graph to keep
             features, valid = self.pixel_features(x)  # (B, F, H, W) each
+            for f, value in self.occlude_features.items():
+                features[:, f] = torch.where(valid[:, f], value, 0.0)
             k = self.pixels_per_patch if self.training else None
             statistics = pixel_set_statistics(
                 features, self.patch_size, self.stats, valid, k, tubelet_size=self.tubelet_size
             )  # (B, N, F*S)
+            for column, value in self.occlude_statistics.items():
+                statistics[..., column] = value
         statistics = statistics.to(self.projection.weight.dtype)
         return self.spectral_map(self.projection(self.norm(statistics)))  # (B, N, D)
 

@@ -1,0 +1,413 @@
+"""What a trained run learned from the spectrum: input importance by occlusion, and what
+DEFLECT's spectral stream does in each adapted block.
+
+    from deflect.engine.explain import explain_run
+    report = explain_run("work_dirs/<run>", split="test")
+
+**Occlusion.** The run's own evaluation (its evaluator, windows, precision and split: the baseline
+equals ``test_metrics.json``) is repeated with one input at a time replaced by its training mean:
+
+* each band, everywhere it is valid (0 after the run's normalisation, which is the training mean);
+* for DEFLECT, each per-pixel feature of the untangled patch embedding (its raw bands and its
+  spectral indices), replaced inside UPE by its mean over training pixels, and each pixel-set
+  statistic group (all the ``q90`` columns, say), replaced by its training mean.
+
+The importance of an input is the drop of the task's metric (mIoU): how much the model needed it.
+
+**Deflection.** Per adapted block, over the patch tokens of the split: the angle between the
+untangled attention update δ_uAtt and the frozen one δ_RGB, the ratio ‖δ_uAtt‖ / ‖δ_RGB‖ (what soft
+deflection constrains), the update actually added relative to the token ‖x‖, and the share of the
+attention logits that comes from the spectral stream:
+
+    (Q_P+Q_A)(K_P+K_A)ᵀ = Q_P K_Pᵀ + [Q_P K_Aᵀ + Q_A K_Pᵀ + Q_A K_Aᵀ]
+    share = Σ|spectral terms| / (Σ|Q_P K_Pᵀ| + Σ|spectral terms|)      over patch-token queries
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: The metric an occlusion's importance is measured on.
+METRIC = "mIoU"
+
+
+@dataclass(frozen=True)
+class Occlusion:
+    """One input replaced by its training mean: a band, a UPE feature, or a statistic group."""
+
+    kind: str  # band | feature | statistic
+    name: str
+    index: int
+
+
+class BandOcclusion(nn.Module):
+    """``model`` fed its input with band ``index`` at the training mean (0 after
+    normalisation) wherever it is valid; invalid (NaN) pixels stay invalid."""
+
+    def __init__(self, model: nn.Module, index: int) -> None:
+        super().__init__()
+        self.model, self.index = model, index
+        self.metadata_keys = getattr(model, "metadata_keys", ())
+
+    def forward(self, x: torch.Tensor, **metadata: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        band = x[:, self.index]
+        x[:, self.index] = torch.where(torch.isnan(band), band, torch.zeros_like(band))
+        return self.model(x, **metadata)
+
+
+def _vit(model: nn.Module) -> nn.Module:
+    """The adapted ViT (``blocks``, ``patch_embed``) of a segmentor or of a DEFLECT model."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None:  # a segmentor: its framework encoder's ViT
+        return encoder.base_model.vit
+    base = model.base_model  # a DeflectModel around an encoder or a bare timm ViT
+    return base.vit if hasattr(base, "vit") else base
+
+
+def deflect_upe(model: nn.Module):
+    """The active adapter's untangled patch embedding of a segmentor, or None (not DEFLECT)."""
+    patch_embed = getattr(_vit(model), "patch_embed", None)
+    upes = getattr(patch_embed, "deflect_upe", None)
+    if not upes:
+        return None
+    return upes[patch_embed.active_adapter]
+
+
+@contextmanager
+def occluded(model: nn.Module, occlusion: Occlusion, means: dict):
+    """``model`` (or a wrapper) with ``occlusion`` applied, restored afterwards."""
+    if occlusion.kind == "band":
+        yield BandOcclusion(model, occlusion.index)
+        return
+    upe = deflect_upe(model)
+    if occlusion.kind == "feature":
+        upe.occlude_features = {occlusion.index: float(means["features"][occlusion.index])}
+    else:
+        s, num_stats = occlusion.index, len(upe.stats)
+        columns = range(s, upe.num_features * num_stats, num_stats)
+        upe.occlude_statistics = {c: float(means["statistics"][c]) for c in columns}
+    try:
+        yield model
+    finally:
+        upe.occlude_features, upe.occlude_statistics = {}, {}
+
+
+@torch.no_grad()
+def upe_training_means(model: nn.Module, dataset, samples: int = 64) -> dict:
+    """Means over (up to ``samples``) training samples of UPE's per-pixel features (over their
+    valid pixels) and of its F·S pixel-set statistics (over patch tokens)."""
+    from deflect.tuners.deflect.upe import pixel_set_statistics
+
+    upe = deflect_upe(model)
+    device = next(model.parameters()).device
+    sums = torch.zeros(upe.num_features, dtype=torch.float64)
+    counts = torch.zeros(upe.num_features, dtype=torch.float64)
+    stat_sum, stat_count = None, 0
+    picks = sorted({round(i * (len(dataset) - 1) / max(samples - 1, 1)) for i in range(samples)})
+    for i in picks[: len(dataset)]:
+        x = dataset[i]["image"][None].to(device)
+        features, valid = upe.pixel_features(x)  # (1, F, H, W)
+        sums += torch.where(valid, features, 0.0).sum(dim=(0, 2, 3)).double().cpu()
+        counts += valid.sum(dim=(0, 2, 3)).double().cpu()
+        stats = pixel_set_statistics(features, upe.patch_size, upe.stats, valid,
+                                     tubelet_size=upe.tubelet_size)  # fmt: skip  # (1, N, F*S)
+        flat = stats.reshape(-1, stats.shape[-1]).double().cpu()
+        stat_sum = flat.sum(0) if stat_sum is None else stat_sum + flat.sum(0)
+        stat_count += flat.shape[0]
+    return {
+        "features": (sums / counts.clamp_min(1)).tolist(),
+        "statistics": (stat_sum / max(stat_count, 1)).tolist(),
+    }
+
+
+def occlusions(model: nn.Module, bands: list[str]) -> list[Occlusion]:
+    """Every input of ``model`` to occlude: its bands, and DEFLECT's features and statistics."""
+    out = [Occlusion("band", b, i) for i, b in enumerate(bands)]
+    upe = deflect_upe(model)
+    if upe is not None:
+        out += [Occlusion("feature", n, i) for i, n in enumerate(upe.feature_names())]
+        out += [Occlusion("statistic", n, i) for i, n in enumerate(upe.stats)]
+    return out
+
+
+# ---- the deflection ------------------------------------------------------------------------------
+def attention_logit_share(
+    attn: nn.Module, u: torch.Tensor, spectral_qkv: torch.Tensor, num_prefix: int
+) -> torch.Tensor:
+    """Per sample, the share of the untangled attention logits that the spectral stream makes,
+    over patch-token queries: Σ|Q_P K_Aᵀ + Q_A K_Pᵀ + Q_A K_Aᵀ| / (Σ|Q_P K_Pᵀ| + that). ``(B,)``"""
+    from deflect.tuners.deflect.uatt import _heads
+
+    q_p, k_p, _ = _heads(attn.qkv(u), attn.num_heads)  # (B, h, T, d)
+    q_a, k_a, _ = _heads(spectral_qkv, attn.num_heads)
+    rgb = q_p @ k_p.transpose(-1, -2)
+    spectral = (
+        q_p @ k_a.transpose(-1, -2) + q_a @ k_p.transpose(-1, -2) + q_a @ k_a.transpose(-1, -2)
+    )
+    rgb, spectral = rgb[:, :, num_prefix:].abs(), spectral[:, :, num_prefix:].abs()
+    s = spectral.sum(dim=(1, 2, 3))
+    return s / (rgb.sum(dim=(1, 2, 3)) + s).clamp_min(1e-12)
+
+
+class DeflectionRecorder:
+    """Records, per adapted block, the statistics of section "Deflection" above while a DEFLECT
+    model runs (patching the adapter's functions for the duration of a ``with``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        vit = _vit(model)
+        self.blocks = [i for i, b in enumerate(vit.blocks) if getattr(b, "deflect_uatt", None)]
+        self.num_prefix = int(getattr(vit, "num_prefix_tokens", 1))
+        self.records: dict[int, dict[str, list[torch.Tensor]]] = {
+            b: {"angle": [], "ratio": [], "added": [], "share": []} for b in self.blocks
+        }
+        self._calls = 0
+
+    def __enter__(self) -> DeflectionRecorder:
+        from deflect.tuners.deflect import layer
+
+        self._layer = layer
+        self._originals = (layer.untangled_attention, layer.deflect_update,
+                           layer.deflect_embedding)  # fmt: skip
+        attend, update, embed = self._originals
+        state: dict = {}
+
+        def untangled(attn, u, spectral_qkv, *args, **kwargs):
+            block = self.blocks[self._calls % len(self.blocks)]
+            self._calls += 1
+            delta_uatt, delta_rgb = attend(attn, u, spectral_qkv, *args, **kwargs)
+            rec = self.records[block]
+            p = self.num_prefix
+            cos = torch.nn.functional.cosine_similarity(delta_uatt[:, p:], delta_rgb[:, p:], dim=-1)
+            rec["angle"].append(torch.rad2deg(torch.acos(cos.clamp(-1, 1))).flatten().cpu())
+            ratio = delta_uatt[:, p:].norm(dim=-1) / delta_rgb[:, p:].norm(dim=-1).clamp_min(1e-12)
+            rec["ratio"].append(ratio.flatten().cpu())
+            rec["share"].append(attention_logit_share(attn, u, spectral_qkv, p).cpu())
+            state["block"], state["x"] = block, None
+            return delta_uatt, delta_rgb
+
+        def deflect(delta_uatt, delta_rgb, mode="hard", eps=1e-6):
+            out = update(delta_uatt, delta_rgb, mode, eps)
+            state["added"] = out
+            return out
+
+        def deflect_token(x, delta_uatt, delta_rgb, eps=1e-6):
+            out = embed(x, delta_uatt, delta_rgb, eps)
+            state["added"], state["x"] = out, x
+            return out
+
+        self._state = state
+        layer.untangled_attention, layer.deflect_update = untangled, deflect
+        layer.deflect_embedding = deflect_token
+        return self
+
+    def block_input(self, block: int, x: torch.Tensor, added: torch.Tensor) -> None:
+        """Record the added update relative to the token entering ``block``."""
+        p = self.num_prefix
+        rel = added[:, p:].norm(dim=-1) / x[:, p:].norm(dim=-1).clamp_min(1e-12)
+        self.records[block]["added"].append(rel.flatten().cpu())
+
+    def __exit__(self, *exc) -> None:
+        (self._layer.untangled_attention, self._layer.deflect_update,
+         self._layer.deflect_embedding) = self._originals  # fmt: skip
+
+    def summary(self) -> list[dict]:
+        """Per block: quantiles (10, 50, 90 %) of angle, norm ratio, added/‖x‖; mean share."""
+        out = []
+        for block in self.blocks:
+            rec = {k: torch.cat(v).double() for k, v in self.records[block].items() if v}
+            row: dict = {"block": block}
+            for key in ("angle", "ratio", "added"):
+                if key in rec:
+                    q = torch.quantile(rec[key], torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+                    row[key] = [float(v) for v in q]
+            row["share"] = float(rec["share"].mean()) if "share" in rec else math.nan
+            row["angles"] = rec["angle"].float().tolist()[:20000] if "angle" in rec else []
+            out.append(row)
+        return out
+
+
+def record_block_inputs(model: nn.Module, recorder: DeflectionRecorder) -> list:
+    """Forward hooks on the adapted blocks: the added update over the token entering it."""
+    blocks = _vit(model).blocks
+    hooks = []
+    for index in recorder.blocks:
+
+        def hook(module, args, output, index=index):
+            x = args[0]
+            added = recorder._state.get("added")
+            if added is not None:
+                recorder.block_input(index, x, added)
+
+        hooks.append(blocks[index].register_forward_hook(hook))
+    return hooks
+
+
+# ---- the whole report ----------------------------------------------------------------------------
+def explain_run(run_dir: str | Path, split: str = "test", device: str = "auto") -> dict:
+    """Occlusion importance and (for DEFLECT) the deflection statistics of a finished run,
+    written to ``<run>/diagnostics/``: ``importance.csv``, ``importance.png``,
+    ``deflection.json`` and ``deflection.png``; a table is appended to ``train.log``."""
+    from deflect.engine import build
+    from deflect.engine.checkpoint import load_checkpoint, load_model_state
+    from deflect.engine.distributed import DistInfo, resolve_device
+    from deflect.engine.evaluator import Evaluator
+    from deflect.engine.workdir import best_checkpoint, eval_config
+
+    run_dir = Path(run_dir)
+    cfg = eval_config(run_dir, [])
+    info = DistInfo(0, 1, 0, resolve_device(device))
+    dataset = build.build_dataset(cfg, split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random-weights warnings: the checkpoint replaces them
+        model = build.build_model(cfg, dataset.spec).to(info.device)
+    best = best_checkpoint(run_dir)
+    load_model_state(model, load_checkpoint(best), str(best))
+    model.eval()
+    evaluator = Evaluator(build.eval_settings(cfg), dataset.spec, info)
+    loader = build.build_loader(dataset, cfg, info, train=False)
+    upe = deflect_upe(model)
+
+    recorder = DeflectionRecorder(model) if upe is not None else None
+    hooks = record_block_inputs(model, recorder) if recorder else []
+    try:
+        if recorder:
+            with recorder:
+                baseline = evaluator.evaluate(model, loader, desc=f"{split} (baseline)")
+        else:
+            baseline = evaluator.evaluate(model, loader, desc=f"{split} (baseline)")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    means = upe_training_means(model, build.build_dataset(cfg, "train")) if upe else {}
+    rows = []
+    for occlusion in occlusions(model, list(dataset.spec.bands)):
+        with occluded(model, occlusion, means) as occluded_model:
+            metrics = evaluator.evaluate(occluded_model, loader, desc=f"without {occlusion.name}")
+        rows.append({
+            "input": occlusion.name, "kind": occlusion.kind, METRIC: metrics[METRIC],
+            "drop": baseline[METRIC] - metrics[METRIC],
+        })  # fmt: skip
+    report = {
+        "run": str(run_dir),
+        "split": split,
+        "baseline": {METRIC: baseline[METRIC]},
+        "importance": sorted(rows, key=lambda r: -r["drop"]),
+        "deflection": recorder.summary() if recorder else [],
+    }
+    write_report(run_dir, report)
+    return report
+
+
+def write_report(run_dir: Path, report: dict, spread: dict[str, list[float]] | None = None) -> None:
+    """``diagnostics/`` files and the train.log table (see :func:`explain_run`)."""
+    from deflect.engine.checkpoint import atomic_write_text
+    from deflect.io import atomic_path
+
+    out = Path(run_dir) / "diagnostics"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "importance.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["input", "kind", METRIC, "drop"])
+        for row in report["importance"]:
+            writer.writerow([row["input"], row["kind"], f"{row[METRIC]:.6f}", f"{row['drop']:.6f}"])
+    slim = {**report, "deflection": [{k: v for k, v in b.items() if k != "angles"}
+                                     for b in report["deflection"]]}  # fmt: skip
+    atomic_write_text(json.dumps(slim, indent=1), out / "explain.json")
+    draw_importance(report, out / "importance.png", spread)
+    if report["deflection"]:
+        draw_deflection(report["deflection"], out / "deflection.png")
+    table = importance_table(report)
+    log.info("what the model used (%s, %s %.2f):\n%s", report["split"], METRIC,
+             100 * report["baseline"][METRIC], table)  # fmt: skip
+    from deflect.engine.logging import ScalarWriter
+
+    writer = ScalarWriter(Path(run_dir) / "tensorboard")
+    scalars = {f"diagnostics/drop_{r['kind']}/{r['input']}": 100 * r["drop"]
+               for r in report["importance"]}  # fmt: skip
+    for b in report["deflection"]:
+        scalars[f"diagnostics/angle_median/block{b['block']}"] = b["angle"][1]
+        scalars[f"diagnostics/added_over_x/block{b['block']}"] = b["added"][1]
+        scalars[f"diagnostics/spectral_logit_share/block{b['block']}"] = b["share"]
+    writer.scalars(scalars, 0)
+    writer.close()
+    with open(Path(run_dir) / "train.log", "a") as f:
+        f.write(f"\ndiagnostics ({report['split']}): drop of {METRIC} when an input is replaced "
+                f"by its training mean\n{table}\n")  # fmt: skip
+
+
+def importance_table(report: dict, top: int = 12) -> str:
+    """The most important inputs, a line each."""
+    rows = report["importance"][:top]
+    width = max(len(r["input"]) for r in rows) if rows else 5
+    return "\n".join(
+        f"  {r['input']:<{width}}  {r['kind']:<9}  drop {100 * r['drop']:+7.2f}" for r in rows
+    )
+
+
+def draw_importance(report: dict, path: Path, spread: dict[str, list[float]] | None = None) -> None:
+    """Sorted bars of the metric drop per input (coloured by kind), with the seed spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deflect.io import atomic_path
+
+    rows = report["importance"]
+    colours = {"band": "C0", "feature": "C3", "statistic": "C2"}
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(rows) + 2), 4.2), dpi=120)
+    values = [100 * r["drop"] for r in rows]
+    errors = None
+    if spread:
+        errors = [100 * (max(spread[r["input"]]) - min(spread[r["input"]])) / 2
+                  if len(spread.get(r["input"], [])) > 1 else 0 for r in rows]  # fmt: skip
+    ax.bar(range(len(rows)), values, color=[colours[r["kind"]] for r in rows], yerr=errors,
+           capsize=3)  # fmt: skip
+    ax.set_xticks(range(len(rows)), [r["input"] for r in rows], rotation=70, ha="right",
+                  fontsize=8)  # fmt: skip
+    ax.set_ylabel(f"drop of test {METRIC} (points)")
+    ax.set_title("input importance by occlusion (blue: bands, red: DEFLECT features, "
+                 "green: DEFLECT statistics)", fontsize=8)  # fmt: skip
+    ax.axhline(0, color="k", linewidth=0.5)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def draw_deflection(blocks: list[dict], path: Path) -> None:
+    """Per adapted block: the distribution of the angle between δ_uAtt and δ_RGB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deflect.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    for row in blocks:
+        if row["angles"]:
+            ax.hist(row["angles"], bins=45, range=(0, 180), histtype="step", linewidth=1.5,
+                    label=f"block {row['block']}: median {row['angle'][1]:.0f}°, added "
+                    f"{row['added'][1]:.2f}·‖x‖, spectral logits {100 * row['share']:.0f} %")  # fmt: skip
+    ax.set_xlabel("angle between δ_uAtt and δ_RGB (degrees)")
+    ax.set_ylabel("patch tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

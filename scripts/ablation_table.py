@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 SEED = "seed"
 
@@ -290,7 +291,7 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
 
     positive = [r.percent for r in rows if r.percent > 0]
     zero_at = (min(positive) / 4) if positive else 1e-3
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=130)
     for i, row in enumerate(rows):
         x = row.percent if row.percent > 0 else zero_at
         values = [100 * v for v in row.values("mIoU")]
@@ -299,7 +300,8 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
         marker = "*" if row.label.startswith("deflect") else "o"
         ax.errorbar(x, y, yerr=err, fmt=marker, markersize=11 if marker == "*" else 7,
                     capsize=4)  # fmt: skip
-        label = row.label + (" (0 %)" if row.percent <= 0 else "") + f"  n={len(values)}"
+        short = row.label.replace("finetune.", "")  # the method's options, by their own names
+        label = short + (" (0 %)" if row.percent <= 0 else "") + f"  n={len(values)}"
         offset = (6, 6) if i % 2 == 0 else (6, -14)  # neighbours' labels above and below
         ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
     ax.set_xscale("log")
@@ -308,8 +310,8 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     xs = [r.percent if r.percent > 0 else zero_at for r in rows]
-    if xs:
-        ax.set_xlim(min(xs) / 2, max(xs) * 4)
+    if xs:  # room on the right for the labels of the points
+        ax.set_xlim(min(xs) / 2, max(xs) * 60)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -317,15 +319,12 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
 
 # ---- writing -------------------------------------------------------------------------------------
 def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``write(tmp_path)`` into a temporary file beside ``path``, then renamed over ``path``
+    (``deflect.io.atomic_path``: the usual permissions, never a truncated file)."""
+    from deflect.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def plot_title(runs: list[Run]) -> str:
@@ -346,28 +345,40 @@ def plot_title(runs: list[Run]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the table, write ``results.md`` and ``results.png``; 0 when a run finished."""
+    """Print the table, write ``results.md`` and ``results.png``; 0 when a run finished.
+
+    Several sweep folders (e.g. one per arm of a study, each a ``run.py -m`` over seeds) make
+    one table; it is written to ``--out`` (default: the first folder)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", type=Path, help="the sweep folder (work_dirs/multirun/<time>)")
+    parser.add_argument("sweeps", type=Path, nargs="+",
+                        help="sweep folders (work_dirs/multirun/<time>)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where results.md and results.png go (default: the first sweep)")  # fmt: skip
     args = parser.parse_args(argv)
-    sweep = args.sweep.expanduser()
-    if not sweep.is_dir():
-        print(f"error: no sweep folder {sweep}; pass the folder a `run.py -m ...` multirun "
-              "wrote, e.g. work_dirs/multirun/<time>", file=sys.stderr)  # fmt: skip
-        return 1
-    runs = collect_runs(sweep)
-    if not runs:
-        print(f"error: {sweep} holds no run folder (<NNN>_<encoder>_<finetune>_<dataset>/ "
-              "with job.json); is it a sweep folder?", file=sys.stderr)  # fmt: skip
-        return 1
-    expected = expected_jobs(sweep)
-    text = render_markdown(sweep, runs, expected)
+    runs: list[Run] = []
+    expected: list[list[str]] = []
+    for sweep in (s.expanduser() for s in args.sweeps):
+        if not sweep.is_dir():
+            print(f"error: no sweep folder {sweep}; pass the folder a `run.py -m ...` multirun "
+                  "wrote, e.g. work_dirs/multirun/<time>", file=sys.stderr)  # fmt: skip
+            return 1
+        found = collect_runs(sweep)
+        if not found:
+            print(f"error: {sweep} holds no run folder (<NNN>_<encoder>_<finetune>_<dataset>/ "
+                  "with job.json); is it a sweep folder?", file=sys.stderr)  # fmt: skip
+            return 1
+        runs += found
+        expected += expected_jobs(sweep)
+    out = (args.out or args.sweeps[0]).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    title = out if len(args.sweeps) == 1 else f"{out} ({len(args.sweeps)} sweeps)"
+    text = render_markdown(title, runs, expected)
     print(text)
-    write_atomic(sweep / "results.md", lambda tmp: Path(tmp).write_text(text))
+    write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(text))
     rows = sweep_rows(runs, expected)[2]
     if rows:
-        draw_plot(rows, sweep / "results.png", plot_title(runs))
-        print(f"wrote {sweep / 'results.md'} and {sweep / 'results.png'}")
+        draw_plot(rows, out / "results.png", plot_title(runs))
+        print(f"wrote {out / 'results.md'} and {out / 'results.png'}")
     return 0 if rows else 1
 
 

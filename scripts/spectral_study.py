@@ -35,6 +35,8 @@ What it does, all of it written under ``--out`` (default ``work_dirs/spectral_st
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -86,13 +88,17 @@ ARMS: dict[str, list[str]] = {
     "lora_rgb_random": ["finetune=lora", "finetune.rank=4", "finetune.band_strategy=rgb_random"],
     "bitfit_rgb_random": ["finetune=bitfit", "finetune.band_strategy=rgb_random"],
     "full": ["finetune=full", "finetune.band_strategy=rgb_random"],
-    "deflect": ["finetune=deflect"],
+    "deflect_hard": ["finetune=deflect", "finetune.deflection=hard"],
     "deflect_soft": ["finetune=deflect", "finetune.deflection=soft"],
     "deflect_none": ["finetune=deflect", "finetune.deflection=none"],
     "deflect_embedding": ["finetune=deflect", "finetune.deflection=embedding"],
-    "deflect_all_blocks": ["finetune=deflect", "finetune.target_blocks=[0,1,2,3,4,5]"],
+    "deflect_hard_all_blocks": [
+        "finetune=deflect",
+        "finetune.deflection=hard",
+        "finetune.target_blocks=[0,1,2,3,4,5]",
+    ],  # fmt: skip
 }
-QUICK_ARMS = ["frozen", "spectral_kernel", "deflect", "deflect_none"]
+QUICK_ARMS = ["frozen", "spectral_kernel", "deflect_hard", "deflect_embedding"]
 #: Every arm: the decoder at 1e-3; encoder parameters that start at zero or at random (adapters,
 #: kernels) at 10x that, full fine-tuning's pretrained weights at 0.1x.
 COMMON_LR = ["optimizer.lr=1e-3"]
@@ -276,6 +282,18 @@ def sweep_arm(out: Path, task: str, arm: str, size: Size, checkpoint: Path, log:
          f"seed={','.join(str(s) for s in size.seeds)}", f"hydra.sweep.dir={sweep}",
          "resume=true"], out, log)  # fmt: skip
     return sweep
+
+
+def ablation_table():
+    """``scripts/ablation_table.py`` as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_table", REPO / "scripts" /
+                                                  "ablation_table.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- why: what the deflection lets through --------------------------------------------------------
@@ -504,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
             results[task][arm] = arm_results(sweep)
             print(f"{task:18s} {arm:20s} mIoU {mean_std(results[task][arm]['mIoU']):>12s}  "
                   f"({(time.time() - start) / 60:.1f} min)", flush=True)  # fmt: skip
+    tables = []
+    for task in args.tasks:  # scripts/ablation_table.py over the task's sweeps: table + Figure 1
+        table = ablation_table()
+        folder = out / "tables" / task
+        with contextlib.redirect_stdout(io.StringIO()):
+            table.main([*(str(out / "sweeps" / task / arm) for arm in arms), "--out", str(folder)])
+        tables.append(folder / "results.md")
     diagnostics = {}
     for task in args.tasks:
         for arm in (a for a in arms if a.startswith("deflect")):
@@ -515,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "study.json").write_text(json.dumps(results, indent=1))
     picture = draw(out, results)
     print(text)
-    print(f"wrote {out / 'study.md'}, {out / 'study.json'} and {picture}")
+    print(f"wrote {out / 'study.md'}, {out / 'study.json'} and {picture}; per task, the ablation "
+          f"table and Figure 1: {', '.join(str(t) for t in tables)} (and results.png)")  # fmt: skip
     return 0
 
 

@@ -215,7 +215,7 @@ def adapt(config: DeflectConfig):
 @pytest.mark.parametrize(
     "config",
     [
-        DeflectConfig(indices=INDICES),
+        DeflectConfig(indices=INDICES, deflection="hard"),
         DeflectConfig(indices=INDICES, deflection="none", target_blocks=[1, 2]),
         DeflectConfig(indices=INDICES, deflection="soft", temperature="sqrt_2d", cls_token="learned",
                       lambda_deflection=0.7),

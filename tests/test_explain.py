@@ -18,7 +18,7 @@ def test_deflection_statistics_equal_numpy_on_the_same_tensors():
     """Angle between δ_uAtt and δ_RGB, their norm ratio, the added update over ‖x‖ (hard
     deflection: ‖δ_RGB‖/‖x‖) and the spectral share of the logits, for block 0, recomputed in
     float64 numpy from the block's input and the spectral stream."""
-    adapted, data = adapt(DeflectConfig(indices=INDICES, target_blocks=[0]))
+    adapted, data = adapt(DeflectConfig(indices=INDICES, target_blocks=[0], deflection="hard"))
     adapted.eval()
     x = batch(data)
     vit = adapted.base_model

@@ -79,6 +79,6 @@ def test_the_quick_study_runs_end_to_end(tmp_path):
         assert f"| {arm} |" in text
     assert "What the spectral stream let through" in text
     diagnostics = json.loads((tmp_path / "diagnostics.json").read_text())
-    hard = diagnostics["spectral_only / deflect"]["blocks"][0]
+    hard = diagnostics["spectral_only / deflect_hard"]["blocks"][0]
     assert hard["added"] == pytest.approx(hard["delta_rgb"], rel=1e-4)  # hard keeps ‖δ_RGB‖
     assert (tmp_path / "study.png").stat().st_size > 10_000

@@ -180,8 +180,8 @@ ROWS: dict[str, Row] = {
         lambda n: ".deflect_" in n,
         all_bands=True,
     ),  # fmt: skip
-    "deflect_embedding": Row(
-        lambda: DeflectConfig(deflection="embedding", target_blocks=[0, 2]),
+    "deflect_hard": Row(
+        lambda: DeflectConfig(deflection="hard", target_blocks=[0, 2]),
         lambda norm: deflect_count(norm) - 4 * D * 8,
         lambda n: ".deflect_" in n,
         all_bands=True,

@@ -61,7 +61,7 @@ class DeflectConfig(TunerConfig):
     rank: int = 8
     target_blocks: list[int] = field(default_factory=lambda: [0, 1, 2])
     temperature: str = "sqrt_d"
-    deflection: str = "hard"
+    deflection: str = "embedding"
     lambda_deflection: float = 1.0
     eps: float = 1e-6
 

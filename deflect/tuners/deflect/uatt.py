@@ -37,7 +37,7 @@ class UntangledAttention(nn.Module):
         attn_dim: int,
         rank: int,
         temperature: str = "sqrt_d",
-        deflection: str = "hard",
+        deflection: str = "embedding",
         lambda_deflection: float = 1.0,
         eps: float = 1e-6,
     ) -> None:

@@ -236,6 +236,7 @@ COUNTS = {
     "bitfit": DEPTH * 11 * D + D, "norm_tuning": norm_count(False),
     "lora": lora_count(16), "scaled_lora": lora_count(16) + slr_scales(),
     "deflect": deflect_count(False), "lora_rgb_random": lora_count(2) + D * 11 * P * P,
+    "spectral_kernel": D * 11 * P * P,
 }  # fmt: skip
 OTHERS = [b for b in S2_BANDS if b not in PRITHVI_BANDS]
 
@@ -259,6 +260,7 @@ def repeat_input(x: torch.Tensor) -> torch.Tensor:
 
 INIT = {
     "lora_rgb_random": (zero_others, zero_others),
+    "spectral_kernel": (zero_others, zero_others),
     "bitfit_repeat": (lambda x: x, repeat_input),
     "frozen_repeat": (lambda x: x, repeat_input),
     "full_repeat": (lambda x: x, repeat_input),

@@ -207,6 +207,21 @@ def class_iou(row: Row, name: str) -> str:
     return f"{100 * statistics.mean(values):.2f}" if values else "n/a"
 
 
+def top_inputs(row: Row, count: int = 3) -> str:
+    """The inputs whose occlusion cost the most test mIoU, averaged over the seeds that ran
+    ``scripts/explain.py`` (``diagnostics/explain.json``); ``-`` when none did."""
+    drops: dict[str, list[float]] = {}
+    for run in row.runs:
+        report = read_json(run.folder / "diagnostics" / "explain.json")
+        for item in report.get("importance", []):  # band B8A and UPE feature B8A apart
+            label = item["input"] + ("" if item["kind"] == "band" else f" ({item['kind']})")
+            drops.setdefault(label, []).append(float(item["drop"]))
+    if not drops:
+        return "-"
+    ranked = sorted(drops, key=lambda k: -statistics.mean(drops[k]))[:count]
+    return ", ".join(f"{k}: {100 * statistics.mean(drops[k]):.1f}" for k in ranked)
+
+
 def optional_mean(values: list[float | None], digits: int) -> str:
     """Mean of the known values, or ``-``."""
     known = [v for v in values if v is not None]
@@ -230,9 +245,11 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
     lines = [f"# Ablation: {sweep}", ""]
     if common:
         lines += ["Common settings: " + " ".join(f"`{c}`" for c in common), ""]
+    explained = any((r.folder / "diagnostics" / "explain.json").is_file()
+                    for row in rows for r in row.runs)  # fmt: skip
     header = ["method", "seeds", "trainable", "% of GFM tuned", "decoder trainable",
               "adapter file", "mIoU", "mF1", *(f"IoU {c}" for c in classes), "images/s",
-              "peak memory (MiB)"]  # fmt: skip
+              "peak memory (MiB)", *(["top inputs (mIoU drop)"] if explained else [])]  # fmt: skip
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     kinds = set()
     for row in rows:
@@ -251,6 +268,7 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
             *(class_iou(row, c) for c in classes),
             optional_mean([r.metrics.get("train_images_per_s") for r in row.runs], 1),
             optional_mean([r.metrics.get("peak_memory_mb") for r in row.runs], 0),
+            *([top_inputs(row)] if explained else []),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     kinds.discard(None)

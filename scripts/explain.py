@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if len(reports) > 1:  # the seed spread of every input, drawn on each run's picture
         spread: dict[str, list[float]] = {}
         for report in reports:
-            for row in report["importance"]:
-                spread.setdefault(row["input"], []).append(row["drop"])
+            for row in report["importance"]:  # a band and its UPE feature share a name
+                spread.setdefault(f"{row['kind']}:{row['input']}", []).append(row["drop"])
         for run, report in zip(args.runs, reports):
             write_report(run, report, spread)
     return reports

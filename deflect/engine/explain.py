@@ -312,7 +312,8 @@ def explain_run(run_dir: str | Path, split: str = "test", device: str = "auto") 
 
 
 def write_report(run_dir: Path, report: dict, spread: dict[str, list[float]] | None = None) -> None:
-    """``diagnostics/`` files and the train.log table (see :func:`explain_run`)."""
+    """``diagnostics/`` files and the train.log table (see :func:`explain_run`); ``spread``:
+    ``"<kind>:<input>" -> drops over seeds``, drawn as error bars (half the range)."""
     from deflect.engine.checkpoint import atomic_write_text
     from deflect.io import atomic_path
 
@@ -372,8 +373,9 @@ def draw_importance(report: dict, path: Path, spread: dict[str, list[float]] | N
     values = [100 * r["drop"] for r in rows]
     errors = None
     if spread:
-        errors = [100 * (max(spread[r["input"]]) - min(spread[r["input"]])) / 2
-                  if len(spread.get(r["input"], [])) > 1 else 0 for r in rows]  # fmt: skip
+        keys = [f"{r['kind']}:{r['input']}" for r in rows]  # a band and its feature: apart
+        errors = [100 * (max(spread[k]) - min(spread[k])) / 2 if len(spread.get(k, [])) > 1
+                  else 0 for k in keys]  # fmt: skip
     ax.bar(range(len(rows)), values, color=[colours[r["kind"]] for r in rows], yerr=errors,
            capsize=3)  # fmt: skip
     ax.set_xticks(range(len(rows)), [r["input"] for r in rows], rotation=70, ha="right",

@@ -26,8 +26,7 @@ from deflect.engine.workdir import (
     best_checkpoint,
     choose_work_dir,
     remove_stale_temporaries,
-    resume_config_changes,
-    resume_refusal,
+    resume_changes,
 )
 
 log = logging.getLogger("run")
@@ -96,26 +95,15 @@ def open_run(cfg: DictConfig, choices: dict, info: DistInfo, job: SweepJob) -> R
 
 
 def check_resume_changes(cfg: DictConfig, work_dir: Path) -> None:
-    """Refuse to resume a run with settings that differ from its saved ``config.yaml`` (the
-    weights were trained with the saved ones), unless ``resume_allow_changes=true``.
-
-    Raises:
-        ValueError: naming every changed setting and both ways out.
-    """
-    saved = work_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    changes = resume_config_changes(OmegaConf.load(saved), cfg)
-    if not changes:
-        return
-    listing = "\n  ".join(changes)
-    if not bool(cfg.get("resume_allow_changes", False)):
-        raise ValueError(resume_refusal(work_dir, changes))
-    log.warning(
-        "resuming %s with settings that differ from its saved config.yaml "
-        "(resume_allow_changes=true); the rest of the run uses the new ones:\n  %s",
-        work_dir, listing,
-    )  # fmt: skip
+    """Refuse to resume with changed settings (:func:`~deflect.engine.workdir.resume_changes`);
+    with ``resume_allow_changes=true``, log them."""
+    changes = resume_changes(cfg, work_dir)
+    if changes:
+        log.warning(
+            "resuming %s with settings that differ from its saved config.yaml "
+            "(resume_allow_changes=true); the rest of the run uses the new ones:\n  %s",
+            work_dir, "\n  ".join(changes),
+        )  # fmt: skip
 
 
 def last_checkpoint(work_dir: Path) -> Path:

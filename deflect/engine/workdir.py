@@ -231,22 +231,31 @@ def precheck_work_dir(cfg: DictConfig) -> None:
             f"{folder} already holds a run; pass resume=true to continue it, or choose another "
             "work_dir (nothing was overwritten)"
         )
+    if cfg.resume and holds_run(folder) and not is_finished(folder):
+        resume_changes(cfg, folder)
+
+
+def resume_changes(cfg: DictConfig, folder: Path) -> list[str]:
+    """The settings a resume of ``folder`` changes against its saved ``config.yaml``
+    (``key: saved -> current``); refused unless ``resume_allow_changes=true``, since the
+    weights were trained with the saved ones.
+
+    Raises:
+        ValueError: naming every changed setting and both ways out.
+    """
     saved = folder / "config.yaml"
-    if cfg.resume and holds_run(folder) and not is_finished(folder) and saved.is_file():
-        changes = resume_config_changes(OmegaConf.load(saved), cfg)
-        if changes and not cfg.get("resume_allow_changes", False):
-            raise ValueError(resume_refusal(folder, changes))
-
-
-def resume_refusal(folder: Path, changes: list[str]) -> str:
-    """The message refusing to resume ``folder`` with changed settings."""
-    listing = "\n  ".join(changes)
-    return (
-        f"resuming {folder} with settings that differ from its saved config.yaml, which its "
-        f"weights were trained with:\n  {listing}\nResume with the saved settings (drop those "
-        "overrides), or pass resume_allow_changes=true to go on with the new ones (config.yaml "
-        "is then rewritten and the change logged)"
-    )
+    if not saved.is_file():
+        return []
+    changes = resume_config_changes(OmegaConf.load(saved), cfg)
+    if changes and not cfg.get("resume_allow_changes", False):
+        listing = "\n  ".join(changes)
+        raise ValueError(
+            f"resuming {folder} with settings that differ from its saved config.yaml, which its "
+            f"weights were trained with:\n  {listing}\nResume with the saved settings (drop "
+            "those overrides), or pass resume_allow_changes=true to go on with the new ones "
+            "(config.yaml is then rewritten and the change logged)"
+        )
+    return changes
 
 
 def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None) -> RunFolder:

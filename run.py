@@ -92,7 +92,7 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
 
         metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
         report.close_run(
-            model, metrics, counts, trainer.cost(), trainer.writer, trainer.settings.epochs,
+            cfg, model, metrics, counts, trainer.cost(), trainer.writer, trainer.settings.epochs,
             work_dir, info, extra=report.encoder_checkpoint_record(model),
             keep_last=bool(cfg.keep_last),
         )  # fmt: skip

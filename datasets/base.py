@@ -124,7 +124,68 @@ def _read_bands(src: rasterio.DatasetReader, path: Path, indexes: list[int] | No
         ) from err
 
 
-class GeoTIFFSegmentationDataset(Dataset):
+class ReflectanceCheck:
+    """``check_reflectance_scale`` for any dataset with ``bands``, ``spec``, ``split``,
+    ``len()`` and ``read_sample(i) -> (image in file units with NaN, target)``."""
+
+    def check_reflectance_scale(self, samples: int = 8) -> dict[str, float]:
+        """Check that ``reflectance_scale`` turns the files' values into plausible reflectance.
+
+        The median of the valid pixels of each reflectance band (optical bands spyndex knows for
+        the sensor) is taken over up to ``samples`` samples spread over the split. Surface
+        reflectance lies in about [0, 1]: medians above 1.5, or all bands below 0.002, mean the
+        scale is wrong (DEFLECT's spectral indices and any physical reading of the bands would
+        then be computed on values off by orders of magnitude).
+
+        Returns:
+            The reflectance median per band checked (empty when no band is a reflectance band).
+
+        Raises:
+            ValueError: naming the bands, their medians, the likely scale and how to skip the
+                check (``check_reflectance_scale=false``).
+        """
+        bands = reflectance_bands(self.bands, self.spec.sensor)
+        if not bands:
+            return {}
+        index = [self.bands.index(b) for b in bands]
+        picks = sorted({round(i * (len(self) - 1) / max(samples - 1, 1)) for i in range(samples)})
+        values: list[list[np.ndarray]] = [[] for _ in bands]
+        for i in picks[: len(self)]:
+            image, _ = self.read_sample(i)
+            for k, c in enumerate(index):
+                band = image[c][np.isfinite(image[c])]
+                values[k].append(band[:: max(1, band.size // 20000)])
+        raw = {
+            b: float(np.median(np.concatenate(v))) for b, v in zip(bands, values)
+            if sum(x.size for x in v)
+        }  # fmt: skip
+        if not raw:
+            return {}
+        scale = self.spec.reflectance_scale
+        reflectance = {b: v / scale for b, v in raw.items()}
+        typical = float(np.median(list(reflectance.values())))
+        too_high = typical > 1.5
+        too_low = max(abs(v) for v in reflectance.values()) < 0.002
+        if too_high or too_low:
+            median_raw = float(np.median([abs(v) for v in raw.values()]))
+            guess = 10 ** round(math.log10(median_raw / 0.15)) if median_raw > 0 else None
+            likely = (
+                f"the files look like they store reflectance x{guess:g}: set "
+                f"dataset.reflectance_scale={guess:g}"
+                if guess and guess != scale
+                else "check dataset.reflectance_scale (the file value of reflectance 1.0)"
+            )
+            shown = ", ".join(f"{b} {raw[b]:.4g} -> {reflectance[b]:.4g}" for b in raw)
+            raise ValueError(
+                f"{type(self).__name__} ({self.split}): with reflectance_scale={scale:g} the "
+                f"data are not plausible reflectance: median valid value -> reflectance per band "
+                f"{shown} (surface reflectance lies in about 0..1). {likely[0].upper()}{likely[1:]}. If these bands are "
+                "not reflectance (or the values are right), set check_reflectance_scale=false"
+            )
+        return reflectance
+
+
+class GeoTIFFSegmentationDataset(ReflectanceCheck, Dataset):
     """Base class of the segmentation datasets: GeoTIFF images and masks read with rasterio.
 
     All arguments are keyword-only plain types, as Hydra passes them from the dataset YAML;
@@ -342,62 +403,6 @@ class GeoTIFFSegmentationDataset(Dataset):
         # and scripts/predict.py writes no-data (255) there.
         mask[np.isnan(image).all(axis=0)] = self.ignore_index
         return image, mask
-
-    def check_reflectance_scale(self, samples: int = 8) -> dict[str, float]:
-        """Check that ``reflectance_scale`` turns the files' values into plausible reflectance.
-
-        The median of the valid pixels of each reflectance band (optical bands spyndex knows for
-        the sensor) is taken over up to ``samples`` samples spread over the split. Surface
-        reflectance lies in about [0, 1]: medians above 1.5, or all bands below 0.002, mean the
-        scale is wrong (DEFLECT's spectral indices and any physical reading of the bands would
-        then be computed on values off by orders of magnitude).
-
-        Returns:
-            The reflectance median per band checked (empty when no band is a reflectance band).
-
-        Raises:
-            ValueError: naming the bands, their medians, the likely scale and how to skip the
-                check (``check_reflectance_scale=false``).
-        """
-        bands = reflectance_bands(self.bands, self.spec.sensor)
-        if not bands:
-            return {}
-        index = [self.bands.index(b) for b in bands]
-        picks = sorted({round(i * (len(self) - 1) / max(samples - 1, 1)) for i in range(samples)})
-        values: list[list[np.ndarray]] = [[] for _ in bands]
-        for i in picks[: len(self)]:
-            image, _ = self.read_sample(i)
-            for k, c in enumerate(index):
-                band = image[c][np.isfinite(image[c])]
-                values[k].append(band[:: max(1, band.size // 20000)])
-        raw = {
-            b: float(np.median(np.concatenate(v))) for b, v in zip(bands, values)
-            if sum(x.size for x in v)
-        }  # fmt: skip
-        if not raw:
-            return {}
-        scale = self.spec.reflectance_scale
-        reflectance = {b: v / scale for b, v in raw.items()}
-        typical = float(np.median(list(reflectance.values())))
-        too_high = typical > 1.5
-        too_low = max(abs(v) for v in reflectance.values()) < 0.002
-        if too_high or too_low:
-            median_raw = float(np.median([abs(v) for v in raw.values()]))
-            guess = 10 ** round(math.log10(median_raw / 0.15)) if median_raw > 0 else None
-            likely = (
-                f"the files look like they store reflectance x{guess:g}: set "
-                f"dataset.reflectance_scale={guess:g}"
-                if guess and guess != scale
-                else "check dataset.reflectance_scale (the file value of reflectance 1.0)"
-            )
-            shown = ", ".join(f"{b} {raw[b]:.4g} -> {reflectance[b]:.4g}" for b in raw)
-            raise ValueError(
-                f"{type(self).__name__} ({self.split}): with reflectance_scale={scale:g} the "
-                f"data are not plausible reflectance: median valid value -> reflectance per band "
-                f"{shown} (surface reflectance lies in about 0..1). {likely[0].upper()}{likely[1:]}. If these bands are "
-                "not reflectance (or the values are right), set check_reflectance_scale=false"
-            )
-        return reflectance
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.read_sample(index)

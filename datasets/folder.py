@@ -156,6 +156,35 @@ def _codes(sensor: str) -> set[str]:
         return set()
 
 
+def resolve_bands(names: list[str], sensor: str, source: str, fix: str, owner: str) -> list[str]:
+    """Band names as files and configs give them (codes, common names, wavelengths) -> the
+    framework's codes for ``sensor``; short codes spyndex does not know (VV, VH, DEM) are kept.
+
+    Raises:
+        ValueError: a name that maps to nothing, or two names mapping to one band.
+    """
+    out = []
+    for given in names:
+        band = resolve_band_name(given, sensor)
+        if band is None:
+            canon = canonical_band(given)
+            if re.fullmatch(r"[A-Z][A-Z0-9]{0,3}", canon):  # a code (VV, VH, HH, DEM, ...)
+                band = canon
+            else:
+                raise ValueError(
+                    f"{owner}: band {given!r} of {source} is neither a band of sensor {sensor!r} "
+                    f"({sorted(_codes(sensor))}) nor a common name (Blue, Green, Red, NIR, NIR "
+                    f"Narrow, Red Edge 1, SWIR 1, SWIR 2, ...) or a wavelength (842 nm) of one; {fix}"
+                )
+        out.append(band)
+    repeated = sorted({b for b in out if out.count(b) > 1})
+    if repeated:
+        raise ValueError(
+            f"{owner}: {source} names bands {names}, which map to {out}: {repeated} twice; {fix}"
+        )
+    return out
+
+
 def compute_band_stats(
     images: list[Path], nodata: float | None, orders: list[list[int]] | None = None
 ) -> tuple[list[float], list[float], list[int]]:
@@ -389,29 +418,7 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         return headers
 
     def _resolve(self, names: list[str], sensor: str, source: str, fix: str) -> list[str]:
-        """Band names as given (codes, common names, wavelengths) -> the framework's codes."""
-        out = []
-        for given in names:
-            band = resolve_band_name(given, sensor)
-            if band is None:
-                canon = canonical_band(given)
-                if re.fullmatch(r"[A-Z][A-Z0-9]{0,3}", canon):  # a code (VV, VH, HH, DEM, ...)
-                    band = canon
-                else:
-                    raise ValueError(
-                        f"{type(self).__name__}: band {given!r} of {source} is neither a band "
-                        f"of sensor {sensor!r} ({sorted(_codes(sensor))}) nor a common name "
-                        "(Blue, Green, Red, NIR, NIR Narrow, Red Edge 1, SWIR 1, SWIR 2, ...) or "
-                        f"a wavelength (842 nm) of one; {fix}"
-                    )
-            out.append(band)
-        repeated = sorted({b for b in out if out.count(b) > 1})
-        if repeated:
-            raise ValueError(
-                f"{type(self).__name__}: {source} names bands {names}, which map to {out}: "
-                f"{repeated} twice; {fix}"
-            )
-        return out
+        return resolve_bands(names, sensor, source, fix, type(self).__name__)
 
     def _band_names(
         self,

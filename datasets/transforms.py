@@ -180,3 +180,75 @@ def build_transform(
         ignore_index=data.ignore_index,
         min_labelled_fraction=min_labelled_fraction,
     )
+
+
+def resize_nan_aware(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of ``(C, H, W)`` to ``(C, size, size)`` in which invalid (NaN) pixels
+    take no part: each band is resized with its invalid pixels at 0 and divided by the resized
+    validity weight, so a valid output pixel is the weighted mean of the valid input pixels
+    around it; an output pixel with no valid input around it is NaN."""
+    if image.shape[-2:] == (size, size):
+        return image
+    valid = torch.isfinite(image)
+    values = torch.where(valid, image, torch.zeros((), dtype=image.dtype))
+    both = torch.cat([values, valid.to(image.dtype)], dim=0)[None]  # (1, 2C, H, W)
+    out = torch.nn.functional.interpolate(both, size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=True)[0]  # fmt: skip
+    c = image.shape[0]
+    total, weight = out[:c], out[c:]
+    return torch.where(weight > 1e-6, total / weight.clamp_min(1e-6), torch.nan)
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` x ``size`` pixels of ``(C, H, W)``; a smaller image is padded with
+    NaN (invalid) on every side."""
+    h, w = image.shape[-2:]
+    pad_h, pad_w = max(size - h, 0), max(size - w, 0)
+    if pad_h or pad_w:
+        image = torch.nn.functional.pad(
+            image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=torch.nan
+        )
+        h, w = image.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[:, top : top + size, left : left + size]
+
+
+class ImageTransform:
+    """An image-level sample's transform: the image brought to ``size`` (``resize``: bilinear,
+    NaN-aware; ``center_crop``), random flips and 90° rotations in training, normalisation.
+    Called as ``image, label = t(image, label)``; the label passes through."""
+
+    def __init__(self, mean: list[float], std: list[float], size: int, mode: str = "resize",
+                 hflip: float = 0.0, vflip: float = 0.0, rot90: bool = False) -> None:  # fmt: skip
+        if mode not in ("resize", "center_crop"):
+            raise ValueError(f"ImageTransform: mode={mode!r}: use resize or center_crop")
+        if size < 1:
+            raise ValueError(f"ImageTransform: size={size} must be >= 1")
+        self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32)
+        self.std = torch.tensor([float(s) for s in std], dtype=torch.float32)
+        self.size, self.mode = int(size), mode
+        self.hflip, self.vflip, self.rot90 = float(hflip), float(vflip), bool(rot90)
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor):
+        image = image.float()
+        if self.mode == "resize":
+            image = resize_nan_aware(image, self.size)
+        else:
+            image = center_crop(image, self.size)
+        if self.hflip > 0 and torch.rand(()).item() < self.hflip:
+            image = image.flip(-1)
+        if self.vflip > 0 and torch.rand(()).item() < self.vflip:
+            image = image.flip(-2)
+        if self.rot90:
+            image = image.rot90(int(torch.randint(4, ()).item()), dims=(-2, -1))
+        image = (image - self.mean[:, None, None]) / self.std[:, None, None]
+        return image.contiguous(), label
+
+
+def build_classification_transform(
+    data: DataSpec, train: bool, size: int, mode: str = "resize", hflip: float = 0.0,
+    vflip: float = 0.0, rot90: bool = False,
+) -> ImageTransform:  # fmt: skip
+    """The :class:`ImageTransform` of a split (augmentation only with ``train``)."""
+    flips = {"hflip": hflip, "vflip": vflip, "rot90": rot90} if train else {}
+    return ImageTransform(data.mean_list(), data.std_list(), size, mode, **flips)

@@ -62,6 +62,24 @@ def dataset_overrides(option: str, demo_root: Path, tmp_path: Path) -> list[str]
     writers = {"mados": write_mados, "hls_burn_scars": write_hls, "sen1floods11": write_floods}
     if option in writers:  # a tiny copy of the released layout
         return [f"dataset={option}", f"dataset.root={writers[option](tmp_path / option)}"]
+    if option.startswith("m_"):  # a GEO-Bench task folder in the released layout
+        from omegaconf import OmegaConf
+
+        from tests.geobench_fixtures import write_geobench
+
+        task = OmegaConf.load(CONFIGS / "dataset" / f"{option}.yaml")
+        root = write_geobench(
+            tmp_path / option, [f"c{i}" for i in range(4)], {"train": 4, "valid": 2, "test": 2},
+            multi_label=bool(task.multi_label), channels=list(task.channels),
+            scale=float(task.reflectance_scale) if task.reflectance_scale != 255 else 2550,
+            date="2016-05-14" if option == "m_forestnet" else None,
+        )  # fmt: skip
+        return [f"dataset={option}", f"dataset.root={root}"]
+    if option == "chips":
+        from tests.geobench_fixtures import write_chips
+
+        root = write_chips(tmp_path / "chips", ["field", "forest", "water"])
+        return ["dataset=chips", f"dataset.root={root}", "dataset.reflectance_scale=10000"]
     if option == "folder":
         bands = ["B2", "B3", "B4", "B8"]
         write_folder_dataset(tmp_path / "folder", bands, classes=3)
@@ -81,6 +99,8 @@ def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     shrink = SHRINK
     if group == "dataset":
         overrides = dataset_overrides(option, demo_root, tmp_path)
+    elif group in ("task", "loss") and option == "classification":
+        overrides = dataset_overrides("chips", demo_root, tmp_path)
     elif option.startswith("prithvi"):  # six HLS bands; the architecture is top-level
         overrides = [f"encoder={option}", *dataset_overrides("hls_burn_scars", demo_root, tmp_path)]
         shrink = [s for s in SHRINK if "arch_kwargs" not in s]
@@ -111,14 +131,19 @@ def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     batch = next(iter(loader))
     assert batch["image"].shape == (2, len(dataset.bands), 32, 32)
     logits = model(batch["image"])
-    assert logits.shape == (2, dataset.num_classes, 32, 32)
-    loss = build.build_loss(cfg, dataset.spec)(logits, batch["mask"])
+    task = build.build_task(cfg)
+    if task.name == "classification":  # one logit per class (label) per image
+        assert logits.shape == (2, dataset.num_classes)
+    else:
+        assert logits.shape == (2, dataset.num_classes, 32, 32)
+    loss = build.build_loss(cfg, dataset.spec)(logits, task.target(batch))
     assert torch.isfinite(loss)
     loss.backward()
     optimizer.step()
     scheduler.step()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None for p in model.decode_head.parameters())
+    head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    assert trainable and head and all(p.grad is not None for p in head)
 
 
 def test_method_configs_hold_only_the_methods_hyper_parameters():

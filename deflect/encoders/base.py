@@ -9,6 +9,8 @@ The segmentor, the tuners and the band table rely on this contract and on nothin
   ``img_size``, ``output_layers``, ``out_channels``;
 * ``forward_features(x, **metadata) -> list[Tensor]``: NCHW maps at ``output_layers``; the
   metadata (e.g. a per-sample ``gsd``) are those named in ``metadata_keys``;
+* ``forward_tokens(x, **metadata) -> Tensor``: every token ``(B, P+N, D)``, prefix tokens
+  first, at the last output layer (for image-level heads);
 * ``vit``: the module holding ``patch_embed``, ``blocks`` (timm/DINO block layout) and the
   prefix tokens: this is where tuners inject their layers; ``num_prefix_tokens``;
 * ``load_checkpoint(path, key_map)``: the family's release layout, with positional-embedding
@@ -182,6 +184,11 @@ class Encoder(nn.Module):
     def forward_features(self, x: torch.Tensor, **metadata) -> list[torch.Tensor]:
         """Feature maps ``(B, embed_dim, H/p, W/p)`` at each of ``output_layers``."""
         raise NotImplementedError
+
+    def forward_tokens(self, x: torch.Tensor, **metadata) -> torch.Tensor:
+        """All tokens ``(B, P+N, D)`` (prefix tokens such as CLS first) at the last of
+        ``output_layers``: what an image-level head pools."""
+        raise NotImplementedError(f"{type(self).__name__} does not give its tokens")
 
     def forward(self, x: torch.Tensor, **metadata) -> list[torch.Tensor]:
         """Alias of :meth:`forward_features`."""

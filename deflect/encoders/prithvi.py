@@ -257,6 +257,19 @@ class PrithviEncoder(Encoder):
 
     def forward_features(self, x: torch.Tensor, **metadata) -> list[torch.Tensor]:
         """Feature maps ``(B, embed_dim · num_frames, H/p, W/p)`` at ``output_layers``."""
+        frames, rows, cols = self.grid
+        outs = []
+        for h in self._blocks_out(x, metadata):
+            patches = h[:, 1:].reshape(len(x), frames, rows, cols, -1)  # frame-major tokens
+            outs.append(patches.permute(0, 1, 4, 2, 3).reshape(len(x), -1, rows, cols))
+        return outs
+
+    def forward_tokens(self, x: torch.Tensor, **metadata) -> torch.Tensor:
+        """Every token ``(B, 1 + T·N, D)`` at the last output layer, CLS first."""
+        return self._blocks_out(x, metadata)[-1]
+
+    def _blocks_out(self, x: torch.Tensor, metadata: dict) -> list[torch.Tensor]:
+        """The tokens ``(B, 1 + T·N, D)`` after each block of ``output_layers``, in order."""
         self.check_metadata(metadata)
         if x.ndim == 4:
             x = x.unsqueeze(2)  # one frame
@@ -274,11 +287,9 @@ class PrithviEncoder(Encoder):
                 tokens = tokens + extra.to(tokens.dtype)
         cls = (vit.cls_token + vit.pos_embed[:, :1]).to(tokens.dtype).expand(len(x), -1, -1)
         h = torch.cat([cls, tokens], dim=1)
-        frames, rows, cols = self.grid
         outs = {}
         for index, block in enumerate(vit.blocks):
             h = block(h)
             if index in self.output_layers:
-                patches = h[:, 1:].reshape(len(x), frames, rows, cols, -1)  # frame-major tokens
-                outs[index] = patches.permute(0, 1, 4, 2, 3).reshape(len(x), -1, rows, cols)
+                outs[index] = h
         return [outs[i] for i in self.output_layers]

@@ -76,10 +76,17 @@ class ScaleMAEEncoder(ViTEncoder):
 
     def forward_features(self, x: torch.Tensor, **metadata) -> list[torch.Tensor]:
         """Feature maps at ``output_layers``; ``gsd`` (B,) in metres, per sample, if known."""
+        return self._with_gsd(super().forward_features, x, metadata)
+
+    def forward_tokens(self, x: torch.Tensor, **metadata) -> torch.Tensor:
+        """Every token at the last output layer; ``gsd`` as :meth:`forward_features`."""
+        return self._with_gsd(super().forward_tokens, x, metadata)
+
+    def _with_gsd(self, forward, x: torch.Tensor, metadata: dict):
         self.check_metadata(metadata)
         gsd = metadata.get("gsd")
         self._res = None if gsd is None else torch.as_tensor(gsd, dtype=torch.float32).reshape(-1)
         try:
-            return super().forward_features(x)
+            return forward(x)
         finally:
             self._res = None

@@ -120,6 +120,19 @@ class ViTEncoder(Encoder):
         )
         return resample_pos_embed_2d(value, (grid, grid), num_prefix)
 
+    def forward_tokens(self, x: torch.Tensor, **metadata) -> torch.Tensor:
+        """Every token ``(B, P+N, D)`` at the last output layer, prefix tokens first."""
+        self.check_metadata(metadata)
+        ((patches, prefix),) = self.backbone.forward_intermediates(
+            self.embed_input(x),
+            indices=[max(self.output_layers)],
+            return_prefix_tokens=True,
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        return torch.cat([prefix, patches], dim=1)
+
     def forward_features(self, x: torch.Tensor, **metadata) -> list[torch.Tensor]:
         """Feature maps ``(B, embed_dim, H/p, W/p)`` at each of ``output_layers``."""
         self.check_metadata(metadata)

@@ -15,23 +15,34 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from datasets.transforms import build_transform
+from datasets.transforms import build_classification_transform, build_transform
 from deflect.data import DataSpec
 from deflect.engine.distributed import DistInfo, ShardSampler, distribute
-from deflect.engine.evaluator import EvalSettings, Evaluator
+from deflect.engine.evaluator import Evaluator
 from deflect.engine.logging import ScalarWriter
 from deflect.engine.trainer import Trainer, TrainSettings
-from segmentors import SegmentationLoss
+from deflect.tasks import InferenceSettings, SegmentationTask, Task
+from deflect.tasks.segmentation import class_weights as weights_from_setting
+from deflect.tasks.segmentation import median_frequency_weights
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # Keys of a dataset YAML that describe the run, not the dataset object.
 RUN_HINTS = ("img_size", "class_frequencies")
+# Re-exported: the weights' rules live with the tasks' losses.
+__all__ = ["class_weights", "median_frequency_weights"]
+
+
+def build_task(cfg: DictConfig) -> Task:
+    """The run's task (``configs/task/``); runs saved before tasks existed are segmentation."""
+    node = cfg.get("task")
+    return SegmentationTask() if node is None else instantiate(node, _convert_="all")
 
 
 def build_dataset(cfg: DictConfig, split: str):
-    """The dataset of ``split`` with its joint transform (augmentation only for training)."""
+    """The dataset of ``split`` with its transform (augmentation only for training): crops for
+    segmentation, the image brought to ``img_size`` for classification."""
     node = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in RUN_HINTS:  # e.g. the dataset's native tile size, read as ${dataset.img_size}
         node.pop(key, None)
@@ -39,15 +50,17 @@ def build_dataset(cfg: DictConfig, split: str):
     if bool(cfg.get("check_reflectance_scale", True)):
         dataset.check_reflectance_scale()
     aug = cfg.augmentation
-    dataset.transform = build_transform(
-        dataset.spec,
-        train=split == "train",
-        crop_size=int(cfg.img_size),
-        hflip=float(aug.hflip),
-        vflip=float(aug.vflip),
-        rot90=bool(aug.rot90),
-        min_labelled_fraction=float(aug.min_labelled_fraction),
-    )
+    task = build_task(cfg)
+    flips = {"hflip": float(aug.hflip), "vflip": float(aug.vflip), "rot90": bool(aug.rot90)}
+    if task.name == "classification":
+        dataset.transform = build_classification_transform(
+            dataset.spec, train=split == "train", size=int(cfg.img_size), mode=task.input, **flips
+        )
+    else:
+        dataset.transform = build_transform(
+            dataset.spec, train=split == "train", crop_size=int(cfg.img_size),
+            min_labelled_fraction=float(aug.min_labelled_fraction), **flips,
+        )  # fmt: skip
     return dataset
 
 
@@ -74,7 +87,7 @@ def build_loader(
         else:
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
         batch_size = int(cfg.batch_size)
-        if batch_size < 2:
+        if batch_size < build_task(cfg).min_batch_size:
             raise ValueError(
                 f"batch_size={batch_size}: training needs at least 2 images per process and "
                 "step, since the decoder's BatchNorm normalises over the batch (the pyramid "
@@ -102,7 +115,8 @@ def build_loader(
 
 
 def build_model(cfg: DictConfig, data: DataSpec) -> nn.Module:
-    """Encoder (told what the data hold) -> fine-tuning method -> segmentor.
+    """Encoder (told what the data hold) -> fine-tuning method -> the task's head (UperNet for
+    segmentation, a linear head for classification).
 
     Each part is seeded on its own, so frozen random weights are repeatable and every method
     starts from the same encoder and the same decoder: an ablation compares methods, not seeds.
@@ -118,54 +132,20 @@ def build_model(cfg: DictConfig, data: DataSpec) -> nn.Module:
     if bool(cfg.get("activation_checkpointing", False)):
         encoder.set_activation_checkpointing(True)
     torch.manual_seed(seed + 2)
-    return instantiate(
-        cfg.segmentor, encoder=encoder, num_classes=data.num_classes, _convert_="all"
-    )
-
-
-def median_frequency_weights(frequencies: list[float]) -> list[float]:
-    """Median frequency balancing (Eigen & Fergus, ICCV 2015): w_c = median(f) / f_c."""
-    if any(not f > 0 for f in frequencies):
-        raise ValueError(
-            f"class frequencies {frequencies} must all be positive for median_frequency weights"
-        )
-    ordered = sorted(frequencies)
-    n = len(ordered)
-    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-    return [median / f for f in frequencies]
+    return build_task(cfg).build_model(encoder, data, cfg.get("segmentor"))
 
 
 def class_weights(cfg: DictConfig, data: DataSpec) -> list[float] | None:
     """``loss.class_weights``: a list, null, or ``median_frequency`` (from the dataset YAML's
     ``class_frequencies``, e.g. MADOS's published ones)."""
-    weights = cfg.loss.class_weights
-    if weights is None:
-        return None
-    if isinstance(weights, str):
-        if weights != "median_frequency":
-            raise ValueError(
-                f"loss.class_weights={weights!r}: give a list of {data.num_classes} numbers, "
-                "null, or median_frequency"
-            )
-        frequencies = cfg.dataset.get("class_frequencies")
-        if not frequencies or len(frequencies) != data.num_classes:
-            raise ValueError(
-                "loss.class_weights=median_frequency needs dataset.class_frequencies with one "
-                f"value per class ({data.num_classes}); the dataset YAML has "
-                f"{None if not frequencies else len(frequencies)}"
-            )
-        return median_frequency_weights([float(f) for f in frequencies])
-    return [float(w) for w in weights]
+    setting = (cfg.get("loss") or {}).get("class_weights")
+    return weights_from_setting(setting, data, cfg.dataset.get("class_frequencies"))
 
 
-def build_loss(cfg: DictConfig, data: DataSpec) -> SegmentationLoss:
-    """Cross-entropy with ignore_index, optional class weights and dice."""
-    return SegmentationLoss(
-        num_classes=data.num_classes,
-        ignore_index=data.ignore_index,
-        class_weights=class_weights(cfg, data),
-        dice_weight=float(cfg.loss.dice_weight),
-    )
+def build_loss(cfg: DictConfig, data: DataSpec) -> nn.Module:
+    """The task's loss from the ``loss`` group (class weights, dice, label smoothing, ...)."""
+    loss = cfg.get("loss") or {}
+    return build_task(cfg).build_loss(loss, data, cfg.dataset.get("class_frequencies"))
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -200,23 +180,36 @@ def build_scheduler(cfg: DictConfig, optimizer, total_steps: int):
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
-    """The trainer's settings from the top-level keys."""
+    """The trainer's settings from the top-level keys; ``monitor`` null is the task's own."""
+    task = build_task(cfg)
+    monitor = cfg.get("monitor") or task.headline
+    if monitor not in task.monitors:
+        raise ValueError(
+            f"monitor={monitor!r}: a {task.name} run can monitor {list(task.monitors)} (null: "
+            f"{task.headline})"
+        )
     return TrainSettings(
         epochs=int(cfg.epochs),
         precision=str(cfg.precision),
         grad_clip=float(cfg.grad_clip),
         seed=int(cfg.seed),
-        monitor=str(cfg.monitor),
+        monitor=str(monitor),
         log_interval=int(cfg.log_interval),
         max_steps_per_epoch=cfg.max_steps_per_epoch,
         stop_after_epochs=cfg.stop_after_epochs,
     )
 
 
-def eval_settings(cfg: DictConfig) -> EvalSettings:
-    """The evaluator's settings: window = the encoder input size, stride, precision."""
+def eval_settings(cfg: DictConfig) -> InferenceSettings:
+    """How test images run: window = the encoder input size, stride, precision."""
     stride = int(cfg.eval_stride) if cfg.eval_stride else None
-    return EvalSettings(window=int(cfg.img_size), stride=stride, precision=str(cfg.precision))
+    return InferenceSettings(window=int(cfg.img_size), stride=stride,
+                             precision=str(cfg.precision))  # fmt: skip
+
+
+def build_evaluator(cfg: DictConfig, data: DataSpec, info: DistInfo) -> Evaluator:
+    """The task's evaluation of a model on a loader."""
+    return Evaluator(build_task(cfg), eval_settings(cfg), data, info)
 
 
 def build_trainer(
@@ -235,13 +228,14 @@ def build_trainer(
     return Trainer(
         model=ddp_model,
         raw_model=model,
+        task=build_task(cfg),
         settings=settings,
         loss_fn=build_loss(cfg, model.data),
         optimizer=optimizer,
         scheduler=build_scheduler(cfg, optimizer, settings.epochs * steps_per_epoch),
         train_loader=train_loader,
         loader_generator=generator,
-        evaluator=Evaluator(eval_settings(cfg), model.data, info),
+        evaluator=build_evaluator(cfg, model.data, info),
         val_loader=build_loader(datasets["val"], cfg, info, train=False),
         work_dir=work_dir,
         info=info,

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm import tqdm
 
 from deflect.data import DataSpec
 from deflect.engine.distributed import DistInfo, heartbeat
-from deflect.engine.inference import sliding_window_logits
+from deflect.tasks.base import InferenceSettings, Task
+from deflect.tasks.segmentation import SegmentationTask
 
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,20 +42,8 @@ def batch_metadata(model: nn.Module, batch: dict, device: torch.device) -> dict:
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """How to evaluate: the encoder input size (larger images go through a sliding window), the
-    window stride (default half the window) and the autocast precision of training."""
-
-    window: int
-    stride: int | None = None
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        if self.precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"precision={self.precision!r} is not one of {list(AUTOCAST_DTYPES)}")
-        if self.window < 1 or (self.stride is not None and self.stride < 1):
-            raise ValueError(f"window {self.window} and stride {self.stride} must be >= 1")
+#: Kept for callers of the segmentation-only API: the settings of a task's inference.
+EvalSettings = InferenceSettings
 
 
 def metrics_from_confusion(confusion: torch.Tensor, class_names: list[str]) -> dict:
@@ -102,22 +89,30 @@ def metrics_from_confusion(confusion: torch.Tensor, class_names: list[str]) -> d
 
 
 class Evaluator:
-    """Evaluates a segmentor on a data loader, exactly, on one process or many.
+    """Evaluates a model on a data loader, exactly, on one process or many: the task decides
+    how each batch is inferred and what is measured.
 
     Args:
+        task: what is predicted (:class:`~deflect.tasks.Task`); segmentation when omitted.
         settings: window, stride and precision.
         data: the data description (class names, ignore index).
         info: this process's rank, world size and device.
     """
 
-    def __init__(self, settings: EvalSettings, data: DataSpec, info: DistInfo) -> None:
+    def __init__(self, task: Task | InferenceSettings, settings: InferenceSettings | DataSpec,
+                 data: DataSpec | DistInfo, info: DistInfo | None = None) -> None:  # fmt: skip
+        if info is None:  # Evaluator(settings, data, info): the segmentation-only signature
+            task, settings, data, info = SegmentationTask(), task, settings, data
         if not data.classes:
             raise ValueError("the data description has no classes to evaluate")
+        self.task = task
+        self.data = data
         self.num_classes = data.num_classes
         self.class_names = list(data.classes)
         self.ignore_index = data.ignore_index
+        self.settings = settings
         self.window = settings.window
-        self.stride = settings.stride or max(settings.window // 2, 1)
+        self.stride = settings.step
         self.precision = settings.precision
         self.info = info
 
@@ -127,32 +122,25 @@ class Evaluator:
         model: nn.Module,
         loader: torch.utils.data.DataLoader,
         desc: str = "eval",
-        on_batch: Callable[[dict, torch.Tensor], None] | None = None,
+        on_batch: Callable[..., None] | None = None,
     ) -> dict:
-        """Metrics over the whole loader (all ranks); ``on_batch(batch, prediction)`` sees each batch."""
+        """Metrics over the whole loader (all ranks); ``on_batch(batch, prediction, output)``
+        sees each batch."""
         was_training = model.training
         model.eval()
-        confusion = MulticlassConfusionMatrix(
-            self.num_classes, ignore_index=self.ignore_index, sync_on_compute=True
-        ).to(self.info.device)
+        metric = self.task.metric(self.data, self.info.device)
         bar = tqdm(
             loader, desc=desc, disable=not self.info.is_main, leave=False, dynamic_ncols=True
         )
         for step, batch in enumerate(bar):
             heartbeat(f"{desc}, batch {step + 1}", self.info)
             images = batch["image"].to(self.info.device, non_blocking=True)
-            target = batch["mask"].to(self.info.device, non_blocking=True)
+            target = self.task.target(batch).to(self.info.device, non_blocking=True)
             metadata = batch_metadata(model, batch, self.info.device)
             with autocast_context(self.info.device, self.precision):
-                logits = sliding_window_logits(
-                    model, images, self.window, self.stride, self.num_classes, **metadata
-                )
-            prediction = logits.argmax(dim=1)
-            confusion.update(prediction, target)
+                output = self.task.infer(model, images, metadata, self.settings, self.num_classes)
+            metric.update(output, target)
             if on_batch is not None:
-                on_batch(batch, prediction)
-        matrix = confusion.compute().cpu()
+                on_batch(batch, self.task.predict(output), output)
         model.train(was_training)
-        result = metrics_from_confusion(matrix, self.class_names)
-        result["confusion_matrix"] = matrix.tolist()
-        return result
+        return metric.compute()

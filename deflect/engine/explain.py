@@ -12,7 +12,8 @@ equals ``test_metrics.json``) is repeated with one input at a time replaced by i
   spectral indices), replaced inside UPE by its mean over training pixels, and each pixel-set
   statistic group (all the ``q90`` columns, say), replaced by its training mean.
 
-The importance of an input is the drop of the task's metric (mIoU): how much the model needed it.
+The importance of an input is the drop of the task's metric (mIoU for segmentation, mF1 for
+classification): how much the model needed it.
 
 **Deflection.** Per adapted block, over the patch tokens of the split: the angle between the
 untangled attention update δ_uAtt and the frozen one δ_RGB, the ratio ‖δ_uAtt‖ / ‖δ_RGB‖ (what soft
@@ -38,9 +39,6 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-
-#: The metric an occlusion's importance is measured on.
-METRIC = "mIoU"
 
 
 @dataclass(frozen=True)
@@ -263,7 +261,6 @@ def explain_run(run_dir: str | Path, split: str = "test", device: str = "auto") 
     from deflect.engine import build
     from deflect.engine.checkpoint import load_checkpoint, load_model_state
     from deflect.engine.distributed import DistInfo, resolve_device
-    from deflect.engine.evaluator import Evaluator
     from deflect.engine.workdir import best_checkpoint, eval_config
 
     run_dir = Path(run_dir)
@@ -276,7 +273,8 @@ def explain_run(run_dir: str | Path, split: str = "test", device: str = "auto") 
     best = best_checkpoint(run_dir)
     load_model_state(model, load_checkpoint(best), str(best))
     model.eval()
-    evaluator = Evaluator(build.eval_settings(cfg), dataset.spec, info)
+    evaluator = build.build_evaluator(cfg, dataset.spec, info)
+    metric = build.build_task(cfg).headline
     loader = build.build_loader(dataset, cfg, info, train=False)
     upe = deflect_upe(model)
 
@@ -297,13 +295,14 @@ def explain_run(run_dir: str | Path, split: str = "test", device: str = "auto") 
         with occluded(model, occlusion, means) as occluded_model:
             metrics = evaluator.evaluate(occluded_model, loader, desc=f"without {occlusion.name}")
         rows.append({
-            "input": occlusion.name, "kind": occlusion.kind, METRIC: metrics[METRIC],
-            "drop": baseline[METRIC] - metrics[METRIC],
+            "input": occlusion.name, "kind": occlusion.kind, "metric": metrics[metric],
+            "drop": baseline[metric] - metrics[metric],
         })  # fmt: skip
     report = {
         "run": str(run_dir),
         "split": split,
-        "baseline": {METRIC: baseline[METRIC]},
+        "metric": metric,
+        "baseline": {metric: baseline[metric]},
         "importance": sorted(rows, key=lambda r: -r["drop"]),
         "deflection": recorder.summary() if recorder else [],
     }
@@ -321,9 +320,11 @@ def write_report(run_dir: Path, report: dict, spread: dict[str, list[float]] | N
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "importance.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["input", "kind", METRIC, "drop"])
+        writer.writerow(["input", "kind", report["metric"], "drop"])
         for row in report["importance"]:
-            writer.writerow([row["input"], row["kind"], f"{row[METRIC]:.6f}", f"{row['drop']:.6f}"])
+            writer.writerow(
+                [row["input"], row["kind"], f"{row['metric']:.6f}", f"{row['drop']:.6f}"]
+            )
     slim = {**report, "deflection": [{k: v for k, v in b.items() if k != "angles"}
                                      for b in report["deflection"]]}  # fmt: skip
     atomic_write_text(json.dumps(slim, indent=1), out / "explain.json")
@@ -331,8 +332,9 @@ def write_report(run_dir: Path, report: dict, spread: dict[str, list[float]] | N
     if report["deflection"]:
         draw_deflection(report["deflection"], out / "deflection.png")
     table = importance_table(report)
-    log.info("what the model used (%s, %s %.2f):\n%s", report["split"], METRIC,
-             100 * report["baseline"][METRIC], table)  # fmt: skip
+    metric = report["metric"]
+    log.info("what the model used (%s, %s %.2f):\n%s", report["split"], metric,
+             100 * report["baseline"][metric], table)  # fmt: skip
     from deflect.engine.logging import ScalarWriter
 
     writer = ScalarWriter(Path(run_dir) / "tensorboard")
@@ -345,7 +347,7 @@ def write_report(run_dir: Path, report: dict, spread: dict[str, list[float]] | N
     writer.scalars(scalars, 0)
     writer.close()
     with open(Path(run_dir) / "train.log", "a") as f:
-        f.write(f"\ndiagnostics ({report['split']}): drop of {METRIC} when an input is replaced "
+        f.write(f"\ndiagnostics ({report['split']}): drop of {metric} when an input is replaced "
                 f"by its training mean\n{table}\n")  # fmt: skip
 
 
@@ -380,7 +382,7 @@ def draw_importance(report: dict, path: Path, spread: dict[str, list[float]] | N
            capsize=3)  # fmt: skip
     ax.set_xticks(range(len(rows)), [r["input"] for r in rows], rotation=70, ha="right",
                   fontsize=8)  # fmt: skip
-    ax.set_ylabel(f"drop of test {METRIC} (points)")
+    ax.set_ylabel(f"drop of test {report['metric']} (points)")
     ax.set_title("input importance by occlusion (blue: bands, red: DEFLECT features, "
                  "green: DEFLECT statistics)", fontsize=8)  # fmt: skip
     ax.axhline(0, color="k", linewidth=0.5)

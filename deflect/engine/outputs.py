@@ -145,7 +145,7 @@ class PredictionWriter:
         self.write_geotiffs = write_geotiffs
         self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def __call__(self, batch: dict, prediction: torch.Tensor) -> None:
+    def __call__(self, batch: dict, prediction: torch.Tensor, output=None) -> None:
         """Record one evaluated batch."""
         prediction = prediction.cpu().numpy().astype(np.uint8)
         # Where no band holds data there is nothing to predict: no-data, as scripts/predict.py.
@@ -167,8 +167,109 @@ class PredictionWriter:
                                  prediction[j])  # fmt: skip
                 self.rows.append((rgb_composite(image), batch["mask"][j].numpy(), shown))
 
+    def finish(self, out_dir: Path) -> None:
+        """Write the collected panels as ``test_predictions.png`` (rank 0)."""
+        if self.num_panels:
+            self.save_png(Path(out_dir) / "test_predictions.png")
+
     def save_png(self, path: Path) -> None:
         """Write the collected panels."""
         title = " / ".join(self.dataset.spec.display_bands)  # e.g. "B4 / B3 / B2"
         save_panels(self.rows, self.dataset.classes, self.dataset.ignore_index, path,
                     image_title=title)  # fmt: skip
+
+
+class ClassificationWriter:
+    """What a classification run's test split leaves: ``predictions.csv`` (one row per sample:
+    ``sample``, ``label``, ``prediction`` and one probability column per class; label sets as
+    ``;``-joined class names) and ``test_predictions.png`` (a few samples: colour composite,
+    true and predicted labels). Under torchrun each rank's rows are gathered by rank 0.
+
+    Args:
+        dataset: the evaluated dataset (names, classes, ``spec``).
+        out_dir: where the files go.
+        num_panels: samples shown in the PNG.
+        is_main: whether this rank writes.
+        task: the classification task (its probabilities and multi-label flag).
+        info: rank and world size (for the gather).
+    """
+
+    def __init__(self, dataset, out_dir: Path, num_panels: int, is_main: bool, task,
+                 info=None) -> None:  # fmt: skip
+        spec = dataset.spec
+        self.dataset, self.out_dir, self.task, self.info = dataset, out_dir, task, info
+        self.is_main = is_main
+        self.num_panels = num_panels if is_main else 0
+        self.rgb_index = spec.index_of(spec.display_bands, "the prediction pictures")
+        self.mean = np.asarray(spec.mean_list(), dtype=np.float32)[self.rgb_index, None, None]
+        self.std = np.asarray(spec.std_list(), dtype=np.float32)[self.rgb_index, None, None]
+        self.rows: list[tuple[int, str, str, str, list[float]]] = []
+        self.panels: list[tuple[np.ndarray, str, str]] = []
+
+    def _names(self, label) -> str:
+        classes = self.dataset.classes
+        if self.task.multi_label:
+            return ";".join(c for c, v in zip(classes, label) if v >= 0.5)
+        index = int(label)
+        return classes[index] if 0 <= index < len(classes) else ""
+
+    def __call__(self, batch: dict, prediction: torch.Tensor, output: torch.Tensor) -> None:
+        """Record one evaluated batch."""
+        probabilities = self.task.probabilities(output).cpu().numpy()
+        labels = batch["label"].cpu().numpy()
+        prediction = prediction.cpu().numpy()
+        for j, index in enumerate(batch["index"].tolist()):
+            true, predicted = self._names(labels[j]), self._names(prediction[j])
+            self.rows.append((index, self.dataset.sample_name(index), true, predicted,
+                              [float(p) for p in probabilities[j]]))  # fmt: skip
+            if len(self.panels) < self.num_panels:
+                image = batch["image"][j].numpy()[self.rgb_index] * self.std + self.mean
+                self.panels.append((rgb_composite(image), true, predicted))
+
+    def finish(self, out_dir: Path) -> None:
+        """Gather every rank's rows (rank 0 writes): ``predictions.csv`` in sample order, and
+        the picture."""
+        rows = self.rows
+        info = self.info
+        if info is not None and getattr(info, "distributed", False):
+            import torch.distributed as dist
+
+            gathered: list = [None] * info.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if not self.is_main:
+            return
+        out_dir = Path(out_dir)
+        header = ["sample", "label", "prediction", *(f"p_{c}" for c in self.dataset.classes)]
+        lines = [",".join(header)]
+        for _, name, true, predicted, probabilities in sorted(rows):
+            cells = [name, true, predicted, *(f"{p:.6f}" for p in probabilities)]
+            lines.append(",".join(f'"{c}"' if "," in c else c for c in cells))
+        with atomic_path(out_dir / "predictions.csv") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        if self.panels:
+            save_label_panels(self.panels, out_dir / "test_predictions.png",
+                              " / ".join(self.dataset.spec.display_bands))  # fmt: skip
+
+
+def save_label_panels(panels: list[tuple[np.ndarray, str, str]], path: Path, title: str,
+                      scale: int = 3) -> None:  # fmt: skip
+    """One PNG: a row per sample of its colour composite, its true and its predicted labels
+    (green when they agree, red when not)."""
+    side = max(max(p[0].shape[:2]) for p in panels) * scale
+    side = max(side, 96)
+    text_w, gap, header = 360, 4, 16
+    canvas = Image.new("RGB", (side + text_w + 3 * gap, header + len(panels) * (side + gap)),
+                       "white")  # fmt: skip
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, 2), title, fill="black")
+    draw.text((side + 2 * gap, 2), "true / predicted", fill="black")
+    for r, (rgb, true, predicted) in enumerate(panels):
+        top = header + r * (side + gap)
+        tile = Image.fromarray(rgb).resize((side, side), Image.NEAREST)
+        canvas.paste(tile, (gap, top))
+        colour = (20, 130, 20) if true == predicted else (200, 30, 30)
+        draw.text((side + 2 * gap, top + 4), f"true: {true or '-'}", fill="black")
+        draw.text((side + 2 * gap, top + 22), f"predicted: {predicted or '-'}", fill=colour)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")

@@ -17,8 +17,7 @@ from deflect.engine import build
 from deflect.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state
 from deflect.engine.distributed import DistInfo, broadcast_object, explain_stall
 from deflect.engine.evaluator import Evaluator
-from deflect.engine.logging import ScalarWriter, metric_scalars, metrics_table, setup_logging
-from deflect.engine.outputs import PredictionWriter
+from deflect.engine.logging import ScalarWriter, setup_logging
 from deflect.engine.workdir import (
     FINISHED_MARKER,
     RunFolder,
@@ -152,25 +151,25 @@ def test_best(
     panels and the GeoTIFF predictions into ``out_dir`` (default: the run folder); log the
     per-class table."""
     out_dir = Path(out_dir or work_dir)
+    task = build.build_task(cfg)
     best = best_checkpoint(work_dir)
     state = load_checkpoint(best)
     load_model_state(model, state, str(best))
-    writer = PredictionWriter(
-        dataset, out_dir, int(cfg.num_vis), bool(cfg.save_predictions), info.is_main
-    )
-    evaluator = evaluator or Evaluator(build.eval_settings(cfg), dataset.spec, info)
+    writer = task.writer(dataset, out_dir, int(cfg.num_vis), bool(cfg.save_predictions),
+                         info.is_main, info)  # fmt: skip
+    evaluator = evaluator or build.build_evaluator(cfg, dataset.spec, info)
     loader = build.build_loader(dataset, cfg, info, train=False)
     metrics = evaluator.evaluate(model, loader, desc="test", on_batch=writer)
+    writer.finish(out_dir)  # every rank: the task's outputs may gather across ranks
     if info.is_main:
         metrics["checkpoint_epoch"] = int(state["epoch"]) + 1
         metrics.update(extra or {})
         atomic_write_text(json.dumps(metrics, indent=2), out_dir / TEST_METRICS)
-        writer.save_png(out_dir / "test_predictions.png")
         log.info(
             "test metrics (%s, best epoch %d)\n%s",
             work_dir.name,
             state["epoch"] + 1,
-            metrics_table(metrics, f"test: {work_dir.name}"),
+            task.table(metrics, f"test: {work_dir.name}"),
         )
     return metrics
 
@@ -267,6 +266,7 @@ def record_failure(work_dir: Path, info: DistInfo) -> Path | None:
 
 
 def close_run(
+    cfg: DictConfig,
     model: nn.Module,
     metrics: dict,
     counts: dict,
@@ -285,7 +285,8 @@ def close_run(
     if info.is_main:
         best_val = json.loads((work_dir / "best_val_metrics.json").read_text())
         model.encoder.save_pretrained(work_dir / "adapter")
-        writer.scalars(metric_scalars("test", metrics), epochs)
+        task = build.build_task(cfg)
+        writer.scalars(task.scalars("test", metrics), epochs)
         summary = {"best_val": best_val, "test": metrics, "params": counts, **cost,
                    **(extra or {})}  # fmt: skip
         atomic_write_text(json.dumps(summary, indent=2), work_dir / FINISHED_MARKER)
@@ -296,9 +297,10 @@ def close_run(
             log.info("deleted %s (%.0f MB of optimiser state; keep_last=true keeps it)", last,
                      size / 1e6)  # fmt: skip
         log.info(
-            "done: test mIoU %.2f; training %s images/s, peak memory %.0f MiB (%s); everything "
+            "done: test %s %.2f; training %s images/s, peak memory %.0f MiB (%s); everything "
             "is in %s",
-            100 * metrics["mIoU"],
+            task.headline,
+            100 * metrics[task.headline],
             cost["train_images_per_s"],
             cost["peak_memory_mb"],
             cost["peak_memory_kind"],

@@ -1,4 +1,6 @@
-"""The Trainer: one class, read top to bottom, no callbacks.
+"""The Trainer: one class, read top to bottom, no callbacks, for any task (the run's
+:class:`~deflect.tasks.Task` gives a batch's target, whether it holds a training signal, and
+what is logged).
 
 Per step: autocast forward, loss (+ any auxiliary loss the encoder reports, e.g. DEFLECT's soft
 deflection), backward (through a GradScaler for fp16 only), gradient clipping, optimiser and
@@ -35,8 +37,9 @@ from deflect.engine.checkpoint import (
 )
 from deflect.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, heartbeat
 from deflect.engine.evaluator import AUTOCAST_DTYPES, Evaluator, autocast_context, batch_metadata
-from deflect.engine.logging import ScalarWriter, metric_scalars
+from deflect.engine.logging import ScalarWriter
 from deflect.engine.meter import PeakMemory, ThroughputMeter
+from deflect.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class TrainSettings:
         precision: fp32, fp16 or bf16 (autocast; a GradScaler for fp16 only).
         grad_clip: max gradient norm (0 disables clipping).
         seed: base seed; every epoch re-seeds from (seed, epoch, rank).
-        monitor: validation metric selecting ``best.pt`` (higher is better).
+        monitor: validation metric selecting ``best.pt`` (higher is better; one of the task's).
         log_interval: steps between TensorBoard loss/lr points.
         max_steps_per_epoch: cut epochs short (smoke tests); ``None`` for full epochs.
         stop_after_epochs: leave ``fit`` after this many epochs in total, as a job killed by a
@@ -86,8 +89,6 @@ class TrainSettings:
             raise ValueError(f"precision={self.precision!r} is not one of {list(AUTOCAST_DTYPES)}")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
-        if self.monitor not in ("mIoU", "mF1", "mPrecision", "mRecall", "OA"):
-            raise ValueError(f"monitor={self.monitor!r}: use mIoU, mF1, mPrecision, mRecall or OA")
 
 
 class Trainer:
@@ -96,8 +97,9 @@ class Trainer:
     Args:
         model: the model to step (DDP-wrapped under torchrun).
         raw_model: the same model unwrapped (for state dicts, evaluation, auxiliary losses).
+        task: what is predicted: the batch's target, whether it holds any signal, what is logged.
         settings: epochs, precision, clipping, seed, ...
-        loss_fn: segmentation loss ``(logits, target) -> scalar``.
+        loss_fn: the task's loss ``(output, target) -> scalar``.
         optimizer: optimiser over the trainable parameters only.
         scheduler: per-step learning-rate scheduler.
         train_loader: training batches; its sampler gets ``set_epoch`` when it has one.
@@ -113,6 +115,7 @@ class Trainer:
         self,
         model: nn.Module,
         raw_model: nn.Module,
+        task: Task,
         settings: TrainSettings,
         loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -125,7 +128,7 @@ class Trainer:
         info: DistInfo,
         writer: ScalarWriter,
     ) -> None:
-        self.model, self.raw_model, self.settings = model, raw_model, settings
+        self.model, self.raw_model, self.task, self.settings = model, raw_model, task, settings
         self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
         self.train_loader, self.loader_generator = train_loader, loader_generator
         self.evaluator, self.val_loader = evaluator, val_loader
@@ -223,20 +226,18 @@ class Trainer:
             if improved:
                 self.best_score, self.best_epoch, self.best_metrics = score, epoch, metrics
             if self.info.is_main:
-                self.writer.scalars(metric_scalars("val", metrics), epoch + 1)
+                self.writer.scalars(self.task.scalars("val", metrics), epoch + 1)
                 self.writer.scalars({"train/epoch_loss": train_loss}, epoch + 1)
                 if self.throughput.images_per_second is not None:
                     self.writer.scalars(
                         {"train/images_per_s": self.throughput.images_per_second}, epoch + 1
                     )
                 log.info(
-                    "epoch %d/%d  train loss %.4f  val mIoU %.2f  mF1 %.2f  OA %.2f%s",
+                    "epoch %d/%d  train loss %.4f  val %s%s",
                     epoch + 1,
                     self.settings.epochs,
                     train_loss,
-                    100 * metrics["mIoU"],
-                    100 * metrics["mF1"],
-                    100 * metrics["OA"],
+                    self.task.log_line(metrics),
                     "  (best)" if improved else "",
                 )
                 if improved:
@@ -284,16 +285,16 @@ class Trainer:
             heartbeat(f"training, epoch {epoch + 1} step {steps + 1}", self.info)
             images = batch["image"].to(self.info.device, non_blocking=True)
             seen += images.shape[0]
-            # Asked of the mask still on the host: on a GPU, asking the device copy would wait
-            # for the forward pass to finish before the backward pass could be queued.
-            labelled = bool((batch["mask"] != self.ignore_index).any())
-            target = batch["mask"].to(self.info.device, non_blocking=True)
+            # Asked of the target still on the host: on a GPU, asking the device copy would
+            # wait for the forward pass to finish before the backward pass could be queued.
+            labelled = self.task.has_signal(batch, self.evaluator.data)
+            target = self.task.target(batch).to(self.info.device, non_blocking=True)
             metadata = batch_metadata(self.raw_model, batch, self.info.device)
             with autocast_context(self.info.device, self.settings.precision):
                 logits = self.model(images, **metadata)
             if labelled:
                 loss = self.loss_fn(logits, target)
-            else:  # a crop without labels: no signal, but keep every rank's graph alike
+            else:  # a batch without labels: no signal, but keep every rank's graph alike
                 loss = logits.float().sum() * 0.0
             aux = self.raw_model.auxiliary_losses() if self.model.training else {}
             objective = loss + sum(aux.values()) if aux else loss

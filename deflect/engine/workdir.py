@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 CONFIG_GROUPS = (
-    "encoder", "dataset", "segmentor", "augmentation", "finetune", "optimizer", "scheduler",
+    "encoder", "task", "loss", "dataset", "segmentor", "augmentation", "finetune", "optimizer",
+    "scheduler",
 )  # fmt: skip
 
 
@@ -306,7 +307,7 @@ _INT, _FLOAT, _BOOL, _CHOICE = "an integer", "a number", "true or false", "one o
 RUN_SETTINGS: dict[str, tuple] = {
     "seed": (_INT, None, False, "seed=0"),
     "img_size": (_INT, 1, False, "img_size=224"),
-    "batch_size": (_INT, 2, False, "batch_size=8 (per process; BatchNorm needs 2)"),
+    "batch_size": (_INT, 1, False, "batch_size=8 (per process; UperNet's BatchNorm needs 2)"),
     "eval_batch_size": (_INT, 1, False, "eval_batch_size=8"),
     "num_workers": (_INT, 0, False, "num_workers=4"),
     "epochs": (_INT, 1, False, "epochs=15"),
@@ -322,7 +323,8 @@ RUN_SETTINGS: dict[str, tuple] = {
     "device": (_CHOICE, ("auto", "cpu", "cuda"), False, "device=cuda"),
     "matmul_precision": (_CHOICE, ("highest", "high", "medium"), False, "matmul_precision=high"),
     "cpu_allocator": (_CHOICE, ("tuned", "default"), False, "cpu_allocator=default"),
-    "monitor": (_CHOICE, ("mIoU", "mF1", "mPrecision", "mRecall", "OA"), False, "monitor=mF1"),
+    "monitor": (_CHOICE, ("mIoU", "mF1", "mPrecision", "mRecall", "OA", "microF1", "mAP"), True,
+                "monitor=mF1 (null: the task's own)"),
     **{key: (_BOOL, None, False, f"{key}=true") for key in (
         "compile", "activation_checkpointing", "save_predictions", "resume",
         "resume_allow_changes", "keep_last", "check_reflectance_scale", "diagnostics",
@@ -334,7 +336,7 @@ RUN_SETTINGS: dict[str, tuple] = {
 _STRICT = {"encoder_lr_scale", "optimizer.lr"}
 #: Top-level keys the framework reads (config groups, settings and the folders).
 KNOWN_KEYS = {
-    *CONFIG_GROUPS, *(k for k in RUN_SETTINGS if "." not in k), "loss", "work_root", "work_dir",
+    *CONFIG_GROUPS, *(k for k in RUN_SETTINGS if "." not in k), "work_root", "work_dir",
     "eval_dir", "cross_sensor",
 }  # fmt: skip
 

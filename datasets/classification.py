@@ -1,0 +1,354 @@
+"""Image-level datasets: a class (or a set of labels) per image.
+
+A sample is ``{"image": float32 (C, H, W), "label": int64 scalar (single-label) or float32
+multi-hot (K,) (multi-label), "index": int}``; invalid pixels are NaN, as everywhere. The
+transform (``datasets.transforms.ImageTransform``) brings every image to the encoder's size.
+
+:class:`ChipFolder` reads your own GeoTIFF chips, labelled one of two ways::
+
+    <root>/<split>/<class>/<name>.tif             labels: folders (the class is the folder)
+    <root>/labels.csv + <root>/images/<name>.tif  labels: labels.csv (columns name,label[,split];
+                                                  a multi-label label is "class;class;...")
+
+with the conventions of ``dataset=folder``: band names from each file's band descriptions
+(read by name per file; codes, common names or wavelengths), statistics computed over the
+training chips and cached in ``<root>/band_stats.json``, a seeded split when the layout has
+none, errors naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datasets.base import SPLITS, ReflectanceCheck, _open_raster, _read_bands
+from datasets.folder import (
+    STATS_VERSION,
+    compute_band_stats,
+    file_header,
+    file_record,
+    log_once,
+    resolve_bands,
+)
+from deflect.data import DataSpec, invalid_to_nan
+from deflect.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class ImageClassificationDataset(ReflectanceCheck, Dataset):
+    """Base of the image-level datasets: the data description and the sample dicts.
+
+    Subclasses set ``self.names`` (sample names of the split) and implement
+    :meth:`read_image` and :meth:`read_label`.
+
+    Args:
+        split: ``train``, ``val`` or ``test``.
+        bands: the bands to load, by name, in this order.
+        classes: class (label) names.
+        band_stats: ``{"mean": {band: v}, "std": {band: v}}`` in file units.
+        multi_label: a set of labels per image (multi-hot) instead of one class.
+        ignore_index: single-label: the label of images without a class (left out).
+        reflectance_scale, nodata, sensor, gsd, display_bands: as for the segmentation datasets.
+        transform: ``(image, label) -> (image, label)``, normally an ``ImageTransform``.
+    """
+
+    def __init__(self, *, split: str, bands: list[str], classes: list[str],
+                 band_stats: dict[str, dict[str, float]], multi_label: bool = False,
+                 ignore_index: int = -1, reflectance_scale: float = 1.0,
+                 nodata: float | None = None, sensor: str = "sentinel2a",
+                 gsd: float | None = None, display_bands: list[str] | None = None,
+                 transform=None) -> None:  # fmt: skip
+        name = type(self).__name__
+        if split not in SPLITS:
+            raise ValueError(f"{name}: split {split!r} is not one of {list(SPLITS)}")
+        minimum = 1 if multi_label else 2
+        if len(list(classes)) < minimum:
+            raise ValueError(
+                f"{name}: {len(list(classes))} class(es) {list(classes)}; classification needs "
+                f"at least {minimum}: list them in dataset.classes"
+            )
+        self.split = split
+        self.multi_label = bool(multi_label)
+        try:
+            self.spec = DataSpec(
+                bands=tuple(bands), mean=band_stats["mean"], std=band_stats["std"],
+                reflectance_scale=reflectance_scale, nodata=nodata, sensor=sensor, gsd=gsd,
+                classes=tuple(classes), ignore_index=ignore_index,
+                display_bands=None if display_bands is None else tuple(display_bands),
+            )  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
+        self.transform = transform
+        self.names: list[str] = []
+
+    # ---- what a subclass gives ----------------------------------------------------------------
+    def read_image(self, index: int) -> np.ndarray:
+        """The bands ``self.bands`` of sample ``index`` in the file's dtype: (C, H, W)."""
+        raise NotImplementedError
+
+    def read_label(self, index: int) -> int | np.ndarray:
+        """The class id, or the multi-hot label set, of sample ``index``."""
+        raise NotImplementedError
+
+    # ---- samples --------------------------------------------------------------------------------
+    @property
+    def bands(self) -> list[str]:
+        return list(self.spec.bands)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec.classes)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.spec.ignore_index
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def sample_name(self, index: int) -> str:
+        return self.names[index]
+
+    def read_sample(self, index: int) -> tuple[np.ndarray, Any]:
+        """The image (C, H, W) float32 with NaN at invalid pixels, and the label."""
+        return invalid_to_nan(np.asarray(self.read_image(index)), self.spec.nodata), \
+            self.read_label(index)  # fmt: skip
+
+    def label_tensor(self, label: int | np.ndarray) -> torch.Tensor:
+        if self.multi_label:
+            return torch.as_tensor(np.asarray(label, dtype=np.float32))  # (K,)
+        return torch.tensor(int(label), dtype=torch.int64)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.read_sample(index)
+        image_t, label_t = torch.from_numpy(image), self.label_tensor(label)
+        if self.transform is not None:
+            image_t, label_t = self.transform(image_t, label_t)
+        sample = {"image": image_t, "label": label_t, "index": index}
+        if self.spec.gsd is not None:
+            sample["gsd"] = torch.tensor(self.spec.gsd, dtype=torch.float32)
+        return sample
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, "
+                f"bands={self.bands}, classes={self.num_classes}, multi_label={self.multi_label})")  # fmt: skip
+
+
+def seeded_split(names: list[str], split: str, val_fraction: float, test_fraction: float,
+                 seed: int) -> list[str]:  # fmt: skip
+    """The names of ``split`` in a seeded split of ``names`` (the same on every run)."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be fractions "
+            "in [0, 1) summing to less than 1"
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_test, n_val = round(test_fraction * len(names)), round(val_fraction * len(names))
+    chosen = {"test": order[:n_test], "val": order[n_test : n_test + n_val],
+              "train": order[n_test + n_val :]}[split]  # fmt: skip
+    return [names[i] for i in sorted(chosen)]
+
+
+class ChipFolder(ImageClassificationDataset):
+    """Your own GeoTIFF chips, labelled by folder or by a CSV (see the module docstring).
+
+    Args:
+        root: the folder.
+        split: ``train``, ``val`` or ``test``.
+        labels: ``folders`` (``<root>/<split>/<class>/<name>.tif``) or the path of a CSV
+            relative to ``root`` (columns ``name``, ``label`` and optionally ``split``).
+        images: with a CSV, where a chip named ``name`` is (``{name}`` in the pattern).
+        classes: class names; default: the class folders, or the labels of the CSV, sorted.
+        multi_label: CSV labels are sets, ``;``-separated.
+        available_bands: band names in file order; default: each file's band descriptions.
+        bands: the bands to load (default: all).
+        band_stats: default: computed over the training chips and cached.
+        val_fraction, test_fraction, split_seed: the seeded split when the CSV has no ``split``.
+        **kwargs: those of :class:`ImageClassificationDataset`.
+    """
+
+    layout: ClassVar[str] = "<root>/<split>/<class>/<name>.tif, or a labels CSV"
+
+    def __init__(self, *, root: str, split: str, labels: str = "folders",
+                 images: str = "images/{name}.tif", classes: list[str] | None = None,
+                 multi_label: bool = False, available_bands: list[str] | None = None,
+                 bands: list[str] | None = None,
+                 band_stats: dict[str, dict[str, float]] | None = None,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
+                 **kwargs: Any) -> None:  # fmt: skip
+        name = type(self).__name__
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"{name}: dataset root {str(self.root)!r} does not exist; set dataset.root=<folder>"
+            )
+        self.multi_label = bool(multi_label)
+        table = self._label_table(labels, images, val_fraction, test_fraction, split_seed)
+        known = sorted({c for _, _, labels_ in table.values() for c in labels_})
+        classes = list(classes) if classes else known
+        unknown = sorted(set(known) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"{name}: labels {unknown[:10]} are not among dataset.classes {classes}; add them "
+                "or fix the labels"
+            )
+        self._table = table
+        self._classes = classes
+        sensor = kwargs.get("sensor") or "sentinel2a"
+        self._orders: dict[Path, list[str]] = {}
+        first = next(iter(table.values()))[0]
+        self.available_bands = self._band_names(first, available_bands, sensor)
+        bands = list(bands) if bands else list(self.available_bands)
+        if band_stats is None:
+            band_stats = self._training_stats(kwargs.get("nodata"))
+        super().__init__(split=split, bands=bands, classes=classes, band_stats=band_stats,
+                         multi_label=multi_label, **kwargs)  # fmt: skip
+        self.names = sorted(n for n, (_, s, _) in table.items() if s == split)
+        if not self.names:
+            raise ValueError(
+                f"{name}: split {split!r} has no chips under {str(self.root)!r} ({self.layout})"
+            )
+
+    # ---- listing --------------------------------------------------------------------------------
+    def _label_table(self, labels: str, images: str, val_fraction: float, test_fraction: float,
+                     seed: int) -> dict[str, tuple[Path, str, list[str]]]:  # fmt: skip
+        """``name -> (image path, split, [class names])`` for every chip."""
+        name = type(self).__name__
+        table: dict[str, tuple[Path, str, list[str]]] = {}
+        if labels == "folders":
+            for split in SPLITS:
+                for path in sorted((self.root / split).glob("*/*.tif*")):
+                    key = f"{split}/{path.parent.name}/{path.stem}"
+                    table[key] = (path, split, [path.parent.name])
+            if not table:
+                raise ValueError(
+                    f"{name}: no chip matches {self.root}/<split>/<class>/<name>.tif; for a CSV "
+                    "of labels set dataset.labels=<file.csv>"
+                )
+            return table
+        path = self.root / labels
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{name}: labels file {str(path)!r} does not exist; set dataset.labels to the CSV "
+                "(columns name,label[,split]) relative to dataset.root, or to folders"
+            )
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"name", "label"} <= set(rows[0]):
+            raise ValueError(f"{name}: {str(path)!r} needs the columns name and label")
+        splits = {r["name"]: r.get("split") for r in rows}
+        if any(splits.values()):
+            bad = sorted({s for s in splits.values() if s not in SPLITS})
+            if bad:
+                raise ValueError(f"{name}: {str(path)!r} has splits {bad}; use train, val, test")
+        else:
+            names = sorted(splits)
+            for split in SPLITS:
+                for n in seeded_split(names, split, val_fraction, test_fraction, seed):
+                    splits[n] = split
+        for row in rows:
+            image = self.root / images.replace("{name}", row["name"])
+            if not image.is_file():
+                raise FileNotFoundError(
+                    f"{name}: {str(path)!r} lists {row['name']!r} but {str(image)!r} does not "
+                    "exist; fix dataset.images or the CSV"
+                )
+            labels_ = [c.strip() for c in row["label"].split(";") if c.strip()]
+            if not self.multi_label and len(labels_) != 1:
+                raise ValueError(
+                    f"{name}: {row['name']!r} has labels {labels_} in {str(path)!r}; one class per "
+                    "chip, or set dataset.multi_label=true for label sets"
+                )
+            table[row["name"]] = (image, splits[row["name"]], labels_)
+        return table
+
+    def _band_names(self, first: Path, available_bands: list[str] | None,
+                    sensor: str) -> list[str]:  # fmt: skip
+        fix = "give dataset.available_bands=[...] in file order"
+        owner = type(self).__name__
+        if available_bands is not None:
+            return resolve_bands([str(b) for b in available_bands], sensor,
+                                 "dataset.available_bands", fix, owner)  # fmt: skip
+        reference = None
+        for path, _, _ in self._table.values():
+            descriptions = file_header(path).descriptions
+            if not all(descriptions):
+                raise ValueError(f"{owner}: {str(path)!r} has no band descriptions; {fix}")
+            order = resolve_bands(list(descriptions), sensor, repr(str(path)), fix, owner)
+            if reference is None:
+                reference = (path, order)
+            elif set(order) != set(reference[1]):
+                raise ValueError(
+                    f"{owner}: {str(path)!r} has bands {order} but {str(reference[0])!r} has "
+                    f"{reference[1]}; every chip must hold the same bands (any order)"
+                )
+            self._orders[path] = order
+        return reference[1]
+
+    def _training_stats(self, nodata: float | None) -> dict[str, dict]:
+        """Per-band mean and std over the training chips, cached in ``<root>/band_stats.json``."""
+        train = sorted(p for p, s, _ in self._table.values() if s == "train")
+        if not train:
+            raise ValueError(f"{type(self).__name__}: no training chips to compute statistics")
+        files = {}
+        for path in train:
+            record = file_record(path)
+            if self._orders.get(path, self.available_bands) != self.available_bands:
+                record["bands"] = self._orders[path]
+            files[path.relative_to(self.root).as_posix()] = record
+        key = {"version": STATS_VERSION, "bands": self.available_bands, "nodata": nodata,
+               "files": files}  # fmt: skip
+        cache = self.root / "band_stats.json"
+        if cache.is_file():
+            try:
+                saved = json.loads(cache.read_text())
+                if {k: saved.get(k) for k in key} == key:
+                    log_once(log.info, f"band statistics from {cache} ({len(files)} chips)")
+                    return {"mean": saved["mean"], "std": saved["std"]}
+            except (OSError, ValueError):
+                pass
+        start = time.time()
+        orders = [[self._orders.get(p, self.available_bands).index(b) + 1
+                   for b in self.available_bands] for p in train]  # fmt: skip
+        mean, std, pixels = compute_band_stats(train, nodata, orders)
+        stats = {"mean": dict(zip(self.available_bands, mean)),
+                 "std": dict(zip(self.available_bands, std))}  # fmt: skip
+        log.info("computed band statistics over %d training chips in %.1f s", len(train),
+                 time.time() - start)  # fmt: skip
+        try:
+            with atomic_path(cache) as tmp:
+                tmp.write_text(json.dumps({**key, **stats}, indent=1))
+        except OSError as err:
+            log.warning("could not cache band statistics in %s (%s)", cache, err)
+        return stats
+
+    # ---- reading --------------------------------------------------------------------------------
+    def read_image(self, index: int) -> np.ndarray:
+        path = self._table[self.names[index]][0]
+        order = self._orders.get(path, self.available_bands)
+        with _open_raster(path) as src:
+            return _read_bands(src, path, [order.index(b) + 1 for b in self.bands])
+
+    def read_label(self, index: int) -> int | np.ndarray:
+        labels = self._table[self.names[index]][2]
+        if self.multi_label:
+            hot = np.zeros(len(self._classes), dtype=np.float32)
+            hot[[self._classes.index(c) for c in labels]] = 1
+            return hot
+        return self._classes.index(labels[0])
+
+    def sample_name(self, index: int) -> str:
+        return self.names[index].replace("/", "_")

@@ -1,0 +1,219 @@
+"""Image classification: one class per image (single-label) or a set of labels (multi-label).
+
+The head is :class:`segmentors.classifier.ImageClassifier`, a linear layer on the encoder's
+pooled final tokens. Inputs of any size reach the encoder at ``img_size`` (the transform resizes
+them, NaN-aware, or crops their centre), so a test image is one forward pass.
+
+Metrics:
+
+* single-label: overall accuracy (OA), per-class precision, recall and F1 and their means over
+  the classes present in the split's ground truth (absent classes ``null``, left out of the
+  means, as for segmentation), and the confusion matrix;
+* multi-label: at ``threshold`` on the sigmoid probabilities, micro F1 (over every label
+  decision) and macro F1 (``mF1``, over the labels present in the split), per-label F1; the
+  average precision of each label (threshold-free) and their mean (``mAP``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MultilabelAveragePrecision, MultilabelStatScores
+
+from deflect.data import DataSpec
+from deflect.tasks.base import InferenceSettings, Metric, Task
+from deflect.tasks.segmentation import ConfusionMetric, class_weights
+
+INPUT_MODES = ("resize", "center_crop")
+
+
+class SingleLabelMetric(ConfusionMetric):
+    """The confusion matrix of image-level classes: OA, precision, recall, F1 (no IoU)."""
+
+    def __init__(self, data: DataSpec, device: torch.device) -> None:
+        super().__init__(data, device, count="samples")
+
+    def compute(self) -> dict:
+        result = super().compute()
+        result.pop("mIoU", None)
+        for values in result["per_class"].values():
+            values.pop("IoU", None)
+        return result
+
+
+class MultiLabelMetric(Metric):
+    """Label decisions at ``threshold`` on the probabilities, and each label's average
+    precision, summed across ranks (torchmetrics)."""
+
+    def __init__(self, data: DataSpec, device: torch.device, threshold: float) -> None:
+        self.class_names = list(data.classes)
+        self.threshold = threshold
+        k = data.num_classes
+        self.stats = MultilabelStatScores(k, average=None, sync_on_compute=True).to(device)
+        self.ap = MultilabelAveragePrecision(k, average=None, thresholds=None,
+                                             sync_on_compute=True).to(device)  # fmt: skip
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        probabilities = torch.sigmoid(output.float())  # (B, K)
+        decisions = (probabilities >= self.threshold).int()
+        labels = target.int()
+        self.stats.update(decisions, labels)
+        self.ap.update(probabilities, labels)
+
+    def compute(self) -> dict:
+        stats = self.stats.compute().double().cpu()  # (K, 5): tp, fp, tn, fn, support
+        tp, fp, fn, support = stats[:, 0], stats[:, 1], stats[:, 3], stats[:, 4]
+        present = support > 0
+        with torch.no_grad():
+            ap = self.ap.compute().double().cpu()  # (K,), NaN for labels without positives
+        f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), 0.0)
+        precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), 0.0)
+        recall = torch.where(support > 0, tp / support.clamp_min(1), 0.0)
+        per_class = {}
+        for i, name in enumerate(self.class_names):
+            ok = bool(present[i])
+            per_class[name] = {
+                "F1": float(f1[i]) if ok else None,
+                "Precision": float(precision[i]) if tp[i] + fp[i] > 0 else None,
+                "Recall": float(recall[i]) if ok else None,
+                "AP": float(ap[i]) if ok and math.isfinite(float(ap[i])) else None,
+                "support": int(support[i]),
+            }
+
+        def mean(values: torch.Tensor) -> float:
+            return float(values[present].mean()) if present.any() else float("nan")
+
+        micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
+        return {
+            "mF1": mean(f1),
+            "microF1": float(2 * tp.sum() / micro_den) if micro_den > 0 else float("nan"),
+            "mAP": mean(torch.nan_to_num(ap, nan=0.0)),
+            "mPrecision": mean(precision),
+            "mRecall": mean(recall),
+            "absent_classes": int((~present).sum()),
+            "samples": int(stats[0, :4].sum()),
+            "threshold": self.threshold,
+            "per_class": per_class,
+        }
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy (single-label; ``ignore_index`` labels left out, optional class weights and
+    label smoothing) or binary cross-entropy per label (multi-label; optional per-label
+    weights on the positives)."""
+
+    def __init__(self, num_classes: int, multi_label: bool, ignore_index: int = -1,
+                 class_weights: list[float] | None = None, label_smoothing: float = 0.0) -> None:  # fmt: skip
+        super().__init__()
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(
+                f"loss.class_weights has {len(class_weights)} entries for {num_classes} classes"
+            )
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("weight", weight, persistent=False)
+        self.multi_label = multi_label
+        self.ignore_index = ignore_index
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, target.float(),
+                                                      pos_weight=self.weight)  # fmt: skip
+        return F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index,
+                               label_smoothing=self.label_smoothing)  # fmt: skip
+
+
+class ClassificationTask(Task):
+    """Image-level classes (see the module docstring).
+
+    Args:
+        multi_label: each image has a set of labels (sigmoid per label, binary cross-entropy)
+            instead of one class (softmax, cross-entropy).
+        threshold: a label is predicted where its probability is at least this (multi-label).
+        pooling: how the head pools the final tokens: ``cls``, ``mean`` or ``cls_mean``.
+        dropout: dropout before the linear layer.
+        input: how images of another size reach ``img_size``: ``resize`` (bilinear, NaN-aware)
+            or ``center_crop`` (padded with NaN when smaller).
+    """
+
+    name = "classification"
+    target_key = "label"
+    min_batch_size = 1  # the linear head has no batch statistics
+
+    def __init__(self, multi_label: bool = False, threshold: float = 0.5, pooling: str = "cls",
+                 dropout: float = 0.0, input: str = "resize") -> None:  # fmt: skip
+        if not 0 < threshold < 1:
+            raise ValueError(f"task.threshold={threshold} must be a probability in (0, 1)")
+        if input not in INPUT_MODES:
+            raise ValueError(f"task.input={input!r}: use one of {list(INPUT_MODES)}")
+        self.multi_label = bool(multi_label)
+        self.threshold = float(threshold)
+        self.pooling = pooling
+        self.dropout = float(dropout)
+        self.input = input
+        self.monitors = (
+            ("mF1", "microF1", "mAP", "mPrecision", "mRecall")
+            if self.multi_label
+            else ("mF1", "OA", "mPrecision", "mRecall")
+        )
+
+    def build_model(self, encoder: nn.Module, data: DataSpec, head_config=None) -> nn.Module:
+        from segmentors.classifier import ImageClassifier
+
+        return ImageClassifier(encoder, data.num_classes, self.pooling, self.dropout)
+
+    def build_loss(self, loss_config, data: DataSpec, class_frequencies=None) -> nn.Module:
+        return ClassificationLoss(
+            data.num_classes, self.multi_label, data.ignore_index,
+            class_weights(loss_config.get("class_weights"), data, class_frequencies),
+            float(loss_config.get("label_smoothing", 0.0)),
+        )  # fmt: skip
+
+    def has_signal(self, batch: dict, data: DataSpec) -> bool:
+        if self.multi_label:
+            return True
+        return bool((batch["label"] != data.ignore_index).any())
+
+    def infer(self, model, images, metadata, settings: InferenceSettings, num_classes: int):
+        return model(images, **metadata)  # (B, K): images arrive at img_size
+
+    def predict(self, output: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            return (torch.sigmoid(output.float()) >= self.threshold).int()
+        return output.argmax(dim=1)
+
+    def probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        """Per-class probabilities: sigmoid (multi-label) or softmax."""
+        output = output.float()
+        return torch.sigmoid(output) if self.multi_label else torch.softmax(output, dim=1)
+
+    def metric(self, data: DataSpec, device: torch.device) -> Metric:
+        if self.multi_label:
+            return MultiLabelMetric(data, device, self.threshold)
+        return SingleLabelMetric(data, device)
+
+    def log_line(self, metrics: dict) -> str:
+        if self.multi_label:
+            return (f"mF1 {100 * metrics['mF1']:.2f}  microF1 {100 * metrics['microF1']:.2f}  "
+                    f"mAP {100 * metrics['mAP']:.2f}")  # fmt: skip
+        return f"mF1 {100 * metrics['mF1']:.2f}  OA {100 * metrics['OA']:.2f}"
+
+    def scalars(self, prefix: str, metrics: dict) -> dict[str, float]:
+        out = {f"{prefix}/{k}": metrics[k] for k in self.monitors}
+        for name, values in metrics["per_class"].items():
+            out[f"{prefix}_F1/{name}"] = values["F1"]
+        return out
+
+    def table(self, metrics: dict, title: str) -> str:
+        from deflect.engine.logging import classification_table
+
+        return classification_table(metrics, title, self.multi_label)
+
+    def writer(self, dataset, out_dir, num_vis: int, save: bool, is_main: bool, info=None):
+        from deflect.engine.outputs import ClassificationWriter
+
+        return ClassificationWriter(dataset, out_dir, num_vis, is_main, self, info)

@@ -433,3 +433,38 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(kind, met
     recomputed.set_activation_checkpointing(False)  # and off again: the very same modules
     assert [type(m) for m in recomputed.modules()] == [type(m) for m in plain.modules()]
     assert not any(getattr(m, "checkpoint_activations", False) for m in recomputed.modules())
+
+
+# ---- the same methods under an image-classification head ----------------------------------------
+METHODS = list(ROWS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_under_a_classification_head(method):
+    """The linear head on the pooled final tokens (``segmentors.classifier.ImageClassifier``):
+    at initialisation the adapted encoder's head outputs equal the base's (the method's own
+    identity pair), and after the adapter's zero-initialised parts are perturbed every trainable
+    parameter of encoder and head gets a gradient from the classification loss."""
+    from segmentors.classifier import ImageClassifier
+
+    base = build_base("encoder")
+    reference = copy.deepcopy(base)
+    torch.manual_seed(11)
+    reference_head = ImageClassifier(reference, 5, "cls_mean").eval()
+    model = adapt("encoder", method, base)
+    head = ImageClassifier(model, 5, "cls_mean").eval()
+    head.load_state_dict(reference_head.state_dict(), strict=False)  # the same head weights
+    torch.manual_seed(2)
+    x = torch.randn(2, C, 32, 32)
+    adapted_input, rgb_input = ROWS[method].init_pair
+    with torch.no_grad():
+        torch.testing.assert_close(head(adapted_input(x)),
+                                   reference_head(as_base_input("encoder", rgb_input(x))),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    perturb_zero_inits(model)
+    head.train()
+    loss = torch.nn.functional.cross_entropy(head(x), torch.tensor([1, 3]))
+    loss = loss + sum(head.auxiliary_losses().values())
+    loss.backward()
+    missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

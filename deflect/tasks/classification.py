@@ -17,6 +17,7 @@ Metrics:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,9 @@ class MultiLabelMetric(Metric):
         stats = self.stats.compute().double().cpu()  # (K, 5): tp, fp, tn, fn, support
         tp, fp, fn, support = stats[:, 0], stats[:, 1], stats[:, 3], stats[:, 4]
         present = support > 0
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # A label without a positive in the split has no AP: n/a below, out of mAP.
+            warnings.filterwarnings("ignore", message="No positive samples found")
             ap = self.ap.compute().double().cpu()  # (K,), NaN for labels without positives
         f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), 0.0)
         precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), 0.0)

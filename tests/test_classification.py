@@ -1,0 +1,239 @@
+"""Image classification on the task-agnostic engine: GEO-Bench v1 tasks in their released layout
+(read without running a pickle), your own chips, single- and multi-label metrics against hand
+counts, the head's pooling, the NaN-aware resize, and runs with ``eval_dir`` reproducing them."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from datasets import ChipFolder, GeoBench
+from datasets.safe_pickle import safe_loads
+from datasets.transforms import resize_nan_aware
+from deflect.data import DataSpec
+from deflect.tasks import ClassificationTask
+from tests.conftest import REPO, TINY, run_cli
+from tests.geobench_fixtures import _Evil, geobench_modules, write_chips, write_geobench
+
+CLASSES = ["forest", "field", "water"]
+SO2SAT = OmegaConf.load(REPO / "configs" / "dataset" / "m_so2sat.yaml")
+CHANNELS = dict(SO2SAT.channels)
+
+
+def geobench(root, split="train", **kwargs):
+    kwargs.setdefault("reflectance_scale", 10000)
+    return GeoBench(root=str(root), split=split, channels=CHANNELS, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def so2sat(tmp_path_factory):
+    return write_geobench(tmp_path_factory.mktemp("gb") / "m-so2sat", CLASSES,
+                          {"train": 12, "valid": 4, "test": 6}, size=16)  # fmt: skip
+
+
+# ---- GEO-Bench in its released layout -----------------------------------------------------------
+def test_geobench_samples_labels_partitions_and_statistics(so2sat):
+    import h5py
+
+    train = geobench(so2sat)
+    assert train.classes == CLASSES  # from task_specs.pkl, read without geobench installed
+    partition = json.loads((so2sat / "default_partition.json").read_text())
+    assert train.names == partition["train"] and len(geobench(so2sat, "val")) == 4  # "valid"
+    few = geobench(so2sat, partition="0.50x_train")
+    assert few.names == partition["train"][:6]  # the few-shot partition file, not the default
+    sample = train[3]
+    with h5py.File(so2sat / f"{train.names[3]}.hdf5") as f, geobench_modules():
+        expected = np.stack([f[c][()] for c in CHANNELS]).astype(np.float32)
+        label = pickle.loads(ast.literal_eval(f.attrs["pickle"]))["label"]  # our own fixture
+    np.testing.assert_array_equal(sample["image"].numpy(), expected)
+    assert sample["label"].item() == label
+    stats = json.loads((so2sat / "band_stats.json").read_text())
+    assert train.spec.mean["B8"] == stats["08 - NIR"]["mean"]
+
+
+def test_the_band_order_fixes_of_eurosat_and_brick_kiln_follow_the_true_channels():
+    eurosat = OmegaConf.load(REPO / "configs" / "dataset" / "m_eurosat.yaml").channels
+    assert eurosat["08A - Vegetation Red Edge"] == "B9" and eurosat["12 - SWIR"] == "B8A"
+    brick = OmegaConf.load(REPO / "configs" / "dataset" / "m_brick_kiln.yaml").channels
+    # geo-bench issue #29: stored positions 5..9 hold B7, B8A, B8, B11, B12
+    assert list(brick.values())[5:] == ["B7", "B8A", "B8", "B11", "B12"]
+
+
+@pytest.mark.parametrize("where", ["sample", "task_specs"])
+def test_a_hostile_pickle_is_refused_and_never_run(where, tmp_path):
+    marker = tmp_path / "pwned"
+    _Evil.marker = marker
+    root = tmp_path / "task"
+    write_geobench(root, CLASSES, {"train": 3, "valid": 1, "test": 1},
+                   hostile_sample="id_train_001" if where == "sample" else None)  # fmt: skip
+    if where == "task_specs":
+        (root / "task_specs.pkl").write_bytes(pickle.dumps({"label_type": _Evil()}))
+        with pytest.raises(ValueError, match=r"refused to read .*task_specs.pkl.*system"):
+            geobench(root)
+    else:
+        data = geobench(root)
+        data[0]
+        with pytest.raises(ValueError, match=r"refused to read .*id_train_001.hdf5.*system"):
+            data[1]
+    assert not marker.exists()
+
+
+def test_the_safe_unpickler_keeps_plain_data_only():
+    plain = {"a": np.arange(3, dtype=np.int16), "b": np.float64(2.5), "c": [1, "x", (2, 3)]}
+    out = safe_loads(str(pickle.dumps(plain, protocol=4)), "t")
+    assert out["a"].tolist() == [0, 1, 2] and out["b"] == 2.5 and out["c"] == [1, "x", (2, 3)]
+    for evil in (np.array([{"x": 1}], dtype=object), eval):
+        with pytest.raises(ValueError, match="refused"):
+            safe_loads(pickle.dumps(evil), "t")
+
+
+# ---- your own chips -----------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["folders", "csv"])
+def test_own_chips_by_folder_or_csv(layout, tmp_path):
+    root = write_chips(tmp_path / layout, CLASSES, layout=layout)
+    labels = "folders" if layout == "folders" else "labels.csv"
+    train = ChipFolder(root=str(root), split="train", labels=labels, reflectance_scale=10000)
+    assert train.classes == sorted(CLASSES) and len(train) == 9
+    assert train.bands == ["B2", "B3", "B4", "B8"]  # from the band descriptions
+    for i in range(len(train)):  # the label is the chip's class, whatever the layout
+        name = train.names[i].split("/")[-1]
+        assert train.classes[int(train[i]["label"])] == name.split("_")[0]
+    with pytest.raises(ValueError, match=r"not among dataset.classes"):
+        ChipFolder(root=str(root), split="train", labels=labels, classes=["forest", "field"])
+
+
+def test_multi_label_chips_from_a_csv(tmp_path):
+    root = write_chips(tmp_path / "m", CLASSES, layout="csv", multi_label=True)
+    data = ChipFolder(root=str(root), split="test", labels="labels.csv", multi_label=True,
+                      reflectance_scale=10000)  # fmt: skip
+    with open(root / "labels.csv") as f:
+        rows = {r["name"]: set(r["label"].split(";")) for r in csv.DictReader(f)}
+    for i in range(len(data)):
+        hot = data[i]["label"].numpy()
+        assert {data.classes[k] for k in np.flatnonzero(hot)} == rows[data.names[i]]
+
+
+# ---- metrics against hand counts ----------------------------------------------------------------
+def spec(classes=("a", "b", "c")) -> DataSpec:
+    return DataSpec(bands=("B2",), classes=tuple(classes), ignore_index=-1)
+
+
+def test_single_label_metrics_equal_hand_counts_with_absent_classes():
+    """Targets a a b b b, predictions a b b b a; class c absent from the ground truth: its F1
+    is n/a and left out of the macro mean (precision 0 counted where it was predicted)."""
+    task = ClassificationTask()
+    metric = task.metric(spec(), torch.device("cpu"))
+    target = torch.tensor([0, 0, 1, 1, 1])
+    pred = torch.tensor([0, 1, 1, 1, 0])
+    metric.update(torch.nn.functional.one_hot(pred, 3).float(), target)
+    m = metric.compute()
+    f1_a, f1_b = 2 * 1 / (2 * 1 + 1 + 1), 2 * 2 / (2 * 2 + 1 + 1)  # a: tp1 fp1 fn1; b: tp2 fp1 fn1
+    assert m["per_class"]["a"]["F1"] == pytest.approx(f1_a)
+    assert m["per_class"]["b"]["F1"] == pytest.approx(f1_b)
+    assert m["per_class"]["c"]["F1"] is None and m["absent_classes"] == 1
+    assert m["mF1"] == pytest.approx((f1_a + f1_b) / 2)
+    assert m["OA"] == pytest.approx(3 / 5) and m["samples"] == 5 and "mIoU" not in m
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AP by hand: mean precision at the rank of each positive (no ties in the scores)."""
+    order = np.argsort(-scores)
+    hits = labels[order]
+    precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision_at * hits).sum() / hits.sum())
+
+
+def test_multi_label_metrics_threshold_probabilities_and_equal_hand_counts():
+    """The threshold applies to sigmoid probabilities: a logit of 0.3 (probability 0.574) is
+    a positive at 0.5, although the logit is below 0.5. Micro and macro F1, AP and mAP by hand;
+    label c has no positive: n/a, out of the means."""
+    task = ClassificationTask(multi_label=True, threshold=0.5)
+    metric = task.metric(spec(), torch.device("cpu"))
+    logits = torch.tensor([[0.3, -2.0, -1.0], [2.0, 0.1, -3.0], [-0.2, 1.5, -0.5],
+                           [-1.0, -0.7, -2.5]])  # fmt: skip
+    target = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 1, 0]])
+    metric.update(logits, target)
+    m = metric.compute()
+    decisions = (torch.sigmoid(logits) >= 0.5).int().numpy()
+    t = target.numpy()
+    tp = (decisions & t).sum(0)
+    fp = (decisions & (1 - t)).sum(0)
+    fn = ((1 - decisions) & t).sum(0)
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    assert decisions[0, 0] == 1  # the 0.3 logit
+    assert m["per_class"]["a"]["F1"] == pytest.approx(f1[0])
+    assert m["per_class"]["c"]["F1"] is None
+    assert m["mF1"] == pytest.approx(f1[:2].mean())
+    assert m["microF1"] == pytest.approx(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()))
+    ap = [average_precision(logits[:, k].numpy(), t[:, k]) for k in range(2)]
+    assert m["per_class"]["a"]["AP"] == pytest.approx(ap[0])
+    assert m["mAP"] == pytest.approx(np.mean(ap))
+
+
+# ---- the head and the input ---------------------------------------------------------------------
+def test_the_head_pools_the_cls_token_the_patch_mean_or_both():
+    from segmentors.classifier import ImageClassifier
+
+    class Tokens(torch.nn.Module):
+        embed_dim, num_prefix_tokens = 3, 1
+
+        def forward_tokens(self, x):
+            return x  # the input is the tokens
+
+    tokens = torch.randn(2, 5, 3)  # CLS + 4 patches
+    for pooling, expected in (("cls", tokens[:, 0]), ("mean", tokens[:, 1:].mean(1)),
+                              ("cls_mean", torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1))):  # fmt: skip
+        head = ImageClassifier(Tokens(), 2, pooling)
+        torch.testing.assert_close(head.pool(tokens), expected)
+
+
+def test_the_resize_keeps_invalid_pixels_out_of_valid_ones():
+    """A NaN pixel neither spreads nor drags its neighbours: a constant image with holes resizes
+    to the same constant everywhere (a weighted mean of valid pixels only), and away from the
+    hole the result is the plain bilinear resize of the image without it."""
+    image = torch.full((2, 16, 16), 7.0)
+    image[0, 5, 6] = torch.nan
+    image[1, 9:11, 2:4] = torch.nan
+    down, up = resize_nan_aware(image, 8), resize_nan_aware(image, 24)
+    assert torch.isfinite(down).all() and torch.isfinite(up[0]).all()
+    torch.testing.assert_close(down, torch.full_like(down, 7.0))
+    torch.testing.assert_close(up[torch.isfinite(up)], torch.full_like(up[torch.isfinite(up)], 7.0))
+    ramp = torch.arange(256.0).reshape(1, 16, 16)
+    holed = ramp.clone()
+    holed[0, 2, 2] = torch.nan
+    plain = torch.nn.functional.interpolate(ramp[None], size=(8, 8), mode="bilinear",
+                                            align_corners=False, antialias=True)[0]  # fmt: skip
+    torch.testing.assert_close(resize_nan_aware(holed, 8)[:, 4:, 4:], plain[:, 4:, 4:])
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+def test_a_geobench_run_writes_predictions_and_eval_dir_reproduces_them(so2sat, tmp_path):
+    work_dir = tmp_path / "run"
+    run_cli([*TINY, "dataset=m_so2sat", f"dataset.root={so2sat}", "dataset.reflectance_scale=10000",
+             "img_size=16", f"work_dir={work_dir}", "epochs=2", "num_vis=2"], tmp_path)  # fmt: skip
+    metrics = json.loads((work_dir / "test_metrics.json").read_text())
+    assert metrics["samples"] == 6 and set(metrics["per_class"]) == set(CLASSES)
+    assert 0 <= metrics["mF1"] <= 1 and "OA" in metrics
+    rows = list(csv.DictReader(open(work_dir / "predictions.csv")))
+    assert [r["sample"] for r in rows] == json.loads((so2sat / "default_partition.json")
+                                                     .read_text())["test"]  # fmt: skip
+    assert all(abs(sum(float(r[f"p_{c}"]) for c in CLASSES) - 1) < 1e-4 for r in rows)
+    assert all(r["prediction"] == max(CLASSES, key=lambda c: float(r[f"p_{c}"])) for r in rows)
+    confusion = np.array(metrics["confusion_matrix"])
+    hand = np.zeros((3, 3), int)
+    for r in rows:
+        hand[CLASSES.index(r["label"]), CLASSES.index(r["prediction"])] += 1
+    np.testing.assert_array_equal(confusion, hand)  # the CSV is the metrics' own evidence
+    before = (work_dir / "predictions.csv").read_text()
+    run_cli([f"eval_dir={work_dir}"], tmp_path)
+    assert json.loads((work_dir / "test_metrics.json").read_text())["confusion_matrix"] == \
+        metrics["confusion_matrix"]  # fmt: skip
+    assert (work_dir / "predictions.csv").read_text() == before
+    assert (work_dir / "test_predictions.png").stat().st_size > 1000

@@ -38,6 +38,13 @@ class Run:
     metrics: dict = field(default_factory=dict)
     error: str = ""
     adapter_bytes: int = 0
+    dataset: str = ""
+    task: str = "segmentation"
+
+    @property
+    def headline(self) -> str:
+        """The task's main metric: mIoU (segmentation) or mF1 (classification)."""
+        return "mIoU" if self.task == "segmentation" else "mF1"
 
     @property
     def settings(self) -> dict[str, str]:
@@ -95,18 +102,38 @@ def collect_runs(sweep: Path) -> list[Run]:
         else:
             status = "incomplete"
         error = failed.read_text().strip().splitlines()[0] if status == "failed" else ""
+        overrides = list(job.get("overrides", []))
+        dataset, task = dataset_and_task(folder, overrides)
         runs.append(
             Run(
                 folder=folder,
-                overrides=list(job.get("overrides", [])),
+                overrides=overrides,
                 status=status,
                 params=metrics.get("params") or read_json(folder / "params.json"),
                 metrics=metrics,
                 error=error,
                 adapter_bytes=adapter_bytes(folder),
+                dataset=dataset,
+                task=task,
             )
         )
     return runs
+
+
+def dataset_and_task(folder: Path, overrides: list[str]) -> tuple[str, str]:
+    """The run's dataset (its ``dataset=`` override, else its dataset class) and task."""
+    settings = dict(item.split("=", 1) for item in overrides if "=" in item)
+    dataset, task = settings.get("dataset", ""), "segmentation"
+    path = folder / "config.yaml"
+    if path.is_file():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(path)
+        target = str((cfg.get("task") or {}).get("_target_", ""))
+        task = "classification" if target.endswith("ClassificationTask") else "segmentation"
+        if not dataset:
+            dataset = str(cfg.dataset.get("_target_", "dataset")).rsplit(".", 1)[-1]
+    return dataset or "dataset", task
 
 
 def expected_jobs(sweep: Path) -> list[list[str]]:
@@ -200,9 +227,10 @@ def class_names(rows: list[Row]) -> list[str]:
     return names
 
 
-def class_iou(row: Row, name: str) -> str:
-    """Mean IoU (%) of class ``name`` over the seeds where it is defined, else ``n/a``."""
-    values = [r.metrics["test"]["per_class"].get(name, {}).get("IoU") for r in row.runs]
+def class_iou(row: Row, name: str, key: str = "IoU") -> str:
+    """Mean ``key`` (IoU, or F1 for classification; %) of class ``name`` over the seeds where
+    it is defined, else ``n/a``."""
+    values = [r.metrics["test"]["per_class"].get(name, {}).get(key) for r in row.runs]
     values = [v for v in values if v is not None]
     return f"{100 * statistics.mean(values):.2f}" if values else "n/a"
 
@@ -236,46 +264,81 @@ def sweep_rows(runs: list[Run], expected: list[list[str]]) -> tuple[list[list[st
     return jobs, keys, build_rows(runs, keys)
 
 
+def by_dataset(runs: list[Run]) -> dict[str, list[Run]]:
+    """The runs of each dataset, in the order the datasets first appear."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.dataset, []).append(run)
+    return groups
+
+
+#: Per task: the mean metrics of the table and the per-class metric.
+TASK_COLUMNS = {
+    "segmentation": (("mIoU", "mF1"), "IoU"),
+    "classification": (("mF1", "OA"), "F1"),
+    "multi-label": (("mF1", "microF1", "mAP"), "F1"),
+}
+
+
+def task_columns(runs: list[Run]) -> tuple[tuple[str, ...], str]:
+    finished = [r for r in runs if r.status == "finished"]
+    if not finished or finished[0].task == "segmentation":
+        return TASK_COLUMNS["segmentation"]
+    multi = "microF1" in finished[0].metrics.get("test", {})
+    return TASK_COLUMNS["multi-label" if multi else "classification"]
+
+
 def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> str:
-    """The whole ``results.md``: common settings, the table, and every job that did not finish."""
-    jobs, keys, rows = sweep_rows(runs, expected)
-    classes = class_names(rows)
+    """The whole ``results.md``: common settings, a table per dataset (with its task's
+    metrics), and every job that did not finish."""
+    jobs, keys, _ = sweep_rows(runs, expected)
+    keys = [k for k in keys if k != "dataset"]  # a table per dataset
     common = sorted({item for job in jobs for item in job
-                     if item.partition("=")[0] not in keys})  # fmt: skip
+                     if item.partition("=")[0] not in keys and
+                     item.partition("=")[0] != "dataset"})  # fmt: skip
     lines = [f"# Ablation: {sweep}", ""]
     if common:
         lines += ["Common settings: " + " ".join(f"`{c}`" for c in common), ""]
-    explained = any((r.folder / "diagnostics" / "explain.json").is_file()
-                    for row in rows for r in row.runs)  # fmt: skip
-    header = ["method", "seeds", "trainable", "% of GFM tuned", "decoder trainable",
-              "adapter file", "mIoU", "mF1", *(f"IoU {c}" for c in classes), "images/s",
-              "peak memory (MiB)", *(["top inputs (mIoU drop)"] if explained else [])]  # fmt: skip
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups = by_dataset(runs)
     kinds = set()
-    for row in rows:
-        first = row.runs[0]
-        seeds = ", ".join(str(seed_of(r)) for r in row.runs)
-        kinds.update(r.metrics.get("peak_memory_kind") for r in row.runs)
-        cells = [
-            row.label,
-            f"{len(row.runs)} ({seeds})",
-            f"{int(first.params['encoder_trainable']):,}",
-            f"{row.percent:.4f} %",
-            f"{int(first.params.get('decoder_trainable', 0)):,}",
-            human_bytes(first.adapter_bytes),
-            mean_std(row.values("mIoU")),
-            mean_std(row.values("mF1")),
-            *(class_iou(row, c) for c in classes),
-            optional_mean([r.metrics.get("train_images_per_s") for r in row.runs], 1),
-            optional_mean([r.metrics.get("peak_memory_mb") for r in row.runs], 0),
-            *([top_inputs(row)] if explained else []),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    for dataset, group in groups.items():
+        rows = build_rows(group, keys)
+        means, per_class = task_columns(group)
+        classes = class_names(rows)
+        if len(groups) > 1:
+            lines += [f"## {dataset} ({group[0].task})", ""]
+        explained = any((r.folder / "diagnostics" / "explain.json").is_file()
+                        for row in rows for r in row.runs)  # fmt: skip
+        header = ["method", "seeds", "trainable", "% of GFM tuned", "decoder trainable",
+                  "adapter file", *means, *(f"{per_class} {c}" for c in classes), "images/s",
+                  "peak memory (MiB)",
+                  *([f"top inputs ({means[0]} drop)"] if explained else [])]  # fmt: skip
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            first = row.runs[0]
+            seeds = ", ".join(str(seed_of(r)) for r in row.runs)
+            kinds.update(r.metrics.get("peak_memory_kind") for r in row.runs)
+            cells = [
+                row.label,
+                f"{len(row.runs)} ({seeds})",
+                f"{int(first.params['encoder_trainable']):,}",
+                f"{row.percent:.4f} %",
+                f"{int(first.params.get('decoder_trainable', 0)):,}",
+                human_bytes(first.adapter_bytes),
+                *(mean_std(row.values(m)) for m in means),
+                *(class_iou(row, c, per_class) for c in classes),
+                optional_mean([r.metrics.get("train_images_per_s") for r in row.runs], 1),
+                optional_mean([r.metrics.get("peak_memory_mb") for r in row.runs], 0),
+                *([top_inputs(row)] if explained else []),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines = lines[:-1]
     kinds.discard(None)
     lines += [
         "",
-        "mIoU, mF1 and IoU in %, on the test split, of each run's best validation checkpoint; "
-        "mean ± sample standard deviation over the seeds. % of GFM tuned excludes the decoder.",
+        "Metrics in %, on the test split, of each run's best validation checkpoint; mean ± "
+        "sample standard deviation over the seeds. % of GFM tuned excludes the decoder.",
     ]
     if kinds:
         lines.append(f"Peak memory: {', '.join(sorted(kinds))} (cuda_max_allocated: the CUDA "
@@ -300,8 +363,62 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
 
 
 # ---- the plot ------------------------------------------------------------------------------------
+def figure_points(groups: dict[str, list[Row]]) -> dict[str, list[tuple[str, float, float]]]:
+    """Per method (row label): ``(dataset, % of GFM tuned, headline metric in %)`` of each
+    dataset; the headline is mIoU for segmentation, mF1 for classification, mean over seeds."""
+    points: dict[str, list[tuple[str, float, float]]] = {}
+    for dataset, rows in groups.items():
+        for row in rows:
+            y = 100 * statistics.mean(row.values(row.runs[0].headline))
+            points.setdefault(row.label, []).append((dataset, row.percent, y))
+    return points
+
+
+def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
+    """The paper's Figure 1 over several datasets: per method, the mean over datasets of each
+    dataset's headline metric (IoU for segmentation, F1 for classification) against the % of
+    GFM parameters tuned (log x); each dataset's own point drawn small beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = figure_points(groups)
+    markers = dict(zip(groups, "osD^vP"))
+    positive = [x for pts in points.values() for _, x, _ in pts if x > 0]
+    zero_at = (min(positive) / 4) if positive else 1e-3
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=130)
+    for i, (label, pts) in enumerate(points.items()):
+        colour = f"C{i % 10}"
+        xs = [x if x > 0 else zero_at for _, x, _ in pts]
+        for (dataset, _, y), x in zip(pts, xs):
+            ax.plot(x, y, markers[dataset], color=colour, markersize=5, alpha=0.6)
+        x, y = statistics.mean(xs), statistics.mean(y for _, _, y in pts)
+        star = label.startswith("deflect")
+        ax.plot(x, y, "*" if star else "o", color=colour, markersize=13 if star else 9)
+        ax.annotate(f"{label.replace('finetune.', '')}  ({len(pts)} datasets)", (x, y),
+                    textcoords="offset points", xytext=(7, 4), fontsize=8)  # fmt: skip
+    for dataset, marker in markers.items():
+        ax.plot(
+            [], [], marker, color="grey", label=f"{dataset} ({groups[dataset][0].runs[0].headline})"
+        )
+    ax.plot([], [], "o", color="black", markersize=9, label="mean over datasets")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("% of GFM parameters tuned (log scale; decoder excluded)")
+    ax.set_ylabel("test IoU (segmentation) / F1 (classification), mean over datasets (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if positive:
+        ax.set_xlim(min([zero_at, *positive]) / 2, max(positive) * 60)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
 def draw_plot(rows: list[Row], path: Path, title: str) -> None:
-    """mIoU against % of GFM parameters tuned (log x), error bars = seed std (Figure 1)."""
+    """The headline metric (mIoU, or mF1 for classification) against % of GFM parameters tuned
+    (log x), error bars = seed std (Figure 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,7 +429,7 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=130)
     for i, row in enumerate(rows):
         x = row.percent if row.percent > 0 else zero_at
-        values = [100 * v for v in row.values("mIoU")]
+        values = [100 * v for v in row.values(row.runs[0].headline)]
         y = statistics.mean(values)
         err = statistics.stdev(values) if len(values) > 1 else 0.0
         marker = "*" if row.label.startswith("deflect") else "o"
@@ -324,7 +441,7 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("% of GFM parameters tuned (log scale; decoder excluded)")
-    ax.set_ylabel("test mIoU (%)")
+    ax.set_ylabel(f"test {rows[0].runs[0].headline} (%)" if rows else "test metric (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     xs = [r.percent if r.percent > 0 else zero_at for r in rows]
@@ -393,11 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     text = render_markdown(title, runs, expected)
     print(text)
     write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(text))
-    rows = sweep_rows(runs, expected)[2]
-    if rows:
-        draw_plot(rows, out / "results.png", plot_title(runs))
+    keys = [k for k in sweep_rows(runs, expected)[1] if k != "dataset"]
+    groups = {d: build_rows(group, keys) for d, group in by_dataset(runs).items()}
+    groups = {d: rows for d, rows in groups.items() if rows}
+    if len(groups) > 1:
+        draw_across(groups, out / "results.png", f"{len(groups)} datasets")
+    elif groups:
+        draw_plot(next(iter(groups.values())), out / "results.png", plot_title(runs))
+    if groups:
         print(f"wrote {out / 'results.md'} and {out / 'results.png'}")
-    return 0 if rows else 1
+    return 0 if groups else 1
 
 
 if __name__ == "__main__":

@@ -109,7 +109,12 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 def run_cli(
-    args: list[str], cwd: Path, nproc: int = 1, check: bool = True, timeout: int = 600
+    args: list[str],
+    cwd: Path,
+    nproc: int = 1,
+    check: bool = True,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``run.py`` as a user would (``python`` or ``torchrun``), from ``cwd``."""
     if nproc > 1:
@@ -119,7 +124,8 @@ def run_cli(
         ]  # fmt: skip
     else:
         cmd = [sys.executable, str(REPO / "run.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::UserWarning"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::UserWarning",
+           **(env or {})}  # fmt: skip
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -117,3 +117,42 @@ def test_sample_std_and_sizes():
     assert script.varying_keys([["a=1", "b=2", "seed=0"], ["a=1", "b=3", "seed=1"]]) == [
         "b", "seed",
     ]  # fmt: skip
+
+
+def test_one_sweep_across_a_segmentation_and_a_classification_dataset(demo_root, tmp_path):
+    """``run.py -m dataset=demo,m_so2sat``: a table per dataset with its own task's metrics,
+    and Figure 1's points: per method, each dataset's headline metric (mIoU, mF1) from its
+    runs' metrics.json, averaged over the datasets."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from tests.geobench_fixtures import write_geobench
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data / "demo")
+    task = OmegaConf.load(REPO / "configs" / "dataset" / "m_so2sat.yaml")
+    write_geobench(data / "m-so2sat", ["a", "b", "c"], {"train": 8, "valid": 3, "test": 3},
+                   channels=list(task.channels), scale=1, size=16)  # fmt: skip
+    run_cli(["-m", "dataset=demo,m_so2sat", "finetune=frozen,deflect", *TINY, "epochs=1",
+             "img_size=16", "save_predictions=false", "num_vis=0",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path,
+            env={"DEFLECT_DATA_ROOT": str(data)})  # fmt: skip
+    table = load_script()
+    assert table.main([str(tmp_path / "sweep")]) == 0
+    text = (tmp_path / "sweep" / "results.md").read_text()
+    assert "## demo (segmentation)" in text and "## m_so2sat (classification)" in text
+    seg, cls = text.split("## m_so2sat")
+    assert "| mIoU | mF1 | IoU bare" in seg and "| mF1 | OA | F1 a" in cls
+    runs = table.collect_runs(tmp_path / "sweep")
+    groups = {d: table.build_rows(g, ["finetune"]) for d, g in table.by_dataset(runs).items()}
+    points = table.figure_points(groups)
+    for method in ("frozen", "deflect"):
+        expected = {}
+        for run in runs:
+            if run.settings["finetune"] == method:
+                key = "mIoU" if run.dataset == "demo" else "mF1"
+                expected[run.dataset] = 100 * run.metrics["test"][key]
+        got = {dataset: y for dataset, _, y in points[method]}
+        assert got == pytest.approx(expected)
+    assert (tmp_path / "sweep" / "results.png").stat().st_size > 10_000

@@ -214,10 +214,18 @@ def test_the_resize_keeps_invalid_pixels_out_of_valid_ones():
 
 
 # ---- runs ---------------------------------------------------------------------------------------
-def test_a_geobench_run_writes_predictions_and_eval_dir_reproduces_them(so2sat, tmp_path):
-    work_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def so2sat_run(so2sat, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cls_run")
+    work_dir = cwd / "run"
     run_cli([*TINY, "dataset=m_so2sat", f"dataset.root={so2sat}", "dataset.reflectance_scale=10000",
-             "img_size=16", f"work_dir={work_dir}", "epochs=2", "num_vis=2"], tmp_path)  # fmt: skip
+             "img_size=16", f"work_dir={work_dir}", "epochs=2", "num_vis=2"], cwd)  # fmt: skip
+    return work_dir
+
+
+def test_a_geobench_run_writes_predictions_and_eval_dir_reproduces_them(so2sat, so2sat_run,
+                                                                        tmp_path):  # fmt: skip
+    work_dir = so2sat_run
     metrics = json.loads((work_dir / "test_metrics.json").read_text())
     assert metrics["samples"] == 6 and set(metrics["per_class"]) == set(CLASSES)
     assert 0 <= metrics["mF1"] <= 1 and "OA" in metrics
@@ -237,3 +245,44 @@ def test_a_geobench_run_writes_predictions_and_eval_dir_reproduces_them(so2sat, 
         metrics["confusion_matrix"]  # fmt: skip
     assert (work_dir / "predictions.csv").read_text() == before
     assert (work_dir / "test_predictions.png").stat().st_size > 1000
+
+
+def test_a_classification_run_maps_a_scene_one_pixel_per_tile(so2sat, so2sat_run, tmp_path):
+    """Six test samples laid side by side as one GeoTIFF scene (2 x 3 tiles of 16 px):
+    predict.py writes a 2 x 3 class map whose pixels are the classes predictions.csv gives
+    those samples, georeferenced (a pixel spans a tile), and their probabilities."""
+    import h5py
+    import rasterio
+    from affine import Affine
+
+    from deflect.engine import predict
+
+    names = json.loads((so2sat / "default_partition.json").read_text())["test"]
+    tiles = []
+    for name in names:
+        with h5py.File(so2sat / f"{name}.hdf5") as f:
+            tiles.append(np.stack([f[c][()] for c in CHANNELS]))
+    scene = np.concatenate([np.concatenate(tiles[:3], axis=2), np.concatenate(tiles[3:], axis=2)],
+                           axis=1)  # fmt: skip  # (10, 32, 48)
+    path = tmp_path / "scene.tif"
+    transform = Affine(10, 0, 600000, 0, -10, 5000000)
+    with rasterio.open(path, "w", driver="GTiff", height=32, width=48, count=10, dtype="int16",
+                       crs="EPSG:32631", transform=transform) as dst:  # fmt: skip
+        dst.write(scene)
+        dst.descriptions = tuple(CHANNELS.values())
+    predictor = predict.load_predictor(so2sat_run, device="cpu")
+    out = predict.predict_scene(predictor, path, tmp_path / "maps", probabilities=True,
+                                progress=False)  # fmt: skip
+    rows = {r["sample"]: r for r in csv.DictReader(open(so2sat_run / "predictions.csv"))}
+    with rasterio.open(out.prediction) as src:
+        classes = src.read(1)
+        assert src.shape == (2, 3) and src.transform == transform @ Affine.scale(16)
+        assert src.crs.to_epsg() == 32631
+    expected = np.array([[CLASSES.index(rows[n]["prediction"]) for n in names[i * 3 : i * 3 + 3]]
+                         for i in range(2)])  # fmt: skip
+    np.testing.assert_array_equal(classes, expected)
+    with rasterio.open(out.probabilities) as src:
+        probabilities = src.read()
+    for i, name in enumerate(names):
+        got = probabilities[:, i // 3, i % 3]
+        np.testing.assert_allclose(got, [float(rows[name][f"p_{c}"]) for c in CLASSES], atol=1e-5)

@@ -91,6 +91,8 @@ class Predictor:
         epoch: the epoch (1-based) of ``checkpoints/best.pt``, when recorded.
         file_patterns: file names of the run's training images and masks
             (:func:`file_patterns`): how folders are listed by default.
+        task: the run's task (segmentation when None; a classification run maps one pixel
+            per tile of the scene).
     """
 
     model: nn.Module
@@ -102,6 +104,7 @@ class Predictor:
     run_dir: Path | None = None
     epoch: int | None = None
     file_patterns: tuple[str | None, str | None] = (None, None)
+    task: object | None = None
 
 
 def file_patterns(cfg: DictConfig) -> tuple[str | None, str | None]:
@@ -223,8 +226,13 @@ def load_predictor(
     precision = str(precision or cfg.get("precision") or "fp32")
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"precision={precision!r} is not one of {list(AUTOCAST_DTYPES)}")
+    from deflect.engine.build import build_task
+
+    task = build_task(cfg)
     window = int(cfg.img_size)
-    stride = default_stride(cfg, window) if stride is None else int(stride)
+    if stride is None:  # a classification run: one pixel per tile, tiles side by side
+        stride = window if task.name == "classification" else default_stride(cfg, window)
+    stride = int(stride)
     if not 1 <= stride <= window:
         raise ValueError(
             f"stride={stride} must be between 1 and the window ({window} px, the run's img_size); "
@@ -238,7 +246,7 @@ def load_predictor(
         )
     spec = DataSpec.from_dict(json.loads(state["data"]))
     if not spec.classes:
-        raise ValueError(f"the band manifest of {best} has no classes; it is not a segmentor")
+        raise ValueError(f"the band manifest of {best} has no classes; it is not a trained model")
     if spec.num_classes > NODATA_CLASS:
         raise ValueError(
             f"the run has {spec.num_classes} classes but the class map is uint8 with "
@@ -256,7 +264,7 @@ def load_predictor(
         run_dir.name, epoch, list(spec.bands), spec.num_classes, window, stride, precision, dev,
     )  # fmt: skip
     return Predictor(
-        model, spec, window, stride, dev, precision, run_dir, epoch, file_patterns(cfg)
+        model, spec, window, stride, dev, precision, run_dir, epoch, file_patterns(cfg), task
     )
 
 
@@ -756,6 +764,9 @@ def predict_scene(
         if factors is not None:
             medians = [m * float(f) for m, f in zip(medians, factors.ravel())]
         check_reflectance_scale(medians, spec, f"scene {str(path)!r}")
+        if getattr(predictor.task, "name", "segmentation") == "classification":
+            return classify_tiles(predictor, src, indexes, path, out_dir, batch_size,
+                                  probabilities, progress, nodata, factors)  # fmt: skip
         grid = TileGrid(src.height, src.width, predictor.window, predictor.stride)
         tmp = stack.enter_context(atomic_path(pred_path))
         pred = stack.enter_context(
@@ -796,6 +807,99 @@ def predict_scene(
         "%s: %d x %d px, %d blocks of %d px, %d tiles -> %s",
         path.name, grid.height, grid.width, len(boxes), block, forwards, pred_path,
     )  # fmt: skip
+    return SceneOutputs(pred_path, prob_path, forwards)
+
+
+def classify_tiles(
+    predictor: Predictor,
+    src: rasterio.DatasetReader,
+    indexes: list[int],
+    path: Path,
+    out_dir: Path,
+    batch_size: int,
+    probabilities: bool,
+    progress: bool,
+    nodata: Sequence[float],
+    factors: np.ndarray | None,
+) -> SceneOutputs:
+    """A classification run over a scene: the scene cut into ``window`` px tiles every
+    ``stride`` px (default: side by side), each tile classified, one output pixel per tile.
+
+    ``<stem>_pred.tif``: the class of each tile (uint8; multi-label: one 0/1 band per label),
+    255 where a tile has no valid pixel; ``<stem>_prob.tif`` with ``probabilities``: float32,
+    one band per class. Georeferenced: an output pixel covers its tile's first ``stride`` x
+    ``stride`` pixels (the scene's transform, scaled by the stride). A tile reaching past the
+    scene's edge is padded with NaN, as evaluation pads. Memory: one row of tiles at a time.
+    """
+    task, spec = predictor.task, predictor.spec
+    win, stride = predictor.window, predictor.stride
+    rows, cols = math.ceil(src.height / stride), math.ceil(src.width / stride)
+    multi = bool(getattr(task, "multi_label", False))
+    classes = np.full((spec.num_classes if multi else 1, rows, cols), NODATA_CLASS, np.uint8)
+    probs = np.full((spec.num_classes, rows, cols), np.nan, np.float32)
+    transform = src.transform @ Affine.scale(stride)
+    profile = {**_profile(src, 1, "uint8", NODATA_CLASS), "height": rows, "width": cols,
+               "blockxsize": OUTPUT_TILE, "blockysize": OUTPUT_TILE, "tiled": False}  # fmt: skip
+    profile.pop("blockxsize"), profile.pop("blockysize")
+    if "transform" in profile or src.crs is not None:
+        profile["transform"] = transform
+    forwards = 0
+    bar = tqdm(range(rows), desc=path.name, disable=not progress, leave=False, dynamic_ncols=True)
+    for r in bar:
+        top = r * stride
+        height = min(win, src.height - top)
+        strip = read_normalised(src, indexes, Window(0, top, src.width, height), spec, nodata,
+                                factors)  # fmt: skip  # (C, height, W)
+        strip = torch.from_numpy(strip)
+        pad_w = max(0, (cols - 1) * stride + win - src.width)
+        strip = torch.nn.functional.pad(strip, (0, pad_w, 0, win - height), value=torch.nan)
+        tiles = torch.stack([strip[:, :, c * stride : c * stride + win] for c in range(cols)])
+        valid = ~torch.isnan(tiles).all(dim=1).flatten(1).all(dim=1)  # (cols,)
+        for first in range(0, cols, batch_size):
+            chunk = tiles[first : first + batch_size].to(predictor.device)
+            with torch.no_grad(), autocast_context(predictor.device, predictor.precision):
+                out = predictor.model(chunk).float()
+            forwards += len(chunk)
+            p = task.probabilities(out).cpu().numpy()  # (n, K)
+            decided = task.predict(out).cpu().numpy()
+            span = slice(first, first + len(chunk))
+            probs[:, r, span] = p.T
+            classes[:, r, span] = decided.T if multi else decided[None]
+        classes[:, r, ~valid.numpy()] = NODATA_CLASS
+        probs[:, r, ~valid.numpy()] = np.nan
+    out_dir = Path(out_dir)
+    pred_path = out_dir / f"{path.stem}_pred.tif"
+    with (
+        atomic_path(pred_path) as tmp,
+        rasterio.open(tmp, "w", **{**profile, "count": classes.shape[0]}) as dst,
+    ):
+        dst.write(classes)
+        names = list(spec.classes) if multi else ["class"]
+        for k, name in enumerate(names):
+            dst.set_band_description(k + 1, name)
+        dst.update_tags(classes=",".join(spec.classes), run=str(predictor.run_dir or ""),
+                        tile=str(win), stride=str(stride))  # fmt: skip
+    prob_path = None
+    if probabilities:
+        prob_path = out_dir / f"{path.stem}_prob.tif"
+        with (
+            atomic_path(prob_path) as tmp,
+            rasterio.open(
+                tmp,
+                "w",
+                **{
+                    **profile,
+                    "count": spec.num_classes,
+                    "dtype": "float32",
+                    "nodata": np.nan,
+                },  # fmt: skip
+            ) as dst,
+        ):
+            dst.write(probs)
+            for k, name in enumerate(spec.classes):
+                dst.set_band_description(k + 1, name)
+    log.info("%s: %d x %d tiles of %d px every %d px -> %s", path.name, rows, cols, win, stride,
+             pred_path)  # fmt: skip
     return SceneOutputs(pred_path, prob_path, forwards)
 
 

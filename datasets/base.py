@@ -519,20 +519,27 @@ class BandMappedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def read_sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The trained bands (C, H, W) in trained units, NaN where invalid, and the mask (its
-        ignored pixels marked with the trained ``ignore_index``)."""
-        image, mask = self.dataset.read_sample(index)
-        mask = np.where(mask == self.dataset.ignore_index, self.spec.ignore_index, mask)
-        return image[self.index] * self.factors, mask
+    def read_sample(self, index: int) -> tuple[np.ndarray, Any]:
+        """The trained bands (C, H, W) in trained units, NaN where invalid, and the target (a
+        mask's ignored pixels, or an image's missing class, marked with the trained
+        ``ignore_index``; a multi-hot label set as it is)."""
+        image, target = self.dataset.read_sample(index)
+        if not getattr(self.dataset, "multi_label", False):
+            target = np.where(np.asarray(target) == self.dataset.ignore_index,
+                              self.spec.ignore_index, target)  # fmt: skip
+        return image[self.index] * self.factors, target
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, mask = self.read_sample(index)
-        image_t, mask_t = torch.from_numpy(image), torch.from_numpy(mask)
+        image, target = self.read_sample(index)
+        if hasattr(self.dataset, "label_tensor"):  # an image-level dataset
+            key, target_t = "label", self.dataset.label_tensor(target)
+        else:
+            key, target_t = "mask", torch.from_numpy(target)
+        image_t = torch.from_numpy(image)
         if self.transform is not None:
-            image_t, mask_t = self.transform(image_t, mask_t)
-        return {"image": image_t, "mask": mask_t, "index": index,
-                **self.dataset.sample_metadata(index)}  # fmt: skip
+            image_t, target_t = self.transform(image_t, target_t)
+        metadata = getattr(self.dataset, "sample_metadata", lambda i: {})(index)
+        return {"image": image_t, key: target_t, "index": index, **metadata}
 
     @property
     def bands(self) -> list[str]:

@@ -286,3 +286,33 @@ def test_a_classification_run_maps_a_scene_one_pixel_per_tile(so2sat, so2sat_run
     for i, name in enumerate(names):
         got = probabilities[:, i // 3, i % 3]
         np.testing.assert_allclose(got, [float(rows[name][f"p_{c}"]) for c in CLASSES], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bigearthnet", "chips_folders", "chips_csv_multi_label"])
+def test_classification_runs_from_the_command_line(case, tmp_path):
+    """Multi-label GEO-Bench (m-bigearthnet), and your own chips in both label layouts: a run,
+    its metrics and predictions.csv, and eval_dir giving the same numbers."""
+    if case == "bigearthnet":
+        task = OmegaConf.load(REPO / "configs" / "dataset" / "m_bigearthnet.yaml")
+        root = write_geobench(tmp_path / "m-bigearthnet", [f"l{i}" for i in range(6)],
+                              {"train": 10, "valid": 3, "test": 4}, multi_label=True,
+                              channels=list(task.channels))  # fmt: skip
+        args = ["dataset=m_bigearthnet", f"dataset.root={root}"]
+    elif case == "chips_folders":
+        root = write_chips(tmp_path / "chips", CLASSES)
+        args = ["dataset=chips", f"dataset.root={root}", "dataset.reflectance_scale=10000"]
+    else:
+        root = write_chips(tmp_path / "chips", CLASSES, layout="csv", multi_label=True)
+        args = ["dataset=chips", f"dataset.root={root}", "dataset.labels=labels.csv",
+                "dataset.multi_label=true", "dataset.reflectance_scale=10000"]  # fmt: skip
+    work_dir = tmp_path / "run"
+    run_cli([*TINY, *args, "img_size=16", "epochs=2", f"work_dir={work_dir}"], tmp_path)
+    metrics = json.loads((work_dir / "test_metrics.json").read_text())
+    multi = case != "chips_folders"
+    assert ("mAP" in metrics and "microF1" in metrics) == multi
+    rows = list(csv.DictReader(open(work_dir / "predictions.csv")))
+    assert len(rows) == metrics["samples"] and rows
+    run_cli([f"eval_dir={work_dir}"], tmp_path)
+    again = json.loads((work_dir / "test_metrics.json").read_text())
+    assert again["mF1"] == metrics["mF1"] and again["per_class"] == metrics["per_class"]

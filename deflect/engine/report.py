@@ -190,7 +190,7 @@ def cross_sensor_dataset(cfg: DictConfig, dataset, work_dir: Path):
         ValueError: a trained band without a counterpart (named), or other classes.
     """
     from datasets import BandMappedDataset
-    from datasets.transforms import build_transform
+    from datasets.transforms import build_classification_transform, build_transform
     from deflect.data import DataSpec, map_bands
 
     state = load_checkpoint(best_checkpoint(work_dir))
@@ -207,12 +207,12 @@ def cross_sensor_dataset(cfg: DictConfig, dataset, work_dir: Path):
     log.info("bands of %s (%s) mapped to the trained %s bands:\n%s", type(dataset).__name__,
              given.sensor, trained.sensor, "\n".join(lines))  # fmt: skip
     mapped = BandMappedDataset(dataset, [g for _, g, _, _ in mapping], trained)
-    aug = cfg.augmentation
-    mapped.transform = build_transform(
-        trained, train=False, crop_size=int(cfg.img_size), hflip=float(aug.hflip),
-        vflip=float(aug.vflip), rot90=bool(aug.rot90),
-        min_labelled_fraction=float(aug.min_labelled_fraction),
-    )  # fmt: skip
+    task = build.build_task(cfg)
+    if task.name == "classification":  # the trained statistics normalise, as in training
+        mapped.transform = build_classification_transform(trained, False, int(cfg.img_size),
+                                                          task.input)  # fmt: skip
+    else:
+        mapped.transform = build_transform(trained, train=False, crop_size=int(cfg.img_size))
     name = str(cfg.dataset.get("_target_", "dataset")).rsplit(".", 1)[-1]
     record = [{"trained": t, "given": g, "trained_nm": tw, "given_nm": gw}
               for t, g, tw, gw in mapping]  # fmt: skip

@@ -135,6 +135,7 @@ def test_one_sweep_across_a_segmentation_and_a_classification_dataset(demo_root,
     write_geobench(data / "m-so2sat", ["a", "b", "c"], {"train": 8, "valid": 3, "test": 3},
                    channels=list(task.channels), scale=1, size=16)  # fmt: skip
     run_cli(["-m", "dataset=demo,m_so2sat", "finetune=frozen,deflect", *TINY, "epochs=1",
+             "max_steps_per_epoch=1",
              "img_size=16", "save_predictions=false", "num_vis=0",
              f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path,
             env={"DEFLECT_DATA_ROOT": str(data)})  # fmt: skip

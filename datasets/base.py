@@ -31,11 +31,11 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import rasterio
@@ -47,6 +47,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch.utils.data import Dataset
 
 from deflect.data import DataSpec, invalid_to_nan, reflectance_bands
+
+T = TypeVar("T")
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -122,6 +124,23 @@ def _read_bands(src: rasterio.DatasetReader, path: Path, indexes: list[int] | No
             f"cannot read pixels of GeoTIFF {str(path)!r} (truncated or corrupt?): {err}; "
             "re-download or re-extract this file"
         ) from err
+
+
+def seeded_split(items: Sequence[T], split: str, val_fraction: float, test_fraction: float,
+                 seed: int) -> list[T]:  # fmt: skip
+    """The items of ``split`` in a seeded split of ``items`` (the same on every run and machine):
+    a permutation by ``seed``, its first ``test_fraction`` for test, the next ``val_fraction`` for
+    val, the rest for train, each in the original order. Used by ``dataset=folder`` and ``chips``."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be fractions "
+            "in [0, 1) summing to less than 1"
+        )
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_test, n_val = round(test_fraction * len(items)), round(val_fraction * len(items))
+    chosen = {"test": order[:n_test], "val": order[n_test : n_test + n_val],
+              "train": order[n_test + n_val :]}[split]  # fmt: skip
+    return [items[i] for i in sorted(chosen)]
 
 
 class ReflectanceCheck:

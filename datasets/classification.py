@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.base import SPLITS, ReflectanceCheck, _open_raster, _read_bands
+from datasets.base import SPLITS, ReflectanceCheck, _open_raster, _read_bands, seeded_split
 from datasets.folder import (
     STATS_VERSION,
     compute_band_stats,
@@ -145,21 +145,6 @@ class ImageClassificationDataset(ReflectanceCheck, Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, "
                 f"bands={self.bands}, classes={self.num_classes}, multi_label={self.multi_label})")  # fmt: skip
-
-
-def seeded_split(names: list[str], split: str, val_fraction: float, test_fraction: float,
-                 seed: int) -> list[str]:  # fmt: skip
-    """The names of ``split`` in a seeded split of ``names`` (the same on every run)."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be fractions "
-            "in [0, 1) summing to less than 1"
-        )
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_test, n_val = round(test_fraction * len(names)), round(val_fraction * len(names))
-    chosen = {"test": order[:n_test], "val": order[n_test : n_test + n_val],
-              "train": order[n_test + n_val :]}[split]  # fmt: skip
-    return [names[i] for i in sorted(chosen)]
 
 
 class ChipFolder(ImageClassificationDataset):

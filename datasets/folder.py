@@ -40,6 +40,7 @@ from datasets.base import (
     _open_raster,
     _read_bands,
     read_raster,
+    seeded_split,
 )
 from deflect.data import canonical_band, resolve_band_name, sensor_band_codes
 from deflect.io import atomic_path
@@ -350,12 +351,7 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
             pairs = self._all_pairs = self._pairs_of(None)
         if self.split_files:
             return self._listed(pairs, split)
-        order = np.random.default_rng(self.split_seed).permutation(len(pairs))
-        n_test = round(self.test_fraction * len(pairs))
-        n_val = round(self.val_fraction * len(pairs))
-        chosen = {"test": order[:n_test], "val": order[n_test : n_test + n_val],
-                  "train": order[n_test + n_val :]}[split]  # fmt: skip
-        return [pairs[i] for i in sorted(chosen)]
+        return seeded_split(pairs, split, self.val_fraction, self.test_fraction, self.split_seed)
 
     def _listed(self, pairs: list[Sample], split: str) -> list[Sample]:
         """The pairs named in ``split_files[split]`` (names or image file names)."""

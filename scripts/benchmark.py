@@ -211,10 +211,11 @@ def measure_predict(args: argparse.Namespace, model, data, device) -> dict:
 
     from deflect.engine.evaluator import autocast_context
     from deflect.engine.predict import Predictor, predict_scenes
+    from deflect.tasks import InferenceSettings
 
     model.eval()
     window = args.img_size
-    stride = args.eval_stride or max(window // 2, 1)  # the run's default: half the window
+    stride = InferenceSettings(window, args.eval_stride or None).step  # the run's default
     predictor = Predictor(model, data, window, stride, device, args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,7 +1,7 @@
-"""DEFLECT against an independent re-implementation of the spec's formulas, with non-zero adapter
+"""DEFLECT against an independent re-implementation of docs/method.md's formulas, with non-zero adapter
 weights (``docs/method.md``, sections 1-3).
 
-The reference below is written from the spec in numpy (float64) and plain torch, and calls none
+The reference below is written from docs/method.md in numpy (float64) and plain torch, and calls none
 of the project's functions: spyndex computes the indices, numpy's NaN-aware reductions the
 pixel-set statistics over valid pixels, an explicit softmax the attention. Only the weights are
 read from the adapted model.
@@ -42,7 +42,7 @@ def spec() -> DataSpec:
 
 
 def batch(data: DataSpec) -> torch.Tensor:
-    """Normalised input with the invalid pixels the spec lists: a no-data pixel, NaN in every
+    """Normalised input with the invalid pixels docs/method.md lists: a no-data pixel, NaN in every
     band, NaN in one band only (B8), and one patch without any valid pixel."""
     rng = np.random.default_rng(0)
     refl = rng.uniform(0.03, 0.5, size=(2, len(S2_BANDS), 32, 32))
@@ -57,7 +57,7 @@ def batch(data: DataSpec) -> torch.Tensor:
     return torch.from_numpy(((stored - mean) / std).astype(np.float32))
 
 
-# ---- the reference, from the spec -------------------------------------------------------------------
+# ---- the reference, from docs/method.md ----------------------------------------------------------
 def reference_pixel_features(x: np.ndarray, data: DataSpec, clamp: float = 10.0) -> np.ndarray:
     """Section 1.1 and 1.7: raw normalised bands and spyndex indices of the reflectance; NaN
     wherever a pixel is invalid (no-data, NaN) for that feature."""
@@ -280,7 +280,7 @@ def test_statistics_leave_invalid_pixels_out():
 
 def test_nan_pixels_do_not_spread():
     """One NaN pixel through the library API leaves every output finite and changes only what
-    the spec says it may (its patch's statistics and, through attention, the tokens)."""
+    docs/method.md says it may (its patch's statistics and, through attention, the tokens)."""
     adapted, data = adapt(DeflectConfig(indices=INDICES))
     x = batch(data)[:1]
     x[:, :, 3, 5] = 0.3  # make sample 0 fully valid

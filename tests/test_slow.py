@@ -30,7 +30,7 @@ def test_every_deliberate_bug_is_caught():
 
 
 def test_deflect_on_vit_b16_with_eleven_bands_at_224_px():
-    """Real size: identity at initialisation, the spec's parameter count, finite gradients."""
+    """Real size: identity at initialisation, the parameter count of docs/method.md, finite gradients."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

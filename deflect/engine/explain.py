@@ -273,7 +273,7 @@ def explain_run(run_dir: str | Path, split: str = "test", device: str = "auto") 
     best = best_checkpoint(run_dir)
     load_model_state(model, load_checkpoint(best), str(best))
     model.eval()
-    evaluator = build.build_evaluator(cfg, dataset.spec, info)
+    evaluator = build.build_evaluator(cfg, model.data, info)
     metric = build.build_task(cfg).headline
     loader = build.build_loader(dataset, cfg, info, train=False)
     upe = deflect_upe(model)

@@ -59,6 +59,7 @@ from deflect.engine.evaluator import AUTOCAST_DTYPES, autocast_context
 from deflect.engine.inference import window_starts
 from deflect.engine.outputs import NODATA_CLASS, PALETTE
 from deflect.io import atomic_path
+from deflect.tasks import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def resolve_run_dir(path: str | Path) -> Path:
 def default_stride(cfg: DictConfig, window: int) -> int:
     """The evaluation stride of a run: ``cfg.eval_stride`` when set, else half the window."""
     stride = cfg.get("eval_stride")
-    return int(stride) if stride else max(window // 2, 1)
+    return InferenceSettings(window=window, stride=int(stride) if stride else None).step
 
 
 def load_predictor(

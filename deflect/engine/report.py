@@ -157,7 +157,7 @@ def test_best(
     load_model_state(model, state, str(best))
     writer = task.writer(dataset, out_dir, int(cfg.num_vis), bool(cfg.save_predictions),
                          info.is_main, info)  # fmt: skip
-    evaluator = evaluator or build.build_evaluator(cfg, dataset.spec, info)
+    evaluator = evaluator or build.build_evaluator(cfg, model.data, info)  # as in training
     loader = build.build_loader(dataset, cfg, info, train=False)
     metrics = evaluator.evaluate(model, loader, desc="test", on_batch=writer)
     writer.finish(out_dir)  # every rank: the task's outputs may gather across ranks

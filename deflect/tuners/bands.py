@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from deflect.encoders.base import fill_invalid
-from deflect.tuners.base import BAND_PREFIX, AdapterLayer
+from deflect.tuners.layer import BAND_PREFIX, AdapterLayer
 
 __all__ = ["BAND_PREFIX", "BandKernel", "BandPatchEmbed", "band_kernel", "find_patch_conv"]
 

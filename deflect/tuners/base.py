@@ -28,48 +28,18 @@ import torch
 from torch import nn
 
 from deflect.data import RGB_BANDS, DataSpec
+from deflect.encoders import Encoder
+from deflect.tuners.bands import (
+    BandKernel,
+    BandPatchEmbed,
+    band_kernel,
+    find_patch_conv,
+    kernel_sources,
+)
 from deflect.tuners.config import BandStrategyConfig, TunerConfig
+from deflect.tuners.layer import BAND_PREFIX, AdapterLayer
 
 log = logging.getLogger(__name__)
-
-#: Name prefix of the competitors' band-strategy kernels (see :mod:`deflect.tuners.bands`).
-BAND_PREFIX = "bands_"
-
-
-class AdapterLayer(nn.Module):
-    """A wrapper around a base module holding adapters keyed by name (PEFT's ``BaseTunerLayer``).
-
-    Unknown attributes fall back to ``base_layer`` so code written for the wrapped module (timm
-    reading ``patch_embed.grid_size``, ``blocks[i].attn``, ...) keeps working.
-    """
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.active_adapter: str | None = None
-        self.disable_adapters = False
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
-    def adapter_dicts(self) -> list[nn.ModuleDict]:
-        """The ``ModuleDict``s (adapter name -> module) of this layer."""
-        return [
-            m
-            for n, m in self._modules.items()
-            if n != "base_layer" and isinstance(m, nn.ModuleDict)
-        ]
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove one adapter's modules from this layer."""
-        for d in self.adapter_dicts():
-            if adapter_name in d:
-                del d[adapter_name]
 
 
 # ---- the ViT parts tuners adapt ------------------------------------------------------------------
@@ -94,7 +64,6 @@ class ViTParts:
 
 
 def _find_owner(model: nn.Module) -> nn.Module:
-    from deflect.encoders import Encoder
 
     if isinstance(model, Encoder):
         return model.vit
@@ -115,7 +84,6 @@ def vit_parts(model: nn.Module) -> ViTParts:
     Raises:
         ValueError: naming the first missing attribute.
     """
-    from deflect.encoders import Encoder
 
     owner = _find_owner(model)
     for attr in ("patch_embed", "blocks"):
@@ -282,8 +250,6 @@ class BaseTuner:
         data: DataSpec | None = None,
         pretrained_bands: list[str] | None = None,
     ) -> None:
-        from deflect.encoders import Encoder
-
         self.model = model
         if isinstance(model, Encoder):
             if data is not None and data.differences(model.data):
@@ -373,7 +339,6 @@ class BaseTuner:
     def _inject_band_kernel(self, config: BandStrategyConfig, adapter_name: str) -> str:
         """Wrap ``patch_embed`` in a :class:`~deflect.tuners.bands.BandPatchEmbed` (once) and
         give it this adapter's kernel over every band; return the pretrained kernel's name."""
-        from deflect.tuners.bands import BandKernel, BandPatchEmbed, band_kernel, find_patch_conv
 
         parts = vit_parts(self.model)
         patch_embed = parts.owner.patch_embed
@@ -402,7 +367,6 @@ class BaseTuner:
             return 0
         if not config.train_patch_embed:
             return 0
-        from deflect.tuners.bands import find_patch_conv
 
         patch_embed = vit_parts(self.model).owner.patch_embed
         patch_embed = getattr(patch_embed, "base_layer", patch_embed)
@@ -676,7 +640,6 @@ class BaseTuner:
         config = self.configs.get(self.active_adapter)
         if not isinstance(config, BandStrategyConfig) or config.band_strategy == "rgb":
             return {}
-        from deflect.tuners.bands import kernel_sources
 
         bands, pretrained = list(self.data.bands), self.pretrained_bands
         state = "trained" if config.train_patch_embed else "frozen"

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deflect.tuners.registry import get_method
+
 
 @dataclass
 class TunerConfig:
@@ -55,8 +57,6 @@ class TunerConfig:
         """
         data = dict(data)
         if cls is TunerConfig:
-            from deflect.tuners.registry import get_method
-
             return get_method(str(data.get("method", ""))).config_cls.from_dict(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -74,7 +74,7 @@ class BandStrategyConfig(TunerConfig):
 
     DEFLECT never changes the pretrained patch embedding (its spectral stream reads every band);
     the competitors (LoRA, SLR, BitFit, norm tuning, frozen, full) see the extra bands only if
-    the patch embedding takes them, which ``band_strategy`` decides (spec section 5):
+    the patch embedding takes them, which ``band_strategy`` decides (docs/method.md, section 5):
 
     * ``rgb``: only the encoder's pretrained bands (RGB), picked by name; the others are unused;
     * ``repeat``: a patch embedding over all C bands whose kernel is the pretrained one tiled

@@ -7,9 +7,11 @@ Adding a method is one new package under ``deflect/tuners/`` and one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from deflect.tuners.base import BaseTuner
-from deflect.tuners.config import TunerConfig
+if TYPE_CHECKING:  # the registry holds classes; it needs none of their modules to run
+    from deflect.tuners.base import BaseTuner
+    from deflect.tuners.config import TunerConfig
 
 
 @dataclass(frozen=True)

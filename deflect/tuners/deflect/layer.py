@@ -27,7 +27,6 @@ from torch.utils.checkpoint import checkpoint
 
 from deflect.encoders.base import fill_invalid
 from deflect.encoders.recompute import is_checkpointed, set_block_checkpointing
-from deflect.tuners.base import AdapterLayer
 from deflect.tuners.deflect.deflection import (
     deflect_embedding,
     deflect_update,
@@ -35,6 +34,7 @@ from deflect.tuners.deflect.deflection import (
 )
 from deflect.tuners.deflect.uatt import UntangledAttention, untangled_attention
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding
+from deflect.tuners.layer import AdapterLayer
 
 
 class SpectralStreamState:

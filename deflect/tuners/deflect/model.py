@@ -5,7 +5,7 @@ Models through Embedding Deflection*, ICCV 2025, arXiv:2503.09493.
 
 It relies on the encoder contract (:func:`~deflect.tuners.base.vit_parts`: the module holding
 ``patch_embed`` and ``blocks``, prefix tokens, patch and tubelet size) and on the timm/DINO block
-layout of the spec, not on a particular ViT implementation.
+layout, not on a particular ViT implementation.
 """
 
 from __future__ import annotations

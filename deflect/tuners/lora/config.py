@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from deflect.tuners.config import BandStrategyConfig
 
-#: Every Linear of a ViT block (spec section 5): attention qkv and projection, the MLP's two.
+#: Every Linear of a ViT block (docs/method.md, section 5): attention qkv and projection, the MLP's two.
 DEFAULT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 

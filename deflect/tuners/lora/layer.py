@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from deflect.tuners.base import AdapterLayer
+from deflect.tuners.layer import AdapterLayer
 
 
 class Scale(nn.Module):

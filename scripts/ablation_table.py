@@ -250,6 +250,25 @@ def top_inputs(row: Row, count: int = 3) -> str:
     return ", ".join(f"{k}: {100 * statistics.mean(drops[k]):.1f}" for k in ranked)
 
 
+def cross_sensor_names(rows: list[Row]) -> list[str]:
+    """The other sensors' evaluations of these runs (``eval_dir=<run> dataset=<other sensor>``
+    writes ``cross_sensor/<dataset>_<sensor>/test_metrics.json``)."""
+    return sorted({p.parent.name for row in rows for r in row.runs
+                   for p in r.folder.glob("cross_sensor/*/test_metrics.json")})  # fmt: skip
+
+
+def cross_sensor_metric(row: Row, name: str, key: str) -> str:
+    """Mean ± std of ``key`` on the other sensor's data over the seeds evaluated there, with
+    how many of the row's seeds that is when not all; ``-`` when none."""
+    values = [read_json(r.folder / "cross_sensor" / name / "test_metrics.json").get(key)
+              for r in row.runs]  # fmt: skip
+    known = [float(v) for v in values if v is not None]
+    if not known:
+        return "-"
+    part = "" if len(known) == len(values) else f" ({len(known)} of {len(values)} seeds)"
+    return mean_std(known) + part
+
+
 def optional_mean(values: list[float | None], digits: int) -> str:
     """Mean of the known values, or ``-``."""
     known = [v for v in values if v is not None]
@@ -309,8 +328,10 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
             lines += [f"## {dataset} ({group[0].task})", ""]
         explained = any((r.folder / "diagnostics" / "explain.json").is_file()
                         for row in rows for r in row.runs)  # fmt: skip
+        crossed = cross_sensor_names(rows)
         header = ["method", "seeds", "trainable", "% of GFM tuned", "decoder trainable",
-                  "adapter file", *means, *(f"{per_class} {c}" for c in classes), "images/s",
+                  "adapter file", *means, *(f"{means[0]} on {name}" for name in crossed),
+                  *(f"{per_class} {c}" for c in classes), "images/s",
                   "peak memory (MiB)",
                   *([f"top inputs ({means[0]} drop)"] if explained else [])]  # fmt: skip
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -326,6 +347,7 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
                 f"{int(first.params.get('decoder_trainable', 0)):,}",
                 human_bytes(first.adapter_bytes),
                 *(mean_std(row.values(m)) for m in means),
+                *(cross_sensor_metric(row, name, means[0]) for name in crossed),
                 *(class_iou(row, c, per_class) for c in classes),
                 optional_mean([r.metrics.get("train_images_per_s") for r in row.runs], 1),
                 optional_mean([r.metrics.get("peak_memory_mb") for r in row.runs], 0),
@@ -340,6 +362,10 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
         "Metrics in %, on the test split, of each run's best validation checkpoint; mean ± "
         "sample standard deviation over the seeds. % of GFM tuned excludes the decoder.",
     ]
+    if any(next(r.folder.glob("cross_sensor/*/test_metrics.json"), None) for r in runs):
+        lines.append("`<metric> on <dataset>_<sensor>`: the same checkpoint evaluated on another "
+                     "sensor's data through the band mapping (`eval_dir=<run> dataset=<other>`), "
+                     "beside the same-sensor test metric.")  # fmt: skip
     if kinds:
         lines.append(f"Peak memory: {', '.join(sorted(kinds))} (cuda_max_allocated: the CUDA "
                      "allocator's peak; host_rss: the largest resident set sampled during "

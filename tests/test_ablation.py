@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,9 +82,44 @@ def test_table_pools_seeds_and_lists_the_failed_jobs(sweep):
     assert image.format == "PNG" and image.size[0] > 400
 
 
+def test_cross_sensor_results_sit_beside_the_same_sensor_ones(sweep, demo_root, tmp_path):
+    """One seed of ``frozen`` evaluated on the demo's test tiles written as Landsat 8 files
+    (``eval_dir=<run> dataset=folder dataset.sensor=landsat8``): the table gains the column
+    ``mIoU on GeoTIFFFolder_landsat8`` with that run's number, marked 1 of 2 seeds."""
+    import rasterio
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    landsat = tmp_path / "landsat"
+    for path in demo_root.rglob("*.tif"):
+        target = landsat / path.relative_to(demo_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path) as src:
+            data, profile, count = src.read(), src.profile, src.count
+        with rasterio.open(target, "w", **profile) as dst:
+            dst.write(data)
+            if count == 4:
+                dst.descriptions = ("B2", "B3", "B4", "B5")  # Landsat 8's NIR is B5
+    run = next(p for p in sorted(copy.glob("*_frozen_demo")) if (p / "metrics.json").is_file())
+    run_cli([f"eval_dir={run}", "dataset=folder", f"dataset.root={landsat}",
+             "dataset.sensor=landsat8", "dataset.classes=[bare,sparse,moderate,dense]",
+             "dataset.ignore_index=255", "dataset.reflectance_scale=10000", "num_vis=0",
+             "save_predictions=false"], tmp_path)  # fmt: skip
+    crossed = json.loads((run / "cross_sensor" / "GeoTIFFFolder_landsat8" /
+                          "test_metrics.json").read_text())  # fmt: skip
+    load_script().main([str(copy)])
+    lines = [line.split(" | ") for line in (copy / "results.md").read_text().splitlines()
+             if line.startswith("| ")]  # fmt: skip
+    header = [c.strip("| ") for c in lines[0]]
+    column = header.index("mIoU on GeoTIFFFolder_landsat8")
+    assert column == header.index("mF1") + 1
+    rows = {line[0].strip("| "): line for line in lines[1:]}
+    assert rows["frozen precision=fp32"][column] == f"{100 * crossed['mIoU']:.2f} (1 of 2 seeds)"
+    assert rows["lora precision=fp32"][column] == "-"
+
+
 def test_never_started_and_incomplete_jobs_are_listed(sweep, tmp_path):
     """A copy of the sweep with one job's folder gone and another's metrics gone."""
-    import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(sweep, copy)
@@ -123,7 +159,6 @@ def test_one_sweep_across_a_segmentation_and_a_classification_dataset(demo_root,
     """``run.py -m dataset=demo,m_so2sat``: a table per dataset with its own task's metrics,
     and Figure 1's points: per method, each dataset's headline metric (mIoU, mF1) from its
     runs' metrics.json, averaged over the datasets."""
-    import shutil
 
     from omegaconf import OmegaConf
 

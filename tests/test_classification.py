@@ -316,3 +316,54 @@ def test_classification_runs_from_the_command_line(case, tmp_path):
     run_cli([f"eval_dir={work_dir}"], tmp_path)
     again = json.loads((work_dir / "test_metrics.json").read_text())
     assert again["mF1"] == metrics["mF1"] and again["per_class"] == metrics["per_class"]
+
+
+def test_explain_on_a_classification_run_starts_from_its_test_mf1(so2sat_run):
+    """scripts/explain.py on a GEO-Bench DEFLECT run: the baseline is the run's own test mF1,
+    exactly; every band of the run is occluded at the input, and each of DEFLECT's spectral
+    indices inside its patch embedding; the deflection statistics cover the adapted blocks."""
+    from deflect.engine.explain import explain_run
+
+    report = explain_run(so2sat_run, "test", "cpu")
+    test = json.loads((so2sat_run / "metrics.json").read_text())["test"]
+    assert report["metric"] == "mF1" and report["baseline"]["mF1"] == test["mF1"]
+    saved = json.loads((so2sat_run / "adapter" / "default" / "deflect_config.json").read_text())
+    kinds = {}
+    for row in report["importance"]:
+        kinds.setdefault(row["kind"], []).append(row["input"])
+    assert kinds["band"] == list(CHANNELS.values())
+    assert kinds["feature"] == list(CHANNELS.values()) + saved["indices"]
+    assert len(report["deflection"]) == len(saved["target_blocks"])
+    assert "diagnostics (test): drop of mF1" in (so2sat_run / "train.log").read_text()
+
+
+def test_a_chip_classifier_evaluates_on_landsat8_chips_through_the_band_mapping(tmp_path):
+    """A classifier trained on Sentinel-2 chips (B2, B3, B4, B8), evaluated on the same test
+    chips written as Landsat 8 files (NIR named B5): ``eval_dir=<run> dataset=chips
+    dataset.sensor=landsat8`` maps B8 <- B5 by wavelength and gives the run's own confusion
+    matrix; the results go beside the run's, under cross_sensor/."""
+    import rasterio
+
+    root = write_chips(tmp_path / "chips", CLASSES)
+    work_dir = tmp_path / "run"
+    common = ["dataset=chips", "dataset.reflectance_scale=10000"]
+    run_cli([*TINY, *common, f"dataset.root={root}", "img_size=16", "epochs=1",
+             f"work_dir={work_dir}"], tmp_path)  # fmt: skip
+    landsat = tmp_path / "landsat"
+    for path in root.rglob("*.tif"):
+        target = landsat / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path) as src:
+            data, profile = src.read(), src.profile
+        with rasterio.open(target, "w", **profile) as dst:
+            dst.write(data)
+            dst.descriptions = ("B2", "B3", "B4", "B5")
+    proc = run_cli([f"eval_dir={work_dir}", *common, f"dataset.root={landsat}",
+                    "dataset.sensor=landsat8"], tmp_path)  # fmt: skip
+    assert "B8    <- B5       832.8 nm <-   865.0 nm" in proc.stdout
+    crossed = json.loads((work_dir / "cross_sensor" / "ChipFolder_landsat8" /
+                          "test_metrics.json").read_text())  # fmt: skip
+    same = json.loads((work_dir / "test_metrics.json").read_text())
+    assert [m["given"] for m in crossed["band_mapping"]] == ["B2", "B3", "B4", "B5"]
+    assert crossed["samples"] == same["samples"] == len(CLASSES)
+    assert crossed["confusion_matrix"] == same["confusion_matrix"]

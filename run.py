@@ -68,7 +68,7 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
     started = False
     try:
         if job.sweep_dir:
-            check_run_config(cfg)
+            warn_unread(check_run_config(cfg))  # in the job's train.log
         build.train_settings(cfg)  # a bad precision, epochs or monitor fails before building
         datasets = build.build_datasets(cfg)
         model = build.build_model(cfg, datasets["train"].spec).to(info.device)
@@ -150,6 +150,15 @@ def evaluate(work_dir: Path, run_cfg: DictConfig, info: DistInfo) -> None:
             lock.release()
 
 
+def warn_unread(unread: list[str]) -> None:
+    """Say which top-level keys no part of the framework reads (``+typo=...``)."""
+    if unread:
+        log.warning(
+            "top-level key(s) %s are read by no part of the framework and have no effect (a "
+            "typo? the known keys are in configs/config.yaml)", unread,
+        )  # fmt: skip
+
+
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Entry point: one process or one torchrun rank; called once per job of a multirun."""
@@ -160,10 +169,7 @@ def main(cfg: DictConfig) -> None:
     if unread:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")  # fmt: skip
-        log.warning(
-            "top-level key(s) %s are read by no part of the framework and have no effect (a "
-            "typo? the known keys are in configs/config.yaml)", unread,
-        )  # fmt: skip
+        warn_unread(unread)
     finished = finished_run(cfg) if cfg.eval_dir else None
     if finished is not None:
         check_run_config(finished[1])

@@ -549,3 +549,19 @@ def test_activation_checkpointing_replays_dropout_and_recomputes_only_with_gradi
     # 4 blocks forward, then blocks 1-3 again in the backward pass: block 0 has none (its input
     # and weights are frozen, DEFLECT's stream enters at its output)
     assert (plain_calls, calls, eval_calls) == (4, 7, 4)
+
+
+def test_a_damaged_or_renamed_safetensors_checkpoint_names_the_file(tmp_path):
+    """A text file (or a .pth renamed) given as ``.safetensors``: the error names the file and
+    what to do, instead of safetensors' bare header message; a real one loads."""
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "weights.safetensors"
+    bad.write_text("this is not a checkpoint\n" * 10)
+    with pytest.raises(ValueError, match=rf"cannot read encoder checkpoint '{re.escape(str(bad))}' as safetensors"
+                       r".*not a \.safetensors file"):  # fmt: skip
+        tiny(checkpoint=str(bad))
+    source = tiny()
+    good = tmp_path / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, good)
+    assert tiny(checkpoint=str(good)).checkpoint_report["coverage"] == 1.0

@@ -347,7 +347,8 @@ def test_a_scene_declaring_its_own_no_data_value_is_predicted_without_it(predict
     assert (read(out.prediction)[0, :5, :5] == 255).all()
 
 
-def test_a_folder_in_the_training_layout_gives_its_images_not_its_masks(predictor, tmp_path):
+def test_a_folder_in_the_training_layout_gives_its_images_not_its_masks(predictor, run_dir,
+                                                                          tmp_path):  # fmt: skip
     folder = tmp_path / "train"
     folder.mkdir()
     for name in ("x", "y"):
@@ -361,6 +362,15 @@ def test_a_folder_in_the_training_layout_gives_its_images_not_its_masks(predicto
     other.mkdir()
     write_scene(other / "scene.tif", demo_pixels(20, 20))  # not that layout: every GeoTIFF
     assert predict.list_scenes([other], None, predictor.file_patterns) == [other / "scene.tif"]
+    cmd = [sys.executable, str(REPO / "scripts" / "predict.py"), str(run_dir), str(folder),
+           "--out", str(tmp_path / "maps"), "--device", "cpu", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "maps").glob("*.tif")) == [
+        "x_image_pred.tif",
+        "y_image_pred.tif",
+    ]  # the command line too: masks left out
 
 
 def test_evaluation_and_whole_scene_prediction_agree_where_no_band_has_data(

@@ -348,7 +348,7 @@ def test_batches_without_a_labelled_pixel_train_on_without_nan(demo_root, tmp_pa
 
 def test_multirun_gives_each_job_a_folder_in_one_sweep_folder(demo_root, tmp_path):
     run_cli(["-m", "finetune=frozen,deflect", *TINY, f"dataset.root={demo_root}", "epochs=1",
-             "save_predictions=false"], tmp_path)  # fmt: skip
+             "save_predictions=false", "+typo_key=1"], tmp_path)  # fmt: skip
     sweeps = list((tmp_path / "work_dirs" / "multirun").iterdir())
     assert len(sweeps) == 1 and (sweeps[0] / "multirun.yaml").is_file()
     runs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
@@ -358,10 +358,12 @@ def test_multirun_gives_each_job_a_folder_in_one_sweep_folder(demo_root, tmp_pat
         assert f"finetune={method}" in job["overrides"] and job["num"] == int(name[:3])
         summary = json.loads((sweeps[0] / name / "metrics.json").read_text())
         assert 0 < summary["test"]["mIoU"] <= 1
+        log = (sweeps[0] / name / "train.log").read_text()
+        assert "['typo_key'] are read by no part of the framework" in log  # said in each job
     # Resuming the sweep as the README says leaves the finished jobs untouched, byte for byte.
     before = {p: p.read_bytes() for p in sweeps[0].rglob("*") if p.is_file()}
     proc = run_cli(["-m", "finetune=frozen,deflect", *TINY, f"dataset.root={demo_root}",
-                    "epochs=1", "save_predictions=false", "resume=true",
+                    "epochs=1", "save_predictions=false", "+typo_key=1", "resume=true",
                     f"hydra.sweep.dir={sweeps[0]}"], tmp_path)  # fmt: skip
     assert proc.stdout.count("has already finished (it has metrics.json): left untouched") == 2
     after = {p: p.read_bytes() for p in sweeps[0].rglob("*") if p.is_file()}
@@ -390,3 +392,22 @@ def test_explain_reproduces_the_test_metric_and_occludes_every_band(trained):
     for name in ("importance.csv", "importance.png", "explain.json"):
         assert (work_dir / "diagnostics" / name).is_file()
     assert "diagnostics (test): drop of mIoU" in (work_dir / "train.log").read_text()
+
+
+def test_a_wrong_reflectance_scale_stops_training_and_evaluation(trained, demo_root, tmp_path):
+    """The demo's L2A files (reflectance x10000) with ``dataset.reflectance_scale=1``: run.py
+    stops before training with the scale that fits, leaving no run folder behind; eval_dir with
+    the same mistake stops too and leaves the run's results as they were."""
+    work_dir, _ = trained
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = run_cli([*TINY, f"dataset.root={demo_root}", "dataset.reflectance_scale=1"], cwd,
+                   check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "set dataset.reflectance_scale=10000" in proc.stderr, proc.stderr[-2000:]
+    assert "removed the run folder" in proc.stdout + proc.stderr
+    assert not list((cwd / "work_dirs").glob("*"))
+    before = (work_dir / "test_metrics.json").read_text()
+    proc = run_cli([f"eval_dir={work_dir}", "dataset.reflectance_scale=1"], cwd, check=False)
+    assert proc.returncode != 0 and "set dataset.reflectance_scale=10000" in proc.stderr
+    assert (work_dir / "test_metrics.json").read_text() == before

@@ -98,7 +98,20 @@ def test_a_saved_config_may_not_instantiate_anything_outside_the_framework(tmp_p
 
     with pytest.raises(ValueError, match="os.system"):
         load_predictor(run)
+    # the same reached through a framework module's import, and a framework function
+    for target, why in (("deflect.engine.workdir.os.system", "resolves to posix.system"),
+                        ("datasets.demo.shutil.rmtree", "resolves to shutil.rmtree"),
+                        ("deflect.engine.workdir.eval_config", "which is not a class"),
+                        ("deflect.NoSuchThing", "names nothing importable")):  # fmt: skip
+        (run / "config.yaml").write_text(
+            f"dataset:\n  _target_: {target}\n  command: touch {marker}\n"
+        )
+        with pytest.raises(ValueError, match=why):
+            eval_config(run, [])
     assert not marker.exists()
+    (run / "config.yaml").write_text("dataset:\n  _target_: datasets.GeoTIFFFolder\n"
+                                     "optimizer:\n  _target_: torch.optim.AdamW\n")  # fmt: skip
+    assert eval_config(run, []).optimizer._target_ == "torch.optim.AdamW"  # classes pass
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
@@ -123,3 +136,36 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
         assert os.listdir(disk) == ["last.pt"]  # no temporary left
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_torch_s_full_disk_error_is_reported_as_one(tmp_path, monkeypatch):
+    """Where no tmpfs can be mounted: torch.save failing as it does on a full disk (its
+    ``enforce fail ... unexpected pos`` raised from ``ENOSPC``) gives the same first line, and
+    the previous checkpoint and the folder stay as they were."""
+    import errno
+
+    import torch
+
+    from deflect.engine import checkpoint
+
+    atomic_save = checkpoint.atomic_save
+    atomic_save({"w": torch.ones(4)}, tmp_path / "last.pt")
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"
+            ) from err
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError) as caught:
+        atomic_save({"w": torch.ones(8)}, tmp_path / "last.pt")
+    first_line = str(caught.value).splitlines()[0]
+    assert first_line.startswith("[Errno 28] No space left on device while writing")
+    assert str(tmp_path / "last.pt") in first_line and "previous last.pt is intact" in first_line
+    monkeypatch.undo()
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(4))
+    assert os.listdir(tmp_path) == ["last.pt"]

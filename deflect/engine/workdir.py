@@ -391,6 +391,54 @@ def check_run_config(cfg: DictConfig) -> list[str]:
 #: What a saved run's ``config.yaml`` may instantiate: the framework's own classes and torch's
 #: optimisers and schedulers. A run folder can come from anyone; its config must not run code.
 ALLOWED_TARGETS = ("deflect.", "datasets.", "segmentors.", "torch.optim.")
+#: The functions among them (every other target must be a class).
+ALLOWED_FUNCTIONS = frozenset({"deflect.engine.scheduler.warmup_decay"})
+
+
+def resolve_target(target: str) -> object | None:
+    """The object a dotted ``_target_`` names (its longest importable module prefix, then
+    attributes), without calling it; ``None`` when it names nothing. Only called on targets
+    under :data:`ALLOWED_TARGETS`, so only the framework's and torch's modules are imported."""
+    import importlib
+
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def target_problem(target: str) -> str | None:
+    """Why a saved config may not instantiate ``target``, or ``None`` when it may: it must be
+    a class defined in the framework's packages or ``torch.optim`` (or one of
+    :data:`ALLOWED_FUNCTIONS`), not anything reachable through them
+    (``deflect.engine.workdir.os.system`` names ``os.system``)."""
+    import inspect
+
+    if not target.startswith(ALLOWED_TARGETS) or ".." in target:
+        return f"outside the framework ({', '.join(ALLOWED_TARGETS)})"
+    obj = resolve_target(target)
+    if obj is None:
+        return "names nothing importable"
+    module = getattr(obj, "__module__", None) or ""
+    home = f"{module}.{getattr(obj, '__qualname__', '')}"
+    if not (module + ".").startswith(ALLOWED_TARGETS):
+        return f"resolves to {home}, outside the framework"
+    if (
+        not inspect.isclass(obj)
+        and target not in ALLOWED_FUNCTIONS
+        and home not in ALLOWED_FUNCTIONS
+    ):
+        return f"resolves to {home}, which is not a class"
+    return None
 
 
 def check_targets(tree: object, source: str, path: str = "") -> None:
@@ -405,12 +453,13 @@ def check_targets(tree: object, source: str, path: str = "") -> None:
             where = f"{path}.{key}" if path else str(key)
             if key == "_target_":
                 target = str(value)
-                if not target.startswith(ALLOWED_TARGETS) or ".." in target:
+                problem = target_problem(target)
+                if problem:
                     raise ValueError(
-                        f"{source} sets {where}={target!r}: a saved run may only build the "
-                        f"framework's own classes and torch optimisers ({', '.join(ALLOWED_TARGETS)}"
-                        "). The file was edited or is not from this framework; refusing to "
-                        "instantiate it"
+                        f"{source} sets {where}={target!r} ({problem}): a saved run may only "
+                        "build the framework's own classes and torch optimisers "
+                        f"({', '.join(ALLOWED_TARGETS)}). The file was edited or is not from "
+                        "this framework; refusing to instantiate it"
                     )
             else:
                 check_targets(value, source, where)

@@ -101,6 +101,7 @@ def test_a_saved_config_may_not_instantiate_anything_outside_the_framework(tmp_p
     # the same reached through a framework module's import, and a framework function
     for target, why in (("deflect.engine.workdir.os.system", "resolves to posix.system"),
                         ("datasets.demo.shutil.rmtree", "resolves to shutil.rmtree"),
+                        ("deflect.engine.workdir.Path", r"resolves to pathlib.Path, outside"),
                         ("deflect.engine.workdir.eval_config", "which is not a class"),
                         ("deflect.NoSuchThing", "names nothing importable")):  # fmt: skip
         (run / "config.yaml").write_text(

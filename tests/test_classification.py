@@ -361,6 +361,7 @@ def test_a_chip_classifier_evaluates_on_landsat8_chips_through_the_band_mapping(
     proc = run_cli([f"eval_dir={work_dir}", *common, f"dataset.root={landsat}",
                     "dataset.sensor=landsat8"], tmp_path)  # fmt: skip
     assert "B8    <- B5       832.8 nm <-   865.0 nm" in proc.stdout
+    assert "test metrics (run on ChipFolder_landsat8, best epoch 1)" in proc.stdout
     crossed = json.loads((work_dir / "cross_sensor" / "ChipFolder_landsat8" /
                           "test_metrics.json").read_text())  # fmt: skip
     same = json.loads((work_dir / "test_metrics.json").read_text())

@@ -165,11 +165,12 @@ def test_best(
         metrics["checkpoint_epoch"] = int(state["epoch"]) + 1
         metrics.update(extra or {})
         atomic_write_text(json.dumps(metrics, indent=2), out_dir / TEST_METRICS)
+        name = work_dir.name if out_dir == work_dir else f"{work_dir.name} on {out_dir.name}"
         log.info(
             "test metrics (%s, best epoch %d)\n%s",
-            work_dir.name,
+            name,
             state["epoch"] + 1,
-            task.table(metrics, f"test: {work_dir.name}"),
+            task.table(metrics, f"test: {name}"),
         )
     return metrics
 

@@ -143,6 +143,32 @@ def seeded_split(items: Sequence[T], split: str, val_fraction: float, test_fract
     return [items[i] for i in sorted(chosen)]
 
 
+class SpecView:
+    """The data description's facts as dataset attributes, for any dataset with ``spec``."""
+
+    spec: DataSpec
+
+    @property
+    def bands(self) -> list[str]:
+        """Bands loaded, in channel order."""
+        return list(self.spec.bands)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names."""
+        return list(self.spec.classes)
+
+    @property
+    def ignore_index(self) -> int:
+        """Label of pixels (or images) without a class."""
+        return self.spec.ignore_index
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (labels ``0 .. num_classes - 1``)."""
+        return self.spec.num_classes
+
+
 class ReflectanceCheck:
     """``check_reflectance_scale`` for any dataset with ``bands``, ``spec``, ``split``,
     ``len()`` and ``read_sample(i) -> (image in file units with NaN, target)``."""
@@ -204,7 +230,7 @@ class ReflectanceCheck:
         return reflectance
 
 
-class GeoTIFFSegmentationDataset(ReflectanceCheck, Dataset):
+class GeoTIFFSegmentationDataset(SpecView, ReflectanceCheck, Dataset):
     """Base class of the segmentation datasets: GeoTIFF images and masks read with rasterio.
 
     All arguments are keyword-only plain types, as Hydra passes them from the dataset YAML;
@@ -363,26 +389,6 @@ class GeoTIFFSegmentationDataset(ReflectanceCheck, Dataset):
 
     # ---------------------------------------------------------------------------- reading
 
-    @property
-    def bands(self) -> list[str]:
-        """Bands loaded, in channel order."""
-        return list(self.spec.bands)
-
-    @property
-    def classes(self) -> list[str]:
-        """Class names."""
-        return list(self.spec.classes)
-
-    @property
-    def ignore_index(self) -> int:
-        """Label of pixels without a class."""
-        return self.spec.ignore_index
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (mask values ``0 .. num_classes - 1``)."""
-        return self.spec.num_classes
-
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -507,7 +513,7 @@ class FolderSegmentation(GeoTIFFSegmentationDataset):
         return samples
 
 
-class BandMappedDataset(Dataset):
+class BandMappedDataset(SpecView, Dataset):
     """Another sensor's dataset read as the bands a model was trained on (cross-sensor
     evaluation: ``run.py eval_dir=<run> dataset=<other sensor>``).
 
@@ -559,22 +565,6 @@ class BandMappedDataset(Dataset):
             image_t, target_t = self.transform(image_t, target_t)
         metadata = getattr(self.dataset, "sample_metadata", lambda i: {})(index)
         return {"image": image_t, key: target_t, "index": index, **metadata}
-
-    @property
-    def bands(self) -> list[str]:
-        return list(self.spec.bands)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.spec.classes)
-
-    @property
-    def ignore_index(self) -> int:
-        return self.spec.ignore_index
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
 
     def sample_name(self, index: int) -> str:
         return self.dataset.sample_name(index)

@@ -29,7 +29,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.base import SPLITS, ReflectanceCheck, _open_raster, _read_bands, seeded_split
+from datasets.base import (
+    SPLITS,
+    ReflectanceCheck,
+    SpecView,
+    _open_raster,
+    _read_bands,
+    seeded_split,
+)
 from datasets.folder import (
     STATS_VERSION,
     compute_band_stats,
@@ -44,7 +51,7 @@ from deflect.io import atomic_path
 log = logging.getLogger(__name__)
 
 
-class ImageClassificationDataset(ReflectanceCheck, Dataset):
+class ImageClassificationDataset(SpecView, ReflectanceCheck, Dataset):
     """Base of the image-level datasets: the data description and the sample dicts.
 
     Subclasses set ``self.names`` (sample names of the split) and implement
@@ -100,22 +107,6 @@ class ImageClassificationDataset(ReflectanceCheck, Dataset):
         raise NotImplementedError
 
     # ---- samples --------------------------------------------------------------------------------
-    @property
-    def bands(self) -> list[str]:
-        return list(self.spec.bands)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.spec.classes)
-
-    @property
-    def ignore_index(self) -> int:
-        return self.spec.ignore_index
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
     def __len__(self) -> int:
         return len(self.names)
 

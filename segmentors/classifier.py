@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segmentors.segmentor import TaskModel
+
 #: How the final tokens are pooled into one vector per image.
 POOLINGS = ("cls", "mean", "cls_mean")
 
 
-class ImageClassifier(nn.Module):
+class ImageClassifier(TaskModel):
     """Encoder -> pooled final tokens -> LayerNorm -> dropout -> Linear: one logit per class.
 
     The encoder gives every token of its last output layer (``forward_tokens``: prefix tokens
@@ -39,16 +41,6 @@ class ImageClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(dim, num_classes)
         self.num_classes = num_classes
-
-    @property
-    def data(self):
-        """The encoder's data description (:class:`~deflect.data.DataSpec`)."""
-        return self.encoder.data
-
-    @property
-    def metadata_keys(self) -> tuple[str, ...]:
-        """Per-sample metadata the encoder takes (e.g. ``gsd``)."""
-        return tuple(getattr(self.encoder, "metadata_keys", ()))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, P+N, D)`` -> ``(B, D)`` (``(B, 2D)`` for ``cls_mean``)."""

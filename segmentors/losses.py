@@ -7,6 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def class_weight_tensor(class_weights: list[float] | None, num_classes: int) -> torch.Tensor | None:
+    """``loss.class_weights`` as a float32 tensor (``None`` when unset), one per class."""
+    if class_weights is not None and len(class_weights) != num_classes:
+        raise ValueError(
+            f"loss.class_weights has {len(class_weights)} entries for {num_classes} classes"
+        )
+    return torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+
+
 class SegmentationLoss(nn.Module):
     """Cross-entropy (ignoring ``ignore_index``) plus ``dice_weight`` x soft multi-class dice.
 
@@ -25,12 +34,8 @@ class SegmentationLoss(nn.Module):
         dice_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(
-                f"loss.class_weights has {len(class_weights)} entries for {num_classes} classes"
-            )
-        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("weight", class_weight_tensor(class_weights, num_classes),
+                             persistent=False)  # fmt: skip
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.dice_weight = dice_weight

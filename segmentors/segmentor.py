@@ -10,7 +10,24 @@ from segmentors.neck import ViTFeaturePyramid
 from segmentors.upernet import UperNetHead, relu_keeping_mask
 
 
-class Segmentor(nn.Module):
+class TaskModel(nn.Module):
+    """What the engine asks of any task's model (an encoder with a head): the encoder's data
+    description and the per-sample metadata it takes. Subclasses set ``self.encoder``."""
+
+    encoder: nn.Module
+
+    @property
+    def data(self):
+        """The encoder's data description (:class:`~deflect.data.DataSpec`)."""
+        return self.encoder.data
+
+    @property
+    def metadata_keys(self) -> tuple[str, ...]:
+        """Per-sample metadata the encoder takes (e.g. ``gsd``)."""
+        return tuple(getattr(self.encoder, "metadata_keys", ()))
+
+
+class Segmentor(TaskModel):
     """Join an encoder (the framework's contract: ``forward_features`` and ``out_channels``)
     with the feature-pyramid neck and UperNet.
 
@@ -46,16 +63,6 @@ class Segmentor(nn.Module):
         )
         self.num_classes = num_classes
         self.fold_laterals = fold_laterals
-
-    @property
-    def data(self):
-        """The encoder's data description (:class:`~deflect.data.DataSpec`)."""
-        return self.encoder.data
-
-    @property
-    def metadata_keys(self) -> tuple[str, ...]:
-        """Per-sample metadata the encoder takes (e.g. ``gsd``)."""
-        return tuple(getattr(self.encoder, "metadata_keys", ()))
 
     def forward(self, x: torch.Tensor, **metadata: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes, H, W)`` for an input ``(B, C, H, W)``."""

@@ -132,3 +132,33 @@ def run_cli(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (registered in ``sys.modules``: dataclasses look
+    their module up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def copy_with_band_names(source: Path, target: Path, names: tuple[str, ...]) -> Path:
+    """Every GeoTIFF under ``source`` copied to ``target`` (same pixels and profile); those with
+    ``len(names)`` bands get ``names`` as their band descriptions (another sensor's names for
+    the same bands), the others (masks) stay as they are."""
+    import rasterio
+
+    for path in source.rglob("*.tif"):
+        out = target / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path) as src:
+            data, profile = src.read(), src.profile
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(data)
+            if len(data) == len(names):
+                dst.descriptions = names
+    return target

@@ -4,7 +4,6 @@ the runs' own ``metrics.json`` files, recomputed here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import statistics
@@ -15,16 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO, TINY, copy_with_band_names, load_script, run_cli
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("ablation_table", REPO / "scripts" /
-                                                  "ablation_table.py")  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def ablation_script():
+    return load_script("ablation_table")
 
 
 @pytest.fixture(scope="module")
@@ -86,20 +80,10 @@ def test_cross_sensor_results_sit_beside_the_same_sensor_ones(sweep, demo_root, 
     """One seed of ``frozen`` evaluated on the demo's test tiles written as Landsat 8 files
     (``eval_dir=<run> dataset=folder dataset.sensor=landsat8``): the table gains the column
     ``mIoU on GeoTIFFFolder_landsat8`` with that run's number, marked 1 of 2 seeds."""
-    import rasterio
-
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
-    landsat = tmp_path / "landsat"
-    for path in demo_root.rglob("*.tif"):
-        target = landsat / path.relative_to(demo_root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with rasterio.open(path) as src:
-            data, profile, count = src.read(), src.profile, src.count
-        with rasterio.open(target, "w", **profile) as dst:
-            dst.write(data)
-            if count == 4:
-                dst.descriptions = ("B2", "B3", "B4", "B5")  # Landsat 8's NIR is B5
+    # Landsat 8's NIR is B5
+    landsat = copy_with_band_names(demo_root, tmp_path / "landsat", ("B2", "B3", "B4", "B5"))
     run = next(p for p in sorted(copy.glob("*_frozen_demo")) if (p / "metrics.json").is_file())
     run_cli([f"eval_dir={run}", "dataset=folder", f"dataset.root={landsat}",
              "dataset.sensor=landsat8", "dataset.classes=[bare,sparse,moderate,dense]",
@@ -107,7 +91,7 @@ def test_cross_sensor_results_sit_beside_the_same_sensor_ones(sweep, demo_root, 
              "save_predictions=false"], tmp_path)  # fmt: skip
     crossed = json.loads((run / "cross_sensor" / "GeoTIFFFolder_landsat8" /
                           "test_metrics.json").read_text())  # fmt: skip
-    load_script().main([str(copy)])
+    ablation_script().main([str(copy)])
     lines = [line.split(" | ") for line in (copy / "results.md").read_text().splitlines()
              if line.startswith("| ")]  # fmt: skip
     header = [c.strip("| ") for c in lines[0]]
@@ -129,8 +113,8 @@ def test_never_started_and_incomplete_jobs_are_listed(sweep, tmp_path):
     ] * 2
     shutil.rmtree(finished[0])  # frozen, seed 0
     (finished[2] / "metrics.json").unlink()  # lora, seed 0
-    text = load_script().render_markdown(copy, load_script().collect_runs(copy),
-                                         load_script().expected_jobs(copy))  # fmt: skip
+    text = ablation_script().render_markdown(copy, ablation_script().collect_runs(copy),
+                                         ablation_script().expected_jobs(copy))  # fmt: skip
     job0 = json.loads((sweep / finished[0].name / "job.json").read_text())["overrides"]
     assert f"- never started: {' '.join(job0)}" in text
     assert f"- incomplete (running, killed, or stopped early; resume=true continues it): " \
@@ -139,13 +123,13 @@ def test_never_started_and_incomplete_jobs_are_listed(sweep, tmp_path):
 
 
 def test_missing_or_empty_sweep_folder_is_an_error(tmp_path):
-    script = load_script()
+    script = ablation_script()
     assert script.main([str(tmp_path / "nowhere")]) == 1
     assert script.main([str(tmp_path)]) == 1
 
 
 def test_sample_std_and_sizes():
-    script = load_script()
+    script = ablation_script()
     assert script.mean_std([0.40, 0.44]) == "42.00 ± 2.83"  # sample std: 0.04 / sqrt(2)
     assert script.mean_std([0.5]) == "50.00"
     assert script.human_bytes(286_720) == "280 KiB"
@@ -174,7 +158,7 @@ def test_one_sweep_across_a_segmentation_and_a_classification_dataset(demo_root,
              "img_size=16", "save_predictions=false", "num_vis=0",
              f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path,
             env={"DEFLECT_DATA_ROOT": str(data)})  # fmt: skip
-    table = load_script()
+    table = ablation_script()
     assert table.main([str(tmp_path / "sweep")]) == 0
     text = (tmp_path / "sweep" / "results.md").read_text()
     assert "## demo (segmentation)" in text and "## m_so2sat (classification)" in text

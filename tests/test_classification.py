@@ -19,7 +19,7 @@ from datasets.safe_pickle import safe_loads
 from datasets.transforms import resize_nan_aware
 from deflect.data import DataSpec
 from deflect.tasks import ClassificationTask
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO, TINY, copy_with_band_names, run_cli
 from tests.geobench_fixtures import _Evil, geobench_modules, write_chips, write_geobench
 
 CLASSES = ["forest", "field", "water"]
@@ -342,22 +342,12 @@ def test_a_chip_classifier_evaluates_on_landsat8_chips_through_the_band_mapping(
     chips written as Landsat 8 files (NIR named B5): ``eval_dir=<run> dataset=chips
     dataset.sensor=landsat8`` maps B8 <- B5 by wavelength and gives the run's own confusion
     matrix; the results go beside the run's, under cross_sensor/."""
-    import rasterio
-
     root = write_chips(tmp_path / "chips", CLASSES)
     work_dir = tmp_path / "run"
     common = ["dataset=chips", "dataset.reflectance_scale=10000"]
     run_cli([*TINY, *common, f"dataset.root={root}", "img_size=16", "epochs=1",
              f"work_dir={work_dir}"], tmp_path)  # fmt: skip
-    landsat = tmp_path / "landsat"
-    for path in root.rglob("*.tif"):
-        target = landsat / path.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with rasterio.open(path) as src:
-            data, profile = src.read(), src.profile
-        with rasterio.open(target, "w", **profile) as dst:
-            dst.write(data)
-            dst.descriptions = ("B2", "B3", "B4", "B5")
+    landsat = copy_with_band_names(root, tmp_path / "landsat", ("B2", "B3", "B4", "B5"))
     proc = run_cli([f"eval_dir={work_dir}", *common, f"dataset.root={landsat}",
                     "dataset.sensor=landsat8"], tmp_path)  # fmt: skip
     assert "B8    <- B5       832.8 nm <-   865.0 nm" in proc.stdout

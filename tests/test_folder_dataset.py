@@ -16,7 +16,7 @@ import torch
 
 import datasets.folder as folder_module
 from datasets import GeoTIFFFolder
-from tests.conftest import TINY, north_up, run_cli
+from tests.conftest import TINY, load_script, north_up, run_cli
 
 BANDS = ["B2", "B3", "B4", "B8"]
 CLASSES = ["water", "field", "forest"]
@@ -236,14 +236,8 @@ def test_band_names_that_are_not_in_the_file_are_named(tmp_path):
 
 
 def test_compute_stats_script_prints_the_training_statistics(tmp_path, capsys):
-    import importlib.util
-
     root = write_split_folders(tmp_path / "a")
-    spec = importlib.util.spec_from_file_location(
-        "compute_stats", Path(__file__).parents[1] / "scripts" / "compute_stats.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("compute_stats")
     overrides = ["dataset=folder", f"dataset.root={root}", f"dataset.classes=[{','.join(CLASSES)}]",
                  "dataset.ignore_index=255", f"dataset.nodata={NODATA}",
                  "dataset.reflectance_scale=10000"]  # fmt: skip

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from deflect.data import invalid_to_nan
 from deflect.engine import predict
 from deflect.engine.inference import sliding_window_logits
-from tests.conftest import DEMO_BANDS, REPO, TINY, north_up, run_cli
+from tests.conftest import DEMO_BANDS, REPO, TINY, copy_with_band_names, north_up, run_cli
 
 NODATA = -9999.0
 WINDOW, STRIDE = 32, 16  # TINY's img_size, and evaluation's default stride (half the window)
@@ -428,16 +428,7 @@ def test_a_sentinel2_run_evaluates_on_landsat8_bands_through_the_mapping(run_dir
     Landsat names them): ``eval_dir=<run> dataset=folder dataset.sensor=landsat8`` maps B8 <- B5
     by wavelength, prints the table, records it, and scores exactly what the Sentinel-2 files
     score; without B5 the missing counterpart is named."""
-    landsat = tmp_path / "landsat"
-    for path in demo_root.rglob("*.tif"):
-        target = landsat / path.relative_to(demo_root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with rasterio.open(path) as src:
-            data, profile = src.read(), src.profile
-        with rasterio.open(target, "w", **profile) as dst:
-            dst.write(data)
-            if src.count == 4:
-                dst.descriptions = ("B2", "B3", "B4", "B5")
+    landsat = copy_with_band_names(demo_root, tmp_path / "landsat", ("B2", "B3", "B4", "B5"))
     args = [f"eval_dir={run_dir}", "dataset=folder", f"dataset.root={landsat}",
             "dataset.sensor=landsat8", "dataset.classes=[bare,sparse,moderate,dense]",
             "dataset.ignore_index=255", "dataset.reflectance_scale=10000", "num_vis=0",

@@ -3,23 +3,16 @@ the study runs end to end (``--quick``, slow)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
 def study():
-    spec = importlib.util.spec_from_file_location("spectral_study", REPO / "scripts" /
-                                                  "spectral_study.py")  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("spectral_study")
 
 
 def pixels(task: str, n: int = 12, size: int = 48):

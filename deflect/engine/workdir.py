@@ -432,11 +432,7 @@ def target_problem(target: str) -> str | None:
     home = f"{module}.{getattr(obj, '__qualname__', '')}"
     if not (module + ".").startswith(ALLOWED_TARGETS):
         return f"resolves to {home}, outside the framework"
-    if (
-        not inspect.isclass(obj)
-        and target not in ALLOWED_FUNCTIONS
-        and home not in ALLOWED_FUNCTIONS
-    ):
+    if not inspect.isclass(obj) and home not in ALLOWED_FUNCTIONS:
         return f"resolves to {home}, which is not a class"
     return None
 

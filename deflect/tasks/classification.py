@@ -27,6 +27,7 @@ from torchmetrics.classification import MultilabelAveragePrecision, MultilabelSt
 from deflect.data import DataSpec
 from deflect.tasks.base import InferenceSettings, Metric, Task
 from deflect.tasks.segmentation import ConfusionMetric, class_weights
+from segmentors.losses import class_weight_tensor
 
 INPUT_MODES = ("resize", "center_crop")
 
@@ -111,12 +112,8 @@ class ClassificationLoss(nn.Module):
     def __init__(self, num_classes: int, multi_label: bool, ignore_index: int = -1,
                  class_weights: list[float] | None = None, label_smoothing: float = 0.0) -> None:  # fmt: skip
         super().__init__()
-        if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(
-                f"loss.class_weights has {len(class_weights)} entries for {num_classes} classes"
-            )
-        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("weight", class_weight_tensor(class_weights, num_classes),
+                             persistent=False)  # fmt: skip
         self.multi_label = multi_label
         self.ignore_index = ignore_index
         self.label_smoothing = float(label_smoothing)

@@ -13,6 +13,7 @@ Prints one line per mutant: CAUGHT (a test failed, named) or MISSED; exits 1 if 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -355,6 +356,8 @@ def run(mutant: Mutant, root: Path) -> tuple[bool, str]:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests],
             cwd=root, capture_output=True, text=True,
+            # The copy's own code, also in subprocesses that run a script (sys.path[0] = scripts/).
+            env={**os.environ, "PYTHONPATH": str(root)},
         )  # fmt: skip
     finally:
         path.write_text(original)

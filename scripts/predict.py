@@ -1,16 +1,23 @@
-r"""Predict GeoTIFF scenes of any size with a trained run, in bounded memory.
+r"""Predict GeoTIFF scenes of any size (or a classification run's chips) with a trained run.
 
     python scripts/predict.py work_dirs/<run> scene.tif --out predictions/
     python scripts/predict.py work_dirs/<run> scenes/ --out predictions/ --probabilities \
         --device cuda --precision bf16 --batch-size 32 --block 2048
     torchrun --nproc_per_node=4 scripts/predict.py work_dirs/<run> scenes/ --out predictions/
+    python scripts/predict.py work_dirs/<classification run> chips/ --out table/   # predictions.csv
 
-Writes ``<OUT>/<stem>_pred.tif`` per scene (uint8 class map, 255 where every band is invalid)
-and with ``--probabilities`` ``<OUT>/<stem>_prob.tif`` (float32 softmax, one band per class).
-The result equals the run's evaluation (sliding window over the whole scene), but the scene is
-processed in blocks of ``--block`` pixels: memory depends on the block, not on the scene. The
-scene's bands are matched to the model's by name (its band descriptions, or ``--bands``). Under
-torchrun, each rank predicts its share of the scenes.
+Writes ``<OUT>/<stem>_pred.tif`` per scene (uint8 class map with a colour table, 255 where
+every band is invalid) and with ``--probabilities`` ``<OUT>/<stem>_prob.tif`` (float32 softmax,
+one band per class). The result equals the run's evaluation (sliding window over the whole
+scene), but the scene is processed in blocks of ``--block`` pixels: memory depends on the
+block, not on the scene. The scene's bands are matched to the model's by name (its band
+descriptions, or ``--bands``). Under torchrun, each rank predicts its share of the scenes.
+
+With a classification run, a file no larger than the run's training chips is a chip: all chips
+go into one table, ``<OUT>/predictions.csv`` (chip, predicted class, a probability per class),
+each classified as evaluation classifies a test image. A larger file is a scene, cut into tiles
+of the training chips' size, one output pixel per tile. ``--chips`` or ``--scenes`` decides for
+every file instead.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
     parser.add_argument(
         "--stride", type=int, default=None,
-        help="sliding-window stride (default: the run's eval_stride, else half the window)",
+        help="sliding-window stride (default: the run's eval_stride, else half the window; "
+        "classification: tiles side by side)",
     )  # fmt: skip
     parser.add_argument(
         "--block", type=int, default=DEFAULT_BLOCK,
@@ -66,6 +74,16 @@ def main(argv: list[str] | None = None) -> None:
         "--reflectance-scale", type=float, default=None,
         help="the scenes' stored value of reflectance 1.0 when it is not training's",
     )  # fmt: skip
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--chips", dest="chips", action="store_const", const=True, default=None,
+        help="classification runs: every file is one chip, classified whole into "
+        "predictions.csv (default: files no larger than the training chips)",
+    )  # fmt: skip
+    kind.add_argument(
+        "--scenes", dest="chips", action="store_const", const=False,
+        help="classification runs: every file is a scene, one output pixel per tile",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
         "--precision", default=None, choices=["fp32", "bf16", "fp16"],
@@ -85,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             progress=info.is_main and not args.no_progress,
             rank=info.rank, world_size=info.world_size,
             pattern=args.pattern, sensor=args.sensor, reflectance_scale=args.reflectance_scale,
+            chips=args.chips,
         )  # fmt: skip
         for out in outputs:
             log.info(

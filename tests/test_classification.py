@@ -218,8 +218,9 @@ def test_the_resize_keeps_invalid_pixels_out_of_valid_ones():
 def so2sat_run(so2sat, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cls_run")
     work_dir = cwd / "run"
+    # 16-px chips at TINY's img_size of 32: evaluation resizes each chip to 32 px.
     run_cli([*TINY, "dataset=m_so2sat", f"dataset.root={so2sat}", "dataset.reflectance_scale=10000",
-             "img_size=16", f"work_dir={work_dir}", "epochs=2", "num_vis=2"], cwd)  # fmt: skip
+             f"work_dir={work_dir}", "epochs=2", "num_vis=2"], cwd)  # fmt: skip
     return work_dir
 
 
@@ -248,9 +249,11 @@ def test_a_geobench_run_writes_predictions_and_eval_dir_reproduces_them(so2sat, 
 
 
 def test_a_classification_run_maps_a_scene_one_pixel_per_tile(so2sat, so2sat_run, tmp_path):
-    """Six test samples laid side by side as one GeoTIFF scene (2 x 3 tiles of 16 px):
-    predict.py writes a 2 x 3 class map whose pixels are the classes predictions.csv gives
-    those samples, georeferenced (a pixel spans a tile), and their probabilities."""
+    """Six 16-px test samples of a run trained at img_size 32, laid side by side as one GeoTIFF
+    scene (2 x 3 chips): predict.py tiles it at the training chip footprint (16 px, not the
+    32-px encoder input) and resizes each tile as evaluation resizes a chip, so it writes a
+    2 x 3 class map whose pixels are the classes predictions.csv gives those samples,
+    georeferenced (a pixel spans a tile), and their probabilities."""
     import h5py
     import rasterio
     from affine import Affine
@@ -286,6 +289,49 @@ def test_a_classification_run_maps_a_scene_one_pixel_per_tile(so2sat, so2sat_run
     for i, name in enumerate(names):
         got = probabilities[:, i // 3, i % 3]
         np.testing.assert_allclose(got, [float(rows[name][f"p_{c}"]) for c in CLASSES], atol=1e-5)
+
+
+def write_test_chips(so2sat, folder) -> list[str]:
+    """Every test sample of the GEO-Bench fixture written as an unlabelled 16-px GeoTIFF chip
+    named after it; returns the names in the partition's order."""
+    import h5py
+    import rasterio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = json.loads((so2sat / "default_partition.json").read_text())["test"]
+    for name in names:
+        with h5py.File(so2sat / f"{name}.hdf5") as f:
+            image = np.stack([f[c][()] for c in CHANNELS])
+        with rasterio.open(folder / f"{name}.tif", "w", driver="GTiff", height=image.shape[1],
+                           width=image.shape[2], count=len(CHANNELS), dtype=image.dtype) as dst:  # fmt: skip
+            dst.write(image)
+            dst.descriptions = tuple(CHANNELS.values())
+    return names
+
+
+def test_predict_classifies_chips_into_one_table_as_evaluation_does(so2sat, so2sat_run, tmp_path):
+    """Issue 26.1 and chip inference: the run's test samples as unlabelled 16-px chips (the run
+    was trained at img_size 32). predict.py classifies each chip whole, resized to 32 px as
+    evaluation resizes it, into one CSV: the class and every probability equal
+    predictions.csv's on every test chip."""
+    from deflect.engine import predict
+
+    names = write_test_chips(so2sat, tmp_path / "chips")
+    predictor = predict.load_predictor(so2sat_run, device="cpu")
+    assert predictor.tile == (16, 16) and predictor.window == 32  # the recorded chip size
+    written = predict.predict_scenes(predictor, [tmp_path / "chips"], tmp_path / "out",
+                                     progress=False)  # fmt: skip
+    assert [w.prediction.name for w in written] == ["predictions.csv"]  # one table, no rasters
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["predictions.csv"]
+    expected = {r["sample"]: r for r in csv.DictReader(open(so2sat_run / "predictions.csv"))}
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert list(rows[0]) == ["chip", "prediction", *(f"p_{c}" for c in CLASSES)]
+    assert [r["chip"] for r in rows] == [f"{n}.tif" for n in names]
+    for row, name in zip(rows, names):
+        assert row["prediction"] == expected[name]["prediction"], name
+        for c in CLASSES:
+            assert float(row[f"p_{c}"]) == pytest.approx(float(expected[name][f"p_{c}"]),
+                                                         abs=2e-6), (name, c)  # fmt: skip
 
 
 @pytest.mark.slow

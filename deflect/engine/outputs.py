@@ -91,6 +91,38 @@ def save_panels(
 NODATA_CLASS = 255
 
 
+def class_colours(num_classes: int) -> dict[int, tuple[int, int, int, int]]:
+    """The colour table of a class map: class ``k`` in its colour in the pictures
+    (:data:`PALETTE`, as :func:`colorize` draws it), :data:`NODATA_CLASS` transparent black."""
+    colours = {k: (*(int(v) for v in PALETTE[k % len(PALETTE)]), 255) for k in range(num_classes)}
+    colours[NODATA_CLASS] = (0, 0, 0, 0)
+    return colours
+
+
+def describe_classes(dst, class_names, band: int = 1) -> None:
+    """Make band ``band`` of an open class-map GeoTIFF explain itself: its colour table
+    (:func:`class_colours`), the description ``class``, one band tag per value naming its class
+    (``0=bare``, ..., ``255=no data``, shown by ``gdalinfo`` and QGIS's metadata), and the
+    ordered names in the file tag ``classes``."""
+    names = [str(c) for c in class_names]
+    dst.write_colormap(band, class_colours(len(names)))
+    dst.set_band_description(band, "class")
+    dst.update_tags(band, **{str(k): name for k, name in enumerate(names)},
+                    **{str(NODATA_CLASS): "no data"})  # fmt: skip
+    dst.update_tags(classes=",".join(names))
+
+
+def describe_labels(dst, class_names) -> None:
+    """A multi-label raster (one 0/1 band per label): each band named after its label, its
+    values explained in band tags (``0=absent``, ``1=present``, ``255=no data``), the ordered
+    names in the file tag ``classes``."""
+    names = [str(c) for c in class_names]
+    for k, name in enumerate(names):
+        dst.set_band_description(k + 1, name)
+        dst.update_tags(k + 1, **{"0": "absent", "1": "present", str(NODATA_CLASS): "no data"})
+    dst.update_tags(classes=",".join(names))
+
+
 def write_prediction_geotiff(
     prediction: np.ndarray, path: Path, crs, transform, class_names: list[str]
 ) -> None:
@@ -111,8 +143,7 @@ def write_prediction_geotiff(
         profile["transform"] = transform  # an identity without a CRS: a file with no georeference
     with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(prediction.astype(np.uint8), 1)
-        dst.set_band_description(1, "class")
-        dst.update_tags(classes=",".join(class_names))
+        describe_classes(dst, class_names)
 
 
 class PredictionWriter:

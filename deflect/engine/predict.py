@@ -25,7 +25,9 @@ model's order, non-finite pixels and the training no-data value become NaN, then
 
 from __future__ import annotations
 
+import csv
 import fnmatch
+import io
 import json
 import logging
 import math
@@ -57,7 +59,7 @@ from deflect.data import (
 from deflect.engine.distributed import resolve_device
 from deflect.engine.evaluator import AUTOCAST_DTYPES, autocast_context
 from deflect.engine.inference import window_starts
-from deflect.engine.outputs import NODATA_CLASS, PALETTE
+from deflect.engine.outputs import NODATA_CLASS, describe_classes, describe_labels
 from deflect.io import atomic_path
 from deflect.tasks import InferenceSettings
 
@@ -85,7 +87,8 @@ class Predictor:
         model: the segmentor, in eval mode, on ``device``.
         spec: the band manifest it was trained on (bands, statistics, no-data, classes).
         window: the encoder input size (the run's ``img_size``).
-        stride: the sliding-window stride.
+        stride: the sliding-window stride; for a classification run the step between tiles,
+            None for tiles side by side.
         device: where the model runs.
         precision: autocast precision, ``fp32``, ``bf16`` or ``fp16``.
         run_dir: the run folder it came from.
@@ -94,18 +97,27 @@ class Predictor:
             (:func:`file_patterns`): how folders are listed by default.
         task: the run's task (segmentation when None; a classification run maps one pixel
             per tile of the scene).
+        tile: a classification run's tile ``(height, width)``: the size of its training images
+            (``input.json``), the ground footprint the model learnt from. Each tile is brought
+            to ``window`` as evaluation brings a test image (:func:`classify_images`).
     """
 
     model: nn.Module
     spec: DataSpec
     window: int
-    stride: int
+    stride: int | None
     device: torch.device
     precision: str = "fp32"
     run_dir: Path | None = None
     epoch: int | None = None
     file_patterns: tuple[str | None, str | None] = (None, None)
     task: object | None = None
+    tile: tuple[int, int] | None = None
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the run classifies images (one class per tile or chip)."""
+        return getattr(self.task, "name", "segmentation") == "classification"
 
 
 def file_patterns(cfg: DictConfig) -> tuple[str | None, str | None]:
@@ -231,14 +243,18 @@ def load_predictor(
 
     task = build_task(cfg)
     window = int(cfg.img_size)
-    if stride is None:  # a classification run: one pixel per tile, tiles side by side
-        stride = window if task.name == "classification" else default_stride(cfg, window)
-    stride = int(stride)
-    if not 1 <= stride <= window:
-        raise ValueError(
-            f"stride={stride} must be between 1 and the window ({window} px, the run's img_size); "
-            "a larger stride leaves pixels no tile covers"
-        )
+    tile = recorded_chip_size(run_dir, window) if task.name == "classification" else None
+    if stride is None and tile is None:
+        stride = default_stride(cfg, window)
+    if stride is not None:  # a classification run's default: tiles side by side
+        stride = int(stride)
+        largest = min(tile) if tile else window
+        if not 1 <= stride <= largest:
+            what = "tile, the training chips' size" if tile else "window, the run's img_size"
+            raise ValueError(
+                f"stride={stride} must be between 1 and the {what} ({largest} px); a larger "
+                "stride leaves pixels no tile covers"
+            )
     state = load_checkpoint(best)
     if not state.get("data"):
         raise ValueError(
@@ -261,12 +277,34 @@ def load_predictor(
     model = model.to(dev).eval()
     epoch = int(state["epoch"]) + 1 if "epoch" in state else None
     log.info(
-        "model of %s (best epoch %s): bands %s, %d classes, window %d, stride %d, %s on %s",
-        run_dir.name, epoch, list(spec.bands), spec.num_classes, window, stride, precision, dev,
+        "model of %s (best epoch %s): bands %s, %d classes, window %d, %s, %s on %s",
+        run_dir.name, epoch, list(spec.bands), spec.num_classes, window,
+        f"tiles of {tile[0]} x {tile[1]} px (the training chips) brought to {window} px"
+        if tile else f"stride {stride}", precision, dev,
     )  # fmt: skip
     return Predictor(
-        model, spec, window, stride, dev, precision, run_dir, epoch, file_patterns(cfg), task
+        model, spec, window, stride, dev, precision, run_dir, epoch, file_patterns(cfg), task, tile
     )
+
+
+def recorded_chip_size(run_dir: Path, window: int) -> tuple[int, int]:
+    """The size of a classification run's training images, from its ``input.json``; a run
+    written before that record existed falls back to ``window`` (its ``img_size``), with a
+    warning."""
+    from deflect.tasks.classification import INPUT_RECORD
+
+    path = run_dir / INPUT_RECORD
+    try:
+        height, width = (int(v) for v in json.loads(path.read_text())["chip_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning(
+            "%s records no training chip size (a run written before %s existed): tiles of the "
+            "run's img_size (%d px) are taken as the ground footprint of a chip; if its chips "
+            "were of another size, predictions on scenes differ from evaluation's",
+            run_dir, INPUT_RECORD, window,
+        )  # fmt: skip
+        return window, window
+    return height, width
 
 
 # ---------------------------------------------------------------------------------- the scene
@@ -349,6 +387,42 @@ def select_bands(
     return [canon.index(canonical_band(b)) + 1 for b in model_bands]
 
 
+def read_valid(
+    src: rasterio.DatasetReader,
+    indexes: list[int],
+    window: Window | None,
+    spec: DataSpec,
+    nodata: Sequence[float] = (),
+    factors: np.ndarray | None = None,
+) -> np.ndarray:
+    """Bands ``indexes`` of ``window`` of ``src`` in the trained units, invalid pixels NaN: what
+    a dataset's ``read_sample`` gives training and evaluation.
+
+    Args:
+        src: the open scene.
+        indexes: 1-based band numbers, in the model's band order.
+        window: the pixels to read (inside the scene); None for all of them.
+        spec: the model's data description (its no-data value).
+        nodata: no-data values besides the training one (the scene's own declared value).
+        factors: ``(C, 1, 1)`` per-band factors to the trained units (another reflectance scale).
+
+    Returns:
+        float32 ``(C, height, width)``, NaN at invalid pixels.
+
+    Raises:
+        OSError: the pixels cannot be read.
+    """
+    try:
+        raw = src.read(indexes, window=window)
+    except RasterioError as err:
+        where = f"pixels {window} of " if window is not None else "pixels of "
+        raise OSError(f"cannot read {where}{src.name!r} (truncated or corrupt?): {err}") from err
+    image = invalid_to_nan(raw, [v for v in (spec.nodata, *nodata) if v is not None])
+    if factors is not None:  # another reflectance scale than training's
+        image = image * factors
+    return image
+
+
 def read_normalised(
     src: rasterio.DatasetReader,
     indexes: list[int],
@@ -357,31 +431,9 @@ def read_normalised(
     nodata: Sequence[float] = (),
     factors: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Bands ``indexes`` of ``window`` of ``src``, invalid pixels NaN, normalised per band.
-
-    Args:
-        src: the open scene.
-        indexes: 1-based band numbers, in the model's band order.
-        window: the pixels to read (inside the scene).
-        spec: the model's data description (no-data value, band statistics).
-        nodata: no-data values besides the training one (the scene's own declared value).
-        factors: ``(C, 1, 1)`` per-band factors to the trained units (another reflectance scale).
-
-    Returns:
-        float32 ``(C, height, width)``: ``(x - mean) / std``, NaN at invalid pixels.
-
-    Raises:
-        OSError: the pixels cannot be read.
-    """
-    try:
-        raw = src.read(indexes, window=window)
-    except RasterioError as err:
-        raise OSError(
-            f"cannot read pixels {window} of {src.name!r} (truncated or corrupt?): {err}"
-        ) from err
-    image = invalid_to_nan(raw, [v for v in (spec.nodata, *nodata) if v is not None])
-    if factors is not None:  # another reflectance scale than training's
-        image = image * factors
+    """:func:`read_valid`, normalised per band: ``(x - mean) / std`` with the run's statistics,
+    as the segmentation pipeline normalises (``datasets/transforms.py`` ``JointTransform``)."""
+    image = read_valid(src, indexes, window, spec, nodata, factors)
     mean = np.asarray(spec.mean_list(), dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std_list(), dtype=np.float32)[:, None, None]
     return (image - mean) / std
@@ -688,6 +740,68 @@ def _profile(src: rasterio.DatasetReader, count: int, dtype: str, nodata: float)
     return profile
 
 
+@dataclass(frozen=True)
+class SceneInput:
+    """An open scene (or chip) and how its bands become the model's.
+
+    Args:
+        src: the open file.
+        indexes: its band numbers (1-based) holding the model's bands, in the model's order.
+        nodata: its own declared no-data value (besides the training one), or nothing.
+        factors: ``(C, 1, 1)`` factors to the trained reflectance scale, or None.
+    """
+
+    src: rasterio.DatasetReader
+    indexes: list[int]
+    nodata: tuple[float, ...]
+    factors: np.ndarray | None
+
+
+def open_scene(
+    predictor: Predictor,
+    path: Path,
+    bands: Sequence[str] | None = None,
+    sensor: str | None = None,
+    reflectance_scale: float | None = None,
+    what: str = "scene",
+) -> SceneInput:
+    """Open a GeoTIFF and match its bands, no-data value and units to the model's
+    (:func:`select_bands`); the caller closes ``src``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        OSError: it cannot be opened.
+        ValueError: it lacks bands the model needs.
+    """
+    spec = predictor.spec
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except RasterioError as err:
+        raise OSError(f"cannot open {what} {str(path)!r} (not a GeoTIFF?): {err}") from err
+    try:
+        indexes = select_bands(src.count, src.descriptions, spec, bands, f"{what} {str(path)!r}",
+                               sensor)  # fmt: skip
+    except BaseException:
+        src.close()
+        raise
+    factors = None
+    if reflectance_scale and float(reflectance_scale) != spec.reflectance_scale:
+        optical = set(reflectance_bands(spec.bands, spec.sensor))
+        factor = spec.reflectance_scale / float(reflectance_scale)
+        factors = np.array([factor if b in optical else 1.0 for b in spec.bands],
+                           dtype=np.float32)[:, None, None]  # fmt: skip
+    # The file's own no-data value is honoured too, as training honours its files' value.
+    nodata = () if src.nodata is None or np.isnan(src.nodata) else (float(src.nodata),)
+    if nodata and spec.nodata != nodata[0] and what == "scene":
+        log.info("%s declares no-data %g (training used %s): those pixels are left out",
+                 path.name, nodata[0], spec.nodata)  # fmt: skip
+    return SceneInput(src, indexes, nodata, factors)
+
+
 def predict_scene(
     predictor: Predictor,
     path: str | Path,
@@ -703,9 +817,12 @@ def predict_scene(
     """Predict one GeoTIFF scene of any size, block by block, into ``out_dir``.
 
     Writes ``<stem>_pred.tif`` (uint8 class indices, :data:`NODATA_CLASS` where every band is
-    invalid) and, with ``probabilities``, ``<stem>_prob.tif`` (float32 softmax, one band per
-    class named after it, NaN where every band is invalid); both tiled, deflate-compressed, with
-    the scene's CRS and transform, written atomically (a failure leaves no partial file).
+    invalid, with a colour table and each value's class name, :func:`~deflect.engine.outputs.
+    describe_classes`) and, with ``probabilities``, ``<stem>_prob.tif`` (float32 softmax, one
+    band per class named after it, NaN where every band is invalid); both tiled,
+    deflate-compressed, with the scene's CRS and transform, written atomically (a failure
+    leaves no partial file). A classification run writes one pixel per tile instead
+    (:func:`classify_tiles`).
 
     Args:
         predictor: from :func:`load_predictor`.
@@ -733,50 +850,28 @@ def predict_scene(
     path = Path(path).expanduser()
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if not path.is_file():
-        raise FileNotFoundError(f"scene {str(path)!r} does not exist")
-    block = round_block(block, predictor.stride)
     spec = predictor.spec
     out_dir = Path(out_dir).expanduser()
     pred_path = out_dir / f"{path.stem}_pred.tif"
     prob_path = out_dir / f"{path.stem}_prob.tif" if probabilities else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
-    except RasterioError as err:
-        raise OSError(f"cannot open scene {str(path)!r} (not a GeoTIFF?): {err}") from err
+    scene = open_scene(predictor, path, bands, sensor, reflectance_scale)
+    src, indexes, nodata, factors = scene.src, scene.indexes, scene.nodata, scene.factors
     with src, ExitStack() as stack:
-        indexes = select_bands(
-            src.count, src.descriptions, spec, bands, f"scene {str(path)!r}", sensor
-        )
-        factors = None
-        if reflectance_scale and float(reflectance_scale) != spec.reflectance_scale:
-            optical = set(reflectance_bands(spec.bands, spec.sensor))
-            factor = spec.reflectance_scale / float(reflectance_scale)
-            factors = np.array([factor if b in optical else 1.0 for b in spec.bands],
-                               dtype=np.float32)[:, None, None]  # fmt: skip
-        # The scene's own no-data value is honoured too, as training honours its files' value.
-        nodata = () if src.nodata is None or np.isnan(src.nodata) else (float(src.nodata),)
-        if nodata and spec.nodata != nodata[0]:
-            log.info("%s declares no-data %g (training used %s): those pixels are left out",
-                     path.name, nodata[0], spec.nodata)  # fmt: skip
         medians = band_medians(src, indexes, spec, nodata=nodata)
         if factors is not None:
             medians = [m * float(f) for m, f in zip(medians, factors.ravel())]
         check_reflectance_scale(medians, spec, f"scene {str(path)!r}")
-        if getattr(predictor.task, "name", "segmentation") == "classification":
-            return classify_tiles(predictor, src, indexes, path, out_dir, batch_size,
-                                  probabilities, progress, nodata, factors)  # fmt: skip
+        if predictor.classifies:
+            return classify_tiles(predictor, scene, path, out_dir, batch_size, probabilities,
+                                  progress)  # fmt: skip
+        block = round_block(block, predictor.stride)
         grid = TileGrid(src.height, src.width, predictor.window, predictor.stride)
         tmp = stack.enter_context(atomic_path(pred_path))
         pred = stack.enter_context(
             rasterio.open(tmp, "w", **_profile(src, 1, "uint8", NODATA_CLASS))
         )
-        pred.set_band_description(1, "class")
-        pred.update_tags(classes=",".join(spec.classes), run=str(predictor.run_dir or ""))
-        colours = {k: tuple(int(v) for v in PALETTE[k % len(PALETTE)]) for k in range(256)}
-        pred.write_colormap(1, colours)
+        describe_classes(pred, spec.classes)
+        pred.update_tags(run=str(predictor.run_dir or ""))
         prob = None
         if prob_path is not None:
             tmp_prob = stack.enter_context(atomic_path(prob_path))
@@ -811,63 +906,95 @@ def predict_scene(
     return SceneOutputs(pred_path, prob_path, forwards)
 
 
+# ------------------------------------------------------------------------ classification
+
+
+@torch.no_grad()
+def classify_images(
+    predictor: Predictor,
+    images: Sequence[torch.Tensor],
+    batch_size: int = 8,
+    warned: set[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Classify images by evaluation's rule: each ``(C, h, w)`` image (trained units, NaN where
+    invalid) goes through the run's evaluation transform
+    (:func:`~datasets.transforms.build_classification_transform`, the one ``run.py`` gives
+    the test split: brought to ``img_size`` by the NaN-aware resize or the centre crop of
+    ``task.input``, then normalised with the run's statistics), then through the model.
+
+    Returns:
+        The probabilities ``(n, K)`` and the decisions: classes ``(n,)``, or 0/1 ``(n, K)``
+        for a multi-label run.
+    """
+    from datasets.transforms import build_classification_transform
+
+    task, spec = predictor.task, predictor.spec
+    transform = build_classification_transform(spec, False, predictor.window, task.input)
+    warned = set() if warned is None else warned
+    probabilities, decisions = [], []
+    for first in range(0, len(images), batch_size):
+        chunk = [transform(image, None)[0] for image in images[first : first + batch_size]]
+        batch = torch.stack(chunk).to(predictor.device)
+        with autocast_context(predictor.device, predictor.precision):
+            out = predictor.model(batch, **_metadata(predictor, len(chunk), warned)).float()
+        probabilities.append(task.probabilities(out).cpu().numpy())
+        decisions.append(task.predict(out).cpu().numpy())
+    k = spec.num_classes
+    if not probabilities:
+        return np.zeros((0, k), np.float32), np.zeros((0, k) if task.multi_label else 0, np.int64)
+    return np.concatenate(probabilities), np.concatenate(decisions)
+
+
 def classify_tiles(
     predictor: Predictor,
-    src: rasterio.DatasetReader,
-    indexes: list[int],
+    scene: SceneInput,
     path: Path,
     out_dir: Path,
     batch_size: int,
     probabilities: bool,
     progress: bool,
-    nodata: Sequence[float],
-    factors: np.ndarray | None,
 ) -> SceneOutputs:
-    """A classification run over a scene: the scene cut into ``window`` px tiles every
-    ``stride`` px (default: side by side), each tile classified, one output pixel per tile.
+    """A classification run over a scene: the scene cut into tiles of the training chips' size
+    (``predictor.tile``), every ``stride`` px (default: side by side), each tile brought to
+    ``img_size`` and classified as evaluation classifies a chip (:func:`classify_images`), one
+    output pixel per tile.
 
-    ``<stem>_pred.tif``: the class of each tile (uint8; multi-label: one 0/1 band per label),
-    255 where a tile has no valid pixel; ``<stem>_prob.tif`` with ``probabilities``: float32,
-    one band per class. Georeferenced: an output pixel covers its tile's first ``stride`` x
-    ``stride`` pixels (the scene's transform, scaled by the stride). A tile reaching past the
-    scene's edge is padded with NaN, as evaluation pads. Memory: one row of tiles at a time.
+    ``<stem>_pred.tif``: the class of each tile (uint8, with a colour table and each value's
+    class name; multi-label: one 0/1 band per label), 255 where a tile has no valid pixel;
+    ``<stem>_prob.tif`` with ``probabilities``: float32, one band per class. Georeferenced: an
+    output pixel covers its tile's first ``stride`` x ``stride`` pixels (the scene's transform,
+    scaled by the stride). A tile reaching past the scene's edge is padded with NaN (invalid
+    pixels). Memory: one row of tiles at a time.
     """
-    task, spec = predictor.task, predictor.spec
-    win, stride = predictor.window, predictor.stride
-    rows, cols = math.ceil(src.height / stride), math.ceil(src.width / stride)
+    task, spec, src = predictor.task, predictor.spec, scene.src
+    th, tw = predictor.tile or (predictor.window, predictor.window)
+    sy, sx = (th, tw) if predictor.stride is None else (predictor.stride, predictor.stride)
+    rows, cols = math.ceil(src.height / sy), math.ceil(src.width / sx)
     multi = bool(getattr(task, "multi_label", False))
     classes = np.full((spec.num_classes if multi else 1, rows, cols), NODATA_CLASS, np.uint8)
     probs = np.full((spec.num_classes, rows, cols), np.nan, np.float32)
-    transform = src.transform @ Affine.scale(stride)
     profile = {**_profile(src, 1, "uint8", NODATA_CLASS), "height": rows, "width": cols,
-               "blockxsize": OUTPUT_TILE, "blockysize": OUTPUT_TILE, "tiled": False}  # fmt: skip
+               "tiled": False}  # fmt: skip
     profile.pop("blockxsize"), profile.pop("blockysize")
     if "transform" in profile or src.crs is not None:
-        profile["transform"] = transform
+        profile["transform"] = src.transform @ Affine.scale(sx, sy)
     forwards = 0
+    warned: set[str] = set()
     bar = tqdm(range(rows), desc=path.name, disable=not progress, leave=False, dynamic_ncols=True)
     for r in bar:
-        top = r * stride
-        height = min(win, src.height - top)
-        strip = read_normalised(src, indexes, Window(0, top, src.width, height), spec, nodata,
-                                factors)  # fmt: skip  # (C, height, W)
+        top = r * sy
+        height = min(th, src.height - top)
+        strip = read_valid(src, scene.indexes, Window(0, top, src.width, height), spec,
+                           scene.nodata, scene.factors)  # fmt: skip  # (C, height, W)
         strip = torch.from_numpy(strip)
-        pad_w = max(0, (cols - 1) * stride + win - src.width)
-        strip = torch.nn.functional.pad(strip, (0, pad_w, 0, win - height), value=torch.nan)
-        tiles = torch.stack([strip[:, :, c * stride : c * stride + win] for c in range(cols)])
-        valid = ~torch.isnan(tiles).all(dim=1).flatten(1).all(dim=1)  # (cols,)
-        for first in range(0, cols, batch_size):
-            chunk = tiles[first : first + batch_size].to(predictor.device)
-            with torch.no_grad(), autocast_context(predictor.device, predictor.precision):
-                out = predictor.model(chunk).float()
-            forwards += len(chunk)
-            p = task.probabilities(out).cpu().numpy()  # (n, K)
-            decided = task.predict(out).cpu().numpy()
-            span = slice(first, first + len(chunk))
-            probs[:, r, span] = p.T
-            classes[:, r, span] = decided.T if multi else decided[None]
-        classes[:, r, ~valid.numpy()] = NODATA_CLASS
-        probs[:, r, ~valid.numpy()] = np.nan
+        pad_w = max(0, (cols - 1) * sx + tw - src.width)
+        strip = torch.nn.functional.pad(strip, (0, pad_w, 0, th - height), value=torch.nan)
+        tiles = [strip[:, :, c * sx : c * sx + tw] for c in range(cols)]
+        valid = [c for c, tile in enumerate(tiles) if not torch.isnan(tile).all()]
+        p, decided = classify_images(predictor, [tiles[c] for c in valid], batch_size, warned)
+        forwards += len(valid)
+        probs[:, r, valid] = p.T
+        classes[:, r, valid] = decided.T if multi else decided[None]
     out_dir = Path(out_dir)
     pred_path = out_dir / f"{path.stem}_pred.tif"
     with (
@@ -875,33 +1002,121 @@ def classify_tiles(
         rasterio.open(tmp, "w", **{**profile, "count": classes.shape[0]}) as dst,
     ):
         dst.write(classes)
-        names = list(spec.classes) if multi else ["class"]
-        for k, name in enumerate(names):
-            dst.set_band_description(k + 1, name)
-        dst.update_tags(classes=",".join(spec.classes), run=str(predictor.run_dir or ""),
-                        tile=str(win), stride=str(stride))  # fmt: skip
+        if multi:
+            describe_labels(dst, spec.classes)
+        else:
+            describe_classes(dst, spec.classes)
+        dst.update_tags(run=str(predictor.run_dir or ""), tile=f"{th}x{tw}",
+                        stride=f"{sy}x{sx}")  # fmt: skip
     prob_path = None
     if probabilities:
         prob_path = out_dir / f"{path.stem}_prob.tif"
-        with (
-            atomic_path(prob_path) as tmp,
-            rasterio.open(
-                tmp,
-                "w",
-                **{
-                    **profile,
-                    "count": spec.num_classes,
-                    "dtype": "float32",
-                    "nodata": np.nan,
-                },  # fmt: skip
-            ) as dst,
-        ):
+        prob_profile = {**profile, "count": spec.num_classes, "dtype": "float32",
+                        "nodata": np.nan}  # fmt: skip
+        with atomic_path(prob_path) as tmp, rasterio.open(tmp, "w", **prob_profile) as dst:
             dst.write(probs)
             for k, name in enumerate(spec.classes):
                 dst.set_band_description(k + 1, name)
-    log.info("%s: %d x %d tiles of %d px every %d px -> %s", path.name, rows, cols, win, stride,
-             pred_path)  # fmt: skip
+    log.info("%s: %d x %d tiles of %d x %d px every %d x %d px -> %s", path.name, rows, cols,
+             th, tw, sy, sx, pred_path)  # fmt: skip
     return SceneOutputs(pred_path, prob_path, forwards)
+
+
+#: The table :func:`predict_chips` writes.
+CHIP_TABLE = "predictions.csv"
+
+
+def chip_rows(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    batch_size: int = 8,
+    bands: Sequence[str] | None = None,
+    progress: bool = True,
+    sensor: str | None = None,
+    reflectance_scale: float | None = None,
+) -> list[list[str]]:
+    """Each file of ``paths`` classified whole as one chip, as evaluation classifies a test
+    image (:func:`classify_images`): its rows of :data:`CHIP_TABLE` (without the header)."""
+    spec, multi = predictor.spec, bool(getattr(predictor.task, "multi_label", False))
+    images, empty = [], set()
+    warned_scale = False
+    for path in tqdm(paths, desc="chips", disable=not progress, leave=False, dynamic_ncols=True):
+        scene = open_scene(predictor, path, bands, sensor, reflectance_scale, what="chip")
+        with scene.src as src:
+            image = read_valid(src, scene.indexes, None, spec, scene.nodata, scene.factors)
+        if np.isnan(image).all():
+            empty.add(len(images))
+        elif not warned_scale:  # one warning for a folder of chips, not one per chip
+            medians = [float(np.nanmedian(band)) for band in image]
+            warned_scale = check_reflectance_scale(medians, spec, f"chip {str(path)!r}")
+        images.append(torch.from_numpy(image))
+    if empty:
+        log.warning("%d chip(s) have no valid pixel in any band, so no class: %s", len(empty),
+                    ", ".join(paths[i].name for i in sorted(empty)[:5]))  # fmt: skip
+    keep = [i for i in range(len(images)) if i not in empty]
+    p, decided = classify_images(predictor, [images[i] for i in keep], batch_size)
+    rows: list[list[str]] = []
+    by_index = {i: j for j, i in enumerate(keep)}
+    for i, path in enumerate(paths):
+        if i not in by_index:
+            rows.append([path.name, "", *([""] * (spec.num_classes * (2 if multi else 1)))])
+            continue
+        j = by_index[i]
+        probabilities = [f"{v:.6f}" for v in p[j]]
+        if multi:
+            hot = [str(int(v)) for v in decided[j]]
+            names = ";".join(c for c, v in zip(spec.classes, decided[j]) if v)
+            rows.append([path.name, names, *hot, *probabilities])
+        else:
+            rows.append([path.name, spec.classes[int(decided[j])], *probabilities])
+    return rows
+
+
+def write_chip_table(predictor: Predictor, rows: list[list[str]], out_dir: Path) -> Path:
+    """Write :data:`CHIP_TABLE`: ``chip`` (the file name), ``prediction`` (the class, or the
+    ``;``-joined labels), for a multi-label run one 0/1 column per label, then ``p_<class>``
+    per class, as evaluation's ``predictions.csv``; empty cells for a chip without a valid
+    pixel. Written atomically."""
+    spec = predictor.spec
+    multi = bool(getattr(predictor.task, "multi_label", False))
+    header = ["chip", "prediction", *(spec.classes if multi else ()),
+              *(f"p_{c}" for c in spec.classes)]  # fmt: skip
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    path = Path(out_dir) / CHIP_TABLE
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return path
+
+
+def split_chips(
+    predictor: Predictor, paths: Sequence[Path], chips: bool | None
+) -> tuple[list[Path], list[Path]]:
+    """``(chips, scenes)`` of ``paths`` for a classification run. ``chips=True``: every file is
+    a chip; ``False``: every file is a scene; None: a file no larger than the training chips
+    (``predictor.tile``) in both sides is a chip, a larger one a scene."""
+    if chips is not None:
+        return (list(paths), []) if chips else ([], list(paths))
+    th, tw = predictor.tile or (predictor.window, predictor.window)
+    small, large = [], []
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    size = (src.height, src.width)
+        except RasterioError as err:
+            raise OSError(f"cannot open {str(path)!r} (not a GeoTIFF?): {err}") from err
+        (small if size[0] <= th and size[1] <= tw else large).append(path)
+    if small:
+        log.info("%d file(s) no larger than the training chips (%d x %d px): classified as "
+                 "chips into %s (--scenes maps them as scenes)", len(small), th, tw, CHIP_TABLE)  # fmt: skip
+    if large:
+        log.info("%d file(s) larger than the training chips (%d x %d px): mapped as scenes, one "
+                 "pixel per tile (--chips classifies each whole)", len(large), th, tw)  # fmt: skip
+    return small, large
 
 
 def predict_scenes(
@@ -918,11 +1133,16 @@ def predict_scenes(
     pattern: str | None = None,
     sensor: str | None = None,
     reflectance_scale: float | None = None,
+    chips: bool | None = None,
 ) -> list[SceneOutputs]:
     """Predict every scene of ``inputs`` (files or folders of .tif/.tiff) into ``out_dir``.
 
+    With a classification run, files are chips or scenes (:func:`split_chips`): the chips go
+    into one table, ``<out_dir>/predictions.csv`` (:func:`write_chip_table`), the scenes
+    each into a class raster (:func:`classify_tiles`).
+
     Under torchrun (a ``torch.distributed`` process group), rank ``r`` of ``world`` predicts
-    scenes ``r, r + world, ...``.
+    scenes ``r, r + world, ...`` (and chips likewise; rank 0 writes their table).
 
     Args:
         predictor: from :func:`load_predictor`.
@@ -934,12 +1154,15 @@ def predict_scenes(
         pattern: file names taken from folders (:func:`list_scenes`); None: the images of a
             folder in the run's training layout, else every GeoTIFF.
         sensor, reflectance_scale: as :func:`predict_scene`.
+        chips: classification runs: True, every file is a chip; False, every file is a scene;
+            None, by size (:func:`split_chips`).
 
     Returns:
-        What this process wrote.
+        What this process wrote (the chip table as one entry, on rank 0).
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`list_scenes` and :func:`predict_scene`.
+        FileNotFoundError, ValueError: as :func:`list_scenes` and :func:`predict_scene`, and
+            ``chips`` given for a segmentation run.
     """
     scenes = list_scenes(inputs, pattern, predictor.file_patterns)
     if rank is None or world_size is None:
@@ -947,9 +1170,17 @@ def predict_scenes(
         grouped = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if grouped else 0
         world_size = dist.get_world_size() if grouped else 1
+    if chips is not None and not predictor.classifies:
+        raise ValueError(
+            f"--chips/--scenes apply to classification runs; {predictor.run_dir} is a "
+            "segmentation run, which maps every file as a scene"
+        )
+    chip_files: list[Path] = []
+    if predictor.classifies:
+        chip_files, scenes = split_chips(predictor, scenes, chips)
     mine = scenes[rank::world_size]
     log.info("%d scenes (%d on this process) -> %s", len(scenes), len(mine), out_dir)
-    return [
+    outputs = [
         predict_scene(
             predictor,
             scene,
@@ -964,3 +1195,18 @@ def predict_scenes(
         )  # fmt: skip
         for scene in mine
     ]
+    if chip_files:
+        rows = chip_rows(predictor, chip_files[rank::world_size], batch_size, bands, progress,
+                         sensor, reflectance_scale)  # fmt: skip
+        if world_size > 1:
+            gathered: list = [None] * world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            # Rank r holds files r, r + world, ...: put them back in the listing's order.
+            rows = [row for group in zip(*gathered) for row in group] + [
+                row for part in gathered for row in part[min(map(len, gathered)) :]
+            ]
+        if rank == 0:
+            table = write_chip_table(predictor, rows, Path(out_dir).expanduser())
+            log.info("%d chips -> %s", len(rows), table)
+            outputs.append(SceneOutputs(table, None, len(rows)))
+    return outputs

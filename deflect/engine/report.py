@@ -117,10 +117,17 @@ def resuming(cfg: DictConfig, work_dir: Path) -> bool:
 
 def describe_model(model: nn.Module, work_dir: Path, info: DistInfo, dataset=None) -> dict:
     """Log the band table (with the file band each came from, when ``dataset`` renamed any)
-    and the parameter counts; write ``params.json``."""
+    and the parameter counts; write ``params.json``, and for an image-level training dataset
+    ``input.json`` (the images' size before ``img_size``, which ``scripts/predict.py`` tiles
+    scenes by)."""
     counts = build.parameter_counts(model)
     if info.is_main:
         atomic_write_text(json.dumps(counts, indent=2), work_dir / "params.json")
+        if hasattr(dataset, "read_image"):
+            from deflect.tasks.classification import INPUT_RECORD, chip_size
+
+            size = chip_size(dataset)
+            atomic_write_text(json.dumps({"chip_size": list(size)}), work_dir / INPUT_RECORD)
         sources = getattr(dataset, "band_sources", None)
         log.info("bands:\n%s", build.band_table(model, sources))
         log.info(

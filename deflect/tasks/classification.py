@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,18 @@ from deflect.tasks.segmentation import ConfusionMetric, class_weights
 from segmentors.losses import class_weight_tensor
 
 INPUT_MODES = ("resize", "center_crop")
+#: The run-folder file recording the size of the training images (:func:`chip_size`).
+INPUT_RECORD = "input.json"
+
+
+def chip_size(dataset, samples: int = 16) -> tuple[int, int]:
+    """The training images' ``(height, width)`` before they are brought to ``img_size``: the
+    most common size among the first ``samples`` images of ``dataset`` (an image-level dataset
+    with ``read_image``). It is the ground footprint the model learnt from, so
+    ``scripts/predict.py`` cuts scenes into tiles of this size and brings each to ``img_size``
+    as evaluation brings a chip."""
+    sizes = [tuple(np.shape(dataset.read_image(i))[-2:]) for i in range(min(samples, len(dataset)))]
+    return max(sorted(set(sizes)), key=sizes.count)
 
 
 class SingleLabelMetric(ConfusionMetric):

@@ -138,11 +138,10 @@ def evaluate(work_dir: Path, run_cfg: DictConfig, info: DistInfo) -> None:
     # Evaluation rewrites the run's test outputs: never while another process writes the folder.
     lock = RunLock(work_dir).acquire() if info.is_main else None
     try:
-        dataset = build.build_dataset(run_cfg, "test")
         if run_cfg.get("cross_sensor"):  # another sensor's bands, mapped to the trained ones
-            dataset, out_dir, extra = report.cross_sensor_dataset(run_cfg, dataset, work_dir)
+            dataset, out_dir, extra = report.cross_sensor_dataset(run_cfg, work_dir)
         else:
-            out_dir, extra = work_dir, None
+            dataset, out_dir, extra = build.build_dataset(run_cfg, "test"), work_dir, None
         model = build.build_model(run_cfg, dataset.spec).to(info.device)
         report.test_best(run_cfg, model, dataset, work_dir, info, out_dir=out_dir, extra=extra)
     finally:

@@ -323,6 +323,27 @@ MUTANTS = [
     Mutant("(18.c) unread top-level keys not said in a sweep's jobs", "run.py",
            "            warn_unread(check_run_config(cfg))", "            check_run_config(cfg)",
            ("tests/test_run.py::test_multirun_gives_each_job_a_folder_in_one_sweep_folder",)),
+    # issue 26 (predict)
+    Mutant("(26.1) predict.py tiles scenes at img_size, not at the training chips' size",
+           "deflect/engine/predict.py",
+           "    th, tw = predictor.tile or (predictor.window, predictor.window)\n    sy, sx",
+           "    th, tw = (predictor.window, predictor.window)\n    sy, sx",
+           ("tests/test_classification.py::test_a_classification_run_maps_a_scene_one_pixel_per_tile",)),
+    Mutant("(26.1) predict.py pads a chip to img_size instead of evaluation's resize",
+           "deflect/engine/predict.py",
+           "build_classification_transform(spec, False, predictor.window, task.input)",
+           'build_classification_transform(spec, False, predictor.window, "center_crop")',
+           ("tests/test_classification.py::test_predict_classifies_chips_into_one_table_as_evaluation_does",)),
+    Mutant("(26.6) a second cross-sensor folder overwrites the first one's results",
+           "deflect/engine/report.py",
+           'if isinstance(saved, dict) and saved.get("root") == root:',
+           "if isinstance(saved, dict):",
+           ("tests/test_predict.py::test_a_second_cross_sensor_folder_of_one_sensor_keeps_the_first_results",)),
+    Mutant("(26.6) cross-sensor evaluation computes statistics in the user's data folder",
+           "deflect/engine/report.py",
+           'dataset = build.build_dataset(cfg, "test", {"mean": AnyBand(0.0), "std": AnyBand(1.0)})',
+           'dataset = build.build_dataset(cfg, "test")',
+           ("tests/test_predict.py::test_a_sentinel2_run_evaluates_on_landsat8_bands_through_the_mapping",)),
 ]  # fmt: skip
 
 

@@ -79,7 +79,7 @@ def test_table_pools_seeds_and_lists_the_failed_jobs(sweep):
 def test_cross_sensor_results_sit_beside_the_same_sensor_ones(sweep, demo_root, tmp_path):
     """One seed of ``frozen`` evaluated on the demo's test tiles written as Landsat 8 files
     (``eval_dir=<run> dataset=folder dataset.sensor=landsat8``): the table gains the column
-    ``mIoU on GeoTIFFFolder_landsat8`` with that run's number, marked 1 of 2 seeds."""
+    ``mIoU on folder_landsat8`` with that run's number, marked 1 of 2 seeds."""
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
     # Landsat 8's NIR is B5
@@ -89,13 +89,13 @@ def test_cross_sensor_results_sit_beside_the_same_sensor_ones(sweep, demo_root, 
              "dataset.sensor=landsat8", "dataset.classes=[bare,sparse,moderate,dense]",
              "dataset.ignore_index=255", "dataset.reflectance_scale=10000", "num_vis=0",
              "save_predictions=false"], tmp_path)  # fmt: skip
-    crossed = json.loads((run / "cross_sensor" / "GeoTIFFFolder_landsat8" /
+    crossed = json.loads((run / "cross_sensor" / "folder_landsat8" /
                           "test_metrics.json").read_text())  # fmt: skip
     ablation_script().main([str(copy)])
     lines = [line.split(" | ") for line in (copy / "results.md").read_text().splitlines()
              if line.startswith("| ")]  # fmt: skip
     header = [c.strip("| ") for c in lines[0]]
-    column = header.index("mIoU on GeoTIFFFolder_landsat8")
+    column = header.index("mIoU on folder_landsat8")
     assert column == header.index("mF1") + 1
     rows = {line[0].strip("| "): line for line in lines[1:]}
     assert rows["frozen precision=fp32"][column] == f"{100 * crossed['mIoU']:.2f} (1 of 2 seeds)"

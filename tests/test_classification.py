@@ -387,7 +387,8 @@ def test_a_chip_classifier_evaluates_on_landsat8_chips_through_the_band_mapping(
     """A classifier trained on Sentinel-2 chips (B2, B3, B4, B8), evaluated on the same test
     chips written as Landsat 8 files (NIR named B5): ``eval_dir=<run> dataset=chips
     dataset.sensor=landsat8`` maps B8 <- B5 by wavelength and gives the run's own confusion
-    matrix; the results go beside the run's, under cross_sensor/."""
+    matrix; the results go beside the run's, under cross_sensor/chips_landsat8/ (the dataset
+    config's name), and nothing is written into the Landsat folder."""
     root = write_chips(tmp_path / "chips", CLASSES)
     work_dir = tmp_path / "run"
     common = ["dataset=chips", "dataset.reflectance_scale=10000"]
@@ -397,9 +398,11 @@ def test_a_chip_classifier_evaluates_on_landsat8_chips_through_the_band_mapping(
     proc = run_cli([f"eval_dir={work_dir}", *common, f"dataset.root={landsat}",
                     "dataset.sensor=landsat8"], tmp_path)  # fmt: skip
     assert "B8    <- B5       832.8 nm <-   865.0 nm" in proc.stdout
-    assert "test metrics (run on ChipFolder_landsat8, best epoch 1)" in proc.stdout
-    crossed = json.loads((work_dir / "cross_sensor" / "ChipFolder_landsat8" /
+    assert "test metrics (run on chips_landsat8, best epoch 1)" in proc.stdout
+    assert not (landsat / "band_stats.json").exists()  # the run's statistics normalise
+    crossed = json.loads((work_dir / "cross_sensor" / "chips_landsat8" /
                           "test_metrics.json").read_text())  # fmt: skip
+    assert crossed["root"] == str(landsat.resolve()) and crossed["dataset"] == "chips"
     same = json.loads((work_dir / "test_metrics.json").read_text())
     assert [m["given"] for m in crossed["band_mapping"]] == ["B2", "B3", "B4", "B5"]
     assert crossed["samples"] == same["samples"] == len(CLASSES)

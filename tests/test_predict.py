@@ -426,17 +426,22 @@ def test_a_sentinel2_run_evaluates_on_landsat8_bands_through_the_mapping(run_dir
                                                                          tmp_path):  # fmt: skip
     """The demo's tiles rewritten as Landsat 8 files (B2, B3, B4 and B5 for NIR, named as
     Landsat names them): ``eval_dir=<run> dataset=folder dataset.sensor=landsat8`` maps B8 <- B5
-    by wavelength, prints the table, records it, and scores exactly what the Sentinel-2 files
-    score; without B5 the missing counterpart is named."""
+    by wavelength, prints the table, records it and the folder it evaluated under
+    ``cross_sensor/folder_landsat8/`` (the dataset config's name), writes nothing into that
+    folder (the run's own statistics normalise: no band_stats.json), and scores exactly what
+    the Sentinel-2 files score; without B5 the missing counterpart is named."""
     landsat = copy_with_band_names(demo_root, tmp_path / "landsat", ("B2", "B3", "B4", "B5"))
+    before = sorted(p.relative_to(landsat) for p in landsat.rglob("*"))
     args = [f"eval_dir={run_dir}", "dataset=folder", f"dataset.root={landsat}",
             "dataset.sensor=landsat8", "dataset.classes=[bare,sparse,moderate,dense]",
             "dataset.ignore_index=255", "dataset.reflectance_scale=10000", "num_vis=0",
             "save_predictions=false"]  # fmt: skip
     proc = run_cli(args, tmp_path)
     assert "B8    <- B5       832.8 nm <-   865.0 nm" in proc.stdout
-    out = run_dir / "cross_sensor" / "GeoTIFFFolder_landsat8" / "test_metrics.json"
+    assert sorted(p.relative_to(landsat) for p in landsat.rglob("*")) == before  # no band_stats
+    out = run_dir / "cross_sensor" / "folder_landsat8" / "test_metrics.json"
     crossed = json.loads(out.read_text())
+    assert crossed["dataset"] == "folder" and crossed["root"] == str(landsat.resolve())
     assert [m["given"] for m in crossed["band_mapping"]] == ["B2", "B3", "B4", "B5"]
     assert crossed["sensor"] == "landsat8" and crossed["trained_sensor"] == "sentinel2a"
     same = json.loads((run_dir / "metrics.json").read_text())["test"]  # the Sentinel-2 tiles
@@ -447,6 +452,28 @@ def test_a_sentinel2_run_evaluates_on_landsat8_bands_through_the_mapping(run_dir
         map_bands(DEMO_BANDS, "sentinel2a", ["B2", "B3", "B4", "B6"], "landsat8")  # no NIR
     mapped = map_bands(DEMO_BANDS, "sentinel2a", ["B5", "B4", "B2", "B3"], "landsat8")
     assert [g for _, g, _, _ in mapped] == ["B2", "B3", "B4", "B5"]  # by wavelength, any order
+
+
+def test_a_second_cross_sensor_folder_of_one_sensor_keeps_the_first_results(tmp_path):
+    """Issue 26.6: results of another sensor's folder go to ``cross_sensor/<dataset>_<sensor>``;
+    the same folder evaluated again goes there again, another folder of the same sensor to
+    ``<dataset>_<sensor>_2`` (then ``_3``), never over the first one's results."""
+    from deflect.engine.report import cross_sensor_folder
+
+    run = tmp_path / "run"
+    a, b, c = (tmp_path / name for name in ("tiles_a", "tiles_b", "tiles_c"))
+    first = cross_sensor_folder(run, "folder", "landsat8", a)
+    assert first == run / "cross_sensor" / "folder_landsat8"
+    first.mkdir(parents=True)
+    (first / "test_metrics.json").write_text(json.dumps({"root": str(a.resolve())}))
+    assert cross_sensor_folder(run, "folder", "landsat8", a) == first  # re-evaluated in place
+    second = cross_sensor_folder(run, "folder", "landsat8", b)
+    assert second == run / "cross_sensor" / "folder_landsat8_2"
+    second.mkdir()
+    (second / "test_metrics.json").write_text(json.dumps({"root": str(b.resolve())}))
+    assert cross_sensor_folder(run, "folder", "landsat8", b) == second
+    assert cross_sensor_folder(run, "folder", "landsat8", c).name == "folder_landsat8_3"
+    assert cross_sensor_folder(run, "chips", "landsat8", b).name == "chips_landsat8"
 
 
 def test_a_landsat8_scene_is_mapped_to_the_trained_bands_and_converted(predictor, tmp_path):

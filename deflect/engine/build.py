@@ -40,13 +40,18 @@ def build_task(cfg: DictConfig) -> Task:
     return SegmentationTask() if node is None else instantiate(node, _convert_="all")
 
 
-def build_dataset(cfg: DictConfig, split: str):
+def build_dataset(cfg: DictConfig, split: str, band_stats=None):
     """The dataset of ``split`` with its transform (augmentation only for training): crops for
-    segmentation, the image brought to ``img_size`` for classification."""
+    segmentation, the image brought to ``img_size`` for classification. ``band_stats`` given
+    replaces the dataset's own (which are then neither read nor computed)."""
     node = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in RUN_HINTS:  # e.g. the dataset's native tile size, read as ${dataset.img_size}
         node.pop(key, None)
-    dataset = instantiate(node, split=split, _convert_="all")
+    if band_stats is not None:
+        node.pop("band_stats", None)
+        dataset = instantiate(node, split=split, band_stats=band_stats, _convert_="all")
+    else:
+        dataset = instantiate(node, split=split, _convert_="all")
     if bool(cfg.get("check_reflectance_scale", True)):
         dataset.check_reflectance_scale()
     aug = cfg.augmentation

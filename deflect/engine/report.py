@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -123,7 +124,7 @@ def describe_model(model: nn.Module, work_dir: Path, info: DistInfo, dataset=Non
     counts = build.parameter_counts(model)
     if info.is_main:
         atomic_write_text(json.dumps(counts, indent=2), work_dir / "params.json")
-        if hasattr(dataset, "read_image"):
+        if hasattr(dataset, "label_tensor"):  # an image-level dataset
             from deflect.tasks.classification import INPUT_RECORD, chip_size
 
             size = chip_size(dataset)
@@ -182,17 +183,61 @@ def test_best(
     return metrics
 
 
-def cross_sensor_dataset(cfg: DictConfig, dataset, work_dir: Path):
-    """Another sensor's test split seen through the bands the run was trained on.
+class AnyBand(Mapping):
+    """A statistics table holding ``value`` for every band: the other sensor's dataset of a
+    cross-sensor evaluation needs no statistics of its own (the trained ones normalise), so
+    none are read, computed or cached in its folder."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __getitem__(self, band: str) -> float:
+        return self.value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def cross_sensor_folder(work_dir: Path, dataset: str, sensor: str, root: str | Path) -> Path:
+    """Where a cross-sensor evaluation of the data folder ``root`` goes:
+    ``cross_sensor/<dataset>_<sensor>/`` (``dataset``: the dataset config's name), unless that
+    folder holds the results of another data folder; then the first of ``<dataset>_<sensor>_2``,
+    ``_3``, ... that is free or holds this one's. Results are never overwritten by another
+    folder's."""
+    root = str(Path(root).expanduser().resolve())
+    base = f"{dataset}_{sensor}"
+    for number in range(1, 1000):
+        folder = work_dir / "cross_sensor" / (base if number == 1 else f"{base}_{number}")
+        try:
+            saved = json.loads((folder / TEST_METRICS).read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved is None and not folder.exists():
+            return folder
+        if isinstance(saved, dict) and saved.get("root") == root:
+            return folder
+        held = saved.get("root") if isinstance(saved, dict) else None
+        log.info("%s holds the results of %s; those of %s go to the next free name",
+                 folder.relative_to(work_dir), held or "another folder", root)  # fmt: skip
+    raise ValueError(f"{work_dir / 'cross_sensor'} holds 999 evaluations of {base}; clear it")
+
+
+def cross_sensor_dataset(cfg: DictConfig, work_dir: Path):
+    """Another sensor's test split (``cfg.dataset``, whose config name ``cfg.cross_sensor``
+    holds) seen through the bands the run was trained on.
 
     The trained bands come from the best checkpoint's band manifest; each is matched with a band
-    of ``dataset`` (:func:`~deflect.data.map_bands`: the same spyndex band, or the nearest centre
-    within its width), the mapping is logged as a table, values are converted to the trained
-    reflectance scale (reflectance is physical: the trained statistics are kept), and the
-    results go to ``cross_sensor/<dataset>/``.
+    of the dataset (:func:`~deflect.data.map_bands`: the same spyndex band, or the nearest
+    centre within its width), the mapping is logged as a table, values are converted to the
+    trained reflectance scale (reflectance is physical: the trained statistics normalise, so the
+    dataset's own are never computed, and nothing is written into its folder), and the results
+    go to ``cross_sensor/<dataset>_<sensor>/`` (:func:`cross_sensor_folder`).
 
     Returns:
-        ``(mapped dataset, output folder, {"band_mapping": [...]})``.
+        ``(mapped dataset, output folder, {"band_mapping": [...], "root": ..., ...})``.
 
     Raises:
         ValueError: a trained band without a counterpart (named), or other classes.
@@ -201,6 +246,7 @@ def cross_sensor_dataset(cfg: DictConfig, dataset, work_dir: Path):
     from datasets.transforms import build_classification_transform, build_transform
     from deflect.data import DataSpec, map_bands
 
+    dataset = build.build_dataset(cfg, "test", {"mean": AnyBand(0.0), "std": AnyBand(1.0)})
     state = load_checkpoint(best_checkpoint(work_dir))
     trained = DataSpec.from_dict(json.loads(state["data"]))
     given = dataset.spec
@@ -212,8 +258,9 @@ def cross_sensor_dataset(cfg: DictConfig, dataset, work_dir: Path):
     mapping = map_bands(trained.bands, trained.sensor, given.bands, given.sensor)
     lines = [f"  {t:<5} <- {g:<5}  {tw:7.1f} nm <- {gw:7.1f} nm" if tw else f"  {t:<5} <- {g}"
              for t, g, tw, gw in mapping]  # fmt: skip
-    log.info("bands of %s (%s) mapped to the trained %s bands:\n%s", type(dataset).__name__,
-             given.sensor, trained.sensor, "\n".join(lines))  # fmt: skip
+    log.info("bands of %s (dataset=%s, %s) mapped to the trained %s bands:\n%s",
+             cfg.dataset.get("root"), cfg.cross_sensor, given.sensor, trained.sensor,
+             "\n".join(lines))  # fmt: skip
     mapped = BandMappedDataset(dataset, [g for _, g, _, _ in mapping], trained)
     task = build.build_task(cfg)
     if task.name == "classification":  # the trained statistics normalise, as in training
@@ -221,11 +268,13 @@ def cross_sensor_dataset(cfg: DictConfig, dataset, work_dir: Path):
                                                           task.input)  # fmt: skip
     else:
         mapped.transform = build_transform(trained, train=False, crop_size=int(cfg.img_size))
-    name = str(cfg.dataset.get("_target_", "dataset")).rsplit(".", 1)[-1]
+    name = str(cfg.cross_sensor)  # the dataset config's name (dataset=<name>)
+    root = Path(str(cfg.dataset.get("root") or dataset.root)).expanduser().resolve()
     record = [{"trained": t, "given": g, "trained_nm": tw, "given_nm": gw}
               for t, g, tw, gw in mapping]  # fmt: skip
-    extra = {"band_mapping": record, "sensor": given.sensor, "trained_sensor": trained.sensor}
-    return mapped, work_dir / "cross_sensor" / f"{name}_{given.sensor}", extra
+    extra = {"band_mapping": record, "sensor": given.sensor, "trained_sensor": trained.sensor,
+             "dataset": name, "root": str(root)}  # fmt: skip
+    return mapped, cross_sensor_folder(work_dir, name, given.sensor, root), extra
 
 
 def record_failure(work_dir: Path, info: DistInfo) -> Path | None:

@@ -472,7 +472,8 @@ def eval_config(
     ``dataset.root=...`` or ``batch_size=...`` apply; selecting another config group
     (``encoder=...``) would evaluate a different experiment and is refused. ``dataset=other``
     (another sensor's data, evaluated through a band mapping) is taken when the caller passes
-    that dataset's composed config as ``dataset``; the result then has ``cross_sensor: true``.
+    that dataset's composed config as ``dataset``; the result's ``cross_sensor`` then holds
+    that dataset config's name (``folder``, ``chips``; false otherwise).
     """
     path = work_dir / "config.yaml"
     if not path.is_file():
@@ -481,7 +482,8 @@ def eval_config(
             "folder written by a training run, e.g. work_dirs/<time>_<encoder>_<finetune>_<dataset>"
         )
     saved = OmegaConf.load(path)
-    other = any(item.split("=", 1)[0] == "dataset" for item in overrides)
+    chosen = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == "dataset"]
+    other = bool(chosen)
     if other and dataset is None:
         raise ValueError("eval_dir with dataset=<other>: the other dataset's config is needed")
     keep = []
@@ -500,7 +502,7 @@ def eval_config(
         merged.dataset = OmegaConf.create(OmegaConf.to_container(dataset, resolve=True))
     check_targets(OmegaConf.to_container(merged, resolve=False), str(path))
     merged.eval_dir = str(work_dir)
-    merged.cross_sensor = bool(other)
+    merged.cross_sensor = chosen[-1] if other else False
     return merged
 
 

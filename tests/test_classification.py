@@ -18,6 +18,7 @@ from datasets import ChipFolder, GeoBench
 from datasets.safe_pickle import safe_loads
 from datasets.transforms import resize_nan_aware
 from deflect.data import DataSpec
+from deflect.engine.outputs import PALETTE
 from deflect.tasks import ClassificationTask
 from tests.conftest import REPO, TINY, copy_with_band_names, run_cli
 from tests.geobench_fixtures import _Evil, geobench_modules, write_chips, write_geobench
@@ -246,6 +247,63 @@ def test_a_geobench_run_writes_predictions_and_eval_dir_reproduces_them(so2sat, 
         metrics["confusion_matrix"]  # fmt: skip
     assert (work_dir / "predictions.csv").read_text() == before
     assert (work_dir / "test_predictions.png").stat().st_size > 1000
+    assert (work_dir / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_the_confusion_picture_draws_counts_and_row_shares():
+    """confusion_matrix.png's cells: the counts and each row divided by its total (hand counts;
+    an empty row stays 0), each cell shaded by its row share (255 - 200 x share, blue kept)."""
+    from PIL import Image
+
+    from deflect.engine.outputs import confusion_cells, save_confusion_png
+
+    matrix = [[3, 1, 0], [0, 4, 0], [0, 0, 0]]
+    counts, shares = confusion_cells(matrix)
+    assert counts.tolist() == matrix
+    np.testing.assert_allclose(shares, [[0.75, 0.25, 0], [0, 1, 0], [0, 0, 0]])
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_confusion_png(matrix, CLASSES, Path(tmp) / "c.png")
+        pixels = np.asarray(Image.open(Path(tmp) / "c.png").convert("RGB")).reshape(-1, 3)
+    colours = {tuple(int(v) for v in c) for c in np.unique(pixels, axis=0)}
+    assert {(105, 105, 255), (205, 205, 255), (55, 55, 255), (255, 255, 255)} <= colours
+
+
+def test_the_classification_picture_shows_misclassified_samples_first_under_one_stretch(tmp_path):
+    """test_predictions.png: the misclassified sample comes first, then the correct ones in
+    order; two uniform samples of different reflectance (0.1 and 0.3) are drawn with one common
+    stretch, so they look different (each stretched on its own, both were black)."""
+    from PIL import Image
+
+    from deflect.engine.outputs import ClassificationWriter
+
+    class Samples:
+        spec = DataSpec(bands=("B2", "B3", "B4"), mean=dict.fromkeys(("B2", "B3", "B4"), 0.0),
+                        std=dict.fromkeys(("B2", "B3", "B4"), 1.0), classes=("a", "b"))  # fmt: skip
+        classes = ["a", "b"]
+
+        def sample_name(self, index):
+            return f"s{index}"
+
+    images = torch.zeros(4, 3, 8, 8)
+    images[0], images[1] = 0.1, 0.3  # uniform, both correct
+    images[2] = torch.linspace(0, 1, 64).reshape(8, 8)  # misclassified
+    images[3] = torch.linspace(1, 0, 64).reshape(8, 8)
+    batch = {"image": images, "label": torch.tensor([0, 0, 1, 1]), "index": torch.arange(4)}
+    writer = ClassificationWriter(Samples(), tmp_path, 3, True, ClassificationTask())
+    writer(batch, torch.tensor([0, 0, 0, 1]), torch.zeros(4, 2))
+    panels = writer.panels()
+    assert [(t, p) for _, t, p in panels] == [("b", "a"), ("a", "a"), ("a", "a")]
+    dark, bright = panels[1][0], panels[2][0]  # the 0.1 and the 0.3 sample
+    assert (dark == dark[0, 0]).all() and (bright == bright[0, 0]).all()
+    assert int(dark[0, 0, 0]) + 40 < int(bright[0, 0, 0])
+    writer.finish(tmp_path)
+    picture = np.asarray(Image.open(tmp_path / "test_predictions.png").convert("RGB"))
+    side, top = 96, 30  # 8-px samples drawn at least 96 px, under a 30-px header
+    rows = [picture[top + r * (side + 4) + side // 2, 4 + side // 2] for r in range(3)]
+    assert tuple(rows[1]) == tuple(dark[0, 0]) and tuple(rows[2]) == tuple(bright[0, 0])
 
 
 def test_a_classification_run_maps_a_scene_one_pixel_per_tile(so2sat, so2sat_run, tmp_path):
@@ -281,6 +339,8 @@ def test_a_classification_run_maps_a_scene_one_pixel_per_tile(so2sat, so2sat_run
         classes = src.read(1)
         assert src.shape == (2, 3) and src.transform == transform @ Affine.scale(16)
         assert src.crs.to_epsg() == 32631
+        assert src.tags(1)["2"] == CLASSES[2] and src.tags(1)["255"] == "no data"
+        assert src.colormap(1)[1][:3] == tuple(PALETTE[1].tolist())  # as in the pictures
     expected = np.array([[CLASSES.index(rows[n]["prediction"]) for n in names[i * 3 : i * 3 + 3]]
                          for i in range(2)])  # fmt: skip
     np.testing.assert_array_equal(classes, expected)

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from deflect.data import invalid_to_nan
 from deflect.engine import predict
 from deflect.engine.inference import sliding_window_logits
+from deflect.engine.outputs import PALETTE
 from tests.conftest import DEMO_BANDS, REPO, TINY, copy_with_band_names, north_up, run_cli
 
 NODATA = -9999.0
@@ -173,6 +174,12 @@ def test_outputs_keep_the_georeference_and_are_tiled_compressed_geotiffs(predict
         assert src.descriptions == ("bare", "sparse", "moderate", "dense")
     with rasterio.open(out.prediction) as src:
         assert src.nodata == 255
+        # Each value explained: the class colours of the pictures, and its class name.
+        colours = src.colormap(1)
+        assert [colours[k][:3] for k in range(4)] == [tuple(c) for c in PALETTE[:4].tolist()]
+        assert colours[255] == (0, 0, 0, 0)
+        assert src.tags(1) == {"0": "bare", "1": "sparse", "2": "moderate", "3": "dense",
+                               "255": "no data"}  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s_pred.tif", "s_prob.tif"]
 
 

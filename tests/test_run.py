@@ -15,6 +15,7 @@ import rasterio
 import torch
 from PIL import Image
 
+from deflect.engine.outputs import PALETTE
 from tests.conftest import REPO, TINY, run_cli
 
 
@@ -42,6 +43,7 @@ def test_run_folder_holds_config_logs_metrics_checkpoints(trained):
         "test_metrics.json",
         "checkpoints/best.pt",
         "test_predictions.png",
+        "confusion_matrix.png",
     ):
         assert (work_dir / name).is_file(), name
     # A finished run is never resumed, so its optimiser state is deleted (keep_last=false).
@@ -102,6 +104,10 @@ def test_geotiff_predictions_keep_georeferencing_and_match_metrics(trained, demo
         assert pred_path.name == mask_path.name.replace("_mask", "")
         with rasterio.open(pred_path) as pred, rasterio.open(mask_path) as mask:
             assert pred.crs == mask.crs and pred.transform == mask.transform
+            # Each value explained: its class's colour in the pictures, its name in a band tag.
+            colours = pred.colormap(1)
+            assert [colours[k][:3] for k in range(4)] == [tuple(c) for c in PALETTE[:4].tolist()]
+            assert colours[255] == (0, 0, 0, 0) and pred.tags(1)["3"] == "dense"
             p, t = pred.read(1).astype(int), mask.read(1).astype(int)
         labelled = t < 4  # the demo stores pixels scored by another tile as 255
         np.add.at(cm, (t[labelled], p[labelled]), 1)

@@ -32,18 +32,34 @@ def colorize(mask: np.ndarray, ignore_index: int) -> np.ndarray:
     return out
 
 
-def rgb_composite(image: np.ndarray) -> np.ndarray:
+def stretch_limits(images: list[np.ndarray]) -> list[tuple[float, float]]:
+    """One stretch for several (3, H, W) images (or 1 band): per channel, the 2nd and 98th
+    percentile of the valid pixels of all of them together, so that equal values look equal in
+    every image, and a uniform image keeps its brightness relative to the others."""
+    out = []
+    for c in range(images[0].shape[0] if images else 0):
+        values = np.concatenate([im[c][np.isfinite(im[c])] for im in images])
+        out.append(tuple(float(v) for v in np.percentile(values, [2, 98])) if values.size
+                   else (0.0, 1.0))  # fmt: skip
+    return out
+
+
+def rgb_composite(image: np.ndarray, limits: list[tuple[float, float]] | None = None) -> np.ndarray:
     """(3, H, W) bands (or 1 band, drawn grey) -> (H, W, 3) uint8, each band stretched between
-    its 2nd and 98th percentile of valid pixels; invalid (NaN) pixels are black."""
+    ``limits`` (default: its own 2nd and 98th percentile of valid pixels; several images shown
+    side by side take common limits from :func:`stretch_limits`); invalid (NaN) pixels are
+    black."""
     if image.shape[0] == 1:
         image = np.repeat(image, 3, axis=0)
+        limits = None if limits is None else limits * 3
+    limits = limits or stretch_limits([image])
     out = np.zeros(image.shape[1:] + (3,), dtype=np.uint8)
     for c in range(3):
         band = image[c]
         valid = np.isfinite(band)
         if not valid.any():
             continue
-        lo, hi = np.percentile(band[valid], [2, 98])
+        lo, hi = limits[c]
         scaled = np.clip((np.where(valid, band, lo) - lo) / max(hi - lo, 1e-6), 0, 1)
         out[..., c] = np.where(valid, scaled * 255, 0).astype(np.uint8)
     return out
@@ -235,7 +251,10 @@ class ClassificationWriter:
         self.mean = np.asarray(spec.mean_list(), dtype=np.float32)[self.rgb_index, None, None]
         self.std = np.asarray(spec.std_list(), dtype=np.float32)[self.rgb_index, None, None]
         self.rows: list[tuple[int, str, str, str, list[float]]] = []
-        self.panels: list[tuple[np.ndarray, str, str]] = []
+        # The first ``num_panels`` misclassified samples and the first correct ones, as
+        # (display bands in file units, true, predicted): the picture shows the former first.
+        self.wrong: list[tuple[np.ndarray, str, str]] = []
+        self.right: list[tuple[np.ndarray, str, str]] = []
 
     def _names(self, label) -> str:
         classes = self.dataset.classes
@@ -253,9 +272,19 @@ class ClassificationWriter:
             true, predicted = self._names(labels[j]), self._names(prediction[j])
             self.rows.append((index, self.dataset.sample_name(index), true, predicted,
                               [float(p) for p in probabilities[j]]))  # fmt: skip
-            if len(self.panels) < self.num_panels:
+            kept = self.wrong if true != predicted else self.right
+            if len(kept) < self.num_panels:
                 image = batch["image"][j].numpy()[self.rgb_index] * self.std + self.mean
-                self.panels.append((rgb_composite(image), true, predicted))
+                kept.append((image, true, predicted))
+
+    def panels(self) -> list[tuple[np.ndarray, str, str]]:
+        """The samples of the picture: misclassified ones first, then correct ones, at most
+        ``num_panels``, each as (colour composite, true, predicted) under one common stretch
+        (:func:`stretch_limits`), so uniform samples of different values look different."""
+        chosen = (self.wrong + self.right)[: self.num_panels]
+        limits = stretch_limits([image for image, _, _ in chosen])
+        return [(rgb_composite(image, limits), true, predicted)
+                for image, true, predicted in chosen]  # fmt: skip
 
     def finish(self, out_dir: Path) -> None:
         """Gather every rank's rows (rank 0 writes): ``predictions.csv`` in sample order, and
@@ -278,9 +307,11 @@ class ClassificationWriter:
             lines.append(",".join(f'"{c}"' if "," in c else c for c in cells))
         with atomic_path(out_dir / "predictions.csv") as tmp:
             tmp.write_text("\n".join(lines) + "\n")
-        if self.panels:
-            save_label_panels(self.panels, out_dir / "test_predictions.png",
-                              " / ".join(self.dataset.spec.display_bands))  # fmt: skip
+        panels = self.panels()
+        if panels:
+            title = " / ".join(self.dataset.spec.display_bands)
+            save_label_panels(panels, out_dir / "test_predictions.png",
+                              f"{title} (one stretch for all); misclassified samples first")  # fmt: skip
 
 
 def save_label_panels(panels: list[tuple[np.ndarray, str, str]], path: Path, title: str,
@@ -289,12 +320,12 @@ def save_label_panels(panels: list[tuple[np.ndarray, str, str]], path: Path, tit
     (green when they agree, red when not)."""
     side = max(max(p[0].shape[:2]) for p in panels) * scale
     side = max(side, 96)
-    text_w, gap, header = 360, 4, 16
+    text_w, gap, header = 360, 4, 30
     canvas = Image.new("RGB", (side + text_w + 3 * gap, header + len(panels) * (side + gap)),
                        "white")  # fmt: skip
     draw = ImageDraw.Draw(canvas)
     draw.text((gap, 2), title, fill="black")
-    draw.text((side + 2 * gap, 2), "true / predicted", fill="black")
+    draw.text((side + 2 * gap, 16), "true / predicted", fill="black")
     for r, (rgb, true, predicted) in enumerate(panels):
         top = header + r * (side + gap)
         tile = Image.fromarray(rgb).resize((side, side), Image.NEAREST)
@@ -302,5 +333,60 @@ def save_label_panels(panels: list[tuple[np.ndarray, str, str]], path: Path, tit
         colour = (20, 130, 20) if true == predicted else (200, 30, 30)
         draw.text((side + 2 * gap, top + 4), f"true: {true or '-'}", fill="black")
         draw.text((side + 2 * gap, top + 22), f"predicted: {predicted or '-'}", fill=colour)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def confusion_cells(matrix) -> tuple[np.ndarray, np.ndarray]:
+    """The two panels of :func:`save_confusion_png`: the counts ``[true, predicted]`` and the
+    row-normalised shares (each row divided by its total: the recall of the row's class on the
+    diagonal; a row without samples stays 0)."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    return counts, shares
+
+
+def compact(count: int) -> str:
+    """A count in at most five characters: 987, 12.3k, 4.56M (pixel counts fit a cell)."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= limit:
+            value = count / limit
+            return f"{value:.3g}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+    return str(int(count))
+
+
+def save_confusion_png(matrix, class_names: list[str], path: Path, cell: int = 36) -> None:
+    """Draw a confusion matrix ``[true, predicted]`` as one PNG: the counts and the
+    row-normalised shares side by side (:func:`confusion_cells`), each cell shaded by its share
+    of the row, the class names along both axes (rows: ground truth, columns: prediction)."""
+    counts, shares = confusion_cells(matrix)
+    k = len(class_names)
+    names = [str(c)[:20] for c in class_names]
+    label_w = max(60, 7 * max(len(n) for n in names) + 10)
+    gap, top = 16, 18 + label_w
+    panel = max(k * cell, 130)
+    canvas = Image.new("RGB", (label_w + 2 * panel + 3 * gap, top + k * cell + gap + 14), "white")
+    draw = ImageDraw.Draw(canvas)
+    for p, (title, values) in enumerate((("counts", counts), ("% of each true class", shares))):
+        x0 = label_w + gap + p * (panel + gap)
+        draw.text((x0, 2), title, fill="black")
+        for j, name in enumerate(names):  # column names, written upwards
+            text = Image.new("RGB", (label_w - 6, 12), "white")
+            ImageDraw.Draw(text).text((0, 0), name, fill="black")
+            canvas.paste(text.rotate(90, expand=True), (x0 + j * cell + cell // 2 - 6, 16))
+        for i in range(k):
+            for j in range(k):
+                shade = int(255 - 200 * shares[i, j])
+                box = [x0 + j * cell, top + i * cell, x0 + (j + 1) * cell - 1,
+                       top + (i + 1) * cell - 1]  # fmt: skip
+                draw.rectangle(box, fill=(shade, shade, 255), outline=(200, 200, 200))
+                text = compact(values[i, j]) if p == 0 else f"{100 * values[i, j]:.0f}%"
+                colour = "white" if shares[i, j] > 0.6 else "black"
+                draw.text((box[0] + 3, box[1] + cell // 2 - 6), text, fill=colour)
+    for i, name in enumerate(names):  # row names
+        draw.text((4, top + i * cell + cell // 2 - 6), name, fill="black")
+    draw.text((4, top + k * cell + gap // 2), "rows: true class; columns: predicted class",
+              fill="black")  # fmt: skip
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")

@@ -173,6 +173,11 @@ def test_best(
         metrics["checkpoint_epoch"] = int(state["epoch"]) + 1
         metrics.update(extra or {})
         atomic_write_text(json.dumps(metrics, indent=2), out_dir / TEST_METRICS)
+        if "confusion_matrix" in metrics:  # segmentation and single-label classification
+            from deflect.engine.outputs import save_confusion_png
+
+            save_confusion_png(metrics["confusion_matrix"], list(dataset.spec.classes),
+                               out_dir / "confusion_matrix.png")  # fmt: skip
         name = work_dir.name if out_dir == work_dir else f"{work_dir.name} on {out_dir.name}"
         log.info(
             "test metrics (%s, best epoch %d)\n%s",

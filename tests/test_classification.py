@@ -8,6 +8,8 @@ import ast
 import csv
 import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -422,6 +424,28 @@ def test_classification_runs_from_the_command_line(case, tmp_path):
     run_cli([f"eval_dir={work_dir}"], tmp_path)
     again = json.loads((work_dir / "test_metrics.json").read_text())
     assert again["mF1"] == metrics["mF1"] and again["per_class"] == metrics["per_class"]
+    if case == "bigearthnet":
+        return
+    # predict.py on the test chips, unlabelled: one table with predictions.csv's classes (a
+    # 0/1 column per label for multi-label) and probabilities.
+    inputs = ([str(p) for p in sorted((root / "test").iterdir())] if case == "chips_folders"
+              else [str(root / "images"), "--pattern", "*_test_*"])  # fmt: skip
+    cmd = [sys.executable, str(REPO / "scripts" / "predict.py"), str(work_dir), *inputs, "--out",
+           str(tmp_path / "table"), "--chips", "--device", "cpu", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = list(csv.DictReader(open(tmp_path / "table" / "predictions.csv")))
+    classes = sorted(CLASSES)
+    assert len(table) == len(rows)
+    for row in table:
+        (evaluated,) = [r for r in rows if r["sample"].endswith(row["chip"][: -len(".tif")])]
+        assert row["prediction"] == evaluated["prediction"]
+        if multi:
+            assert [c for c in classes if row[c] == "1"] == [
+                c for c in evaluated["prediction"].split(";") if c
+            ]
+        for c in classes:
+            assert float(row[f"p_{c}"]) == pytest.approx(float(evaluated[f"p_{c}"]), abs=2e-6)
 
 
 def test_explain_on_a_classification_run_starts_from_its_test_mf1(so2sat_run):

@@ -1047,7 +1047,8 @@ def chip_rows(
         if np.isnan(image).all():
             empty.add(len(images))
         elif not warned_scale:  # one warning for a folder of chips, not one per chip
-            medians = [float(np.nanmedian(band)) for band in image]
+            medians = [float(np.median(band[np.isfinite(band)])) if np.isfinite(band).any()
+                       else float("nan") for band in image]  # fmt: skip
             warned_scale = check_reflectance_scale(medians, spec, f"chip {str(path)!r}")
         images.append(torch.from_numpy(image))
     if empty:
@@ -1179,7 +1180,8 @@ def predict_scenes(
     if predictor.classifies:
         chip_files, scenes = split_chips(predictor, scenes, chips)
     mine = scenes[rank::world_size]
-    log.info("%d scenes (%d on this process) -> %s", len(scenes), len(mine), out_dir)
+    if scenes:
+        log.info("%d scenes (%d on this process) -> %s", len(scenes), len(mine), out_dir)
     outputs = [
         predict_scene(
             predictor,
@@ -1198,9 +1200,10 @@ def predict_scenes(
     if chip_files:
         rows = chip_rows(predictor, chip_files[rank::world_size], batch_size, bands, progress,
                          sensor, reflectance_scale)  # fmt: skip
-        if world_size > 1:
+        dist = torch.distributed
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
             gathered: list = [None] * world_size
-            torch.distributed.all_gather_object(gathered, rows)
+            dist.all_gather_object(gathered, rows)
             # Rank r holds files r, r + world, ...: put them back in the listing's order.
             rows = [row for group in zip(*gathered) for row in group] + [
                 row for part in gathered for row in part[min(map(len, gathered)) :]

@@ -344,6 +344,14 @@ MUTANTS = [
            'dataset = build.build_dataset(cfg, "test", {"mean": AnyBand(0.0), "std": AnyBand(1.0)})',
            'dataset = build.build_dataset(cfg, "test")',
            ("tests/test_predict.py::test_a_sentinel2_run_evaluates_on_landsat8_bands_through_the_mapping",)),
+    Mutant("(26 pictures) the classification picture shows correct samples first",
+           "deflect/engine/outputs.py", "chosen = (self.wrong + self.right)[: self.num_panels]",
+           "chosen = (self.right + self.wrong)[: self.num_panels]",
+           ("tests/test_classification.py::test_the_classification_picture_shows_misclassified_samples_first_under_one_stretch",)),
+    Mutant("(26 pictures) each chip of the picture stretched on its own",
+           "deflect/engine/outputs.py",
+           "limits = stretch_limits([image for image, _, _ in chosen])", "limits = None",
+           ("tests/test_classification.py::test_the_classification_picture_shows_misclassified_samples_first_under_one_stretch",)),
 ]  # fmt: skip
 
 

@@ -21,6 +21,12 @@ Inputs are prepared as the data pipeline prepares training samples (``datasets/b
 ``read_sample`` and ``datasets/transforms.py`` ``JointTransform``): bands picked by name in the
 model's order, non-finite pixels and the training no-data value become NaN, then
 ``(x - mean) / std`` per band with the run's statistics.
+
+A classification run follows evaluation's rule for a test image instead (:func:`classify_images`):
+a scene is cut into tiles of the training chips' size (the run's ``input.json``), each brought
+to ``img_size`` by the run's evaluation transform, one output pixel per tile
+(:func:`classify_tiles`); files no larger than a chip are classified whole into one table,
+``predictions.csv`` (:func:`chip_rows`, :func:`split_chips`).
 """
 
 from __future__ import annotations
@@ -148,9 +154,10 @@ class SceneOutputs:
     """What :func:`predict_scene` wrote.
 
     Args:
-        prediction: the uint8 class map GeoTIFF.
+        prediction: the uint8 class map GeoTIFF (or the chip table, ``predictions.csv``).
         probabilities: the float32 per-class softmax GeoTIFF, or None.
-        forwards: tiles run through the model (tiles straddling blocks count once per block).
+        forwards: tiles (or chips) run through the model (tiles straddling blocks count once
+            per block).
     """
 
     prediction: Path

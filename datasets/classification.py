@@ -13,7 +13,13 @@ transform (``datasets.transforms.ImageTransform``) brings every image to the enc
 with the conventions of ``dataset=folder``: band names from each file's band descriptions
 (read by name per file; codes, common names or wavelengths), statistics computed over the
 training chips and cached in ``<root>/band_stats.json``, a seeded split when the layout has
-none, errors naming the file and the fix.
+none (stratified by class for single-label chips), errors naming the file and the fix.
+
+A labels CSV is read as a spreadsheet writes it (a byte-order mark; ``,``, ``;`` or a tab
+between columns, found from the header); a chip listed twice, a name leaving the root and a
+fractional numeric label are refused naming the lines. Class names are stripped and sorted
+(numerically when they are integers); near-duplicates and classes without a validation or test
+chip are warned about.
 """
 
 from __future__ import annotations
@@ -252,7 +258,8 @@ class ChipFolder(ImageClassificationDataset):
         available_bands: band names in file order; default: each file's band descriptions.
         bands: the bands to load (default: all).
         band_stats: default: computed over the training chips and cached.
-        val_fraction, test_fraction, split_seed: the seeded split when the CSV has no ``split``.
+        val_fraction, test_fraction, split_seed: the seeded split when the CSV has no ``split``
+            (stratified by class for single-label chips).
         **kwargs: those of :class:`ImageClassificationDataset`.
     """
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +37,10 @@ from datasets.classification import ImageClassificationDataset, check_class_list
 from datasets.safe_pickle import safe_loads
 
 log = logging.getLogger(__name__)
+
+#: Sample files whose label and band sizes were checked: (path, size, mtime, channels, classes,
+#: multi-label).
+_CHECKED: set[tuple] = set()
 
 #: The splits of the framework and their names in GEO-Bench's partitions.
 PARTITION_SPLITS = {"train": "train", "val": "valid", "test": "test"}
@@ -230,9 +235,17 @@ class GeoBench(ImageClassificationDataset):
     def _check_samples(self) -> None:
         """Every sample of the split, before training: its label (see :meth:`_label`) and its
         bands' sizes (all loaded bands stored at one size), read from the headers and metadata
-        only (no pixels), so a bad file is named now, not after training."""
+        only (no pixels), so a bad file is named now, not after training. A file checked
+        unchanged with the same bands and classes is not read again in this process (a sweep)."""
         channels = [self.code_to_channel[b] for b in self.bands]
-        for index in range(len(self.names)):
+        start = time.time()
+        for index, sample in enumerate(self.names):
+            path = self.root / f"{sample}.hdf5"
+            stat = path.stat()
+            key = (path, stat.st_size, stat.st_mtime_ns, tuple(channels), tuple(self.classes),
+                   self.multi_label)  # fmt: skip
+            if key in _CHECKED:
+                continue
             handle, path = self._open(index)
             with handle:
                 self._label(handle, path)
@@ -245,3 +258,7 @@ class GeoBench(ImageClassificationDataset):
                     f"{common}; every band of a sample must have one size (the file is damaged: "
                     "re-download the task)"
                 )
+            _CHECKED.add(key)
+        if time.time() - start > 5:
+            log.info("%s (%s): checked the labels and band sizes of %d samples in %.0f s",
+                     type(self).__name__, self.split, len(self.names), time.time() - start)  # fmt: skip

@@ -92,7 +92,7 @@ def test_classification_settings_are_checked_before_anything_is_built():
                        r"the dataset gives one class per image"):  # fmt: skip
         check_run_config(settings("task.multi_label=true"))
     for good in ("task.threshold=0.3", "task.dropout=0", "loss.label_smoothing=0.1",
-                 "dataset.classes=[0,1,2]", "dataset.multi_label=true"):  # fmt: skip
+                 "dataset.classes=[0,1,2]", "dataset.multi_label=true", "finetune=frozen"):  # fmt: skip
         assert check_run_config(settings(good)) == [], good
     with pytest.raises(ValueError, match=r"task.dropout=-0.5: expected a number in \[0, 1\)"):
         ClassificationTask(dropout=-0.5)

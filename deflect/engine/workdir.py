@@ -335,9 +335,11 @@ RUN_SETTINGS: dict[str, tuple] = {
     "optimizer.lr": (_FLOAT, 0.0, False, "optimizer.lr=1e-4"),
     "optimizer.weight_decay": (_FLOAT, 0.0, False, "optimizer.weight_decay=0.05"),
     # The groups' switches: Python's bool() would take any non-empty string (no, off) as true.
+    "finetune.train_patch_embed": (_BOOL, None, True,
+                                   "finetune.train_patch_embed=true (null: the method's own)"),
     **{key: (_BOOL, None, False, f"{key}=true") for key in (
         "dataset.multi_label", "task.multi_label", "augmentation.rot90",
-        "finetune.train_patch_embed", "finetune.nir_from_b8a", "finetune.raw_bands",
+        "finetune.nir_from_b8a", "finetune.raw_bands",
         "finetune.norm_match", "finetune.train_norms", "finetune.keep_pretrained",
         "encoder.coords_scale_learn", "segmentor.fast_fusion", "segmentor.fold_laterals",
     )},

@@ -127,16 +127,33 @@ def _read_bands(src: rasterio.DatasetReader, path: Path, indexes: list[int] | No
 
 
 def seeded_split(items: Sequence[T], split: str, val_fraction: float, test_fraction: float,
-                 seed: int) -> list[T]:  # fmt: skip
+                 seed: int, strata: Sequence[str] | None = None) -> list[T]:  # fmt: skip
     """The items of ``split`` in a seeded split of ``items`` (the same on every run and machine):
     a permutation by ``seed``, its first ``test_fraction`` for test, the next ``val_fraction`` for
-    val, the rest for train, each in the original order. Used by ``dataset=folder`` and ``chips``."""
+    val, the rest for train, each in the original order. Used by ``dataset=folder`` and ``chips``.
+
+    With ``strata`` (each item's class, single-label chips) the split is stratified: each class
+    is permuted on its own (classes in sorted order, one generator) and the classes are
+    interleaved by relative position (item ``j`` of a class of ``n`` at ``(j + 0.5) / n``), so
+    every split holds each class in proportion to its size (as far as rounding allows) and the
+    splits' sizes are those of the unstratified split."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} must be fractions "
             "in [0, 1) summing to less than 1"
         )
-    order = np.random.default_rng(seed).permutation(len(items))
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        order = rng.permutation(len(items))
+    else:
+        if len(strata) != len(items):
+            raise ValueError(f"seeded_split: {len(strata)} strata for {len(items)} items")
+        keyed = []
+        for rank, stratum in enumerate(sorted(set(strata))):
+            members = [i for i, s in enumerate(strata) if s == stratum]
+            for j, k in enumerate(rng.permutation(len(members))):
+                keyed.append(((j + 0.5) / len(members), rank, members[k]))
+        order = np.array([i for *_, i in sorted(keyed)], dtype=np.int64)
     n_test, n_val = round(test_fraction * len(items)), round(val_fraction * len(items))
     chosen = {"test": order[:n_test], "val": order[n_test : n_test + n_val],
               "train": order[n_test + n_val :]}[split]  # fmt: skip

@@ -13,14 +13,22 @@ transform (``datasets.transforms.ImageTransform``) brings every image to the enc
 with the conventions of ``dataset=folder``: band names from each file's band descriptions
 (read by name per file; codes, common names or wavelengths), statistics computed over the
 training chips and cached in ``<root>/band_stats.json``, a seeded split when the layout has
-none, errors naming the file and the fix.
+none (stratified by class for single-label chips), errors naming the file and the fix.
+
+A labels CSV is read as a spreadsheet writes it (a byte-order mark; ``,``, ``;`` or a tab
+between columns, found from the header); a chip listed twice, a name leaving the root and a
+fractional numeric label are refused naming the lines. Class names are stripped and sorted
+(numerically when they are integers); near-duplicates and classes without a validation or test
+chip are warned about.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,10 +53,98 @@ from datasets.folder import (
     log_once,
     resolve_bands,
 )
-from deflect.data import DataSpec, invalid_to_nan
+from deflect.data import DataSpec, check_bool, invalid_to_nan
 from deflect.io import atomic_path
 
 log = logging.getLogger(__name__)
+
+
+#: Chip files: GeoTIFFs. GDAL's sidecars beside them (``.aux.xml``, ``.ovr``, ``.msk``) are not.
+RASTER_SUFFIXES = (".tif", ".tiff")
+INTEGER = re.compile(r"[+-]?\d+")
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+#: Delimiters a labels CSV may use (Excel writes ``;`` where the decimal mark is a comma).
+DELIMITERS = (",", ";", "\t")
+
+
+def sort_classes(names: set[str] | list[str]) -> list[str]:
+    """Class names sorted: numerically when every one is an integer (0, 1, 2, ..., 10), else
+    as text."""
+    names = list(names)
+    if names and all(INTEGER.fullmatch(n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def check_class_list(classes: object, owner: str) -> None:
+    """Refuse ``dataset.classes`` that is not a list (or null): a string would be read as its
+    letters, one class each."""
+    if classes is not None and (isinstance(classes, (str, bytes))
+                                or not isinstance(classes, (list, tuple))):  # fmt: skip
+        raise ValueError(
+            f"{owner}: dataset.classes={classes!r}: expected a list of class names (or null for "
+            "those of the data); e.g. dataset.classes=[forest,field,water]"
+        )
+
+
+def warn_near_duplicates(classes: list[str], owner: str) -> None:
+    """Warn once about class names that differ only in case, spaces, ``_`` or ``-``
+    (``Forest``, ``forest``): two classes to the model, probably one to their author."""
+    groups: dict[str, list[str]] = {}
+    for c in classes:
+        groups.setdefault(re.sub(r"[\s_\-]+", "", c).casefold(), []).append(c)
+    for group in groups.values():
+        if len(group) > 1:
+            log_once(log.warning, (
+                f"{owner}: classes {group} differ only in case, spaces, '_' or '-': they are "
+                "different classes here; if they are one, give them one name (the folders, or "
+                "the CSV's labels)"
+            ))  # fmt: skip
+
+
+def read_label_csv(path: Path, owner: str) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a labels CSV with their line numbers: ``(line, {column: stripped value})``.
+
+    Reads UTF-8 with or without Excel's byte-order mark; the delimiter (``,``, ``;`` or a tab)
+    is the one that splits the header into columns holding ``name`` and ``label``.
+
+    Raises:
+        ValueError: naming the file and what was found (the header, a row with another number
+            of fields, text that is not UTF-8).
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of "name"
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{owner}: {str(path)!r} is not UTF-8 text ({err}); save it as CSV UTF-8"
+        ) from err
+    lines = text.splitlines()
+    header = lines[0] if lines else ""
+    for delimiter in DELIMITERS:
+        columns = [c.strip() for c in next(csv.reader([header], delimiter=delimiter), [])]
+        if {"name", "label"} <= set(columns):
+            break
+    else:
+        raise ValueError(
+            f"{owner}: {str(path)!r} needs a header with the columns name and label (and "
+            f"optionally split), separated by ',', ';' or a tab; its first line is {header!r}"
+        )
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    next(reader)
+    rows = []
+    for cells in reader:
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(columns):
+            hint = ' (quote a ;-separated label set: "a;b")' if delimiter == ";" else ""
+            raise ValueError(
+                f"{owner}: line {reader.line_num} of {str(path)!r} has {len(cells)} field(s) "
+                f"{cells} for the {len(columns)} columns {columns} of the header{hint}"
+            )
+        rows.append((reader.line_num, {k: v.strip() for k, v in zip(columns, cells)}))
+    if not rows:
+        raise ValueError(f"{owner}: {str(path)!r} lists no chip under its header {header!r}")
+    return rows
 
 
 class ImageClassificationDataset(SpecView, ReflectanceCheck, Dataset):
@@ -84,7 +180,7 @@ class ImageClassificationDataset(SpecView, ReflectanceCheck, Dataset):
                 f"at least {minimum}: list them in dataset.classes"
             )
         self.split = split
-        self.multi_label = bool(multi_label)
+        self.multi_label = check_bool(multi_label, "dataset.multi_label")
         try:
             self.spec = DataSpec(
                 bands=tuple(bands), mean=band_stats["mean"], std=band_stats["std"],
@@ -114,9 +210,19 @@ class ImageClassificationDataset(SpecView, ReflectanceCheck, Dataset):
         return self.names[index]
 
     def read_sample(self, index: int) -> tuple[np.ndarray, Any]:
-        """The image (C, H, W) float32 with NaN at invalid pixels, and the label."""
-        return invalid_to_nan(np.asarray(self.read_image(index)), self.spec.nodata), \
-            self.read_label(index)  # fmt: skip
+        """The image (C, H, W) float32 with NaN at invalid pixels, and the label.
+
+        An image without a single valid pixel carries no data to classify: its label becomes
+        ``ignore_index`` (every entry of a multi-hot set), so it is never trained on nor scored,
+        the rule segmentation applies to a pixel without a valid band. ``predictions.csv``
+        leaves its label and prediction empty, and the test log counts such images.
+        """
+        image = invalid_to_nan(np.asarray(self.read_image(index)), self.spec.nodata)
+        label = self.read_label(index)
+        if np.isnan(image).all():
+            label = (np.full(self.num_classes, self.ignore_index, dtype=np.float32)
+                     if self.multi_label else self.ignore_index)  # fmt: skip
+        return image, label
 
     def label_tensor(self, label: int | np.ndarray) -> torch.Tensor:
         if self.multi_label:
@@ -152,7 +258,8 @@ class ChipFolder(ImageClassificationDataset):
         available_bands: band names in file order; default: each file's band descriptions.
         bands: the bands to load (default: all).
         band_stats: default: computed over the training chips and cached.
-        val_fraction, test_fraction, split_seed: the seeded split when the CSV has no ``split``.
+        val_fraction, test_fraction, split_seed: the seeded split when the CSV has no ``split``
+            (stratified by class for single-label chips).
         **kwargs: those of :class:`ImageClassificationDataset`.
     """
 
@@ -171,18 +278,22 @@ class ChipFolder(ImageClassificationDataset):
             raise FileNotFoundError(
                 f"{name}: dataset root {str(self.root)!r} does not exist; set dataset.root=<folder>"
             )
-        self.multi_label = bool(multi_label)
+        self.multi_label = check_bool(multi_label, "dataset.multi_label")
+        check_class_list(classes, name)
         table = self._label_table(labels, images, val_fraction, test_fraction, split_seed)
-        known = sorted({c for _, _, labels_ in table.values() for c in labels_})
-        classes = list(classes) if classes else known
-        unknown = sorted(set(known) - set(classes))
+        known = sort_classes({c for _, _, labels_ in table.values() for c in labels_})
+        # Hydra gives dataset.classes=[0,1,2] as integers; labels are text: compare as text.
+        classes = [str(c).strip() for c in classes] if classes else known
+        unknown = sort_classes(set(known) - set(classes))
         if unknown:
             raise ValueError(
                 f"{name}: labels {unknown[:10]} are not among dataset.classes {classes}; add them "
                 "or fix the labels"
             )
+        warn_near_duplicates(classes, f"{name} ({self.root})")
         self._table = table
         self._classes = classes
+        self._warn_missing_classes()
         sensor = kwargs.get("sensor") or "sentinel2a"
         self._orders: dict[Path, list[str]] = {}
         first = next(iter(table.values()))[0]
@@ -206,9 +317,17 @@ class ChipFolder(ImageClassificationDataset):
         table: dict[str, tuple[Path, str, list[str]]] = {}
         if labels == "folders":
             for split in SPLITS:
-                for path in sorted((self.root / split).glob("*/*.tif*")):
+                # Rasters only: GDAL's sidecars (chip.tif.aux.xml, .ovr, .msk) are no chips.
+                for path in sorted((self.root / split).glob("*/*")):
+                    if path.suffix.lower() not in RASTER_SUFFIXES or not path.is_file():
+                        continue
                     key = f"{split}/{path.parent.name}/{path.stem}"
-                    table[key] = (path, split, [path.parent.name])
+                    if key in table:
+                        raise ValueError(
+                            f"{name}: {str(table[key][0])!r} and {str(path)!r} are one chip "
+                            "twice (same name); keep one of them"
+                        )
+                    table[key] = (path, split, [path.parent.name.strip()])
             if not table:
                 raise ValueError(
                     f"{name}: no chip matches {self.root}/<split>/<class>/<name>.tif; for a CSV "
@@ -221,35 +340,91 @@ class ChipFolder(ImageClassificationDataset):
                 f"{name}: labels file {str(path)!r} does not exist; set dataset.labels to the CSV "
                 "(columns name,label[,split]) relative to dataset.root, or to folders"
             )
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or not {"name", "label"} <= set(rows[0]):
-            raise ValueError(f"{name}: {str(path)!r} needs the columns name and label")
-        splits = {r["name"]: r.get("split") for r in rows}
+        rows = read_label_csv(path, name)
+        seen: dict[str, tuple[int, dict[str, str]]] = {}
+        for line, row in rows:
+            chip = row["name"]
+            if not chip or Path(chip).is_absolute() or ".." in Path(chip).parts:
+                raise ValueError(
+                    f"{name}: chip name {chip!r} on line {line} of {str(path)!r} is empty, "
+                    "absolute or climbs out with '..'; chips lie under dataset.root: name them "
+                    f"as dataset.images ({images!r}) expects, relative to it"
+                )
+            if chip in seen:
+                first, other = seen[chip]
+                raise ValueError(
+                    f"{name}: {str(path)!r} lists chip {chip!r} twice, on lines {first} "
+                    f"(label {other['label']!r}, split {other.get('split') or '-'}) and {line} "
+                    f"(label {row['label']!r}, split {row.get('split') or '-'}); keep one row "
+                    "per chip"
+                )
+            seen[chip] = (line, row)
+        splits = {r["name"]: r.get("split") for _, r in rows}
+        parsed = {r["name"]: self._row_labels(r, line, path) for line, r in rows}
         if any(splits.values()):
-            bad = sorted({s for s in splits.values() if s not in SPLITS})
+            bad = sorted({s for s in splits.values() if s not in SPLITS}, key=str)
             if bad:
                 raise ValueError(f"{name}: {str(path)!r} has splits {bad}; use train, val, test")
         else:
             names = sorted(splits)
+            # Single-label: stratified by class, so each split holds every class in proportion.
+            strata = None if self.multi_label else [parsed[n][0] for n in names]
             for split in SPLITS:
-                for n in seeded_split(names, split, val_fraction, test_fraction, seed):
+                for n in seeded_split(names, split, val_fraction, test_fraction, seed, strata):
                     splits[n] = split
-        for row in rows:
-            image = self.root / images.replace("{name}", row["name"])
+        for _, row in rows:
+            chip = row["name"]
+            image = self.root / images.replace("{name}", chip)
             if not image.is_file():
                 raise FileNotFoundError(
-                    f"{name}: {str(path)!r} lists {row['name']!r} but {str(image)!r} does not "
+                    f"{name}: {str(path)!r} lists {chip!r} but {str(image)!r} does not "
                     "exist; fix dataset.images or the CSV"
                 )
-            labels_ = [c.strip() for c in row["label"].split(";") if c.strip()]
-            if not self.multi_label and len(labels_) != 1:
-                raise ValueError(
-                    f"{name}: {row['name']!r} has labels {labels_} in {str(path)!r}; one class per "
-                    "chip, or set dataset.multi_label=true for label sets"
-                )
-            table[row["name"]] = (image, splits[row["name"]], labels_)
+            table[chip] = (image, splits[chip], parsed[chip])
+        empty = sorted(n for n, labels_ in parsed.items() if not labels_)
+        if empty:
+            log_once(log.warning, (
+                f"{name} ({self.root}): {len(empty)} chip(s) have an empty label set (e.g. "
+                f"{empty[0]!r}): each is scored as 'none of the labels' (a label predicted for "
+                "it is a false positive); a split in which no label has a positive has no mF1, "
+                "mAP or mRecall (NaN, with a warning)"
+            ))  # fmt: skip
         return table
+
+    def _row_labels(self, row: dict[str, str], line: int, path: Path) -> list[str]:
+        """The class names of one CSV row (a ``;``-separated set when multi-label)."""
+        name = type(self).__name__
+        labels_ = [c.strip() for c in row["label"].split(";") if c.strip()]
+        for label in labels_:
+            if NUMBER.fullmatch(label) and not INTEGER.fullmatch(label):
+                raise ValueError(
+                    f"{name}: label {label!r} of chip {row['name']!r} (line {line} of "
+                    f"{str(path)!r}) is a number but not an integer; a class is a whole number "
+                    "(0, 1, 2, ...) or a name: fix the CSV"
+                )
+        if not self.multi_label and len(labels_) != 1:
+            raise ValueError(
+                f"{name}: {row['name']!r} has labels {labels_} in {str(path)!r} (line {line}); "
+                "one class per chip, or set dataset.multi_label=true for label sets"
+            )
+        return labels_
+
+    def _warn_missing_classes(self) -> None:
+        """Warn once about classes without a validation or a test chip: the validation metric
+        that chooses ``best.pt`` does not see them, or the test metrics leave them out."""
+        counts = {s: {c: 0 for c in self._classes} for s in SPLITS}
+        for _, split, labels_ in self._table.values():
+            for c in labels_:
+                counts[split][c] = counts[split].get(c, 0) + 1
+        for split, what in (("val", "the validation metric (which chooses best.pt) never sees "
+                             "them"), ("test", "the test metrics leave them out (n/a)")):  # fmt: skip
+            missing = [c for c in self._classes if counts[split][c] == 0]
+            if missing:
+                log_once(log.warning, (
+                    f"{type(self).__name__} ({self.root}): class(es) {missing} have no {split} "
+                    f"chip: {what}. Add chips of them to the {split} split, or raise "
+                    f"dataset.{split}_fraction when the split is seeded"
+                ))  # fmt: skip
 
     def _band_names(self, first: Path, available_bands: list[str] | None,
                     sensor: str) -> list[str]:  # fmt: skip
@@ -288,11 +463,12 @@ class ChipFolder(ImageClassificationDataset):
         key = {"version": STATS_VERSION, "bands": self.available_bands, "nodata": nodata,
                "files": files}  # fmt: skip
         cache = self.root / "band_stats.json"
+        cached = f"band statistics from {cache} ({len(files)} training chips)"
         if cache.is_file():
             try:
                 saved = json.loads(cache.read_text())
                 if {k: saved.get(k) for k in key} == key:
-                    log_once(log.info, f"band statistics from {cache} ({len(files)} chips)")
+                    log_once(log.info, cached)
                     return {"mean": saved["mean"], "std": saved["std"]}
             except (OSError, ValueError):
                 pass
@@ -302,8 +478,9 @@ class ChipFolder(ImageClassificationDataset):
         mean, std, pixels = compute_band_stats(train, nodata, orders)
         stats = {"mean": dict(zip(self.available_bands, mean)),
                  "std": dict(zip(self.available_bands, std))}  # fmt: skip
-        log.info("computed band statistics over %d training chips in %.1f s", len(train),
-                 time.time() - start)  # fmt: skip
+        log.info("computed band statistics over %d training chips in %.1f s (cached in %s)",
+                 len(train), time.time() - start, cache)  # fmt: skip
+        log_once(lambda _: None, cached)  # the other splits read them back: said once is enough
         try:
             with atomic_path(cache) as tmp:
                 tmp.write_text(json.dumps({**key, **stats}, indent=1))

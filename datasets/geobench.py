@@ -27,15 +27,20 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from datasets.classification import ImageClassificationDataset
+from datasets.classification import ImageClassificationDataset, check_class_list
 from datasets.safe_pickle import safe_loads
 
 log = logging.getLogger(__name__)
+
+#: Sample files whose label and band sizes were checked: (path, size, mtime, channels, classes,
+#: multi-label).
+_CHECKED: set[tuple] = set()
 
 #: The splits of the framework and their names in GEO-Bench's partitions.
 PARTITION_SPLITS = {"train": "train", "val": "valid", "test": "test"}
@@ -102,6 +107,9 @@ class GeoBench(ImageClassificationDataset):
                 f"{list(self.code_to_channel)}; fix dataset.bands"
             )
         found = class_names_of(specs)
+        check_class_list(classes, name)
+        if classes is not None:
+            classes = [str(c).strip() for c in classes]
         if classes is None:
             if found is None:
                 raise ValueError(f"{name}: task_specs.pkl names no classes; give dataset.classes")
@@ -116,6 +124,7 @@ class GeoBench(ImageClassificationDataset):
                          **kwargs)  # fmt: skip
         self.partition = partition
         self.names = self._partition_names(partition, split)
+        self._check_samples()
 
     def _partition_names(self, partition: str, split: str) -> list[str]:
         name = type(self).__name__
@@ -189,17 +198,67 @@ class GeoBench(ImageClassificationDataset):
     def read_label(self, index: int) -> int | np.ndarray:
         handle, path = self._open(index)
         with handle:
-            if "pickle" not in handle.attrs:
-                raise ValueError(f"{str(path)!r} has no 'pickle' attribute holding its label")
-            metadata = safe_loads(handle.attrs["pickle"], str(path))
+            return self._label(handle, path)
+
+    def _label(self, handle, path: Path) -> int | np.ndarray:
+        """The sample's class id (or multi-hot label set), checked against the classes."""
+        if "pickle" not in handle.attrs:
+            raise ValueError(f"{str(path)!r} has no 'pickle' attribute holding its label")
+        metadata = safe_loads(handle.attrs["pickle"], str(path))
         if not isinstance(metadata, dict) or "label" not in metadata:
             raise ValueError(f"{str(path)!r}: the sample's metadata has no label")
-        label = metadata["label"]
+        label = np.asarray(metadata["label"])
+        k = self.num_classes
         if self.multi_label:
-            hot = np.asarray(label, dtype=np.float32).reshape(-1)
-            if hot.shape != (self.num_classes,):
+            if (
+                label.dtype.kind not in "biuf"
+                or label.size != k
+                or not np.isin(label, (0, 1)).all()
+            ):
                 raise ValueError(
-                    f"{str(path)!r}: a label set of {hot.size} values for {self.num_classes} labels"
+                    f"{str(path)!r}: the label {metadata['label']!r} is not a set of {k} 0/1 "
+                    f"values, one per label of {self.classes[:5]}...; the file is damaged or "
+                    "from another task (check dataset.root and dataset.classes)"
                 )
-            return hot
-        return int(np.asarray(label).reshape(()))
+            return label.astype(np.float32).reshape(-1)
+        value = label.reshape(()).item() if label.size == 1 else None
+        integer = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer())  # fmt: skip
+        if not integer or not 0 <= int(value) < k:
+            raise ValueError(
+                f"{str(path)!r}: the label {metadata['label']!r} is not a class id 0..{k - 1} "
+                f"of the {k} classes {self.classes[:5]}{'...' if k > 5 else ''}; the file is "
+                "damaged or from another task (check dataset.root and dataset.classes)"
+            )
+        return int(value)
+
+    def _check_samples(self) -> None:
+        """Every sample of the split, before training: its label (see :meth:`_label`) and its
+        bands' sizes (all loaded bands stored at one size), read from the headers and metadata
+        only (no pixels), so a bad file is named now, not after training. A file checked
+        unchanged with the same bands and classes is not read again in this process (a sweep)."""
+        channels = [self.code_to_channel[b] for b in self.bands]
+        start = time.time()
+        for index, sample in enumerate(self.names):
+            path = self.root / f"{sample}.hdf5"
+            stat = path.stat()
+            key = (path, stat.st_size, stat.st_mtime_ns, tuple(channels), tuple(self.classes),
+                   self.multi_label)  # fmt: skip
+            if key in _CHECKED:
+                continue
+            handle, path = self._open(index)
+            with handle:
+                self._label(handle, path)
+                shapes = {c: handle[self._dataset_name(handle, c, path)].shape for c in channels}
+            if len(set(shapes.values())) > 1:
+                common = max(set(shapes.values()), key=list(shapes.values()).count)
+                odd = {c: s for c, s in shapes.items() if s != common}
+                raise ValueError(
+                    f"{str(path)!r}: bands stored at other sizes: {odd} while the others are "
+                    f"{common}; every band of a sample must have one size (the file is damaged: "
+                    "re-download the task)"
+                )
+            _CHECKED.add(key)
+        if time.time() - start > 5:
+            log.info("%s (%s): checked the labels and band sizes of %d samples in %.0f s",
+                     type(self).__name__, self.split, len(self.names), time.time() - start)  # fmt: skip

@@ -48,6 +48,14 @@ def invalid_to_nan(raw, nodata: float | Iterable[float] | None = None):
 RGB_BANDS: tuple[str, ...] = ("B4", "B3", "B2")
 
 
+def check_bool(value: object, key: str) -> bool:
+    """``value`` when it is a boolean. Anything else is refused, naming ``key``: Python's
+    ``bool()`` would take ``no``, ``"false"`` or ``"0"`` (non-empty strings) as true."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's too
+        return bool(value)
+    raise ValueError(f"{key}={value!r}: expected true or false; e.g. {key}=true")
+
+
 def canonical_band(name: str) -> str:
     """Canonical Sentinel-2 band name: ``B02`` -> ``B2``, ``b8a`` -> ``B8A``; others upper-cased."""
     return re.sub(r"^B0(\d)", r"B\1", str(name).strip().upper())

@@ -80,11 +80,9 @@ def test_a_hostile_pickle_is_refused_and_never_run(where, tmp_path):
         (root / "task_specs.pkl").write_bytes(pickle.dumps({"label_type": _Evil()}))
         with pytest.raises(ValueError, match=r"refused to read .*task_specs.pkl.*system"):
             geobench(root)
-    else:
-        data = geobench(root)
-        data[0]
+    else:  # every sample's label is read when the split is listed, before training
         with pytest.raises(ValueError, match=r"refused to read .*id_train_001.hdf5.*system"):
-            data[1]
+            geobench(root)
     assert not marker.exists()
 
 
@@ -492,3 +490,30 @@ def test_a_chip_classifier_evaluates_on_landsat8_chips_through_the_band_mapping(
     assert [m["given"] for m in crossed["band_mapping"]] == ["B2", "B3", "B4", "B5"]
     assert crossed["samples"] == same["samples"] == len(CLASSES)
     assert crossed["confusion_matrix"] == same["confusion_matrix"]
+
+
+def test_explain_on_a_run_whose_data_went_bad_names_the_sample_file(so2sat, so2sat_run,
+                                                                    tmp_path):  # fmt: skip
+    """Issue 26.9: a test sample whose label is outside the classes fails when explain.py lists
+    the split, naming the file (it failed with a reshape error after the occlusions began)."""
+    import shutil
+
+    from deflect.engine.explain import explain_run
+
+    data = shutil.copytree(so2sat, tmp_path / "m-so2sat")
+    run = shutil.copytree(so2sat_run, tmp_path / "run")
+    config = (run / "config.yaml").read_text()
+    assert str(so2sat) in config
+    (run / "config.yaml").write_text(config.replace(str(so2sat), str(data)))
+    bad = json.loads((data / "default_partition.json").read_text())["test"][2]
+    with h5py_file(data / f"{bad}.hdf5") as f:
+        f.attrs["pickle"] = str(pickle.dumps({"label": 7}, protocol=4))
+    # Hydra's InstantiationException carries the dataset's ValueError and its message.
+    with pytest.raises(Exception, match=rf"{bad}.hdf5': the label 7 is not a class id 0..2"):
+        explain_run(run, "test", "cpu")
+
+
+def h5py_file(path):
+    import h5py
+
+    return h5py.File(path, "r+")

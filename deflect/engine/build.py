@@ -61,12 +61,29 @@ def build_dataset(cfg: DictConfig, split: str, band_stats=None):
         dataset.transform = build_classification_transform(
             dataset.spec, train=split == "train", size=int(cfg.img_size), mode=task.input, **flips
         )
+        say_resize(dataset, int(cfg.img_size), task.input)
     else:
         dataset.transform = build_transform(
             dataset.spec, train=split == "train", crop_size=int(cfg.img_size),
             min_labelled_fraction=float(aug.min_labelled_fraction), **flips,
         )  # fmt: skip
     return dataset
+
+
+def say_resize(dataset, img_size: int, mode: str) -> None:
+    """Log once what happens to images of another size than ``img_size`` (their first sample's
+    size): upsampling small chips costs time and invents no detail."""
+    from datasets.folder import log_once
+
+    height, width = dataset.read_sample(0)[0].shape[-2:]
+    if (height, width) == (img_size, img_size):
+        return
+    how = "resized" if mode == "resize" else "centre-cropped (or padded with no-data)"
+    log_once(log.info, (
+        f"{type(dataset).__name__}: images are {height}x{width} px (the first one read), "
+        f"{how} to img_size={img_size} (task.input={mode}): set "
+        f"dataset.img_size={max(height, width)} (or img_size=...) to train at their own size"
+    ))  # fmt: skip
 
 
 def build_datasets(cfg: DictConfig) -> dict:

@@ -5,8 +5,10 @@ columns = prediction), which ignores ``ignore_index`` pixels and is summed acros
 sample is evaluated exactly once (see :class:`~deflect.engine.distributed.ShardSampler`).
 
 Means (mIoU, mF1, mPrecision, mRecall) are over the classes present in the ground truth of the
-evaluated split; a class absent from it has no defined recall or IoU, is reported as ``null``
-per class, and is left out of the means (its count is in ``absent_classes``).
+evaluated split, one convention for all four: a class absent from it has no IoU, F1, precision or
+recall, is reported as ``null`` per class, and is left out of every mean (its count is in
+``absent_classes``); a present class that is never predicted has precision 0 (no correct
+prediction of it), reported and averaged as such.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def metrics_from_confusion(confusion: torch.Tensor, class_names: list[str]) -> d
         per_class[name] = {
             "IoU": float(iou[i]) if ok else None,
             "F1": float(f1[i]) if ok else None,
-            "Precision": float(precision[i]) if predicted[i] > 0 else None,
+            "Precision": float(precision[i]) if ok else None,
             "Recall": float(recall[i]) if ok else None,
             "support": int(support[i]),
         }

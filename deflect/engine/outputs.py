@@ -3,6 +3,7 @@ predictions carrying the source tile's georeferencing."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from affine import Affine
 from PIL import Image, ImageDraw
 
 from deflect.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 # A qualitative palette (tab20-like); the ignore index is drawn black.
 PALETTE = np.array(
@@ -268,12 +271,15 @@ class ClassificationWriter:
         probabilities = self.task.probabilities(output).cpu().numpy()
         labels = batch["label"].cpu().numpy()
         prediction = prediction.cpu().numpy()
+        empty = torch.isnan(batch["image"]).flatten(1).all(dim=1).tolist()  # (B,)
         for j, index in enumerate(batch["index"].tolist()):
             true, predicted = self._names(labels[j]), self._names(prediction[j])
-            self.rows.append((index, self.dataset.sample_name(index), true, predicted,
-                              [float(p) for p in probabilities[j]]))  # fmt: skip
+            scores = [float(p) for p in probabilities[j]]
+            if empty[j]:  # no valid pixel: not classified, not scored (the dataset's rule)
+                predicted, scores = "", []
+            self.rows.append((index, self.dataset.sample_name(index), true, predicted, scores))
             kept = self.wrong if true != predicted else self.right
-            if len(kept) < self.num_panels:
+            if not empty[j] and len(kept) < self.num_panels:
                 image = batch["image"][j].numpy()[self.rgb_index] * self.std + self.mean
                 kept.append((image, true, predicted))
 
@@ -304,7 +310,15 @@ class ClassificationWriter:
         lines = [",".join(header)]
         for _, name, true, predicted, probabilities in sorted(rows):
             cells = [name, true, predicted, *(f"{p:.6f}" for p in probabilities)]
+            cells += [""] * (len(header) - len(cells))
             lines.append(",".join(f'"{c}"' if "," in c else c for c in cells))
+        empty = [r[1] for r in sorted(rows) if not r[4]]
+        if empty:
+            log.warning(
+                "%d of %d test images have no valid pixel (e.g. %s): not classified and not "
+                "scored (out of the metrics' samples; empty label and prediction in "
+                "predictions.csv)", len(empty), len(rows), empty[0],
+            )  # fmt: skip
         with atomic_path(out_dir / "predictions.csv") as tmp:
             tmp.write_text("\n".join(lines) + "\n")
         panels = self.panels()

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,10 @@ def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None)
 
 # ---- the run's top-level settings, checked before anything is built or written ----------------
 _INT, _FLOAT, _BOOL, _CHOICE = "an integer", "a number", "true or false", "one of"
-#: key -> (kind, lower bound or choices, may be null, an example)
+_RANGE, _LIST = "a number in", "a list"
+#: key -> (kind, lower bound, choices or interval, may be null, an example); a key absent from
+#: the config (another dataset's or task's) is not checked. An interval is (low, high, low
+#: included, high included).
 RUN_SETTINGS: dict[str, tuple] = {
     "seed": (_INT, None, False, "seed=0"),
     "img_size": (_INT, 1, False, "img_size=224"),
@@ -331,6 +334,20 @@ RUN_SETTINGS: dict[str, tuple] = {
     )},
     "optimizer.lr": (_FLOAT, 0.0, False, "optimizer.lr=1e-4"),
     "optimizer.weight_decay": (_FLOAT, 0.0, False, "optimizer.weight_decay=0.05"),
+    # The groups' switches: Python's bool() would take any non-empty string (no, off) as true.
+    "finetune.train_patch_embed": (_BOOL, None, True,
+                                   "finetune.train_patch_embed=true (null: the method's own)"),
+    **{key: (_BOOL, None, False, f"{key}=true") for key in (
+        "dataset.multi_label", "task.multi_label", "augmentation.rot90",
+        "finetune.nir_from_b8a", "finetune.raw_bands",
+        "finetune.norm_match", "finetune.train_norms", "finetune.keep_pretrained",
+        "encoder.coords_scale_learn", "segmentor.fast_fusion", "segmentor.fold_laterals",
+    )},
+    "task.threshold": (_RANGE, (0.0, 1.0, False, False), False, "task.threshold=0.5"),
+    "task.dropout": (_RANGE, (0.0, 1.0, True, False), False, "task.dropout=0.1"),
+    "loss.label_smoothing": (_RANGE, (0.0, 1.0, True, False), False, "loss.label_smoothing=0.1"),
+    "dataset.classes": (_LIST, None, True,
+                        "dataset.classes=[forest,field,water] (null: those of the data)"),
 }  # fmt: skip
 #: Keys whose value must be strictly above the lower bound (a learning rate of 0 trains nothing).
 _STRICT = {"encoder_lr_scale", "optimizer.lr"}
@@ -351,6 +368,8 @@ def check_run_config(cfg: DictConfig) -> list[str]:
     """
     problems = []
     for key, (kind, bound, nullable, example) in RUN_SETTINGS.items():
+        if _interpolates_a_checked_key(cfg, key):  # task.multi_label: ${dataset.multi_label}
+            continue
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             if not nullable and OmegaConf.select(cfg, key, default="<absent>") != "<absent>":
@@ -373,19 +392,56 @@ def check_run_config(cfg: DictConfig) -> list[str]:
                     bound is None or (value > bound if key in _STRICT else value >= bound)
                 )
             )
+        elif kind == _RANGE:
+            low, high, low_in, high_in = bound
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and (low <= value if low_in else low < value)
+            ok = ok and (value <= high if high_in else value < high)
+        elif kind == _LIST:
+            ok = isinstance(value, (list, tuple, ListConfig))
         if not ok:
-            if kind == _CHOICE:
+            if kind == _RANGE:
+                low, high, low_in, high_in = bound
+                expected = (
+                    f"{kind} {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+                )
+            elif kind == _LIST:
+                expected = "a list, not a single value"
+            elif kind == _CHOICE:
                 expected = f"one of {list(bound)}"
             elif bound is None or kind == _BOOL:
                 expected = kind
             else:
                 expected = f"{kind} {'>' if key in _STRICT else '>='} {bound}"
             problems.append(f"{key}={value!r}: expected {expected}; e.g. {example}")
+    task_multi = OmegaConf.select(cfg, "task.multi_label", default=None)
+    data_multi = OmegaConf.select(cfg, "dataset.multi_label", default=False)
+    if isinstance(task_multi, bool) and isinstance(data_multi, bool) and task_multi != data_multi:
+        problems.append(
+            f"task.multi_label={str(task_multi).lower()} but dataset.multi_label="
+            f"{str(data_multi).lower()}: the dataset gives "
+            f"{'sets of labels' if data_multi else 'one class'} per image. Leave task.multi_label "
+            "out (it follows the dataset), or set dataset.multi_label for data with label sets"
+        )
     if len(problems) == 1:
         raise ValueError(problems[0])
     if problems:
         raise ValueError("bad settings:\n  " + "\n  ".join(problems))
     return sorted(set(cfg) - KNOWN_KEYS)
+
+
+def _interpolates_a_checked_key(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` is an interpolation of another checked key (``task.multi_label`` of
+    ``dataset.multi_label``): its value is checked there, and said once."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return False
+    if not OmegaConf.is_interpolation(node, leaf):
+        return False
+    text = str(OmegaConf.to_container(node, resolve=False)[leaf])
+    return any(re.search(rf"[{{:,]\s*{re.escape(other)}\s*[}},]", text)
+               for other in RUN_SETTINGS if other != key)  # fmt: skip
 
 
 #: What a saved run's ``config.yaml`` may instantiate: the framework's own classes and torch's

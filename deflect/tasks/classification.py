@@ -7,15 +7,21 @@ them, NaN-aware, or crops their centre), so a test image is one forward pass.
 Metrics:
 
 * single-label: overall accuracy (OA), per-class precision, recall and F1 and their means over
-  the classes present in the split's ground truth (absent classes ``null``, left out of the
-  means, as for segmentation), and the confusion matrix;
+  the classes present in the split's ground truth, and the confusion matrix;
 * multi-label: at ``threshold`` on the sigmoid probabilities, micro F1 (over every label
-  decision) and macro F1 (``mF1``, over the labels present in the split), per-label F1; the
-  average precision of each label (threshold-free) and their mean (``mAP``).
+  decision) and macro F1 (``mF1``), per-label F1; the average precision of each label
+  (threshold-free) and their mean (``mAP``).
+
+One convention for every macro mean, as for segmentation: a class (label) absent from the
+split's ground truth has no F1, precision or recall (``null``) and is left out of every mean; a
+present class that is never predicted has precision 0, shown and averaged. Images without a
+valid pixel are not scored (their label is ``ignore_index``). A multi-label split in which no
+label has a positive has NaN macro means, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -25,12 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelStatScores
 
-from deflect.data import DataSpec
+from deflect.data import DataSpec, check_bool
 from deflect.tasks.base import InferenceSettings, Metric, Task
 from deflect.tasks.segmentation import ConfusionMetric, class_weights
 from segmentors.losses import class_weight_tensor
 
 INPUT_MODES = ("resize", "center_crop")
+log = logging.getLogger(__name__)
 #: The run-folder file recording the size of the training images (:func:`chip_size`).
 INPUT_RECORD = "input.json"
 
@@ -66,9 +73,10 @@ class MultiLabelMetric(Metric):
     def __init__(self, data: DataSpec, device: torch.device, threshold: float) -> None:
         self.class_names = list(data.classes)
         self.threshold = threshold
-        k = data.num_classes
-        self.stats = MultilabelStatScores(k, average=None, sync_on_compute=True).to(device)
-        self.ap = MultilabelAveragePrecision(k, average=None, thresholds=None,
+        k, ignore = data.num_classes, data.ignore_index
+        self.stats = MultilabelStatScores(k, average=None, ignore_index=ignore,
+                                          sync_on_compute=True).to(device)  # fmt: skip
+        self.ap = MultilabelAveragePrecision(k, average=None, thresholds=None, ignore_index=ignore,
                                              sync_on_compute=True).to(device)  # fmt: skip
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
@@ -94,7 +102,7 @@ class MultiLabelMetric(Metric):
             ok = bool(present[i])
             per_class[name] = {
                 "F1": float(f1[i]) if ok else None,
-                "Precision": float(precision[i]) if tp[i] + fp[i] > 0 else None,
+                "Precision": float(precision[i]) if ok else None,
                 "Recall": float(recall[i]) if ok else None,
                 "AP": float(ap[i]) if ok and math.isfinite(float(ap[i])) else None,
                 "support": int(support[i]),
@@ -103,6 +111,13 @@ class MultiLabelMetric(Metric):
         def mean(values: torch.Tensor) -> float:
             return float(values[present].mean()) if present.any() else float("nan")
 
+        if not present.any():
+            log.warning(
+                "no label has a positive among the %d scored samples (every label set is "
+                "empty): mF1, mPrecision, mRecall and mAP are undefined (NaN); microF1 and the "
+                "per-label false positives still count. Evaluate on a split with labels",
+                int(stats[0, :4].sum()),
+            )  # fmt: skip
         micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
         return {
             "mF1": mean(f1),
@@ -134,8 +149,12 @@ class ClassificationLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, target.float(),
-                                                      pos_weight=self.weight)  # fmt: skip
+            # An image without a valid pixel has ignore_index in every entry: left out.
+            valid = target != self.ignore_index  # (B, K)
+            loss = F.binary_cross_entropy_with_logits(
+                logits, target.float().clamp(0, 1), pos_weight=self.weight, reduction="none"
+            )  # (B, K)
+            return (loss * valid).sum() / valid.sum().clamp_min(1)
         return F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index,
                                label_smoothing=self.label_smoothing)  # fmt: skip
 
@@ -159,11 +178,15 @@ class ClassificationTask(Task):
 
     def __init__(self, multi_label: bool = False, threshold: float = 0.5, pooling: str = "cls",
                  dropout: float = 0.0, input: str = "resize") -> None:  # fmt: skip
-        if not 0 < threshold < 1:
-            raise ValueError(f"task.threshold={threshold} must be a probability in (0, 1)")
+        for key, value, low_in in (("threshold", threshold, False), ("dropout", dropout, True)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and (0 <= value if low_in else 0 < value) and value < 1):
+                raise ValueError(
+                    f"task.{key}={value!r}: expected a number in {'[' if low_in else '('}0, 1)"
+                )
         if input not in INPUT_MODES:
             raise ValueError(f"task.input={input!r}: use one of {list(INPUT_MODES)}")
-        self.multi_label = bool(multi_label)
+        self.multi_label = check_bool(multi_label, "task.multi_label")
         self.threshold = float(threshold)
         self.pooling = pooling
         self.dropout = float(dropout)
@@ -187,8 +210,6 @@ class ClassificationTask(Task):
         )  # fmt: skip
 
     def has_signal(self, batch: dict, data: DataSpec) -> bool:
-        if self.multi_label:
-            return True
         return bool((batch["label"] != data.ignore_index).any())
 
     def infer(self, model, images, metadata, settings: InferenceSettings, num_classes: int):

@@ -323,6 +323,30 @@ MUTANTS = [
     Mutant("(18.c) unread top-level keys not said in a sweep's jobs", "run.py",
            "            warn_unread(check_run_config(cfg))", "            check_run_config(cfg)",
            ("tests/test_run.py::test_multirun_gives_each_job_a_folder_in_one_sweep_folder",)),
+    # issue 26 (explain)
+    Mutant("(26.12) the band manifest check stops comparing the standard deviations",
+           "deflect/data.py", '            "std": (self.std_list(), other.std_list()),\n', "",
+           ("tests/test_band_manifest.py",)),
+    Mutant("(26.12) the band manifest check stops comparing the means", "deflect/data.py",
+           '            "mean": (self.mean_list(), other.mean_list()),\n', "",
+           ("tests/test_band_manifest.py",)),
+    Mutant("(26.12) band statistics compared to 5 %", "deflect/data.py",
+           "rel_tol=1e-6, abs_tol=1e-9", "rel_tol=0.05, abs_tol=1e-9",
+           ("tests/test_band_manifest.py",)),
+    Mutant("(26.12) the no-data value not compared", "deflect/data.py",
+           'for key in ("reflectance_scale", "nodata", "sensor"):',
+           'for key in ("reflectance_scale", "sensor"):', ("tests/test_band_manifest.py",)),
+    Mutant("(26.12) the sensor not compared", "deflect/data.py",
+           'for key in ("reflectance_scale", "nodata", "sensor"):',
+           'for key in ("reflectance_scale", "nodata"):', ("tests/test_band_manifest.py",)),
+    Mutant("(26.12) bands added since training accepted", "deflect/data.py",
+           "    if extra:\n", "    if False:\n", ("tests/test_band_manifest.py",)),
+    Mutant("(26.12) a checkpoint's classes not compared", "deflect/engine/checkpoint.py",
+           "if trained.classes and list(trained.classes) != list(data.classes):", "if False:",
+           ("tests/test_band_manifest.py",)),
+    Mutant("(26.12) an adapter's pretrained bands not compared", "deflect/tuners/model.py",
+           "if saved_bands is not None and pretrained_bands is not None and saved_bands != "
+           "pretrained_bands:", "if False:", ("tests/test_band_manifest.py",)),
 ]  # fmt: skip
 
 

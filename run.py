@@ -93,13 +93,14 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
         metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
         report.close_run(
             cfg, model, metrics, counts, trainer.cost(), trainer.writer, trainer.settings.epochs,
-            work_dir, info, extra=report.encoder_checkpoint_record(model),
+            work_dir, info,
+            extra={**report.encoder_checkpoint_record(model), **trainer.early_stopping_record()},
             keep_last=bool(cfg.keep_last),
         )  # fmt: skip
         if cfg.get("diagnostics") and info.is_main and not info.distributed:
             from deflect.engine.explain import explain_run
 
-            explain_run(work_dir, "test", str(info.device.type))
+            explain_run(work_dir, "test", str(info.device.type), lock=False)  # held: run.lock
         elif cfg.get("diagnostics") and info.is_main:
             log.info("diagnostics=true runs in one process: python scripts/explain.py %s",
                      work_dir)  # fmt: skip

@@ -185,6 +185,7 @@ def main(cfg: DictConfig) -> None:
                      "start a new run in another folder", folder, FINISHED_MARKER)  # fmt: skip
             return
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
+    from deflect.engine.logging import close_log_file
     from deflect.engine.runtime import apply_runtime
 
     apply_runtime(cfg)  # matmul precision, CPU allocator: before anything large is allocated
@@ -201,6 +202,7 @@ def main(cfg: DictConfig) -> None:
         # must exit, never wait here for the others.
         barrier(info)
     finally:
+        close_log_file()  # this job's train.log ends here, not with the next job's launch
         if not job.sweep_dir:
             cleanup_distributed()
 

@@ -40,6 +40,7 @@ class Run:
     adapter_bytes: int = 0
     dataset: str = ""
     task: str = "segmentation"
+    stale_diagnostics: str | None = None  # why diagnostics/explain.json is not about best.pt
 
     @property
     def headline(self) -> str:
@@ -85,9 +86,20 @@ def adapter_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def comparison_overrides(overrides: list[str]) -> list[str]:
+    """A job's overrides without the bookkeeping ones (``resume=true``, ...: how the job was
+    run, not what it trained; :data:`~deflect.engine.workdir.BOOKKEEPING_KEYS`)."""
+    from deflect.engine.workdir import BOOKKEEPING_KEYS
+
+    return [item for item in overrides
+            if item.split("=", 1)[0].lstrip("+~") not in BOOKKEEPING_KEYS]  # fmt: skip
+
+
 def collect_runs(sweep: Path) -> list[Run]:
     """Every run folder of ``sweep`` (folders holding ``job.json`` or ``config.yaml``), by job
-    number."""
+    number; their overrides without the bookkeeping ones (a resumed job's ``resume=true``)."""
+    from deflect.engine.diagnostics import staleness
+
     runs = []
     for folder in sorted(p for p in sweep.iterdir() if p.is_dir()):
         if not ((folder / "job.json").is_file() or (folder / "config.yaml").is_file()):
@@ -102,7 +114,7 @@ def collect_runs(sweep: Path) -> list[Run]:
         else:
             status = "incomplete"
         error = failed.read_text().strip().splitlines()[0] if status == "failed" else ""
-        overrides = list(job.get("overrides", []))
+        overrides = comparison_overrides(list(job.get("overrides", [])))
         dataset, task = dataset_and_task(folder, overrides)
         runs.append(
             Run(
@@ -115,6 +127,7 @@ def collect_runs(sweep: Path) -> list[Run]:
                 adapter_bytes=adapter_bytes(folder),
                 dataset=dataset,
                 task=task,
+                stale_diagnostics=staleness(folder) if status == "finished" else None,
             )
         )
     return runs
@@ -137,8 +150,8 @@ def dataset_and_task(folder: Path, overrides: list[str]) -> tuple[str, str]:
 
 
 def expected_jobs(sweep: Path) -> list[list[str]]:
-    """The jobs ``multirun.yaml`` asks for, expanded as Hydra's basic sweeper does ([] when
-    there is no ``multirun.yaml``)."""
+    """The jobs ``multirun.yaml`` asks for, expanded as Hydra's basic sweeper does, without the
+    bookkeeping overrides ([] when there is no ``multirun.yaml``)."""
     path = sweep / "multirun.yaml"
     if not path.is_file():
         return []
@@ -148,7 +161,8 @@ def expected_jobs(sweep: Path) -> list[list[str]]:
 
     task = list(OmegaConf.load(path).hydra.overrides.task)
     overrides = OverridesParser.create().parse_overrides(task)
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    return [comparison_overrides(job)
+            for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]  # fmt: skip
 
 
 # ---- rows ----------------------------------------------------------------------------------------
@@ -237,9 +251,12 @@ def class_iou(row: Row, name: str, key: str = "IoU") -> str:
 
 def top_inputs(row: Row, count: int = 3) -> str:
     """The inputs whose occlusion cost the most test mIoU, averaged over the seeds that ran
-    ``scripts/explain.py`` (``diagnostics/explain.json``); ``-`` when none did."""
+    ``scripts/explain.py`` (``diagnostics/explain.json``) on their current ``best.pt`` (stale
+    diagnostics are left out); ``-`` when none did."""
     drops: dict[str, list[float]] = {}
     for run in row.runs:
+        if run.stale_diagnostics:
+            continue
         report = read_json(run.folder / "diagnostics" / "explain.json")
         for item in report.get("importance", []):  # band B8A and UPE feature B8A apart
             label = item["input"] + ("" if item["kind"] == "band" else f" ({item['kind']})")
@@ -328,7 +345,7 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
         if len(groups) > 1:
             lines += [f"## {dataset} ({group[0].task})", ""]
         explained = any((r.folder / "diagnostics" / "explain.json").is_file()
-                        for row in rows for r in row.runs)  # fmt: skip
+                        and not r.stale_diagnostics for row in rows for r in row.runs)  # fmt: skip
         crossed = cross_sensor_names(rows)
         any_crossed = any_crossed or bool(crossed)
         header = ["method", "seeds", "trainable", "% of GFM tuned", "decoder trainable",
@@ -372,6 +389,11 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
         lines.append(f"Peak memory: {', '.join(sorted(kinds))} (cuda_max_allocated: the CUDA "
                      "allocator's peak; host_rss: the largest resident set sampled during "
                      "training).")  # fmt: skip
+    stale = [r for r in runs if r.stale_diagnostics]
+    if stale:
+        lines += ["", "Diagnostics left out of the table (stale: re-run `scripts/explain.py` on "
+                  "the run to replace them):"]  # fmt: skip
+        lines += [f"- `{r.folder.name}`: {r.stale_diagnostics}" for r in stale]
     lines += ["", "## Jobs that did not finish", ""]
     problems = []
     for run in runs:
@@ -535,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or args.sweeps[0]).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     title = out if len(args.sweeps) == 1 else f"{out} ({len(args.sweeps)} sweeps)"
+    for run in runs:
+        if run.stale_diagnostics:
+            print(f"warning: {run.folder}/diagnostics/explain.json is stale and left out: "
+                  f"{run.stale_diagnostics}; re-run scripts/explain.py {run.folder}",
+                  file=sys.stderr)  # fmt: skip
     text = render_markdown(title, runs, expected)
     print(text)
     write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(text))

@@ -514,6 +514,13 @@ RESUME_FREE_KEYS = {
 }  # fmt: skip
 
 
+#: Command-line keys that say how a job was run or continued, not what it trained: resuming a
+#: sweep adds ``resume=true`` to every job. They never tell the jobs of an ablation apart.
+BOOKKEEPING_KEYS = frozenset(
+    {"resume", "resume_allow_changes", "stop_after_epochs", "keep_last", "diagnostics"}
+)
+
+
 def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
     if isinstance(tree, dict):
         out: dict[str, object] = {}

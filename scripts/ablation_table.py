@@ -424,6 +424,25 @@ def figure_points(groups: dict[str, list[Row]]) -> dict[str, list[tuple[str, flo
     return points
 
 
+def x_limits(xs: list[float]) -> tuple[float, float]:
+    """Log-axis limits for percentages ``xs`` (all > 0): whole decades around them, never past
+    100 % (no method tunes more than all of the GFM)."""
+    lo = 10 ** math.floor(math.log10(min(xs) / 2))
+    hi = min(100.0, 10 ** math.ceil(math.log10(max(xs) * 2)))
+    return lo, max(hi, max(xs))
+
+
+def label_offset(x: float, limits: tuple[float, float], row: int) -> tuple[tuple[int, int], str]:
+    """Where a point's label goes (offset in points, alignment): to its right, or to its left
+    in the right third of the axis, where the text would run past the plot; neighbours' labels
+    alternately above and below."""
+    lo, hi = (math.log10(v) for v in limits)
+    dy = 6 if row % 2 == 0 else -14
+    if math.log10(x) > lo + 0.7 * (hi - lo):
+        return (-8, dy), "right"
+    return (6, dy), "left"
+
+
 def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
     """The paper's Figure 1 over several datasets: per method, the mean over datasets of each
     dataset's headline metric (IoU for segmentation, F1 for classification) against the % of
@@ -438,16 +457,20 @@ def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
     positive = [x for pts in points.values() for _, x, _ in pts if x > 0]
     zero_at = (min(positive) / 4) if positive else 1e-3
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=130)
+    limits = x_limits([zero_at, *positive])
     for i, (label, pts) in enumerate(points.items()):
         colour = f"C{i % 10}"
         xs = [x if x > 0 else zero_at for _, x, _ in pts]
         for (dataset, _, y), x in zip(pts, xs):
-            ax.plot(x, y, markers[dataset], color=colour, markersize=5, alpha=0.6)
+            ax.plot(x, y, markers[dataset], color=colour, markersize=5, alpha=0.6,
+                    clip_on=False)  # fmt: skip
         x, y = statistics.mean(xs), statistics.mean(y for _, _, y in pts)
         star = label.startswith("deflect")
-        ax.plot(x, y, "*" if star else "o", color=colour, markersize=13 if star else 9)
+        ax.plot(x, y, "*" if star else "o", color=colour, markersize=13 if star else 9,
+                clip_on=False)  # fmt: skip
+        offset, align = label_offset(x, limits, i)
         ax.annotate(f"{label.replace('finetune.', '')}  ({len(pts)} datasets)", (x, y),
-                    textcoords="offset points", xytext=(7, 4), fontsize=8)  # fmt: skip
+                    textcoords="offset points", xytext=offset, ha=align, fontsize=8)  # fmt: skip
     for dataset, marker in markers.items():
         ax.plot(
             [], [], marker, color="grey", label=f"{dataset} ({groups[dataset][0].runs[0].headline})"
@@ -459,8 +482,7 @@ def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
     ax.set_ylabel("test IoU (segmentation) / F1 (classification), mean over datasets (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    if positive:
-        ax.set_xlim(min([zero_at, *positive]) / 2, max(positive) * 60)
+    ax.set_xlim(*limits)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -477,6 +499,8 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
     positive = [r.percent for r in rows if r.percent > 0]
     zero_at = (min(positive) / 4) if positive else 1e-3
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=130)
+    xs = [r.percent if r.percent > 0 else zero_at for r in rows]
+    limits = x_limits(xs) if xs else (1e-3, 100.0)
     for i, row in enumerate(rows):
         x = row.percent if row.percent > 0 else zero_at
         values = [100 * v for v in row.values(row.runs[0].headline)]
@@ -484,19 +508,18 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
         err = statistics.stdev(values) if len(values) > 1 else 0.0
         marker = "*" if row.label.startswith("deflect") else "o"
         ax.errorbar(x, y, yerr=err, fmt=marker, markersize=11 if marker == "*" else 7,
-                    capsize=4)  # fmt: skip
+                    capsize=4, clip_on=False)  # fmt: skip
         short = row.label.replace("finetune.", "")  # the method's options, by their own names
         label = short + (" (0 %)" if row.percent <= 0 else "") + f"  n={len(values)}"
-        offset = (6, 6) if i % 2 == 0 else (6, -14)  # neighbours' labels above and below
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
+        offset, align = label_offset(x, limits, i)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, ha=align,
+                    fontsize=8)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("% of GFM parameters tuned (log scale; decoder excluded)")
     ax.set_ylabel(f"test {rows[0].runs[0].headline} (%)" if rows else "test metric (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    xs = [r.percent if r.percent > 0 else zero_at for r in rows]
-    if xs:  # room on the right for the labels of the points
-        ax.set_xlim(min(xs) / 2, max(xs) * 60)
+    ax.set_xlim(*limits)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

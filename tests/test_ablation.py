@@ -303,3 +303,14 @@ def test_diagnostics_are_only_of_finished_runs_not_in_use_and_stale_once_best_pt
     assert record["sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
     cell, text = top_cell()
     assert cell and cell != "-" and "Diagnostics left out" not in text
+
+
+def test_figure_1_x_axis_spans_whole_decades_and_never_passes_100_percent():
+    """Full fine-tuning (100 %) beside DEFLECT (0.3 %): 0.01 % to 100 %, not to 10^3 %; a
+    point in the right third has its label on its left."""
+    script = ablation_script()
+    assert script.x_limits([0.03, 0.3, 2.1, 100.0]) == (0.01, 100.0)
+    assert script.x_limits([0.1, 0.5]) == (0.01, 1.0)
+    assert script.x_limits([57.0]) == (10.0, 100.0)
+    assert script.label_offset(100.0, (0.01, 100.0), 0) == ((-8, 6), "right")
+    assert script.label_offset(0.3, (0.01, 100.0), 1) == ((6, -14), "left")

@@ -347,6 +347,27 @@ MUTANTS = [
     Mutant("(26.12) an adapter's pretrained bands not compared", "deflect/tuners/model.py",
            "if saved_bands is not None and pretrained_bands is not None and saved_bands != "
            "pretrained_bands:", "if False:", ("tests/test_band_manifest.py",)),
+    Mutant("(26.2) explain.py explains an unfinished run without --allow-unfinished",
+           "deflect/engine/explain.py", "    elif not allow_unfinished:", "    elif False:",
+           ("tests/test_ablation.py::test_diagnostics_are_only_of_finished_runs_not_in_use_and_stale_once_best_pt_changes",)),
+    Mutant("(26.2) explain.py ignores the run-folder lock", "scripts/explain.py",
+           "                locks.append(RunLock(run).acquire())", "                pass",
+           ("tests/test_ablation.py::test_diagnostics_are_only_of_finished_runs_not_in_use_and_stale_once_best_pt_changes",)),
+    Mutant("(26.2) diagnostics of a changed best.pt read as current", "deflect/engine/diagnostics.py",
+           '    if sha256(best) == record["sha256"]:', "    if True:",
+           ("tests/test_ablation.py::test_diagnostics_are_only_of_finished_runs_not_in_use_and_stale_once_best_pt_changes",)),
+    Mutant("(26.4) a resumed sweep's resume=true compared like a setting", "scripts/ablation_table.py",
+           "not in BOOKKEEPING_KEYS]", "not in ()]",
+           ("tests/test_ablation.py::test_a_resumed_sweep_lists_its_finished_jobs_as_finished",)),
+    Mutant("(26) a sweep job's train.log left open for the next job's launch", "run.py",
+           "        close_log_file()  # this job's", "        pass  # this job's",
+           ("tests/test_ablation.py::test_every_job_has_its_folder_and_failures_say_why",)),
+    Mutant("(26) early stopping's patience count lost on resume", "deflect/engine/trainer.py",
+           'self.epochs_without_improvement = int(stopping["epochs_without_improvement"])',
+           "self.epochs_without_improvement = 0", ("tests/test_early_stopping.py",)),
+    Mutant("(26) early stopping ignores min_delta", "deflect/engine/trainer.py",
+           "if score > self.patience_score + self.settings.early_stopping_min_delta:",
+           "if score > self.patience_score:", ("tests/test_early_stopping.py",)),
 ]  # fmt: skip
 
 

@@ -413,8 +413,8 @@ def write_report(run_dir: Path, report: dict, spread: dict[str, list[float]] | N
     table = importance_table(report)
     metric = report["metric"]
     source = report.get("checkpoint")
-    source = f", {describe(source)}" if source else ""
-    log.info("what the model used (%s, %s %.2f%s):\n%s", report["split"], metric,
+    source = f" ({describe(source)})" if source else ""
+    log.info("what the model used (%s, %s %.2f)%s:\n%s", report["split"], metric,
              100 * report["baseline"][metric], source, table)  # fmt: skip
     from deflect.engine.logging import ScalarWriter
 
@@ -430,8 +430,8 @@ def write_report(run_dir: Path, report: dict, spread: dict[str, list[float]] | N
     train_log = Path(run_dir) / "train.log"
     if not _logged_to(train_log):  # run.py diagnostics=true: the line above went there already
         with open(train_log, "a") as f:
-            f.write(f"\ndiagnostics ({report['split']}{source}): drop of {metric} when an input "
-                    f"is replaced by its training mean\n{table}\n")  # fmt: skip
+            f.write(f"\ndiagnostics ({report['split']}): drop of {metric} when an input is "
+                    f"replaced by its training mean{source}\n{table}\n")  # fmt: skip
 
 
 def _logged_to(path: Path) -> bool:

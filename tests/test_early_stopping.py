@@ -143,3 +143,18 @@ def test_early_stopping_settings_are_checked_before_anything_is_built():
     ):
         with pytest.raises(ValueError, match=message):
             check_run_config(OmegaConf.merge(good, {key: bad}))
+
+
+def test_a_run_saved_before_early_stopping_existed_resumes_without_a_change():
+    """Its config.yaml lacks the keys: it trained without early stopping, which is what the
+    defaults do, so resume=true with them is no change; turning it on is one."""
+    from omegaconf import OmegaConf
+
+    from deflect.engine.workdir import resume_config_changes
+
+    saved = OmegaConf.create({"epochs": 3})
+    current = OmegaConf.create({"epochs": 3, "early_stopping_patience": None,
+                                "early_stopping_min_delta": 0.0})  # fmt: skip
+    assert resume_config_changes(saved, current) == []
+    turned_on = OmegaConf.merge(current, {"early_stopping_patience": 3})
+    assert resume_config_changes(saved, turned_on) == ["early_stopping_patience: None -> 3"]

@@ -530,10 +530,15 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
+#: Settings added after runs were saved, with the value that does what runs did before them: a
+#: saved config without the key trained that way, so resuming it with that value changes nothing.
+ADDED_SETTINGS = {"early_stopping_patience": None, "early_stopping_min_delta": 0.0}
+
+
 def resume_config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
     """``key: saved -> current`` for every setting a resumed run changes (free keys aside)."""
-    old = _flatten(OmegaConf.to_container(saved, resolve=True))
-    new = _flatten(OmegaConf.to_container(current, resolve=True))
+    old = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(saved, resolve=True))}
+    new = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(current, resolve=True))}
     changes = []
     for key in sorted(set(old) | set(new)):
         if key.split(".")[0] in RESUME_FREE_KEYS or old.get(key) == new.get(key):

@@ -93,13 +93,14 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
         metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
         report.close_run(
             cfg, model, metrics, counts, trainer.cost(), trainer.writer, trainer.settings.epochs,
-            work_dir, info, extra=report.encoder_checkpoint_record(model),
+            work_dir, info,
+            extra={**report.encoder_checkpoint_record(model), **trainer.early_stopping_record()},
             keep_last=bool(cfg.keep_last),
         )  # fmt: skip
         if cfg.get("diagnostics") and info.is_main and not info.distributed:
             from deflect.engine.explain import explain_run
 
-            explain_run(work_dir, "test", str(info.device.type))
+            explain_run(work_dir, "test", str(info.device.type), lock=False)  # held: run.lock
         elif cfg.get("diagnostics") and info.is_main:
             log.info("diagnostics=true runs in one process: python scripts/explain.py %s",
                      work_dir)  # fmt: skip
@@ -183,6 +184,7 @@ def main(cfg: DictConfig) -> None:
                      "start a new run in another folder", folder, FINISHED_MARKER)  # fmt: skip
             return
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
+    from deflect.engine.logging import close_log_file
     from deflect.engine.runtime import apply_runtime
 
     apply_runtime(cfg)  # matmul precision, CPU allocator: before anything large is allocated
@@ -199,6 +201,7 @@ def main(cfg: DictConfig) -> None:
         # must exit, never wait here for the others.
         barrier(info)
     finally:
+        close_log_file()  # this job's train.log ends here, not with the next job's launch
         if not job.sweep_dir:
             cleanup_distributed()
 

@@ -40,6 +40,7 @@ class Run:
     adapter_bytes: int = 0
     dataset: str = ""
     task: str = "segmentation"
+    stale_diagnostics: str | None = None  # why diagnostics/explain.json is not about best.pt
 
     @property
     def headline(self) -> str:
@@ -85,9 +86,20 @@ def adapter_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def comparison_overrides(overrides: list[str]) -> list[str]:
+    """A job's overrides without the bookkeeping ones (``resume=true``, ...: how the job was
+    run, not what it trained; :data:`~deflect.engine.workdir.BOOKKEEPING_KEYS`)."""
+    from deflect.engine.workdir import BOOKKEEPING_KEYS
+
+    return [item for item in overrides
+            if item.split("=", 1)[0].lstrip("+~") not in BOOKKEEPING_KEYS]  # fmt: skip
+
+
 def collect_runs(sweep: Path) -> list[Run]:
     """Every run folder of ``sweep`` (folders holding ``job.json`` or ``config.yaml``), by job
-    number."""
+    number; their overrides without the bookkeeping ones (a resumed job's ``resume=true``)."""
+    from deflect.engine.diagnostics import staleness
+
     runs = []
     for folder in sorted(p for p in sweep.iterdir() if p.is_dir()):
         if not ((folder / "job.json").is_file() or (folder / "config.yaml").is_file()):
@@ -102,7 +114,7 @@ def collect_runs(sweep: Path) -> list[Run]:
         else:
             status = "incomplete"
         error = failed.read_text().strip().splitlines()[0] if status == "failed" else ""
-        overrides = list(job.get("overrides", []))
+        overrides = comparison_overrides(list(job.get("overrides", [])))
         dataset, task = dataset_and_task(folder, overrides)
         runs.append(
             Run(
@@ -115,6 +127,7 @@ def collect_runs(sweep: Path) -> list[Run]:
                 adapter_bytes=adapter_bytes(folder),
                 dataset=dataset,
                 task=task,
+                stale_diagnostics=staleness(folder) if status == "finished" else None,
             )
         )
     return runs
@@ -137,8 +150,8 @@ def dataset_and_task(folder: Path, overrides: list[str]) -> tuple[str, str]:
 
 
 def expected_jobs(sweep: Path) -> list[list[str]]:
-    """The jobs ``multirun.yaml`` asks for, expanded as Hydra's basic sweeper does ([] when
-    there is no ``multirun.yaml``)."""
+    """The jobs ``multirun.yaml`` asks for, expanded as Hydra's basic sweeper does, without the
+    bookkeeping overrides ([] when there is no ``multirun.yaml``)."""
     path = sweep / "multirun.yaml"
     if not path.is_file():
         return []
@@ -148,7 +161,8 @@ def expected_jobs(sweep: Path) -> list[list[str]]:
 
     task = list(OmegaConf.load(path).hydra.overrides.task)
     overrides = OverridesParser.create().parse_overrides(task)
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    return [comparison_overrides(job)
+            for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]  # fmt: skip
 
 
 # ---- rows ----------------------------------------------------------------------------------------
@@ -237,9 +251,12 @@ def class_iou(row: Row, name: str, key: str = "IoU") -> str:
 
 def top_inputs(row: Row, count: int = 3) -> str:
     """The inputs whose occlusion cost the most test mIoU, averaged over the seeds that ran
-    ``scripts/explain.py`` (``diagnostics/explain.json``); ``-`` when none did."""
+    ``scripts/explain.py`` (``diagnostics/explain.json``) on their current ``best.pt`` (stale
+    diagnostics are left out); ``-`` when none did."""
     drops: dict[str, list[float]] = {}
     for run in row.runs:
+        if run.stale_diagnostics:
+            continue
         report = read_json(run.folder / "diagnostics" / "explain.json")
         for item in report.get("importance", []):  # band B8A and UPE feature B8A apart
             label = item["input"] + ("" if item["kind"] == "band" else f" ({item['kind']})")
@@ -328,7 +345,7 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
         if len(groups) > 1:
             lines += [f"## {dataset} ({group[0].task})", ""]
         explained = any((r.folder / "diagnostics" / "explain.json").is_file()
-                        for row in rows for r in row.runs)  # fmt: skip
+                        and not r.stale_diagnostics for row in rows for r in row.runs)  # fmt: skip
         crossed = cross_sensor_names(rows)
         any_crossed = any_crossed or bool(crossed)
         header = ["method", "seeds", "trainable", "% of GFM tuned", "decoder trainable",
@@ -372,6 +389,11 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
         lines.append(f"Peak memory: {', '.join(sorted(kinds))} (cuda_max_allocated: the CUDA "
                      "allocator's peak; host_rss: the largest resident set sampled during "
                      "training).")  # fmt: skip
+    stale = [r for r in runs if r.stale_diagnostics]
+    if stale:
+        lines += ["", "Diagnostics left out of the table (stale: re-run `scripts/explain.py` on "
+                  "the run to replace them):"]  # fmt: skip
+        lines += [f"- `{r.folder.name}`: {r.stale_diagnostics}" for r in stale]
     lines += ["", "## Jobs that did not finish", ""]
     problems = []
     for run in runs:
@@ -402,6 +424,25 @@ def figure_points(groups: dict[str, list[Row]]) -> dict[str, list[tuple[str, flo
     return points
 
 
+def x_limits(xs: list[float]) -> tuple[float, float]:
+    """Log-axis limits for percentages ``xs`` (all > 0): whole decades around them, never past
+    100 % (no method tunes more than all of the GFM)."""
+    lo = 10 ** math.floor(math.log10(min(xs) / 2))
+    hi = min(100.0, 10 ** math.ceil(math.log10(max(xs) * 2)))
+    return lo, max(hi, max(xs))
+
+
+def label_offset(x: float, limits: tuple[float, float], row: int) -> tuple[tuple[int, int], str]:
+    """Where a point's label goes (offset in points, alignment): to its right, or to its left
+    in the right third of the axis, where the text would run past the plot; neighbours' labels
+    alternately above and below."""
+    lo, hi = (math.log10(v) for v in limits)
+    dy = 6 if row % 2 == 0 else -14
+    if math.log10(x) > lo + 0.7 * (hi - lo):
+        return (-8, dy), "right"
+    return (6, dy), "left"
+
+
 def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
     """The paper's Figure 1 over several datasets: per method, the mean over datasets of each
     dataset's headline metric (IoU for segmentation, F1 for classification) against the % of
@@ -416,16 +457,20 @@ def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
     positive = [x for pts in points.values() for _, x, _ in pts if x > 0]
     zero_at = (min(positive) / 4) if positive else 1e-3
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=130)
+    limits = x_limits([zero_at, *positive])
     for i, (label, pts) in enumerate(points.items()):
         colour = f"C{i % 10}"
         xs = [x if x > 0 else zero_at for _, x, _ in pts]
         for (dataset, _, y), x in zip(pts, xs):
-            ax.plot(x, y, markers[dataset], color=colour, markersize=5, alpha=0.6)
+            ax.plot(x, y, markers[dataset], color=colour, markersize=5, alpha=0.6,
+                    clip_on=False)  # fmt: skip
         x, y = statistics.mean(xs), statistics.mean(y for _, _, y in pts)
         star = label.startswith("deflect")
-        ax.plot(x, y, "*" if star else "o", color=colour, markersize=13 if star else 9)
+        ax.plot(x, y, "*" if star else "o", color=colour, markersize=13 if star else 9,
+                clip_on=False)  # fmt: skip
+        offset, align = label_offset(x, limits, i)
         ax.annotate(f"{label.replace('finetune.', '')}  ({len(pts)} datasets)", (x, y),
-                    textcoords="offset points", xytext=(7, 4), fontsize=8)  # fmt: skip
+                    textcoords="offset points", xytext=offset, ha=align, fontsize=8)  # fmt: skip
     for dataset, marker in markers.items():
         ax.plot(
             [], [], marker, color="grey", label=f"{dataset} ({groups[dataset][0].runs[0].headline})"
@@ -437,8 +482,7 @@ def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
     ax.set_ylabel("test IoU (segmentation) / F1 (classification), mean over datasets (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    if positive:
-        ax.set_xlim(min([zero_at, *positive]) / 2, max(positive) * 60)
+    ax.set_xlim(*limits)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -455,6 +499,8 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
     positive = [r.percent for r in rows if r.percent > 0]
     zero_at = (min(positive) / 4) if positive else 1e-3
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=130)
+    xs = [r.percent if r.percent > 0 else zero_at for r in rows]
+    limits = x_limits(xs) if xs else (1e-3, 100.0)
     for i, row in enumerate(rows):
         x = row.percent if row.percent > 0 else zero_at
         values = [100 * v for v in row.values(row.runs[0].headline)]
@@ -462,19 +508,18 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
         err = statistics.stdev(values) if len(values) > 1 else 0.0
         marker = "*" if row.label.startswith("deflect") else "o"
         ax.errorbar(x, y, yerr=err, fmt=marker, markersize=11 if marker == "*" else 7,
-                    capsize=4)  # fmt: skip
+                    capsize=4, clip_on=False)  # fmt: skip
         short = row.label.replace("finetune.", "")  # the method's options, by their own names
         label = short + (" (0 %)" if row.percent <= 0 else "") + f"  n={len(values)}"
-        offset = (6, 6) if i % 2 == 0 else (6, -14)  # neighbours' labels above and below
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
+        offset, align = label_offset(x, limits, i)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, ha=align,
+                    fontsize=8)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("% of GFM parameters tuned (log scale; decoder excluded)")
     ax.set_ylabel(f"test {rows[0].runs[0].headline} (%)" if rows else "test metric (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    xs = [r.percent if r.percent > 0 else zero_at for r in rows]
-    if xs:  # room on the right for the labels of the points
-        ax.set_xlim(min(xs) / 2, max(xs) * 60)
+    ax.set_xlim(*limits)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -535,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or args.sweeps[0]).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     title = out if len(args.sweeps) == 1 else f"{out} ({len(args.sweeps)} sweeps)"
+    for run in runs:
+        if run.stale_diagnostics:
+            print(f"warning: {run.folder}/diagnostics/explain.json is stale and left out: "
+                  f"{run.stale_diagnostics}; re-run scripts/explain.py {run.folder}",
+                  file=sys.stderr)  # fmt: skip
     text = render_markdown(title, runs, expected)
     print(text)
     write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(text))

@@ -21,6 +21,18 @@ def ablation_script():
     return load_script("ablation_table")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for what runs in this process (explain.py): the tiny model gains
+    nothing from more, and a busy 2-core machine slows down a lot when threads compete."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sweep(demo_root, tmp_path_factory) -> Path:
     """frozen and lora, seeds 0 and 1, and a precision typo (fp42) that fails in every job it
@@ -44,6 +56,10 @@ def test_every_job_has_its_folder_and_failures_say_why(sweep):
         assert "precision=fp42" in job["overrides"]
         first = (sweep / name / "failed.txt").read_text().splitlines()[0]
         assert first.startswith("ValueError: precision='fp42'")
+    # Each job's train.log ends with the job: Hydra's launch of the next job is not in it.
+    for name in folders:
+        log = (sweep / name / "train.log").read_text()
+        assert "basic_launcher" not in log and f"#{int(name[:3]) + 1} :" not in log, name
 
 
 def test_table_pools_seeds_and_lists_the_failed_jobs(sweep):
@@ -176,3 +192,147 @@ def test_one_sweep_across_a_segmentation_and_a_classification_dataset(demo_root,
         got = {dataset: y for dataset, _, y in points[method]}
         assert got == pytest.approx(expected)
     assert (tmp_path / "sweep" / "results.png").stat().st_size > 10_000
+
+
+def test_a_resumed_sweep_lists_its_finished_jobs_as_finished(sweep, tmp_path):
+    """The sweep as ``run.py -m ... resume=true hydra.sweep.dir=<sweep>`` leaves it: Hydra's
+    ``multirun.yaml`` gains ``resume=true``; the failed jobs ran again and rewrote their
+    ``job.json`` with ``resume=True``; the finished ones were left untouched (without it).
+    Every finished job is still a finished row, nothing is "never started", and ``resume`` is
+    no common setting (the slow test below resumes a real sweep)."""
+    from omegaconf import OmegaConf
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(sweep, copy)
+    record = OmegaConf.load(copy / "multirun.yaml")
+    record.hydra.overrides.task.append("resume=true")
+    OmegaConf.save(record, copy / "multirun.yaml")
+    for failed in copy.glob("*/failed.txt"):
+        job = json.loads((failed.parent / "job.json").read_text())
+        job["overrides"].append("resume=True")
+        (failed.parent / "job.json").write_text(json.dumps(job, indent=2))
+    script = ablation_script()
+    text = script.render_markdown(copy, script.collect_runs(copy), script.expected_jobs(copy))
+    assert "never started" not in text, text
+    common = next(line for line in text.splitlines() if line.startswith("Common settings:"))
+    assert "resume" not in common.lower() and "`epochs=1`" in common
+    assert "| frozen precision=fp32 | 2 (0, 1) |" in text
+    assert "| lora precision=fp32 | 2 (0, 1) |" in text
+    assert text.count("- failed: ") == 4 and "resume" not in text.split("## Jobs that")[1]
+
+
+def test_diagnostics_are_only_of_finished_runs_not_in_use_and_stale_once_best_pt_changes(
+    sweep, tmp_path, caplog
+):
+    """scripts/explain.py on copies of the sweep's runs: a run a training process holds is
+    refused as eval_dir refuses it, an unfinished run unless --allow-unfinished (then said
+    loudly); explain.json records the checkpoint (SHA-256, epoch). When best.pt changes (the
+    run went on and a later epoch was better), the ablation table leaves the diagnostics out
+    and says why; explaining the run again replaces them."""
+    import hashlib
+    import logging
+    import os
+
+    import torch
+
+    from deflect.engine.workdir import RunLock
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    explain, table = load_script("explain"), ablation_script()
+    finished = sorted(p for p in copy.iterdir() if (p / "metrics.json").is_file())
+    run, unfinished = finished[0], finished[3]  # frozen seed 0; lora seed 1
+    log_before = (run / "train.log").read_text()
+
+    lock = RunLock(run).acquire()  # a training run still writing the folder
+    try:
+        with pytest.raises(SystemExit, match=rf"in use by another run: pid {os.getpid()} on "):
+            explain.main([str(run)])
+    finally:
+        lock.release()
+    assert not (run / "diagnostics").exists() and (run / "train.log").read_text() == log_before
+
+    (unfinished / "metrics.json").unlink()  # stopped after its first epoch, not resumed yet
+    with pytest.raises(SystemExit, match=r"has not finished \(no metrics.json\): its "
+                       r"checkpoints/best.pt of epoch 1 of 1 \(sha256 "):  # fmt: skip
+        explain.main([str(unfinished)])
+    assert not (unfinished / "diagnostics").exists()
+    with caplog.at_level(logging.INFO):
+        explain.main([str(unfinished), "--allow-unfinished"])
+    assert "explaining an UNFINISHED run (no metrics.json)" in caplog.text
+    record = json.loads((unfinished / "diagnostics" / "explain.json").read_text())["checkpoint"]
+    assert record["run_finished"] is False and record["epoch"] == 1
+
+    (report,) = explain.main([str(run)])
+    best = run / "checkpoints" / "best.pt"
+    record = json.loads((run / "diagnostics" / "explain.json").read_text())["checkpoint"]
+    assert record["sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
+    assert record["epoch"] == torch.load(best, weights_only=True)["epoch"] + 1
+    assert record["run_finished"] is True and record["size"] == best.stat().st_size
+    log_after = (run / "train.log").read_text()
+    assert log_after.startswith(log_before)  # appended at the end
+    assert ("diagnostics (test): drop of mIoU when an input is replaced by its training mean "
+            "(checkpoints/best.pt of epoch 1 of 1 (sha256 ") in log_after  # fmt: skip
+
+    def top_cell():
+        text = table.render_markdown(copy, table.collect_runs(copy), table.expected_jobs(copy))
+        lines = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+        header = [c.strip("| ") for c in lines[0]]
+        if "top inputs (mIoU drop)" not in header:  # no run with current diagnostics
+            return None, text
+        rows = {line[0].strip("| "): line for line in lines[1:]}
+        cell = rows["frozen precision=fp32"][header.index("top inputs (mIoU drop)")].strip("| ")
+        return cell, text
+
+    ranked = report["importance"][:3]  # one explained seed: its own three largest drops
+    cell, _ = top_cell()
+    assert cell == ", ".join(f"{r['input']}: {100 * r['drop']:.1f}" for r in ranked)
+
+    state = torch.load(best, weights_only=True)  # the run went on: a better epoch's weights
+    key = next(iter(state["model"]))
+    state["model"][key] = state["model"][key] + 0.01
+    torch.save(state, best)
+    cell, text = top_cell()
+    assert cell is None  # the only explained run's diagnostics are stale: no column
+    assert (f"- `{run.name}`: checkpoints/best.pt changed after it was explained (the "
+            "diagnostics are of checkpoints/best.pt of epoch 1 of 1 (sha256 "
+            f"{record['sha256'][:12]}))") in text  # fmt: skip
+    assert table.main([str(copy)]) == 0
+    explain.main([str(run)])  # explained again: replaced, and current
+    record = json.loads((run / "diagnostics" / "explain.json").read_text())["checkpoint"]
+    assert record["sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
+    cell, text = top_cell()
+    assert cell and cell != "-" and "Diagnostics left out" not in text
+
+
+def test_figure_1_x_axis_spans_whole_decades_and_never_passes_100_percent():
+    """Full fine-tuning (100 %) beside DEFLECT (0.3 %): 0.01 % to 100 %, not to 10^3 %; a
+    point in the right third has its label on its left."""
+    script = ablation_script()
+    assert script.x_limits([0.03, 0.3, 2.1, 100.0]) == (0.01, 100.0)
+    assert script.x_limits([0.1, 0.5]) == (0.01, 1.0)
+    assert script.x_limits([57.0]) == (10.0, 100.0)
+    assert script.label_offset(100.0, (0.01, 100.0), 0) == ((-8, 6), "right")
+    assert script.label_offset(0.3, (0.01, 100.0), 1) == ((6, -14), "left")
+
+
+@pytest.mark.slow
+def test_a_really_resumed_sweep_keeps_its_finished_job_in_the_table(demo_root, tmp_path):
+    """A sweep with one failed job (precision=fp42), resumed with resume=true: the finished
+    job, left untouched, is a finished row; nothing is "never started"; resume is no common
+    setting; the failed job is listed as failed."""
+    args = ["-m", "finetune=frozen", "precision=fp32,fp42", *TINY, f"dataset.root={demo_root}",
+            "epochs=1", "save_predictions=false", "num_vis=0",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    assert run_cli(args, tmp_path, check=False).returncode != 0
+    resumed = run_cli([*args, "resume=true"], tmp_path, check=False)
+    assert "has already finished (it has metrics.json): left untouched" in resumed.stdout
+    job = json.loads((tmp_path / "sweep" / "001_tiny_vit_frozen_demo" / "job.json").read_text())
+    assert "resume=True" in job["overrides"]  # the failed job ran again
+    script = ablation_script()
+    sweep = tmp_path / "sweep"
+    text = script.render_markdown(sweep, script.collect_runs(sweep), script.expected_jobs(sweep))
+    assert "never started" not in text and "| frozen precision=fp32 | 1 (0) |" in text
+    common = next(line for line in text.splitlines() if line.startswith("Common settings:"))
+    assert "resume" not in common.lower()
+    assert text.count("- failed: ") == 1 and "precision='fp42'" in text

@@ -145,3 +145,22 @@ def test_upe_features_are_occluded_with_their_training_mean():
         plain = upe(x)
     torch.testing.assert_close(got, expected_tokens)
     assert not torch.allclose(plain, got)  # NDVI mattered to the tokens
+
+
+def test_the_console_says_how_many_inputs_it_shows_and_tells_a_band_from_its_feature():
+    """21 inputs: the table shows 12 and says so; band B8, UPE's raw-band feature B8 and the
+    statistic q10 are named apart, as on importance.png."""
+    from deflect.engine.explain import importance_table, input_label
+
+    rows = [{"input": "B8", "kind": "band", "drop": 0.05},
+            {"input": "B8", "kind": "feature", "drop": 0.04},
+            {"input": "q10", "kind": "statistic", "drop": 0.03}]  # fmt: skip
+    rows += [{"input": f"I{i}", "kind": "feature", "drop": 0.0} for i in range(18)]
+    lines = importance_table({"importance": rows}).splitlines()
+    assert lines[0] == "  top 12 of 21 inputs; all in diagnostics/importance.csv"
+    assert len(lines) == 13
+    assert lines[1].split() == ["B8", "band", "drop", "+5.00"]
+    assert lines[2].split() == ["B8", "UPE", "feature", "drop", "+4.00"]
+    assert lines[3].split() == ["q10", "UPE", "statistic", "drop", "+3.00"]
+    assert [input_label(r) for r in rows[:3]] == ["B8 (band)", "UPE: B8", "UPE stat: q10"]
+    assert importance_table({"importance": rows[:3]}).splitlines()[0] == "  all 3 inputs"

@@ -219,6 +219,8 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         log_interval=int(cfg.log_interval),
         max_steps_per_epoch=cfg.max_steps_per_epoch,
         stop_after_epochs=cfg.stop_after_epochs,
+        early_stopping_patience=cfg.get("early_stopping_patience") or None,
+        early_stopping_min_delta=float(cfg.get("early_stopping_min_delta") or 0.0),
     )
 
 

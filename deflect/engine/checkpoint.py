@@ -119,17 +119,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_manifest(model: nn.Module, saved: str, source: str) -> None:
-    """Refuse a checkpoint trained on other bands, statistics, scale or sensor than ``model``'s
-    data description (``saved``: the checkpoint's JSON band manifest; empty to skip)."""
+    """Refuse a checkpoint trained on other bands, statistics, scale, no-data value, sensor or
+    classes than ``model``'s data description (``saved``: the checkpoint's JSON band manifest;
+    empty to skip). Classes count here and not for an adapter: a checkpoint holds the head,
+    whose outputs are the trained classes in their order."""
     data = getattr(model, "data", None)
     if not saved or data is None:
         return
-    differences = DataSpec.from_dict(json.loads(saved)).differences(data)
+    trained = DataSpec.from_dict(json.loads(saved))
+    differences = trained.differences(data)
+    if trained.classes and list(trained.classes) != list(data.classes):
+        differences.append(f"classes {list(trained.classes)} != {list(data.classes)}")
     if differences:
         raise RuntimeError(
             f"checkpoint {source} was trained on other input data than this model takes: "
             + "; ".join(differences)
-            + ". Use the dataset config (bands, band_stats, reflectance_scale) of the training run"
+            + ". Use the dataset config (bands, band_stats, reflectance_scale, nodata, sensor, "
+            "classes) of the training run"
         )
 
 

@@ -33,6 +33,17 @@ def setup_logging(work_dir: Path | None, is_main: bool) -> None:
     warnings.showwarning = _log_warning
 
 
+def close_log_file() -> None:
+    """Detach and close the root logger's file handlers (the run's ``train.log``) when a run or
+    a sweep's job ends: otherwise what comes next in the process (Hydra's line launching the
+    next job) is written into this job's log."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+
+
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
     logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from deflect.engine import build
 from deflect.engine.checkpoint import atomic_write_text, load_checkpoint, load_model_state
+from deflect.engine.diagnostics import staleness
 from deflect.engine.distributed import DistInfo, broadcast_object, explain_stall
 from deflect.engine.evaluator import Evaluator
 from deflect.engine.logging import ScalarWriter, setup_logging
@@ -358,6 +359,11 @@ def close_run(
             last.unlink()
             log.info("deleted %s (%.0f MB of optimiser state; keep_last=true keeps it)", last,
                      size / 1e6)  # fmt: skip
+        stale = staleness(work_dir)  # explained before a resume, and best.pt changed since
+        if stale:
+            log.warning("%s/diagnostics/ are stale: %s. Re-run python scripts/explain.py %s "
+                        "(the ablation table leaves them out until then)", work_dir, stale,
+                        work_dir)  # fmt: skip
         log.info(
             "done: test %s %.2f; training %s images/s, peak memory %.0f MiB (%s); everything "
             "is in %s",

@@ -7,7 +7,9 @@ deflection), backward (through a GradScaler for fp16 only), gradient clipping, o
 per-step scheduler. Per epoch: validation, ``best.pt`` when the monitored metric improves,
 ``last.pt`` always (both written atomically). ``resume`` restores model, optimiser, scheduler,
 scaler, epoch and RNG state, and every epoch re-seeds its randomness from (seed, epoch, rank), so a
-resumed run ends exactly where an uninterrupted one does.
+resumed run ends exactly where an uninterrupted one does. Early stopping (``patience`` epochs
+without an improvement of the monitored metric by more than ``min_delta``) keeps its count in
+``last.pt`` too, so a resumed run stops at the same epoch.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class TrainSettings:
         max_steps_per_epoch: cut epochs short (smoke tests); ``None`` for full epochs.
         stop_after_epochs: leave ``fit`` after this many epochs in total, as a job killed by a
             time limit would, keeping ``last.pt`` for ``resume=true``; ``None`` runs them all.
+        early_stopping_patience: finish the run (test, export) once the monitored metric has
+            not improved by more than ``early_stopping_min_delta`` for this many epochs in a
+            row; ``None`` or 0: never.
+        early_stopping_min_delta: the improvement (in the metric's units, a fraction for mIoU)
+            that resets the patience; ``best.pt`` still follows every improvement.
     """
 
     epochs: int
@@ -83,12 +90,23 @@ class TrainSettings:
     log_interval: int = 10
     max_steps_per_epoch: int | None = None
     stop_after_epochs: int | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
 
     def __post_init__(self) -> None:
         if self.precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision={self.precision!r} is not one of {list(AUTOCAST_DTYPES)}")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
+            raise ValueError(
+                f"early_stopping_patience={self.early_stopping_patience} must be >= 0 (0 or "
+                "null: off)"
+            )
+        if not self.early_stopping_min_delta >= 0:
+            raise ValueError(
+                f"early_stopping_min_delta={self.early_stopping_min_delta} must be >= 0"
+            )
 
 
 class Trainer:
@@ -142,6 +160,10 @@ class Trainer:
         self.best_score = -math.inf
         self.best_epoch = -1
         self.best_metrics: dict | None = None
+        # Early stopping: the score the patience counts from, and epochs since it was set.
+        self.patience_score = -math.inf
+        self.epochs_without_improvement = 0
+        self.stopped_early_at: int | None = None  # the last epoch trained (1-based), if stopped
         self.fingerprint = frozen_fingerprint(raw_model)
         data = getattr(raw_model, "data", None)
         self.manifest = json.dumps(data.to_dict()) if data is not None else ""
@@ -194,6 +216,11 @@ class Trainer:
         self.global_step = state["global_step"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.best_metrics = json.loads(state["best_metrics"]) if state["best_metrics"] else None
+        stopping = state.get("early_stopping")
+        if stopping:
+            self.patience_score = float(stopping["score"])
+            self.epochs_without_improvement = int(stopping["epochs_without_improvement"])
+            self.stopped_early_at = stopping["stopped_at_epoch"]
         cost = state.get("cost")
         if cost:  # the resumed run reports the whole run's cost, not only its own epochs
             self.throughput.images = int(cost["images"])
@@ -207,12 +234,48 @@ class Trainer:
             log.info("resumed from %s: continuing at epoch %d of %d", path,
                      self.start_epoch + 1, self.settings.epochs)  # fmt: skip
 
+    def early_stopping_record(self) -> dict:
+        """For ``metrics.json``: the patience, the min_delta, and the epoch training stopped at
+        (``None`` when it ran every epoch, or without early stopping)."""
+        return {
+            "early_stopping": {
+                "patience": self.settings.early_stopping_patience or None,
+                "min_delta": self.settings.early_stopping_min_delta,
+                "stopped_at_epoch": self.stopped_early_at,
+                "epochs": self.settings.epochs,
+            }
+        }
+
+    def _patience_over(self, epoch: int, score: float) -> bool:
+        """Count an epoch without improvement by more than min_delta; True (and logged) when
+        the patience is used up."""
+        patience = self.settings.early_stopping_patience
+        if score > self.patience_score + self.settings.early_stopping_min_delta:
+            self.patience_score, self.epochs_without_improvement = score, 0
+        else:
+            self.epochs_without_improvement += 1
+        if not patience or self.epochs_without_improvement < patience:
+            return False
+        self.stopped_early_at = epoch + 1
+        if self.info.is_main:
+            log.info(
+                "early stopping after epoch %d of %d: val %s has not improved by more than %g "
+                "for %d epochs (best %.4f at epoch %d); testing the best checkpoint",
+                epoch + 1, self.settings.epochs, self.settings.monitor,
+                self.settings.early_stopping_min_delta, patience, self.best_score,
+                self.best_epoch + 1,
+            )  # fmt: skip
+        return True
+
     def fit(self) -> bool:
-        """Train the remaining epochs; True when all are done (False if stopped early)."""
+        """Train the remaining epochs; True when the run is done (every epoch trained, or
+        stopped early), False when ``stop_after_epochs`` left it unfinished."""
         last_epoch = self.settings.epochs
         if self.settings.stop_after_epochs is not None:
             last_epoch = min(self.settings.epochs, self.settings.stop_after_epochs)
-        for epoch in range(self.start_epoch, last_epoch):
+        # Resumed after it had stopped early (and died before testing): nothing left to train.
+        first = self.start_epoch if self.stopped_early_at is None else last_epoch
+        for epoch in range(first, last_epoch):
             seed_epoch(self.settings.seed, epoch, self.info.rank, self.loader_generator)
             sampler = getattr(self.train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
@@ -252,13 +315,17 @@ class Trainer:
                         },
                         self.checkpoint_dir / "best.pt",
                     )
+            stop = self._patience_over(epoch, score)  # every rank: the same all-reduced score
+            if self.info.is_main:
                 self.save_last(epoch)
+            if stop:
+                break
         if self.info.is_main and self.best_metrics is not None:
             atomic_write_text(
                 json.dumps({"epoch": self.best_epoch + 1, **self.best_metrics}, indent=2),
                 self.work_dir / "best_val_metrics.json",
             )
-        return last_epoch == self.settings.epochs
+        return self.stopped_early_at is not None or last_epoch == self.settings.epochs
 
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training loader; returns the mean loss over ranks."""
@@ -359,6 +426,11 @@ class Trainer:
                 "best_metrics": json.dumps(self.best_metrics) if self.best_metrics else "",
                 "rng": rng_state(),
                 "cost": self._cost_state(),
+                "early_stopping": {
+                    "score": self.patience_score,
+                    "epochs_without_improvement": self.epochs_without_improvement,
+                    "stopped_at_epoch": self.stopped_early_at,
+                },
                 "saved_at": time.time(),
             },
             self.checkpoint_dir / "last.pt",

@@ -316,6 +316,8 @@ RUN_SETTINGS: dict[str, tuple] = {
     "epochs": (_INT, 1, False, "epochs=15"),
     "max_steps_per_epoch": (_INT, 1, True, "max_steps_per_epoch=100 (null: whole epochs)"),
     "stop_after_epochs": (_INT, 1, True, "stop_after_epochs=5"),
+    "early_stopping_patience": (_INT, 0, True, "early_stopping_patience=5 (null or 0: off)"),
+    "early_stopping_min_delta": (_FLOAT, 0.0, False, "early_stopping_min_delta=0.001"),
     "log_interval": (_INT, 1, False, "log_interval=10"),
     "num_vis": (_INT, 0, False, "num_vis=4"),
     "eval_stride": (_INT, 1, True, "eval_stride=112 (null: half of img_size)"),
@@ -570,6 +572,13 @@ RESUME_FREE_KEYS = {
 }  # fmt: skip
 
 
+#: Command-line keys that say how a job was run or continued, not what it trained: resuming a
+#: sweep adds ``resume=true`` to every job. They never tell the jobs of an ablation apart.
+BOOKKEEPING_KEYS = frozenset(
+    {"resume", "resume_allow_changes", "stop_after_epochs", "keep_last", "diagnostics"}
+)
+
+
 def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
     if isinstance(tree, dict):
         out: dict[str, object] = {}
@@ -579,10 +588,15 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
+#: Settings added after runs were saved, with the value that does what runs did before them: a
+#: saved config without the key trained that way, so resuming it with that value changes nothing.
+ADDED_SETTINGS = {"early_stopping_patience": None, "early_stopping_min_delta": 0.0}
+
+
 def resume_config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
     """``key: saved -> current`` for every setting a resumed run changes (free keys aside)."""
-    old = _flatten(OmegaConf.to_container(saved, resolve=True))
-    new = _flatten(OmegaConf.to_container(current, resolve=True))
+    old = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(saved, resolve=True))}
+    new = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(current, resolve=True))}
     changes = []
     for key in sorted(set(old) | set(new)):
         if key.split(".")[0] in RESUME_FREE_KEYS or old.get(key) == new.get(key):

@@ -183,6 +183,38 @@ def explain_submission_error(message: str, params: dict[str, Any], n_jobs: int) 
     return f"sbatch refused the sweep: {text}\n{fix}"
 
 
+def max_array_size() -> int | None:
+    """The cluster's ``MaxArraySize`` (array indices run from 0 to one below it); None when
+    ``scontrol`` cannot say."""
+    if shutil.which("scontrol") is None:
+        return None
+    proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "MaxArraySize" and value.strip().isdigit():
+            return int(value.strip())
+    return None
+
+
+def check_array_size(n_jobs: int) -> None:
+    """Refuse, before anything is pickled or submitted, a sweep that sbatch would refuse as too
+    large a job array.
+
+    Raises:
+        SlurmSubmissionError: naming the limit and how to split the sweep.
+    """
+    limit = max_array_size()
+    if limit is not None and n_jobs > limit:
+        raise SlurmSubmissionError(
+            f"the sweep has {n_jobs} jobs, more than this cluster's job arrays may hold "
+            f"(MaxArraySize={limit}), so sbatch would refuse it; nothing was submitted. Split "
+            f"the sweep into launches of at most {limit} jobs (fewer values per launch, each "
+            "with its own hydra.sweep.dir); hydra.launcher.array_parallelism only limits how "
+            "many run at once"
+        )
+
+
 def queue_states(array_ids: Sequence[str]) -> dict[str, str]:
     """``{job id: state}`` of the given jobs (array tasks one by one) still known to
     ``squeue``; jobs SLURM has forgotten are absent. Empty when squeue cannot be run."""
@@ -294,6 +326,7 @@ def submit_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     if not logging.getLogger().handlers:  # Hydra's logging is off (run.py sets up its own)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout)  # fmt: skip
+    check_array_size(len(job_overrides))
     params = dict(launcher.params)
     folder = params.pop("submitit_folder")
     init = {"folder": folder}

@@ -86,16 +86,18 @@ def job_id() -> str | None:
 
 
 def export_rank_environment() -> None:
-    """In a submitit job of several SLURM tasks, give this task the variables torchrun would
-    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), so that
+    """In a submitit job of several tasks (SLURM's, or submitit_local's processes), give this
+    task the variables torchrun would (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``), so that
     :func:`~deflect.engine.distributed.init_distributed` starts the same process group as under
     torchrun. Left alone when torchrun (or the user) set them, or in a one-task job."""
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "RANK" in os.environ:
+    if os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local") or "RANK" in os.environ:
         return
-    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
+    from submitit import JobEnvironment
     from submitit.helpers import TorchDistributedEnvironment
 
+    if JobEnvironment().num_tasks <= 1:
+        return
     # The rendezvous is the first node of the job, on a port drawn from the job id (the same on
     # every task). GPUs are left as SLURM gave them: each rank picks its own by local rank.
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -94,6 +94,9 @@ def sweep_status(sweep: Path) -> list[dict]:
                                 "work_dirs/multirun/<time>")  # fmt: skip
     jobs = sweep_jobs(sweep)
     queue = queue_states([j["job_id"].split("_")[0] for j in jobs if j.get("job_id")])
+    if queue is None:
+        raise RuntimeError("squeue did not answer (is slurmctld up? `squeue` says why); the "
+                           "state of jobs that have not finished is unknown")  # fmt: skip
     return [job_status(sweep, job, queue) for job in jobs]
 
 

@@ -217,15 +217,29 @@ def check_array_size(n_jobs: int) -> None:
         )
 
 
-def queue_states(array_ids: Sequence[str]) -> dict[str, str]:
+#: Job states after which a job never runs again (a requeued job is PENDING again instead).
+FINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+    "DEADLINE",
+})  # fmt: skip
+
+
+def queue_states(array_ids: Sequence[str]) -> dict[str, str] | None:
     """``{job id: state}`` of the given jobs (array tasks one by one) still known to
-    ``squeue``; jobs SLURM has forgotten are absent. Empty when squeue cannot be run."""
-    if not array_ids or shutil.which("squeue") is None:
+    ``squeue``; jobs SLURM has forgotten are absent. None when squeue could not answer (not
+    installed, the controller busy or down): then nothing can be said about the queue."""
+    if not array_ids:
         return {}
+    if shutil.which("squeue") is None:
+        return None
     proc = subprocess.run(
         ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted(set(array_ids)))],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
+    if proc.returncode != 0:
+        # Every job named has left the controller's memory: none is queued. Anything else
+        # (a timeout, the controller down) says nothing.
+        return {} if "invalid job id" in proc.stderr.lower() else None
     states = {}
     for line in proc.stdout.splitlines():
         jid, _, state = line.strip().partition("|")
@@ -281,7 +295,7 @@ def wait_for(jobs: list, records: list[dict]) -> list:
                     results[i] = value
                 else:
                     results[i] = _failed(JobReturn, JobStatus, rec, value.strip().splitlines()[-1])
-            elif rec["job_id"] not in states:
+            elif states is not None and states.get(rec["job_id"], "COMPLETED") in FINAL_STATES:
                 # Gone from the queue: give the result file a moment to appear (network file
                 # systems), then call it dead.
                 gone_since.setdefault(i, time.time())

@@ -25,7 +25,7 @@ need() {
 }
 
 alive() {  # alive <pid file>: the process it names is running
-    [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
+    [[ -f $1 ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null
 }
 
 write_conf() {

@@ -220,4 +220,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     slurm.check_launcher(sys.argv[1:])  # hydra/launcher=submitit_*: the extra, sbatch
+    slurm.wire_launcher()  # hydra/launcher=submitit_slurm submits through deflect.engine.slurm
     main()

@@ -1,6 +1,7 @@
 """SLURM, through Hydra's submitit launcher (``python run.py -m hydra/launcher=submitit_slurm``).
 
-What the framework adds to the launcher (``hydra_plugins/deflect_submitit.py`` calls in here):
+What the framework adds to hydra-submitit-launcher's ``SlurmLauncher`` (:func:`wire_launcher`
+makes its ``launch`` call :func:`submit_sweep`):
 
 * the sweep's jobs are listed in ``<sweep>/slurm_jobs.json`` (number, overrides, SLURM job id,
   log files) as soon as ``sbatch`` accepts the array, so ``scripts/sweep_status.py`` can say where
@@ -44,6 +45,33 @@ POLL_S = 1.0
 
 class SlurmSubmissionError(RuntimeError):
     """``sbatch`` refused the sweep (SLURM's message, then the fix)."""
+
+
+def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+    """``SlurmLauncher.launch`` once :func:`wire_launcher` ran: the framework's submission."""
+    return submit_sweep(launcher, job_overrides, initial_job_idx)
+
+
+def wire_launcher() -> None:
+    """Make hydra-submitit-launcher's ``SlurmLauncher`` submit through :func:`submit_sweep`
+    (its jobs listed in ``slurm_jobs.json``, awaited through ``squeue``, errors with their fix).
+
+    Hydra instantiates launchers only from its ``hydra_plugins`` package, and the project keeps
+    no folder of that name: the plugin's own class stays the ``_target_``, and only its
+    ``launch`` (which runs in the submitting process, never in a job) is replaced. A no-op when
+    the ``slurm`` extra is not installed."""
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        return
+    from hydra.core.plugins import Plugins
+
+    # Hydra's plugin scan executes each plugin module anew (a new module object, new classes):
+    # scan first, then change the class that Hydra will instantiate.
+    Plugins.instance()
+    sys.modules[
+        "hydra_plugins.hydra_submitit_launcher.submitit_launcher"
+    ].SlurmLauncher.launch = _launch
 
 
 def check_launcher(argv: Sequence[str]) -> None:

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=2 run.py encoder=vit_b16 dataset=demo finetune=deflect
     python run.py eval_dir=work_dirs/<run>                # re-evaluate a run on its test split
     python run.py -m finetune=frozen,lora,deflect seed=0,1   # an ablation: one folder per job
+    python run.py -m hydra/launcher=submitit_slurm finetune=frozen,deflect   # ... on SLURM
 
 Method: DEFLECT (Thoreau, Marsocci & Derksen, ICCV 2025, arXiv:2503.09493).
 """
@@ -15,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from deflect.engine import slurm
 
 # Only Hydra and the folder helpers here: torch, timm and torchvision (about ten seconds on a
 # small CPU) are imported once the config has composed, so a bad key or --help answers at once.
@@ -43,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("run")
 # The sweep folder's time stamp: one for every process of a torchrun launch.
 OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
+# configs/hydra/launcher/submitit_*.yaml are checked against the plugin's schema of the same
+# name on purpose (a mistyped launcher key is an error); Hydra warns that this is deprecated.
+warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/submitit_\w+' is validated")
 
 
 def this_job() -> SweepJob:
@@ -64,6 +71,8 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
     run = report.open_run(cfg, HydraConfig.get().runtime.choices, info, job)
     if run.finished:  # resume=true on a finished run: left untouched
         return
+    if info.is_main:
+        slurm.record_start(run.path)  # under SLURM: the job id, and each requeue
     work_dir = run.path
     started = False
     try:
@@ -183,6 +192,11 @@ def main(cfg: DictConfig) -> None:
             log.info("%s has already finished (it has %s): left untouched. To train again, "
                      "start a new run in another folder", folder, FINISHED_MARKER)  # fmt: skip
             return
+    if job.sweep_dir and not cfg.work_dir and not cfg.resume:
+        folder = job.folder(run_suffix(cfg, HydraConfig.get().runtime.choices))
+        # A requeued SLURM job (time limit, preemption) continues its own run from last.pt.
+        cfg.resume = slurm.requeued_into(folder)
+    slurm.export_rank_environment()  # each SLURM task of a multi-task job: one DDP rank
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
     from deflect.engine.logging import close_log_file
     from deflect.engine.runtime import apply_runtime
@@ -207,4 +221,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    slurm.check_launcher(sys.argv[1:])  # hydra/launcher=submitit_*: the extra, sbatch
+    slurm.wire_launcher()  # hydra/launcher=submitit_slurm submits through deflect.engine.slurm
     main()

@@ -45,6 +45,8 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+        if local_rank >= torch.cuda.device_count() == 1:
+            local_rank = 0  # SLURM's --gpus-per-task shows each rank its own GPU only
         return torch.device("cuda", local_rank)
     if device != "cpu":
         raise ValueError(f"device={device!r} is not one of auto, cpu, cuda")

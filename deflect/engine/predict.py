@@ -94,6 +94,8 @@ class Predictor:
             (:func:`file_patterns`): how folders are listed by default.
         task: the run's task (segmentation when None; a classification run maps one pixel
             per tile of the scene).
+        raw_input: the model takes raw tiles (no-data as NaN, not normalised): an exported
+            ONNX file, which normalises inside (:mod:`deflect.export.runtime`).
     """
 
     model: nn.Module
@@ -106,6 +108,7 @@ class Predictor:
     epoch: int | None = None
     file_patterns: tuple[str | None, str | None] = (None, None)
     task: object | None = None
+    raw_input: bool = False
 
 
 def file_patterns(cfg: DictConfig) -> tuple[str | None, str | None]:
@@ -356,6 +359,7 @@ def read_normalised(
     spec: DataSpec,
     nodata: Sequence[float] = (),
     factors: np.ndarray | None = None,
+    normalise: bool = True,
 ) -> np.ndarray:
     """Bands ``indexes`` of ``window`` of ``src``, invalid pixels NaN, normalised per band.
 
@@ -366,6 +370,7 @@ def read_normalised(
         spec: the model's data description (no-data value, band statistics).
         nodata: no-data values besides the training one (the scene's own declared value).
         factors: ``(C, 1, 1)`` per-band factors to the trained units (another reflectance scale).
+        normalise: False leaves the values in the trained units (for a model that normalises).
 
     Returns:
         float32 ``(C, height, width)``: ``(x - mean) / std``, NaN at invalid pixels.
@@ -382,6 +387,8 @@ def read_normalised(
     image = invalid_to_nan(raw, [v for v in (spec.nodata, *nodata) if v is not None])
     if factors is not None:  # another reflectance scale than training's
         image = image * factors
+    if not normalise:
+        return image
     mean = np.asarray(spec.mean_list(), dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std_list(), dtype=np.float32)[:, None, None]
     return (image - mean) / std
@@ -635,8 +642,9 @@ def predict_block(
     ey0, ey1, ex0, ex1 = tops[0], tops[-1] + win, lefts[0], lefts[-1] + win
     ry1, rx1 = min(ey1, grid.height), min(ex1, grid.width)
     read = read_normalised(
-        src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec, nodata, factors
-    )
+        src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec, nodata, factors,
+        normalise=not predictor.raw_input,
+    )  # fmt: skip
     image = torch.from_numpy(read)
     if ry1 < ey1 or rx1 < ex1:
         image = torch.nn.functional.pad(image, (0, ex1 - rx1, 0, ey1 - ry1), value=torch.nan)
@@ -850,7 +858,7 @@ def classify_tiles(
         top = r * stride
         height = min(win, src.height - top)
         strip = read_normalised(src, indexes, Window(0, top, src.width, height), spec, nodata,
-                                factors)  # fmt: skip  # (C, height, W)
+                                factors, not predictor.raw_input)  # fmt: skip  # (C, height, W)
         strip = torch.from_numpy(strip)
         pad_w = max(0, (cols - 1) * stride + win - src.width)
         strip = torch.nn.functional.pad(strip, (0, pad_w, 0, win - height), value=torch.nan)

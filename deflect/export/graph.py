@@ -130,6 +130,21 @@ def merge_adapters(model: nn.Module) -> str:
     return f"{method}: merged ({how})"
 
 
+def forget_last_forward(model: nn.Module) -> None:
+    """Drop what the last forward left in the model (DEFLECT's spectral stream and its
+    soft-deflection losses, which hold autograd history and cannot be deep-copied)."""
+    for module in model.modules():
+        state = getattr(module, "state", None)
+        if callable(getattr(state, "reset", None)):
+            state.reset()
+
+
+def copy_for_export(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode (after :func:`forget_last_forward`)."""
+    forget_last_forward(model)
+    return copy.deepcopy(model).eval()
+
+
 def prepare_for_export(model: nn.Module) -> tuple[nn.Module, dict[str, object]]:
     """A copy of ``model`` that traces to a graph valid at any batch and size (see the module
     docstring); ``model`` itself is untouched.
@@ -138,7 +153,7 @@ def prepare_for_export(model: nn.Module) -> tuple[nn.Module, dict[str, object]]:
         The prepared copy (eval mode) and what was changed: ``merged`` (text),
         ``any_size`` (whether height and width are free), ``pools`` (pools swapped).
     """
-    prepared = copy.deepcopy(model).eval()
+    prepared = copy_for_export(model)
     merged = merge_adapters(prepared)
     head = getattr(prepared, "decode_head", None)
     if head is not None and getattr(head, "fast_fusion", False):

@@ -118,18 +118,22 @@ def _module_of(program: torch.export.ExportedProgram, op: str) -> str:
 def _unsupported(err: Exception, program: torch.export.ExportedProgram | None) -> ExportError:
     """An :class:`ExportError` naming the operator the ONNX translation failed on and the
     module it came from."""
-    text = f"{err}\n{err.__cause__ or ''}"
-    ops = re.findall(r"\b([A-Za-z_][\w]*::[\w.]+)", text)
-    op = next((o for o in ops if not o.startswith(("onnx::", "torch::"))), None)
-    where = ""
-    if op is not None and program is not None:
-        short = op.split("::", 1)[1].split(".")[0]
-        where = f" called in {_module_of(program, short)}"
-    what = f"operator {op}{where}" if op else "an operator"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    texts, cause = [], err
+    while cause is not None and len(texts) < 5:
+        texts.append(str(cause))
+        cause = cause.__cause__
+    text = "\n".join(texts)
+    found = re.search(r"op='(\w+)\.(\w+)'", text) or re.search(r"torch\.ops\.(\w+)\.(\w+)", text)
+    reason = re.search(r"(No ONNX function found[^\n]*|Unsupported[^\n]*)", text)
+    what, where = "an operator", ""
+    if found:
+        what = f"operator {found.group(1)}::{found.group(2)}"
+        if program is not None:
+            where = f" called in {_module_of(program, f'{found.group(1)}.{found.group(2)}')}"
+    first = reason.group(1) if reason else (text.strip().splitlines() or [type(err).__name__])[0]
     return ExportError(
-        f"the ONNX exporter cannot translate {what}: {first}. Replace that operation in the "
-        "module by ones ONNX has (or register a translation with torch.onnx.export's "
+        f"the ONNX exporter cannot translate {what}{where}: {first}. Replace that operation in "
+        "the module by ones ONNX has (or register a translation with torch.onnx.export's "
         "custom_translation_table), then export again"
     )
 
@@ -280,11 +284,9 @@ def export_model(
 def _any_size_copy(model: nn.Module) -> nn.Module:
     """The framework's model itself (unmerged, PyTorch's own pooling and fusion), with only its
     positional embedding resampled to the input's grid: the PyTorch reference at other sizes."""
-    import copy
+    from deflect.export.graph import allow_any_size, copy_for_export
 
-    from deflect.export.graph import allow_any_size
-
-    reference = copy.deepcopy(model).eval()
+    reference = copy_for_export(model)
     allow_any_size(reference)
     return reference
 

@@ -214,6 +214,7 @@ def test_a_wrong_band_count_or_size_is_refused_naming_what_the_file_takes(export
     with pytest.raises(ValueError, match="at least 16 px"):
         model(torch.zeros(1, 4, 8, 32))
     assert model(torch.zeros(2, 4, 24, 40)).shape == (2, len(CLASSES), 24, 40)
+    assert model(torch.zeros(1, 4, 16, 16)).shape == (1, len(CLASSES), 16, 16)  # batch 1, 2x2
 
 
 def test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map(exported, tmp_path):

@@ -346,6 +346,15 @@ def test_run_exports_and_maps_a_scene_like_pytorch(demo_root, tmp_path):
     onnx_file = run / "export" / "model.onnx"
     readme = (run / "export" / "README.md").read_text()
     assert "acts on activations" in proc.stdout  # DEFLECT keeps its modules
+    from deflect.export import read_metadata
+
+    meta = read_metadata(onnx_file)
+    assert (meta["method"], meta["task"], meta["encoder"]) == (
+        "deflect",
+        "segmentation",
+        "tiny_vit",
+    )
+    assert json.loads(meta["stride"]) == 16 and json.loads(meta["nodata"]) == NODATA
     assert "| 0 | B2 |" in readme and "| 3 | B8 |" in readme
     assert "10000" in readme and "predict.py --onnx" in readme
     scene = tmp_path / "scene.tif"

@@ -375,7 +375,7 @@ def export_run(
     path = Path(out) if out is not None else run_dir / "export" / "model.onnx"
     stride = predictor.window if task == "classification" else default_stride(cfg, predictor.window)
     metadata = {
-        "method": str(cfg.finetune.get("method", "unknown")),
+        "method": method_name(predictor.model),
         "encoder": str(cfg.encoder.get("name", "unknown")),
         "run": run_dir.name,
         "epoch": predictor.epoch,
@@ -390,6 +390,14 @@ def export_run(
     write_readme(path.with_name("README.md"), path, predictor.spec, result, task, multi_label,
                  metadata)  # fmt: skip
     return result
+
+
+def method_name(model: nn.Module) -> str:
+    """The fine-tuning method of ``model``'s encoder (``deflect``, ``lora``, ...)."""
+    encoder = getattr(model, "encoder", None)
+    configs = getattr(encoder, "peft_config", None) or {}
+    config = configs.get(getattr(encoder, "active_adapter", None))
+    return str(getattr(config, "method", "none"))
 
 
 def write_readme(

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,slurm]'
+	$(BIN)/pip install --quiet -e '.[dev,slurm,export]'
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project

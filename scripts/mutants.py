@@ -445,6 +445,33 @@ MUTANTS = [
     Mutant("(26) early stopping ignores min_delta", "deflect/engine/trainer.py",
            "if score > self.patience_score + self.settings.early_stopping_min_delta:",
            "if score > self.patience_score:", ("tests/test_early_stopping.py",)),
+    # issue 30 (onnx)
+    Mutant("(30.1) normalisation left out of the exported graph", "deflect/export/graph.py",
+           "        return (x - self.mean) / self.std", "        return x",
+           ("tests/test_export.py::test_onnx_equals_pytorch_on_raw_input_at_the_traced_size_and_two_others",)),
+    Mutant("(30.2) the training no-data value not invalid in the exported graph",
+           "deflect/export/graph.py", "            invalid = invalid | (raw == self.nodata)",
+           "            invalid = invalid",
+           ("tests/test_export.py::test_onnx_equals_pytorch_on_raw_input_at_the_traced_size_and_two_others",)),
+    Mutant("(30.3) adaptive pooling exported as traced (the AveragePool kernel of the traced size)",
+           "deflect/export/graph.py", "    pools = replace_adaptive_pools(prepared)",
+           "    pools = 0",
+           ("tests/test_export.py::test_onnx_equals_pytorch_on_raw_input_at_the_traced_size_and_two_others",)),
+    Mutant("(30.4) LoRA run beside the weights, not merged", "deflect/export/graph.py",
+           "            encoder.merge_adapter()\n", "            pass\n",
+           ("tests/test_export.py::test_lora_is_merged_into_the_weights",)),
+    Mutant("(30.5) predict --onnx: another reflectance scale not converted for a raw-input model",
+           "deflect/engine/predict.py",
+           "    if factors is not None:  # another reflectance scale than training's\n"
+           "        image = image * factors\n    if not normalise:\n        return image\n",
+           "    if not normalise:\n        return image\n"
+           "    if factors is not None:  # another reflectance scale than training's\n"
+           "        image = image * factors\n",
+           ("tests/test_export.py::test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map",)),
+    Mutant("(30.6) predict --onnx normalises tiles the file normalises again",
+           "deflect/engine/predict.py", "        normalise=not predictor.raw_input,",
+           "        normalise=True,",
+           ("tests/test_export.py::test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map",)),
 ]  # fmt: skip
 
 

@@ -5,6 +5,7 @@ r"""Predict GeoTIFF scenes of any size (or a classification run's chips) with a 
         --device cuda --precision bf16 --batch-size 32 --block 2048
     torchrun --nproc_per_node=4 scripts/predict.py work_dirs/<run> scenes/ --out predictions/
     python scripts/predict.py work_dirs/<classification run> chips/ --out table/   # predictions.csv
+    python scripts/predict.py --onnx work_dirs/<run>/export/model.onnx scene.tif --out maps/
 
 Writes ``<OUT>/<stem>_pred.tif`` per scene (uint8 class map with a colour table, 255 where
 every band is invalid) and with ``--probabilities`` ``<OUT>/<stem>_prob.tif`` (float32 softmax,
@@ -18,6 +19,9 @@ go into one table, ``<OUT>/predictions.csv`` (chip, predicted class, a probabili
 each classified as evaluation classifies a test image. A larger file is a scene, cut into tiles
 of the training chips' size, one output pixel per tile. ``--chips`` or ``--scenes`` decides for
 every file instead.
+
+With ``--onnx`` the file written by ``scripts/export.py`` runs in ONNX Runtime (CPU) through the
+same tiling, band matching and checks (segmentation runs).
 """
 
 from __future__ import annotations
@@ -43,7 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dir", type=Path, help="the trained run folder (or its adapter/)")
-    parser.add_argument("inputs", nargs="+", type=Path, help="GeoTIFF scenes or folders of them")
+    parser.add_argument("inputs", nargs="*", type=Path, help="GeoTIFF scenes or folders of them")
+    parser.add_argument(
+        "--onnx", type=Path, default=None,
+        help="run this exported file (scripts/export.py) with ONNX Runtime instead of a run "
+        "folder's PyTorch model; every positional argument is then a scene",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
     parser.add_argument(
@@ -91,11 +100,20 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
+    if args.onnx is not None:  # no run folder: every positional argument is a scene
+        args.inputs = [args.run_dir, *args.inputs]
+    elif not args.inputs:
+        parser.error("give the run folder, then at least one scene or folder of scenes")
 
     info = init_distributed(args.device)
     setup_logging(None, info.is_main)
     try:
-        predictor = load_predictor(args.run_dir, info.device, args.precision, args.stride)
+        if args.onnx is not None:
+            from deflect.export.runtime import load_onnx_predictor
+
+            predictor = load_onnx_predictor(args.onnx, args.stride)
+        else:
+            predictor = load_predictor(args.run_dir, info.device, args.precision, args.stride)
         bands = [b.strip() for b in args.bands.split(",") if b.strip()] or None
         outputs = predict_scenes(
             predictor, args.inputs, args.out, batch_size=args.batch_size, block=args.block,

@@ -16,6 +16,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -468,3 +469,71 @@ def test_every_method_under_a_classification_head(method):
     loss.backward()
     missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+# ---- every method exported to ONNX (issue 30) -----------------------------------------------------
+REGISTERED = [m for m in ROWS if m in registered_methods()]
+EXPORT_CASES = [(m, task) for task in ("segmentation", "classification") for m in REGISTERED] + [
+    (m, "segmentation") for m in ROWS if m not in REGISTERED
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "task"), EXPORT_CASES, ids=[f"{m}-{t}" for m, t in EXPORT_CASES]
+)
+def test_the_onnx_export_equals_pytorch_at_two_sizes_other_than_the_traced_one(
+    method, task, tmp_path
+):
+    """The trained method under the task's head, exported with its band handling: ONNX
+    Runtime's outputs on raw input equal PyTorch's within 1e-4 at the traced size (batch 3, two
+    traced) and at two other sizes; the methods that allow it are merged (no adapter tensor in
+    the file), DEFLECT keeps its modules. About 30 s per case on 2 cores."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from deflect.export import export_model
+    from deflect.export.graph import allow_any_size
+    from deflect.export.onnx import example_image
+    from deflect.export.runtime import open_session
+    from segmentors.classifier import ImageClassifier
+    from segmentors.segmentor import Segmentor
+
+    spec = s2_spec(nodata=-1.0, classes=("a", "b", "c"))
+    model = adapt("encoder", method, tiny_encoder(data=spec))
+    perturb_zero_inits(model)
+    train(model, inputs("encoder", method))
+    torch.manual_seed(4)
+    if task == "segmentation":
+        head = Segmentor(model, 3, channels=16).eval()
+    else:
+        head = ImageClassifier(model, 3, "cls_mean").eval()
+    path = tmp_path / "model.onnx"
+    result = export_model(head, spec, path, 32, task)
+    reference = copy.deepcopy(head)
+    assert allow_any_size(reference) and result.any_size
+    session = open_session(path)
+    worst = 0.0
+    for i, (h, w) in enumerate(((32, 32), (48, 40), (16, 24))):
+        raw = example_image(spec, 3, h, w, seed=20 + i)
+        x = torch.where(torch.isfinite(raw) & (raw != -1.0), raw, torch.nan)
+        x = (x - torch.tensor(spec.mean_list()).view(1, -1, 1, 1)) / torch.tensor(
+            spec.std_list()
+        ).view(1, -1, 1, 1)
+        with torch.no_grad():
+            expected = reference(x)
+        got = session.run(None, {"image": raw.numpy()})
+        logits = got[-1]  # segmentation: logits; classification: probabilities, logits
+        assert logits.shape == tuple(expected.shape)
+        worst = max(worst, float(np.abs(logits - expected.numpy()).max()))
+        if task == "classification":
+            np.testing.assert_allclose(got[0], torch.softmax(expected, 1).numpy(), atol=1e-5)
+    print(f"\nEXPORT {method} {task}: max |ONNX - PyTorch| {worst:.2e}; {result.merged}")
+    assert worst < 1e-4
+    names = [i.name for i in onnx.load(str(path)).graph.initializer]
+    if method.startswith("deflect"):
+        assert "acts on activations" in result.merged
+        assert any("deflect_" in n for n in names)
+    else:
+        assert "merged" in result.merged
+        assert not [n for n in names if "lora_" in n], names

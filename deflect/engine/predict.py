@@ -106,6 +106,8 @@ class Predictor:
         tile: a classification run's tile ``(height, width)``: the size of its training images
             (``input.json``), the ground footprint the model learnt from. Each tile is brought
             to ``window`` as evaluation brings a test image (:func:`classify_images`).
+        raw_input: the model takes raw tiles (no-data as NaN, not normalised): an exported
+            ONNX file, which normalises inside (:mod:`deflect.export.runtime`).
     """
 
     model: nn.Module
@@ -124,6 +126,8 @@ class Predictor:
     def classifies(self) -> bool:
         """Whether the run classifies images (one class per tile or chip)."""
         return getattr(self.task, "name", "segmentation") == "classification"
+
+    raw_input: bool = False
 
 
 def file_patterns(cfg: DictConfig) -> tuple[str | None, str | None]:
@@ -437,10 +441,15 @@ def read_normalised(
     spec: DataSpec,
     nodata: Sequence[float] = (),
     factors: np.ndarray | None = None,
+    normalise: bool = True,
 ) -> np.ndarray:
     """:func:`read_valid`, normalised per band: ``(x - mean) / std`` with the run's statistics,
-    as the segmentation pipeline normalises (``datasets/transforms.py`` ``JointTransform``)."""
+    as the segmentation pipeline normalises (``datasets/transforms.py`` ``JointTransform``).
+    ``normalise=False`` leaves the values in the trained units, for a model that normalises
+    inside (an exported ONNX file, :mod:`deflect.export.runtime`)."""
     image = read_valid(src, indexes, window, spec, nodata, factors)
+    if not normalise:
+        return image
     mean = np.asarray(spec.mean_list(), dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std_list(), dtype=np.float32)[:, None, None]
     return (image - mean) / std
@@ -694,8 +703,9 @@ def predict_block(
     ey0, ey1, ex0, ex1 = tops[0], tops[-1] + win, lefts[0], lefts[-1] + win
     ry1, rx1 = min(ey1, grid.height), min(ex1, grid.width)
     read = read_normalised(
-        src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec, nodata, factors
-    )
+        src, indexes, Window(ex0, ey0, rx1 - ex0, ry1 - ey0), predictor.spec, nodata, factors,
+        normalise=not predictor.raw_input,
+    )  # fmt: skip
     image = torch.from_numpy(read)
     if ry1 < ey1 or rx1 < ex1:
         image = torch.nn.functional.pad(image, (0, ex1 - rx1, 0, ey1 - ry1), value=torch.nan)
@@ -941,7 +951,10 @@ def classify_images(
     probabilities, decisions = [], []
     for first in range(0, len(images), batch_size):
         chunk = [transform(image, None)[0] for image in images[first : first + batch_size]]
-        batch = torch.stack(chunk).to(predictor.device)
+        batch = torch.stack(chunk)  # (n, C, img_size, img_size), normalised, NaN where invalid
+        if predictor.raw_input:  # an exported model normalises inside: back to the trained units
+            batch = batch * transform.std[:, None, None] + transform.mean[:, None, None]
+        batch = batch.to(predictor.device)
         with autocast_context(predictor.device, predictor.precision):
             out = predictor.model(batch, **_metadata(predictor, len(chunk), warned)).float()
         probabilities.append(task.probabilities(out).cpu().numpy())

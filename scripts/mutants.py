@@ -462,11 +462,10 @@ MUTANTS = [
            ("tests/test_export.py::test_lora_is_merged_into_the_weights",)),
     Mutant("(30.5) predict --onnx: another reflectance scale not converted for a raw-input model",
            "deflect/engine/predict.py",
-           "    if factors is not None:  # another reflectance scale than training's\n"
-           "        image = image * factors\n    if not normalise:\n        return image\n",
-           "    if not normalise:\n        return image\n"
-           "    if factors is not None:  # another reflectance scale than training's\n"
-           "        image = image * factors\n",
+           "    image = read_valid(src, indexes, window, spec, nodata, factors)\n"
+           "    if not normalise:\n        return image\n",
+           "    if not normalise:\n        return read_valid(src, indexes, window, spec, nodata)\n"
+           "    image = read_valid(src, indexes, window, spec, nodata, factors)\n",
            ("tests/test_export.py::test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map",)),
     Mutant("(30.6) predict --onnx normalises tiles the file normalises again",
            "deflect/engine/predict.py", "        normalise=not predictor.raw_input,",

@@ -70,7 +70,12 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, batch_path: str, out
 
 @pytest.mark.parametrize(
     ("finetune", "recompute"),
-    [("full", False), ("deflect", False), ("deflect", True)],
+    [
+        ("full", False),
+        ("deflect", False),
+        # slow: recomputation alone is tested for every method in tests/test_tuner_matrix.py
+        pytest.param("deflect", True, marks=pytest.mark.slow),
+    ],
     ids=["full", "deflect", "deflect-activation_checkpointing"],
 )
 def test_ddp_gradients_equal_mean_of_half_batch_gradients(finetune, recompute, demo_root, tmp_path):

@@ -122,7 +122,8 @@ def describe_classes(dst, class_names, band: int = 1) -> None:
     """Make band ``band`` of an open class-map GeoTIFF explain itself: its colour table
     (:func:`class_colours`), the description ``class``, one band tag per value naming its class
     (``0=bare``, ..., ``255=no data``, shown by ``gdalinfo`` and QGIS's metadata), and the
-    ordered names in the file tag ``classes``."""
+    ordered names in the file tag ``classes``. Call it before the pixels are written: GDAL
+    changes a tiled file's photometric tag to palette only then (else it logs an error)."""
     names = [str(c) for c in class_names]
     dst.write_colormap(band, class_colours(len(names)))
     dst.set_band_description(band, "class")
@@ -161,8 +162,8 @@ def write_prediction_geotiff(
     if transform is not None and (crs is not None or transform != Affine.identity()):
         profile["transform"] = transform  # an identity without a CRS: a file with no georeference
     with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        describe_classes(dst, class_names)  # before the pixels: GDAL sets a palette only then
         dst.write(prediction.astype(np.uint8), 1)
-        describe_classes(dst, class_names)
 
 
 class PredictionWriter:

@@ -1021,11 +1021,11 @@ def classify_tiles(
         atomic_path(pred_path) as tmp,
         rasterio.open(tmp, "w", **{**profile, "count": classes.shape[0]}) as dst,
     ):
-        dst.write(classes)
         if multi:
             describe_labels(dst, spec.classes)
-        else:
+        else:  # before the pixels: GDAL sets a palette only then
             describe_classes(dst, spec.classes)
+        dst.write(classes)
         dst.update_tags(run=str(predictor.run_dir or ""), tile=f"{th}x{tw}",
                         stride=f"{sy}x{sx}")  # fmt: skip
     prob_path = None

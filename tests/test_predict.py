@@ -500,3 +500,22 @@ def test_a_landsat8_scene_is_mapped_to_the_trained_bands_and_converted(predictor
     with pytest.raises(ValueError, match="no counterpart for B8"):
         predict.predict_scene(predictor, l8, tmp_path / "d", progress=False, sensor="landsat8",
                               bands=["B6", "B4", "B3", "B2"])  # fmt: skip
+
+
+def test_a_class_map_gets_its_palette_without_a_gdal_error(tmp_path, caplog):
+    """The colour table goes in before the pixels: written after them, GDAL logs 'Cannot modify
+    tag "PhotometricInterpretation" while writing' for every evaluation GeoTIFF."""
+    import logging
+
+    from rasterio.enums import ColorInterp
+
+    from deflect.engine.outputs import class_colours, write_prediction_geotiff
+
+    pred = np.array([[0, 1], [2, 255]], dtype=np.uint8).repeat(32, 0).repeat(32, 1)
+    with caplog.at_level(logging.DEBUG, logger="rasterio._env"):
+        write_prediction_geotiff(pred, tmp_path / "p.tif", None, None, ["a", "b", "c"])
+    assert not [r for r in caplog.records if "Cannot modify tag" in r.getMessage()]
+    with rasterio.open(tmp_path / "p.tif") as src:
+        assert src.colorinterp[0] == ColorInterp.palette
+        assert src.colormap(1)[2] == class_colours(3)[2]
+        assert (src.read(1) == pred).all()

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,3 +164,34 @@ def copy_with_band_names(source: Path, target: Path, names: tuple[str, ...]) -> 
             if len(data) == len(names):
                 dst.descriptions = names
     return target
+
+
+#: The no-data value the scene helpers write (as the demo's own files declare none).
+SCENE_NODATA = -9999.0
+SCENE_CRS = "EPSG:32633"
+
+
+def demo_pixels(height: int, width: int, top: int = 150, left: int = 120) -> np.ndarray:
+    """Real Sentinel-2 reflectance x10000 (the demo's source scene, bands B2, B3, B4, B8) as
+    float32, with NaN pixels, no-data pixels, a pixel with one NaN band and an all-invalid
+    corner."""
+    from datasets.demo import demo_scene
+
+    image = demo_scene()[:, top : top + height, left : left + width].astype(np.float32)
+    image[:, 2:5, 3:9] = np.nan
+    image[:, -3:, -4:] = SCENE_NODATA
+    image[:, 9, 1:3] = SCENE_NODATA
+    image[1, 12, 12] = np.nan  # one band invalid: still predicted
+    return image
+
+
+def write_scene(path: Path, image: np.ndarray, names: list[str] | None = DEMO_BANDS) -> Path:
+    """``image`` (C, H, W) as a georeferenced GeoTIFF (UTM 33N, 10 m) with band ``names``."""
+    profile = {"driver": "GTiff", "height": image.shape[1], "width": image.shape[2],
+               "count": image.shape[0], "dtype": str(image.dtype), "crs": SCENE_CRS,
+               "transform": north_up(500000.0, 5000000.0, 10.0, 10.0)}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(image)
+        for i, name in enumerate(names or []):
+            dst.set_band_description(i + 1, name)
+    return path

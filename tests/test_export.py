@@ -23,11 +23,20 @@ import torch
 
 from deflect.data import DataSpec
 from deflect.export.graph import MatrixAdaptiveAvgPool2d
-from tests.conftest import DEMO_BANDS, REPO, TINY, north_up, run_cli, tiny_encoder
+from tests.conftest import (
+    DEMO_BANDS,
+    REPO,
+    SCENE_NODATA,
+    TINY,
+    demo_pixels,
+    run_cli,
+    tiny_encoder,
+    write_scene,
+)
 
 pytest.importorskip("onnxruntime", reason="the export extra: pip install -e '.[export]'")
 
-NODATA = -9999.0
+NODATA = SCENE_NODATA  # what demo_pixels writes
 CLASSES = ("bare", "sparse", "moderate", "dense")
 WINDOW = 32  # the tiny model's img_size: the traced size
 
@@ -41,18 +50,6 @@ def demo_spec() -> DataSpec:
     std = {b: float(scene[i].std()) for i, b in enumerate(DEMO_BANDS)}
     return DataSpec(bands=tuple(DEMO_BANDS), mean=mean, std=std, reflectance_scale=10000,
                     nodata=NODATA, classes=CLASSES)  # fmt: skip
-
-
-def demo_pixels(top: int, left: int, height: int, width: int) -> np.ndarray:
-    """Real Sentinel-2 pixels (float32, x10000) with NaN, no-data and an all-invalid corner."""
-    from datasets.demo import demo_scene
-
-    image = demo_scene()[:, top : top + height, left : left + width].astype(np.float32)
-    image[:, 2:5, 3:9] = np.nan
-    image[:, -3:, -4:] = NODATA
-    image[:, 9, 1:3] = NODATA
-    image[1, 12, 12] = np.nan
-    return image
 
 
 def tiny_lora_segmentor(spec: DataSpec) -> torch.nn.Module:
@@ -98,7 +95,7 @@ def exported(tmp_path_factory):
 
 def batch(top: int, height: int, width: int) -> np.ndarray:
     """Three demo images of ``height`` x ``width`` (one of them with a no-data block)."""
-    return np.stack([demo_pixels(top + 40 * i, 20 * i, height, width) for i in range(3)])
+    return np.stack([demo_pixels(height, width, top + 40 * i, 20 * i) for i in range(3)])
 
 
 def test_onnx_equals_pytorch_on_raw_input_at_the_traced_size_and_two_others(exported):
@@ -225,13 +222,8 @@ def test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map(exported, tmp_p
     from deflect.export.runtime import load_onnx_predictor
 
     model, spec, path, _ = exported
-    scene = tmp_path / "scene.tif"
-    image = demo_pixels(100, 60, 75, 53)
-    profile = {"driver": "GTiff", "height": 75, "width": 53, "count": 4, "dtype": "float32",
-               "crs": "EPSG:32633", "transform": north_up(500000.0, 5000000.0, 10.0, 10.0)}  # fmt: skip
-    with rasterio.open(scene, "w", **profile) as dst:
-        dst.write(image)
-        dst.descriptions = tuple(DEMO_BANDS)
+    image = demo_pixels(75, 53, 100, 60)
+    scene = write_scene(tmp_path / "scene.tif", image)
     torch_predictor = predict.Predictor(model, spec, WINDOW, WINDOW // 2, torch.device("cpu"))
     onnx_predictor = load_onnx_predictor(path, threads=1)
     assert (onnx_predictor.window, onnx_predictor.stride) == (WINDOW, WINDOW // 2)
@@ -248,9 +240,7 @@ def test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map(exported, tmp_p
     np.testing.assert_allclose(out["onnx"][1], out["torch"][1], atol=1e-4, equal_nan=True)
     # The scene stored as float reflectance: --reflectance-scale 1 converts it for the file too.
     valid = np.isfinite(image) & (image != NODATA)
-    with rasterio.open(scene, "w", **profile) as dst:
-        dst.write(np.where(valid, image / 10000, image).astype(np.float32))
-        dst.descriptions = tuple(DEMO_BANDS)
+    write_scene(scene, np.where(valid, image / 10000, image).astype(np.float32))
     written = predict.predict_scene(onnx_predictor, scene, tmp_path / "scaled", batch_size=3,
                                     block=32, progress=False, probabilities=True,
                                     reflectance_scale=1.0)  # fmt: skip
@@ -359,13 +349,8 @@ def test_run_exports_and_maps_a_scene_like_pytorch(demo_root, tmp_path):
     assert json.loads(meta["stride"]) == 16 and json.loads(meta["nodata"]) == NODATA
     assert "| 0 | B2 |" in readme and "| 3 | B8 |" in readme
     assert "10000" in readme and "predict.py --onnx" in readme
-    scene = tmp_path / "scene.tif"
-    image = demo_pixels(150, 120, 130, 75)
-    profile = {"driver": "GTiff", "height": 130, "width": 75, "count": 4, "dtype": "float32",
-               "crs": "EPSG:32633", "transform": north_up(500000.0, 5000000.0, 10.0, 10.0)}  # fmt: skip
-    with rasterio.open(scene, "w", **profile) as dst:
-        dst.write(image)
-        dst.descriptions = tuple(DEMO_BANDS)
+    image = demo_pixels(130, 75)
+    scene = write_scene(tmp_path / "scene.tif", image)
     maps = {}
     for name, head in (("torch", [str(run)]), ("onnx", ["--onnx", str(onnx_file)])):
         proc = subprocess.run(
@@ -377,10 +362,8 @@ def test_run_exports_and_maps_a_scene_like_pytorch(demo_root, tmp_path):
             maps[name] = src.read(1)
     same = (maps["torch"] == maps["onnx"]).mean()
     assert same >= 0.999, f"{(maps['torch'] != maps['onnx']).sum()} pixels differ"
-    scaled = tmp_path / "scaled.tif"
-    with rasterio.open(scaled, "w", **profile) as dst:
-        dst.write(np.where(np.isfinite(image) & (image != NODATA), image / 10000, image))
-        dst.descriptions = tuple(DEMO_BANDS)
+    valid = np.isfinite(image) & (image != NODATA)
+    scaled = write_scene(tmp_path / "scaled.tif", np.where(valid, image / 10000, image))
     for head in ([str(run)], ["--onnx", str(onnx_file)]):
         proc = subprocess.run(
             [sys.executable, str(REPO / "scripts" / "predict.py"), *head, str(scaled), "--out",

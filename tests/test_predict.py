@@ -21,9 +21,19 @@ from deflect.data import invalid_to_nan
 from deflect.engine import predict
 from deflect.engine.inference import sliding_window_logits
 from deflect.engine.outputs import PALETTE
-from tests.conftest import DEMO_BANDS, REPO, TINY, copy_with_band_names, north_up, run_cli
+from tests.conftest import (
+    DEMO_BANDS,
+    REPO,
+    SCENE_NODATA,
+    TINY,
+    copy_with_band_names,
+    demo_pixels,
+    north_up,
+    run_cli,
+    write_scene,
+)
 
-NODATA = -9999.0
+NODATA = SCENE_NODATA  # what demo_pixels writes
 WINDOW, STRIDE = 32, 16  # TINY's img_size, and evaluation's default stride (half the window)
 CRS = "EPSG:32633"
 TRANSFORM = north_up(500000.0, 5000000.0, 10.0, 10.0)
@@ -67,31 +77,6 @@ def reference_model(run_dir):
     best = run_dir / "checkpoints" / "best.pt"
     load_model_state(model, load_checkpoint(best), str(best))
     return model.eval()
-
-
-def demo_pixels(height: int, width: int) -> np.ndarray:
-    """Real Sentinel-2 reflectance x10000 (the demo's source scene, bands B2, B3, B4, B8) as
-    float32, with NaN pixels, no-data pixels, a pixel with one NaN band and an all-invalid
-    corner."""
-    from datasets.demo import demo_scene
-
-    image = demo_scene()[:, 150 : 150 + height, 120 : 120 + width].astype(np.float32)
-    image[:, 2:5, 3:9] = np.nan
-    image[:, -3:, -4:] = NODATA
-    image[:, 9, 1:3] = NODATA
-    image[1, 12, 12] = np.nan  # one band invalid: still predicted
-    return image
-
-
-def write_scene(path: Path, image: np.ndarray, names: list[str] | None = DEMO_BANDS) -> Path:
-    profile = {"driver": "GTiff", "height": image.shape[1], "width": image.shape[2],
-               "count": image.shape[0], "dtype": str(image.dtype), "crs": CRS,
-               "transform": TRANSFORM}  # fmt: skip
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(image)
-        for i, name in enumerate(names or []):
-            dst.set_band_description(i + 1, name)
-    return path
 
 
 def reference(model, run_dir: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -71,7 +71,8 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, batch_path: str, out
 @pytest.mark.parametrize(
     ("finetune", "recompute"),
     [
-        ("full", False),
+        # slow: DDP's gradient rule is the same for every method; deflect stays in the default suite
+        pytest.param("full", False, marks=pytest.mark.slow),
         ("deflect", False),
         # slow: recomputation alone is tested for every method in tests/test_tuner_matrix.py
         pytest.param("deflect", True, marks=pytest.mark.slow),
@@ -112,6 +113,7 @@ def test_torchrun_trains_and_evaluates_each_pixel_once(demo_root, tmp_path):
     assert single["confusion_matrix"] == reported["confusion_matrix"]
 
 
+@pytest.mark.slow  # torchrun itself: test_torchrun_trains_and_evaluates_each_pixel_once
 def test_torchrun_multirun_keeps_one_sweep_folder_and_one_process_group(demo_root, tmp_path):
     """Every rank names the same sweep folder (the launch's time stamp), and the second job
     reuses the process group of the first."""

@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
-import rasterio
+
+from tests.fakes import SCENE_NODATA
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,16 +31,7 @@ TINY = [
 ]
 
 
-def north_up(west: float, north: float, xsize: float, ysize: float):
-    """A north-up affine transform, built directly: rasterio's ``from_origin`` composes it with
-    Affine's deprecated ``*`` and warns on every call."""
-    from affine import Affine
-
-    return Affine(xsize, 0.0, west, 0.0, -ysize, north)
-
-
 S2_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
-DEMO_BANDS = ["B2", "B3", "B4", "B8"]
 
 
 def s2_spec(bands: list[str] | None = None, **kwargs):
@@ -110,6 +105,50 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
+#: The run predict.py and export.py are checked on: the tiny model (DEFLECT, the default
+#: method) trained one step on the demo with the scenes' no-data value, no pictures or maps.
+NODATA_DEMO_RUN = [*TINY, "epochs=1", "max_steps_per_epoch=1", f"+dataset.nodata={SCENE_NODATA}",
+                   "num_vis=0", "save_predictions=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def nodata_demo_run(demo_root, tmp_path_factory) -> Path:
+    """The run folder of ``NODATA_DEMO_RUN``, trained once per session. Read-only: a test that
+    writes into a run folder (``eval_dir=``, an export) works on ``copy_run`` of it."""
+    cwd = tmp_path_factory.mktemp("nodata_demo_run")
+    run_cli([*NODATA_DEMO_RUN, f"dataset.root={demo_root}"], cwd)
+    (run,) = (cwd / "work_dirs").iterdir()
+    return run
+
+
+def copy_run(run: Path, folder: Path) -> Path:
+    """A copy of the run folder ``run`` under ``folder`` (same name), for a test that writes
+    into it; a shared run stays as it was trained."""
+    import shutil
+
+    return Path(shutil.copytree(run, folder / run.name))
+
+
+@pytest.fixture
+def s2_reflectance() -> torch.Tensor:
+    """Two 32-px images of the 11 Sentinel-2 bands as reflectance in [0.01, 0.51), seeded:
+    positive, as spectral indices and DEFLECT's statistics expect of real input."""
+    import torch
+
+    torch.manual_seed(2)
+    return torch.rand(2, len(S2_BANDS), 32, 32) * 0.5 + 0.01
+
+
+@pytest.fixture
+def s2_standard_normal() -> torch.Tensor:
+    """Two 32-px images of the 11 Sentinel-2 bands drawn from a standard normal, seeded: input
+    as normalisation leaves it (negative values included)."""
+    import torch
+
+    torch.manual_seed(2)
+    return torch.randn(2, len(S2_BANDS), 32, 32)
+
+
 def run_cli(
     args: list[str],
     cwd: Path,
@@ -146,52 +185,3 @@ def load_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def copy_with_band_names(source: Path, target: Path, names: tuple[str, ...]) -> Path:
-    """Every GeoTIFF under ``source`` copied to ``target`` (same pixels and profile); those with
-    ``len(names)`` bands get ``names`` as their band descriptions (another sensor's names for
-    the same bands), the others (masks) stay as they are."""
-    import rasterio
-
-    for path in source.rglob("*.tif"):
-        out = target / path.relative_to(source)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with rasterio.open(path) as src:
-            data, profile = src.read(), src.profile
-        with rasterio.open(out, "w", **profile) as dst:
-            dst.write(data)
-            if len(data) == len(names):
-                dst.descriptions = names
-    return target
-
-
-#: The no-data value the scene helpers write (as the demo's own files declare none).
-SCENE_NODATA = -9999.0
-SCENE_CRS = "EPSG:32633"
-
-
-def demo_pixels(height: int, width: int, top: int = 150, left: int = 120) -> np.ndarray:
-    """Real Sentinel-2 reflectance x10000 (the demo's source scene, bands B2, B3, B4, B8) as
-    float32, with NaN pixels, no-data pixels, a pixel with one NaN band and an all-invalid
-    corner."""
-    from datasets.demo import demo_scene
-
-    image = demo_scene()[:, top : top + height, left : left + width].astype(np.float32)
-    image[:, 2:5, 3:9] = np.nan
-    image[:, -3:, -4:] = SCENE_NODATA
-    image[:, 9, 1:3] = SCENE_NODATA
-    image[1, 12, 12] = np.nan  # one band invalid: still predicted
-    return image
-
-
-def write_scene(path: Path, image: np.ndarray, names: list[str] | None = DEMO_BANDS) -> Path:
-    """``image`` (C, H, W) as a georeferenced GeoTIFF (UTM 33N, 10 m) with band ``names``."""
-    profile = {"driver": "GTiff", "height": image.shape[1], "width": image.shape[2],
-               "count": image.shape[0], "dtype": str(image.dtype), "crs": SCENE_CRS,
-               "transform": north_up(500000.0, 5000000.0, 10.0, 10.0)}  # fmt: skip
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(image)
-        for i, name in enumerate(names or []):
-            dst.set_band_description(i + 1, name)
-    return path

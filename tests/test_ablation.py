@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, TINY, copy_with_band_names, load_script, run_cli
+from tests.conftest import REPO, TINY, load_script, run_cli
+from tests.fakes import copy_with_band_names, write_geobench
 
 
 def ablation_script():
@@ -161,8 +162,6 @@ def test_one_sweep_across_a_segmentation_and_a_classification_dataset(demo_root,
     runs' metrics.json, averaged over the datasets."""
 
     from omegaconf import OmegaConf
-
-    from tests.geobench_fixtures import write_geobench
 
     data = tmp_path / "data"
     shutil.copytree(demo_root, data / "demo")

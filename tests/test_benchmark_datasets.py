@@ -10,33 +10,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
-from rasterio.errors import NotGeoreferencedWarning
 
 from datasets import MADOS, HLSBurnScars, Sen1Floods11
 from datasets.mados import MADOS_BANDS, MADOS_CLASSES
-from tests.conftest import TINY, north_up, run_cli
-
-MADOS_10M = 24  # the fixture's 10 m crops (240 in the release); 20 m: 12, 60 m: 4
-
-
-UTM_33N = north_up(500000, 4000000, 30, 30)
-
-
-def write_tif(path: Path, data: np.ndarray, georeferenced: bool = True, crs: str = "EPSG:32633",
-              transform=UTM_33N) -> None:  # fmt: skip
-    """A GeoTIFF of ``data`` (C, H, W) or (H, W), in ``data``'s dtype."""
-    data = data[None] if data.ndim == 2 else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2],
-               "count": data.shape[0], "dtype": data.dtype}  # fmt: skip
-    if georeferenced:
-        profile.update(crs=crs, transform=transform)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(data)
+from tests.conftest import TINY, run_cli
+from tests.fakes import FLOOD_CHIPS as CHIPS
+from tests.fakes import (
+    HLS,
+    MADOS_10M,
+    S1F,
+    hls_name,
+    mados_band,
+    mados_mask,
+    north_up,
+    write_floods,
+    write_hls,
+    write_mados,
+    write_tif,
+)
+from tests.fakes import MADOS_SIZES as SIZES
 
 
 def stats(bands: list[str]) -> dict:
@@ -44,51 +37,6 @@ def stats(bands: list[str]) -> dict:
 
 
 # ---- MADOS ---------------------------------------------------------------------------------------
-#: S2A and S2B name bands by slightly different wavelengths; the fixture uses both.
-WAVELENGTHS = {
-    "S2A": {"B1": 443, "B2": 492, "B3": 560, "B4": 665, "B5": 704, "B6": 740, "B7": 783,
-            "B8": 833, "B8A": 865, "B11": 1614, "B12": 2202},
-    "S2B": {"B1": 442, "B2": 492, "B3": 559, "B4": 665, "B5": 704, "B6": 739, "B7": 780,
-            "B8": 833, "B8A": 864, "B11": 1610, "B12": 2186},
-}  # fmt: skip
-SIZES = {"10": MADOS_10M, "20": MADOS_10M // 2, "60": MADOS_10M // 6}
-
-
-def mados_band(scene: int, crop: int, band: str) -> np.ndarray:
-    """The values the fixture writes for one band file: distinct per scene, crop, band, pixel."""
-    size = SIZES[MADOS_BANDS[band][0]]
-    base = 0.01 * scene + 0.001 * crop + 0.0001 * list(MADOS_BANDS).index(band)
-    return (base + 1e-6 * np.arange(size * size).reshape(size, size)).astype(np.float32)
-
-
-def mados_mask(scene: int, crop: int) -> np.ndarray:
-    rng = np.random.default_rng(scene * 10 + crop)
-    return rng.integers(0, 16, (MADOS_10M, MADOS_10M)).astype(np.uint8)  # 0 = unlabelled
-
-
-def write_mados(root: Path) -> Path:
-    """A tiny MADOS in its released layout under ``root``."""
-    crops = {"train": [(0, 1), (0, 2), (1, 1)], "val": [(1, 2)], "test": [(0, 3)]}
-    for split, ids in crops.items():
-        (root / "splits").mkdir(parents=True, exist_ok=True)
-        (root / "splits" / f"{split}_X.txt").write_text("".join(f"Scene_{s}_{c}\n" for s, c in ids))
-    for ids in crops.values():
-        for scene, crop in ids:
-            sensor = "S2A" if scene == 0 else "S2B"
-            folder = root / f"Scene_{scene}"
-            for band, (res, _, _) in MADOS_BANDS.items():
-                nm = WAVELENGTHS[sensor][band]
-                name = f"Scene_{scene}_L2R_rhorc_{nm}_{crop}.tif"
-                write_tif(folder / res / name, mados_band(scene, crop, band), False)
-            mask = mados_mask(scene, crop)
-            write_tif(folder / "10" / f"Scene_{scene}_L2R_cl_{crop}.tif", mask, False)
-            for extra in ("conf", "rep"):  # released next to the mask; must be ignored
-                write_tif(folder / "10" / f"Scene_{scene}_L2R_{extra}_{crop}.tif", mask, False)
-    # A crop on disk that no split lists: not loaded.
-    write_tif(root / "Scene_1" / "10" / "Scene_1_L2R_cl_9.tif", mados_mask(1, 9), False)
-    return root
-
-
 @pytest.fixture(scope="module")
 def mados_root(tmp_path_factory) -> Path:
     return write_mados(tmp_path_factory.mktemp("MADOS"))
@@ -140,28 +88,6 @@ def test_mados_missing_band_file_is_named(mados_root, tmp_path):
 
 
 # ---- HLS Burn Scars ------------------------------------------------------------------------------
-HLS = 16  # chip size in the fixture (512 in the release)
-
-
-def hls_name(i: int) -> str:
-    return f"subsetted_512x512_HLS.S30.T10SEH.2018{i:03d}.v1.4"
-
-
-def write_hls(root: Path) -> Path:
-    """A tiny HLS Burn Scars in its released layout under ``root``."""
-    for folder, ids in (("training", range(10)), ("validation", range(100, 103))):
-        for i in ids:
-            rng = np.random.default_rng(i)
-            image = rng.uniform(0, 0.4, (6, HLS, HLS)).astype(np.float32)
-            image[:, 0, 0] = 9999  # no data in every band
-            image[2, 1, 1] = 9999  # no data in B4 only
-            mask = rng.integers(0, 2, (HLS, HLS)).astype(np.int16)
-            mask[0, :4] = -1  # missing labels
-            write_tif(root / folder / f"{hls_name(i)}_merged.tif", image)
-            write_tif(root / folder / f"{hls_name(i)}.mask.tif", mask)
-    return root
-
-
 @pytest.fixture(scope="module")
 def hls_root(tmp_path_factory) -> Path:
     return write_hls(tmp_path_factory.mktemp("hls"))
@@ -224,33 +150,6 @@ def test_hls_samples_carry_their_date_and_centre_for_prithvi_tl(tmp_path):
 
 
 # ---- Sen1Floods11 --------------------------------------------------------------------------------
-S1F = 16
-CHIPS = {"train": ["Bolivia_103757", "Ghana_5079"], "val": ["India_1068"], "test": ["USA_181263"]}
-
-
-def write_floods(root: Path) -> Path:
-    """A tiny Sen1Floods11 (hand-labelled v1.1) in its released layout under ``root``."""
-    splits = root / "v1.1" / "splits" / "flood_handlabeled"
-    splits.mkdir(parents=True)
-    names = {"train": "flood_train_data.csv", "val": "flood_valid_data.csv",
-             "test": "flood_test_data.csv"}  # fmt: skip
-    hand = root / "v1.1" / "data" / "flood_events" / "HandLabeled"
-    for split, chips in CHIPS.items():
-        (splits / names[split]).write_text(
-            "".join(f"{c}_S1Hand.tif,{c}_LabelHand.tif\n" for c in chips)
-        )
-        for k, chip in enumerate(chips):
-            rng = np.random.default_rng(len(chip) + k)
-            optical = rng.integers(0, 10000, (13, S1F, S1F)).astype(np.uint16)
-            sar = rng.normal(-12, 4, (2, S1F, S1F)).astype(np.float32)
-            sar[:, 2, 3] = np.nan
-            label = rng.integers(-1, 2, (S1F, S1F)).astype(np.int16)
-            write_tif(hand / "S2Hand" / f"{chip}_S2Hand.tif", optical)
-            write_tif(hand / "S1Hand" / f"{chip}_S1Hand.tif", sar)
-            write_tif(hand / "LabelHand" / f"{chip}_LabelHand.tif", label)
-    return root
-
-
 @pytest.fixture(scope="module")
 def floods_root(tmp_path_factory) -> Path:
     return write_floods(tmp_path_factory.mktemp("sen1floods11"))

@@ -22,8 +22,16 @@ from datasets.transforms import resize_nan_aware
 from deflect.data import DataSpec
 from deflect.engine.outputs import PALETTE
 from deflect.tasks import ClassificationTask
-from tests.conftest import REPO, TINY, copy_with_band_names, run_cli
-from tests.geobench_fixtures import _Evil, geobench_modules, write_chips, write_geobench
+from tests.conftest import REPO, TINY, run_cli
+from tests.fakes import (
+    Evil,
+    copy_with_band_names,
+    geobench_modules,
+    north_up,
+    write_chips,
+    write_geobench,
+    write_tif,
+)
 
 CLASSES = ["forest", "field", "water"]
 SO2SAT = OmegaConf.load(REPO / "configs" / "dataset" / "m_so2sat.yaml")
@@ -72,12 +80,12 @@ def test_the_band_order_fixes_of_eurosat_and_brick_kiln_follow_the_true_channels
 @pytest.mark.parametrize("where", ["sample", "task_specs"])
 def test_a_hostile_pickle_is_refused_and_never_run(where, tmp_path):
     marker = tmp_path / "pwned"
-    _Evil.marker = marker
+    Evil.marker = marker
     root = tmp_path / "task"
     write_geobench(root, CLASSES, {"train": 3, "valid": 1, "test": 1},
                    hostile_sample="id_train_001" if where == "sample" else None)  # fmt: skip
     if where == "task_specs":
-        (root / "task_specs.pkl").write_bytes(pickle.dumps({"label_type": _Evil()}))
+        (root / "task_specs.pkl").write_bytes(pickle.dumps({"label_type": Evil()}))
         with pytest.raises(ValueError, match=r"refused to read .*task_specs.pkl.*system"):
             geobench(root)
     else:  # every sample's label is read when the split is listed, before training
@@ -326,11 +334,8 @@ def test_a_classification_run_maps_a_scene_one_pixel_per_tile(so2sat, so2sat_run
     scene = np.concatenate([np.concatenate(tiles[:3], axis=2), np.concatenate(tiles[3:], axis=2)],
                            axis=1)  # fmt: skip  # (10, 32, 48)
     path = tmp_path / "scene.tif"
-    transform = Affine(10, 0, 600000, 0, -10, 5000000)
-    with rasterio.open(path, "w", driver="GTiff", height=32, width=48, count=10, dtype="int16",
-                       crs="EPSG:32631", transform=transform) as dst:  # fmt: skip
-        dst.write(scene)
-        dst.descriptions = tuple(CHANNELS.values())
+    transform = north_up(600000, 5000000, 10, 10)
+    write_tif(path, scene, list(CHANNELS.values()), crs="EPSG:32631", transform=transform)
     predictor = predict.load_predictor(so2sat_run, device="cpu")
     out = predict.predict_scene(predictor, path, tmp_path / "maps", probabilities=True,
                                 progress=False)  # fmt: skip
@@ -355,17 +360,12 @@ def write_test_chips(so2sat, folder) -> list[str]:
     """Every test sample of the GEO-Bench fixture written as an unlabelled 16-px GeoTIFF chip
     named after it; returns the names in the partition's order."""
     import h5py
-    import rasterio
 
-    folder.mkdir(parents=True, exist_ok=True)
     names = json.loads((so2sat / "default_partition.json").read_text())["test"]
     for name in names:
         with h5py.File(so2sat / f"{name}.hdf5") as f:
             image = np.stack([f[c][()] for c in CHANNELS])
-        with rasterio.open(folder / f"{name}.tif", "w", driver="GTiff", height=image.shape[1],
-                           width=image.shape[2], count=len(CHANNELS), dtype=image.dtype) as dst:  # fmt: skip
-            dst.write(image)
-            dst.descriptions = tuple(CHANNELS.values())
+        write_tif(folder / f"{name}.tif", image, list(CHANNELS.values()), georeferenced=False)
     return names
 
 

@@ -11,7 +11,6 @@ import pickle
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -21,25 +20,10 @@ from deflect.engine.workdir import check_run_config
 from deflect.tasks import ClassificationTask
 from deflect.tasks.classification import ClassificationLoss
 from tests.conftest import REPO
-from tests.geobench_fixtures import write_geobench
+from tests.fakes import CHIP_BANDS as BANDS
+from tests.fakes import write_geobench
+from tests.fakes import write_reflectance_chip as write_chip
 from tests.test_classification import CHANNELS, CLASSES, spec
-
-BANDS = ("B2", "B3", "B4", "B8")
-
-
-def write_chip(path, k: int = 0, size: int = 4, empty: bool = False, seed: int = 0) -> None:
-    """A float32 reflectance GeoTIFF of 4 named bands (class k brighter in B8); ``empty``:
-    every pixel NaN (no valid pixel)."""
-    rng = np.random.default_rng(seed)
-    image = rng.normal([[[0.08]], [[0.09]], [[0.10]], [[0.20 + 0.04 * k]]], 0.006,
-                       (4, size, size)).astype(np.float32)  # fmt: skip
-    if empty:
-        image[:] = np.nan
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", height=size, width=size, count=4,
-                       dtype="float32") as dst:  # fmt: skip
-        dst.write(image)
-        dst.descriptions = BANDS
 
 
 def csv_chips(root, rows: list[tuple[str, str]], header: str = "name,label",

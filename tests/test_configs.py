@@ -6,13 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from deflect.engine import build
-from tests.conftest import north_up
+from tests.fakes import (
+    north_up,
+    write_chips,
+    write_floods,
+    write_folder_dataset,
+    write_geobench,
+    write_hls,
+    write_mados,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -28,27 +35,13 @@ SHRINK = [  # any encoder at tiny width, 32-px inputs
 ]
 
 
-def write_folder_dataset(root: Path, bands: list[str], classes: int) -> None:
+def write_random_folder(root: Path, bands: list[str], classes: int) -> None:
     """Two tiny georeferenced tiles per split in the FolderSegmentation layout."""
     rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        (root / split).mkdir(parents=True)
-        for i in range(2):
-            profile = dict(
-                driver="GTiff",
-                height=32,
-                width=32,
-                crs="EPSG:32631",
-                transform=north_up(0, 320, 10, 10),
-            )
-            with rasterio.open(
-                root / split / f"t{i}_image.tif", "w", count=len(bands), dtype="float32", **profile
-            ) as dst:
-                dst.write(rng.random((len(bands), 32, 32), dtype=np.float32))
-            with rasterio.open(
-                root / split / f"t{i}_mask.tif", "w", count=1, dtype="uint8", **profile
-            ) as dst:
-                dst.write(rng.integers(0, classes, (1, 32, 32)).astype(np.uint8))
+    tiles = [(split, f"t{i}", rng.random((len(bands), 32, 32), dtype=np.float32),
+              rng.integers(0, classes, (1, 32, 32)).astype(np.uint8))
+             for split in ("train", "val", "test") for i in range(2)]  # fmt: skip
+    write_folder_dataset(root, tiles, crs="EPSG:32631", transform=north_up(0, 320, 10, 10))
 
 
 def compose_with(overrides: list[str]):
@@ -57,15 +50,11 @@ def compose_with(overrides: list[str]):
 
 
 def dataset_overrides(option: str, demo_root: Path, tmp_path: Path) -> list[str]:
-    from tests.test_benchmark_datasets import write_floods, write_hls, write_mados
-
     writers = {"mados": write_mados, "hls_burn_scars": write_hls, "sen1floods11": write_floods}
     if option in writers:  # a tiny copy of the released layout
         return [f"dataset={option}", f"dataset.root={writers[option](tmp_path / option)}"]
     if option.startswith("m_"):  # a GEO-Bench task folder in the released layout
         from omegaconf import OmegaConf
-
-        from tests.geobench_fixtures import write_geobench
 
         task = OmegaConf.load(CONFIGS / "dataset" / f"{option}.yaml")
         root = write_geobench(
@@ -76,13 +65,11 @@ def dataset_overrides(option: str, demo_root: Path, tmp_path: Path) -> list[str]
         )  # fmt: skip
         return [f"dataset={option}", f"dataset.root={root}"]
     if option == "chips":
-        from tests.geobench_fixtures import write_chips
-
         root = write_chips(tmp_path / "chips", ["field", "forest", "water"])
         return ["dataset=chips", f"dataset.root={root}", "dataset.reflectance_scale=10000"]
     if option == "folder":
         bands = ["B2", "B3", "B4", "B8"]
-        write_folder_dataset(tmp_path / "folder", bands, classes=3)
+        write_random_folder(tmp_path / "folder", bands, classes=3)
         return [
             "dataset=folder", f"dataset.root={tmp_path / 'folder'}",
             f"dataset.available_bands=[{','.join(bands)}]", "dataset.classes=[a,b,c]",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from datasets import (
 )
 from datasets import demo as demo_module
 from deflect.data import DataSpec
+from tests import fakes
 
 BANDS = ["B2", "B3", "B4", "B8"]
 STATS = {
@@ -62,21 +64,8 @@ class OffsetFolder(TinyFolder):
     georeferenced = False
 
 
-def write_tif(path: Path, array: np.ndarray, georeferenced: bool = True) -> None:
-    """Write ``array`` (C, H, W) as a GeoTIFF."""
-    profile = {
-        "driver": "GTiff",
-        "count": array.shape[0],
-        "height": array.shape[1],
-        "width": array.shape[2],
-        "dtype": array.dtype.name,
-    }
-    if georeferenced:
-        profile.update(crs=CRS_STR, transform=TRANSFORM)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(array)
+#: This module's GeoTIFFs: UTM 33N at 20 m.
+write_tif = partial(fakes.write_tif, crs=CRS_STR, transform=TRANSFORM)
 
 
 def dataset_kwargs(root: Path, **overrides) -> dict:
@@ -476,11 +465,6 @@ def test_transform_validation_messages():
 
 
 # ---------------------------------------------------------------------------------- demo
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    return prepare_demo(str(tmp_path_factory.mktemp("demo") / "cache"))
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from deflect.tuners.deflect.indices import (
     wavelength_constants,
 )
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding, pixel_set_statistics
-from tests.conftest import DEMO_BANDS, S2_BANDS, s2_spec, tiny_encoder
+from tests.conftest import S2_BANDS, s2_spec, tiny_encoder
 from tests.conftest import tiny_timm_vit as tiny_vit
+from tests.fakes import DEMO_BANDS
 
 SYMBOLS = {"B1": "A", "B2": "B", "B3": "G", "B4": "R", "B5": "RE1", "B6": "RE2", "B7": "RE3"}
 SYMBOLS |= {"B8": "N", "B8A": "N2", "B11": "S1", "B12": "S2"}
@@ -39,12 +40,6 @@ def perturb(model: torch.nn.Module, scale: float = 0.5) -> None:
 
 def adapt(model=None, **config) -> torch.nn.Module:
     return get_deflect_model(model or tiny_vit(), DeflectConfig(**config), data=s2_spec())
-
-
-@pytest.fixture
-def x11() -> torch.Tensor:
-    torch.manual_seed(2)
-    return torch.rand(2, len(S2_BANDS), 32, 32) * 0.5 + 0.01
 
 
 # ---- spectral indices ---------------------------------------------------------------------------
@@ -219,47 +214,52 @@ def test_pixels_per_patch_samples_in_training_only() -> None:
 
 
 # ---- identity at initialisation (the matrix covers the plain cases) --------------------------------
-def test_identity_with_layer_scale_and_qk_norm(x11: torch.Tensor) -> None:
+def test_identity_with_layer_scale_and_qk_norm(s2_reflectance: torch.Tensor) -> None:
     model = tiny_vit(init_values=0.1, qk_norm=True)
     base = copy.deepcopy(model)
     adapted = adapt(model, target_blocks=[1, 3])
     with torch.no_grad():
-        torch.testing.assert_close(adapted(x11), base(rgb(x11)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            adapted(s2_reflectance), base(rgb(s2_reflectance)), atol=1e-5, rtol=1e-5
+        )
 
 
-def test_sqrt_2d_temperature_is_not_identity(x11: torch.Tensor) -> None:
+def test_sqrt_2d_temperature_is_not_identity(s2_reflectance: torch.Tensor) -> None:
     model = tiny_vit()
     base = copy.deepcopy(model)
     adapted = adapt(model, temperature="sqrt_2d")
     with torch.no_grad():
-        assert not torch.allclose(adapted(x11), base(rgb(x11)), atol=1e-4)
+        assert not torch.allclose(adapted(s2_reflectance), base(rgb(s2_reflectance)), atol=1e-4)
 
 
-def test_identity_through_the_framework_encoder(x11: torch.Tensor) -> None:
+def test_identity_through_the_framework_encoder(s2_reflectance: torch.Tensor) -> None:
     encoder = tiny_encoder(output_layers=[1, 3])
     base = copy.deepcopy(encoder)
     adapted = get_deflect_model(encoder, DeflectConfig())
     with torch.no_grad():
-        ours, theirs = adapted.forward_features(x11), base.forward_features(x11)
+        ours, theirs = (
+            adapted.forward_features(s2_reflectance),
+            base.forward_features(s2_reflectance),
+        )
     assert len(ours) == 2
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ---- gradients and training -------------------------------------------------------------------------
-def test_blocks_before_first_target_run_without_autograd(x11: torch.Tensor) -> None:
+def test_blocks_before_first_target_run_without_autograd(s2_reflectance: torch.Tensor) -> None:
     adapted = adapt(target_blocks=[2])
     seen = {}
     hook = adapted.base_model.blocks[2].register_forward_pre_hook(
         lambda m, args: seen.update(requires_grad=args[0].requires_grad)
     )
-    out = adapted(x11)
+    out = adapted(s2_reflectance)
     hook.remove()
     assert seen["requires_grad"] is False
     assert out.requires_grad
 
 
-def test_learned_cls_has_no_first_step_gradient_spike(x11: torch.Tensor) -> None:
+def test_learned_cls_has_no_first_step_gradient_spike(s2_reflectance: torch.Tensor) -> None:
     """Under norm matching the learned CLS is divided by its own norm; it starts at unit norm
     (not zero), so its first gradient is of the order of the later ones."""
     adapted = adapt(cls_token="learned")
@@ -272,37 +272,37 @@ def test_learned_cls_has_no_first_step_gradient_spike(x11: torch.Tensor) -> None
     norms = []
     for _ in range(5):
         optimizer.zero_grad()
-        (adapted(x11) - 0.5).square().mean().backward()
+        (adapted(s2_reflectance) - 0.5).square().mean().backward()
         norms.append(cls.grad.norm().item())
         optimizer.step()
     assert norms[0] > 0 and max(norms) / min(norms) < 10, norms
 
 
-def test_soft_deflection_reports_auxiliary_loss(x11: torch.Tensor) -> None:
+def test_soft_deflection_reports_auxiliary_loss(s2_reflectance: torch.Tensor) -> None:
     adapted = adapt(deflection="soft", lambda_deflection=2.0)
     adapted.train()
-    adapted(x11)
+    adapted(s2_reflectance)
     aux = adapted.auxiliary_losses()
     assert set(aux) == {"deflection"} and aux["deflection"].item() == pytest.approx(0, abs=1e-5)
     perturb(adapted)
-    adapted(x11)
+    adapted(s2_reflectance)
     loss = adapted.auxiliary_losses()["deflection"]
     assert loss.item() > 0 and loss.requires_grad
     adapted.eval()
-    adapted(x11)
+    adapted(s2_reflectance)
     assert adapted.auxiliary_losses() == {}
     hard = adapt().train()
-    hard(x11)
+    hard(s2_reflectance)
     assert hard.auxiliary_losses() == {}
 
 
-def test_state_is_cleared_and_calls_repeat(x11: torch.Tensor) -> None:
+def test_state_is_cleared_and_calls_repeat(s2_reflectance: torch.Tensor) -> None:
     adapted = adapt()
     perturb(adapted)
     with torch.no_grad():
-        first = adapted(x11)
-        second = adapted(x11)
-        other = adapted(x11.flip(-1))
+        first = adapted(s2_reflectance)
+        second = adapted(s2_reflectance)
+        other = adapted(s2_reflectance.flip(-1))
     assert torch.equal(first, second) and not torch.allclose(first, other)
     state = adapted.tuner.state
     assert state._tokens is None and state._pending is None and state._finish is None
@@ -310,20 +310,20 @@ def test_state_is_cleared_and_calls_repeat(x11: torch.Tensor) -> None:
         adapted.base_model.blocks[1](torch.zeros(1, 17, 32))
 
 
-def test_bf16_autocast_forward_is_close_to_fp32(x11: torch.Tensor) -> None:
+def test_bf16_autocast_forward_is_close_to_fp32(s2_reflectance: torch.Tensor) -> None:
     adapted = adapt()
     perturb(adapted)
     with torch.no_grad():
-        reference = adapted(x11)
+        reference = adapted(s2_reflectance)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = adapted(x11)
+            out = adapted(s2_reflectance)
     assert torch.isfinite(out.float()).all()
     assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
-def test_two_training_forwards_then_one_backward(x11: torch.Tensor) -> None:
+def test_two_training_forwards_then_one_backward(s2_reflectance: torch.Tensor) -> None:
     adapted = adapt().train()
     perturb(adapted)
-    (adapted(x11).sum() + adapted(x11.flip(-1)).sum()).backward()
+    (adapted(s2_reflectance).sum() + adapted(s2_reflectance.flip(-1)).sum()).backward()
     grads = [p.grad for p in adapted.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -21,8 +21,9 @@ from deflect import DeflectConfig, get_deflect_model
 from deflect.encoders import Encoder, ViTEncoder
 from deflect.encoders.checkpoint import resample_pos_embed_3d
 from segmentors import SegmentationLoss
-from tests.conftest import DEMO_BANDS, run_cli, s2_spec
 from tests.conftest import TINY as TINY_RUN
+from tests.conftest import run_cli, s2_spec
+from tests.fakes import DEMO_BANDS
 
 BANDS = DEMO_BANDS
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 4}

@@ -23,16 +23,8 @@ import torch
 
 from deflect.data import DataSpec
 from deflect.export.graph import MatrixAdaptiveAvgPool2d
-from tests.conftest import (
-    DEMO_BANDS,
-    REPO,
-    SCENE_NODATA,
-    TINY,
-    demo_pixels,
-    run_cli,
-    tiny_encoder,
-    write_scene,
-)
+from tests.conftest import REPO, copy_run, tiny_encoder
+from tests.fakes import DEMO_BANDS, SCENE_NODATA, demo_pixels, write_scene
 
 pytest.importorskip("onnxruntime", reason="the export extra: pip install -e '.[export]'")
 
@@ -324,14 +316,12 @@ def test_an_operator_the_exporter_cannot_translate_is_named_with_its_module(tmp_
 
 
 @pytest.mark.slow
-def test_run_exports_and_maps_a_scene_like_pytorch(demo_root, tmp_path):
+def test_run_exports_and_maps_a_scene_like_pytorch(nodata_demo_run, tmp_path):
     """A trained DEFLECT run (the tiny demo with a no-data value): ``scripts/export.py`` writes
     the file and its README; ``predict.py --onnx`` maps a demo scene as ``predict.py`` does (at
     least 99.9 % of pixels equal) and warns about a scene at another reflectance scale as it does;
     the README's example runs without torch."""
-    run_cli([*TINY, f"dataset.root={demo_root}", "epochs=1", "max_steps_per_epoch=1",
-             f"+dataset.nodata={NODATA}", "num_vis=0", "save_predictions=false"], tmp_path)  # fmt: skip
-    (run,) = (tmp_path / "work_dirs").iterdir()
+    run = copy_run(nodata_demo_run, tmp_path)  # the export goes into the run folder
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), str(run)],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +17,17 @@ import torch
 
 import datasets.folder as folder_module
 from datasets import GeoTIFFFolder
-from tests.conftest import TINY, load_script, north_up, run_cli
+from tests.conftest import TINY, load_script, run_cli
+from tests.fakes import north_up, write_damaged_tif, write_folder_dataset, write_tif
 
 BANDS = ["B2", "B3", "B4", "B8"]
 CLASSES = ["water", "field", "forest"]
 NODATA = -9999.0
 
 
-def write(path: Path, data: np.ndarray, descriptions=None, crs="EPSG:32631", nodata=None) -> None:
-    data = data[None] if data.ndim == 2 else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2],
-               "count": data.shape[0], "dtype": data.dtype, "crs": crs,
-               "transform": north_up(600000, 5000000, 10, 10), "nodata": nodata}  # fmt: skip
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-        if descriptions:
-            dst.descriptions = tuple(descriptions)
+#: This module's georeferencing: UTM 31N at 10 m.
+UTM31N = {"crs": "EPSG:32631", "transform": north_up(600000, 5000000, 10, 10)}
+write = partial(write_tif, **UTM31N)
 
 
 def chip(seed: int, size: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -48,21 +43,18 @@ def chip(seed: int, size: int = 20) -> tuple[np.ndarray, np.ndarray]:
 
 def write_split_folders(root: Path, descriptions=BANDS) -> Path:
     """Layout A: <root>/<split>/<name>_image.tif + <name>_mask.tif, bands named in the file."""
-    for split, seeds in {"train": range(5), "val": range(10, 12), "test": range(20, 22)}.items():
-        for seed in seeds:
-            image, mask = chip(seed)
-            write(root / split / f"tile{seed:02d}_image.tif", image, descriptions)
-            write(root / split / f"tile{seed:02d}_mask.tif", mask)
-    return root
+    seeds = {"train": range(5), "val": range(10, 12), "test": range(20, 22)}
+    tiles = [
+        (split, f"tile{seed:02d}", *chip(seed)) for split, ids in seeds.items() for seed in ids
+    ]
+    return write_folder_dataset(root, tiles, descriptions, **UTM31N)
 
 
 def write_flat(root: Path, n: int = 10) -> Path:
     """Layout B: images/<name>.tif and labels/<name>_lbl.tif, no band descriptions."""
-    for seed in range(n):
-        image, mask = chip(100 + seed)
-        write(root / "images" / f"s{seed:02d}.tif", image)
-        write(root / "labels" / f"s{seed:02d}_lbl.tif", mask)
-    return root
+    tiles = [("", f"s{seed:02d}", *chip(100 + seed)) for seed in range(n)]
+    return write_folder_dataset(root, tiles, image="images/{name}.tif",
+                                mask="labels/{name}_lbl.tif", **UTM31N)  # fmt: skip
 
 
 def folder(root: Path, split: str = "train", **kwargs) -> GeoTIFFFolder:
@@ -372,13 +364,8 @@ def test_an_image_and_its_mask_of_other_sizes_are_named_up_front(tmp_path):
 def test_a_truncated_training_image_is_named_while_computing_statistics(tmp_path):
     root = write_split_folders(tmp_path / "a")
     path = root / "train" / "tile02_image.tif"
-    with rasterio.open(path, "w", driver="GTiff", height=20, width=20, count=4, dtype="float32",
-                       compress="deflate", crs="EPSG:32631") as dst:  # fmt: skip
-        dst.write(np.random.default_rng(0).random((4, 20, 20), np.float32))
-        dst.descriptions = tuple(BANDS)
-    data = bytearray(path.read_bytes())
-    data[200:3000] = bytes(2800)  # the header survives, the compressed pixels do not
-    path.write_bytes(bytes(data))
+    pixels = np.random.default_rng(0).random((4, 20, 20), np.float32)
+    write_damaged_tif(path, pixels, BANDS, slice(200, 3000), **UTM31N)
     with pytest.raises(OSError, match=r"cannot read pixels of GeoTIFF .*tile02_image.tif"):
         folder(root)
 

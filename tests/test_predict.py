@@ -21,22 +21,21 @@ from deflect.data import invalid_to_nan
 from deflect.engine import predict
 from deflect.engine.inference import sliding_window_logits
 from deflect.engine.outputs import PALETTE
-from tests.conftest import (
+from tests.conftest import REPO, copy_run, run_cli
+from tests.fakes import (
     DEMO_BANDS,
-    REPO,
+    SCENE_CRS,
     SCENE_NODATA,
-    TINY,
+    SCENE_TRANSFORM,
     copy_with_band_names,
     demo_pixels,
-    north_up,
-    run_cli,
+    write_damaged_tif,
     write_scene,
 )
 
 NODATA = SCENE_NODATA  # what demo_pixels writes
 WINDOW, STRIDE = 32, 16  # TINY's img_size, and evaluation's default stride (half the window)
-CRS = "EPSG:32633"
-TRANSFORM = north_up(500000.0, 5000000.0, 10.0, 10.0)
+CRS, TRANSFORM = SCENE_CRS, SCENE_TRANSFORM  # where write_scene puts a scene
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,13 +49,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_root, tmp_path_factory) -> Path:
-    """A run folder of the tiny model, trained one step on the demo with a no-data value."""
-    cwd = tmp_path_factory.mktemp("predict_run")
-    run_cli([*TINY, f"dataset.root={demo_root}", "epochs=1", "max_steps_per_epoch=1",
-             f"+dataset.nodata={NODATA}", "num_vis=0", "save_predictions=false"], cwd)  # fmt: skip
-    (run,) = (cwd / "work_dirs").iterdir()
-    return run
+def run_dir(nodata_demo_run, tmp_path_factory) -> Path:
+    """The shared tiny run (one step on the demo with a no-data value), copied: this module's
+    tests evaluate into it."""
+    return copy_run(nodata_demo_run, tmp_path_factory.mktemp("predict_run"))
 
 
 @pytest.fixture(scope="module")
@@ -315,14 +311,8 @@ def test_folders_are_listed_and_ranks_share_the_scenes(predictor, tmp_path):
 
 def test_a_scene_with_unreadable_pixels_is_named(predictor, tmp_path):
     path = tmp_path / "broken.tif"
-    profile = {"driver": "GTiff", "height": 40, "width": 40, "count": 4, "dtype": "float32",
-               "crs": CRS, "transform": TRANSFORM, "compress": "deflate"}  # fmt: skip
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(np.random.default_rng(0).random((4, 40, 40), np.float32) * 3000)
-        dst.descriptions = tuple(DEMO_BANDS)
-    data = bytearray(path.read_bytes())
-    data[200:20000] = bytes(19800)  # the header survives, the pixels do not
-    path.write_bytes(bytes(data))
+    pixels = np.random.default_rng(0).random((4, 40, 40), np.float32) * 3000
+    write_damaged_tif(path, pixels, DEMO_BANDS, slice(200, 20000))
     with pytest.raises(OSError, match=r"cannot read pixels of .*broken.tif"):
         predict.predict_scene(predictor, path, tmp_path / "out", progress=False)
 

@@ -28,20 +28,15 @@ from deflect import (
 from deflect.tuners import BaseTuner
 from deflect.tuners.deflect.layer import DeflectBlock, DeflectPatchEmbed
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding
-from tests.conftest import DEMO_BANDS, S2_BANDS, s2_spec, tiny_encoder
+from tests.conftest import S2_BANDS, s2_spec, tiny_encoder
 from tests.conftest import tiny_timm_vit as tiny_vit
+from tests.fakes import DEMO_BANDS
 
 RGB = ["B4", "B3", "B2"]
 
 
 def rgb(x: torch.Tensor) -> torch.Tensor:
     return x[:, [S2_BANDS.index(b) for b in RGB]]
-
-
-@pytest.fixture
-def x11() -> torch.Tensor:
-    torch.manual_seed(2)
-    return torch.randn(2, len(S2_BANDS), 32, 32)
 
 
 def train_steps(model: DeflectModel, x: torch.Tensor, steps: int = 3) -> None:
@@ -213,10 +208,12 @@ def test_trainable_count_real_sizes(arch, dim, bands, n_features) -> None:
 
 
 # ---- save / load and the band manifest --------------------------------------------------------------
-def test_save_load_round_trip_with_band_manifest(tmp_path, x11: torch.Tensor) -> None:
+def test_save_load_round_trip_with_band_manifest(
+    tmp_path, s2_standard_normal: torch.Tensor
+) -> None:
     spec = s2_spec(nodata=-1.0)
     adapted = get_deflect_model(tiny_vit(), DeflectConfig(cls_token="learned"), data=spec)
-    train_steps(adapted, x11)
+    train_steps(adapted, s2_standard_normal)
     adapted.save_pretrained(tmp_path)
     folder = tmp_path / "default"
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -236,7 +233,9 @@ def test_save_load_round_trip_with_band_manifest(tmp_path, x11: torch.Tensor) ->
     loaded = DeflectModel.from_pretrained(tiny_vit(), tmp_path)  # data from the manifest
     assert loaded.data == spec
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x11), adapted(x11), rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded(s2_standard_normal), adapted(s2_standard_normal), rtol=0, atol=0
+        )
     assert not any(p.requires_grad for p in loaded.parameters())
     trainable = DeflectModel.from_pretrained(tiny_vit(), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == adapted.get_nb_trainable_parameters()[0]
@@ -292,7 +291,7 @@ def test_a_pattern_that_matches_nothing_is_an_error_listing_modules() -> None:
 
 
 # ---- adapter management ----------------------------------------------------------------------------
-def test_two_named_adapters_switch(tmp_path, x11: torch.Tensor) -> None:
+def test_two_named_adapters_switch(tmp_path, s2_standard_normal: torch.Tensor) -> None:
     base = tiny_vit()
     spec = s2_spec()
     adapted = get_deflect_model(copy.deepcopy(base), DeflectConfig(), "a", data=spec)
@@ -300,27 +299,29 @@ def test_two_named_adapters_switch(tmp_path, x11: torch.Tensor) -> None:
     assert adapted.active_adapter == "a"
     trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert trainable and all(".a." in n for n in trainable)
-    train_steps(adapted, x11)
+    train_steps(adapted, s2_standard_normal)
     with torch.no_grad():
-        out_a = adapted(x11)
+        out_a = adapted(s2_standard_normal)
         adapted.set_adapter("b")
         trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
         assert trainable and all(".b." in n for n in trainable)
-        torch.testing.assert_close(adapted(x11), base(rgb(x11)), atol=1e-5, rtol=1e-5)  # b is new
-    train_steps(adapted, x11)
+        torch.testing.assert_close(
+            adapted(s2_standard_normal), base(rgb(s2_standard_normal)), atol=1e-5, rtol=1e-5
+        )  # b is new
+    train_steps(adapted, s2_standard_normal)
     with torch.no_grad():
-        out_b = adapted(x11)
+        out_b = adapted(s2_standard_normal)
         adapted.set_adapter("a")
-        torch.testing.assert_close(adapted(x11), out_a, rtol=0, atol=0)
+        torch.testing.assert_close(adapted(s2_standard_normal), out_a, rtol=0, atol=0)
         adapted.set_adapter("b")
-        torch.testing.assert_close(adapted(x11), out_b, rtol=0, atol=0)
+        torch.testing.assert_close(adapted(s2_standard_normal), out_b, rtol=0, atol=0)
     adapted.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"a", "b"}
     other = DeflectModel.from_pretrained(copy.deepcopy(base), tmp_path, "a")
     other.load_adapter(tmp_path, "b")
     other.set_adapter("b")
     with torch.no_grad():
-        torch.testing.assert_close(other(x11), out_b, rtol=0, atol=0)
+        torch.testing.assert_close(other(s2_standard_normal), out_b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="already exists"):
         adapted.add_adapter("a", DeflectConfig())
     with pytest.raises(ValueError, match="cannot add a 'full' one"):
@@ -348,18 +349,18 @@ def test_two_bitfit_adapters_keep_their_own_biases(tmp_path) -> None:
     torch.testing.assert_close(other(x), out_b, rtol=0, atol=0)
 
 
-def test_merge_adapter(x11: torch.Tensor) -> None:
+def test_merge_adapter(s2_standard_normal: torch.Tensor) -> None:
     adapted = get_deflect_model(tiny_vit(), DeflectConfig(), data=s2_spec())
-    train_steps(adapted, x11)
+    train_steps(adapted, s2_standard_normal)
     with torch.no_grad():
-        before = adapted(x11)
+        before = adapted(s2_standard_normal)
     with pytest.warns(UserWarning, match="activation-space"):
         assert adapted.merge_adapter() is adapted
     with torch.no_grad():
-        torch.testing.assert_close(adapted(x11), before, rtol=0, atol=0)
+        torch.testing.assert_close(adapted(s2_standard_normal), before, rtol=0, atol=0)
     # BitFit: the tuned biases are already in place; disabling still gives the pretrained
     # model, and merge_and_unload keeps the tuned biases in a plain model.
-    x = rgb(x11)
+    x = rgb(s2_standard_normal)
     base = tiny_vit()
     pretrained = base(x).detach()
     bitfit = get_deflect_model(base, BitFitConfig())
@@ -382,7 +383,7 @@ def test_full_without_a_pretrained_copy_warns_on_disable() -> None:
         pass
 
 
-def test_inject_adapter_in_model_in_place(x11: torch.Tensor) -> None:
+def test_inject_adapter_in_model_in_place(s2_standard_normal: torch.Tensor) -> None:
     model = tiny_vit()
     out = inject_adapter_in_model(DeflectConfig(), model, data=s2_spec())
     assert out is model
@@ -393,7 +394,7 @@ def test_inject_adapter_in_model_in_place(x11: torch.Tensor) -> None:
     assert isinstance(model.patch_embed.deflect_upe["default"], UntangledPatchEmbedding)
     assert model.patch_embed.grid_size == (4, 4)  # attributes fall back to base_layer
     assert all("deflect_" in n for n, p in model.named_parameters() if p.requires_grad)
-    assert model(x11).shape == (2, 32)
+    assert model(s2_standard_normal).shape == (2, 32)
 
 
 def test_hydra_instantiate_builds_config() -> None:

@@ -471,6 +471,15 @@ MUTANTS = [
            "deflect/engine/predict.py", "        normalise=not predictor.raw_input,",
            "        normalise=True,",
            ("tests/test_export.py::test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map",)),
+    Mutant("(27) the H100 PCIe matched as the SXM (its row no longer found by name)",
+           "scripts/benchmark.py", '("H100 PCIe", (756.5', '("H100 PCIE-", (756.5',
+           ("tests/test_benchmark.py::test_data_sheet_peaks",)),
+    Mutant("(27) the H100 NVL's peak mistyped (853.5 for 835.5)", "scripts/benchmark.py",
+           '("H100 NVL", (835.5', '("H100 NVL", (853.5',
+           ("tests/test_benchmark.py::test_data_sheet_peaks",)),
+    Mutant("(27) a method registered that no finetune option picks", "deflect/tuners/registry.py",
+           "return sorted(_METHODS)", 'return sorted([*_METHODS, "dora"])',
+           ("tests/test_tuners.py::test_registry_and_unknown_method",)),
 ]  # fmt: skip
 
 

@@ -28,7 +28,7 @@ from deflect import (
 from deflect.tuners import BaseTuner
 from deflect.tuners.deflect.layer import DeflectBlock, DeflectPatchEmbed
 from deflect.tuners.deflect.upe import UntangledPatchEmbedding
-from tests.conftest import S2_BANDS, s2_spec, tiny_encoder
+from tests.conftest import REPO, S2_BANDS, s2_spec, tiny_encoder
 from tests.conftest import tiny_timm_vit as tiny_vit
 from tests.fakes import DEMO_BANDS
 
@@ -59,11 +59,21 @@ def expected_count(
 
 
 # ---- registry and configs --------------------------------------------------------------------------
+def finetune_config_methods() -> set[str]:
+    """The methods a user can pick (``finetune=<option>``): the ``method`` of the config class
+    each YAML of configs/finetune/ names (``lora_auto.yaml`` names none: it is lora.yaml)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    configs = [OmegaConf.load(p) for p in (REPO / "configs" / "finetune").glob("*.yaml")]
+    return {get_class(c._target_).method for c in configs if "_target_" in c}
+
+
 def test_registry_and_unknown_method() -> None:
-    assert set(registered_methods()) == {
-        "frozen", "full", "bitfit", "norm_tuning", "lora", "scaled_lora", "deflect",
-        "spectral_kernel",
-    }  # fmt: skip
+    # Every option of the finetune group has a registered method, and nothing else is registered.
+    assert set(registered_methods()) == finetune_config_methods()
+    assert len(registered_methods()) == 8  # frozen, full, bitfit, norm_tuning, lora,
+    # scaled_lora, deflect, spectral_kernel
     with pytest.raises(ValueError, match=r"unknown tuning method 'dora'.*bitfit.*deflect.*lora"):
         TunerConfig.from_dict({"method": "dora"})
 

@@ -121,6 +121,25 @@ def nodata_demo_run(demo_root, tmp_path_factory) -> Path:
     return run
 
 
+#: A chip classifier: the tiny model trained one epoch at 16 px on ``write_chips``' chips of
+#: these classes (Sentinel-2 B2, B3, B4, B8 x10000 in class folders).
+CHIP_CLASSES = ["forest", "field", "water"]
+CHIPS_RUN = [*TINY, "dataset=chips", "dataset.reflectance_scale=10000", "img_size=16",
+             "epochs=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def chips_run(tmp_path_factory) -> tuple[Path, Path]:
+    """``(chips, run)``: the chip folder and the run folder of ``CHIPS_RUN`` on it, trained
+    once per session. Read-only: a test that writes into the run works on ``copy_run``."""
+    from tests.fakes import write_chips
+
+    cwd = tmp_path_factory.mktemp("chips_run")
+    chips = write_chips(cwd / "chips", CHIP_CLASSES)
+    run_cli([*CHIPS_RUN, f"dataset.root={chips}", f"work_dir={cwd / 'run'}"], cwd)
+    return chips, cwd / "run"
+
+
 def copy_run(run: Path, folder: Path) -> Path:
     """A copy of the run folder ``run`` under ``folder`` (same name), for a test that writes
     into it; a shared run stays as it was trained."""

@@ -22,7 +22,7 @@ from datasets.transforms import resize_nan_aware
 from deflect.data import DataSpec
 from deflect.engine.outputs import PALETTE
 from deflect.tasks import ClassificationTask
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import CHIP_CLASSES, REPO, TINY, copy_run, run_cli
 from tests.fakes import (
     Evil,
     copy_with_band_names,
@@ -33,7 +33,7 @@ from tests.fakes import (
     write_tif,
 )
 
-CLASSES = ["forest", "field", "water"]
+CLASSES = CHIP_CLASSES  # the shared chip classifier's, used for every fixture here
 SO2SAT = OmegaConf.load(REPO / "configs" / "dataset" / "m_so2sat.yaml")
 CHANNELS = dict(SO2SAT.channels)
 
@@ -396,7 +396,7 @@ def test_predict_classifies_chips_into_one_table_as_evaluation_does(so2sat, so2s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["bigearthnet", "chips_folders", "chips_csv_multi_label"])
-def test_classification_runs_from_the_command_line(case, tmp_path):
+def test_classification_runs_from_the_command_line(case, chips_run, tmp_path):
     """Multi-label GEO-Bench (m-bigearthnet), and your own chips in both label layouts: a run,
     its metrics and predictions.csv, and eval_dir giving the same numbers."""
     if case == "bigearthnet":
@@ -405,15 +405,17 @@ def test_classification_runs_from_the_command_line(case, tmp_path):
                               {"train": 10, "valid": 3, "test": 4}, multi_label=True,
                               channels=list(task.channels))  # fmt: skip
         args = ["dataset=m_bigearthnet", f"dataset.root={root}"]
-    elif case == "chips_folders":
-        root = write_chips(tmp_path / "chips", CLASSES)
-        args = ["dataset=chips", f"dataset.root={root}", "dataset.reflectance_scale=10000"]
+    elif case == "chips_folders":  # the shared chip classifier (trained one epoch)
+        root, args = chips_run[0], None
     else:
         root = write_chips(tmp_path / "chips", CLASSES, layout="csv", multi_label=True)
         args = ["dataset=chips", f"dataset.root={root}", "dataset.labels=labels.csv",
                 "dataset.multi_label=true", "dataset.reflectance_scale=10000"]  # fmt: skip
     work_dir = tmp_path / "run"
-    run_cli([*TINY, *args, "img_size=16", "epochs=2", f"work_dir={work_dir}"], tmp_path)
+    if args is None:
+        work_dir = copy_run(chips_run[1], tmp_path)  # eval_dir below writes into it
+    else:
+        run_cli([*TINY, *args, "img_size=16", "epochs=2", f"work_dir={work_dir}"], tmp_path)
     metrics = json.loads((work_dir / "test_metrics.json").read_text())
     multi = case != "chips_folders"
     assert ("mAP" in metrics and "microF1" in metrics) == multi
@@ -466,17 +468,15 @@ def test_explain_on_a_classification_run_starts_from_its_test_mf1(so2sat_run):
     assert "diagnostics (test): drop of mF1" in (so2sat_run / "train.log").read_text()
 
 
-def test_a_chip_classifier_evaluates_on_landsat8_chips_through_the_band_mapping(tmp_path):
+def test_a_chip_classifier_evaluates_on_landsat8_chips_through_the_band_mapping(chips_run,
+                                                                                tmp_path):  # fmt: skip
     """A classifier trained on Sentinel-2 chips (B2, B3, B4, B8), evaluated on the same test
     chips written as Landsat 8 files (NIR named B5): ``eval_dir=<run> dataset=chips
     dataset.sensor=landsat8`` maps B8 <- B5 by wavelength and gives the run's own confusion
     matrix; the results go beside the run's, under cross_sensor/chips_landsat8/ (the dataset
     config's name), and nothing is written into the Landsat folder."""
-    root = write_chips(tmp_path / "chips", CLASSES)
-    work_dir = tmp_path / "run"
+    root, work_dir = chips_run[0], copy_run(chips_run[1], tmp_path)  # evaluated into
     common = ["dataset=chips", "dataset.reflectance_scale=10000"]
-    run_cli([*TINY, *common, f"dataset.root={root}", "img_size=16", "epochs=1",
-             f"work_dir={work_dir}"], tmp_path)  # fmt: skip
     landsat = copy_with_band_names(root, tmp_path / "landsat", ("B2", "B3", "B4", "B5"))
     proc = run_cli([f"eval_dir={work_dir}", *common, f"dataset.root={landsat}",
                     "dataset.sensor=landsat8"], tmp_path)  # fmt: skip

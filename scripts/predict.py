@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, load the run's best checkpoint and predict every scene."""
     from deflect.engine.distributed import cleanup_distributed, init_distributed
     from deflect.engine.logging import setup_logging
-    from deflect.engine.predict import DEFAULT_BLOCK, load_predictor, predict_scenes
+    from deflect.predict import DEFAULT_BLOCK, load_predictor, predict_scenes
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

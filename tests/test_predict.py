@@ -1,4 +1,4 @@
-"""Whole-scene prediction (``deflect/engine/predict.py``, ``scripts/predict.py``) against the
+"""Whole-scene prediction (``deflect/predict/``, ``scripts/predict.py``) against the
 whole-scene sliding window of evaluation: same map pixel for pixel, in bounded memory."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import rasterio
 import torch
 from omegaconf import OmegaConf
 
+from deflect import predict
 from deflect.data import invalid_to_nan
-from deflect.engine import predict
-from deflect.engine.inference import sliding_window_logits
 from deflect.engine.outputs import PALETTE
+from deflect.predict import reading
+from deflect.tiling import sliding_window_logits
 from tests.conftest import (
     DEMO_BANDS,
     REPO,
@@ -256,7 +257,7 @@ def test_reads_and_batches_stay_bounded_by_the_block_not_the_scene(
         return out
 
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", recording_read)
-    monkeypatch.setattr(predict, "SCALE_CHECK_SIZE", 24)  # the decimated read of the scale check
+    monkeypatch.setattr(reading, "SCALE_CHECK_SIZE", 24)  # the decimated read of the scale check
     recording = recording_predictor(predictor, batches)
     out = predict.predict_scene(recording, scene, tmp_path, batch_size=batch_size, block=block,
                                 progress=False)  # fmt: skip

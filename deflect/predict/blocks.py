@@ -109,7 +109,7 @@ class SceneSource:
         #: Tiles run through the model by :meth:`dense_blocks` (straddling tiles once per block).
         self.forwards = 0
         #: Output blocks of :meth:`dense_blocks`.
-        self.blocks = 0
+        self.block_count = 0
 
     def read(self, window: Window | None) -> np.ndarray:
         """The model's bands of ``window`` in the trained units, NaN where invalid
@@ -134,7 +134,7 @@ class SceneSource:
         self.block = round_block(self.block, predictor.stride)
         grid = TileGrid(self.src.height, self.src.width, predictor.window, predictor.stride)
         boxes = list(blocks(self.src.height, self.src.width, self.block))
-        self.blocks = len(boxes)
+        self.block_count = len(boxes)
         return self._run(grid, boxes, progress)
 
     def _run(self, grid: TileGrid, boxes: list, progress: bool) -> Iterator:

@@ -30,6 +30,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 # The class-map helpers (integrator: their neutral home after the engine branch's move).
+from deflect.data import DataSpec
 from deflect.engine.outputs import NODATA_CLASS, describe_classes, describe_labels
 from deflect.io import atomic_path
 from deflect.tasks.classification.task import INPUT_RECORD
@@ -249,7 +250,7 @@ class ClassificationScenes:
     training chips is a chip (a row of :data:`CHIP_TABLE`), a larger one a scene (one output
     pixel per tile of the chips' size)."""
 
-    def prepare(self, run_dir: Path, spec, window: int, source: str) -> tuple[int, int]:
+    def prepare(self, run_dir: Path, spec: DataSpec, window: int, source: str) -> tuple[int, int]:
         """Check the manifest's classes; the tile a scene is cut into: the training chips'
         size (:func:`recorded_chip_size`)."""
         check_classes(spec, source)

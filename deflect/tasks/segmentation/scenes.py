@@ -18,13 +18,14 @@ import rasterio
 import torch
 
 # The class-map helpers (integrator: their neutral home after the engine branch's move).
+from deflect.data import DataSpec
 from deflect.engine.outputs import NODATA_CLASS, describe_classes
 from deflect.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 
-def check_classes(spec, source: str) -> None:
+def check_classes(spec: DataSpec, source: str) -> None:
     """Refuse a band manifest whose classes cannot be written as a uint8 class map.
 
     Raises:
@@ -80,7 +81,7 @@ def write_class_map(predictor, scene, out_dir: Path, probabilities: bool,
                 prob.write(softmax, window=out_window)
     log.info(
         "%s: %d x %d px, %d blocks of %d px, %d tiles -> %s",
-        path.name, scene.src.height, scene.src.width, scene.blocks, scene.block, scene.forwards,
+        path.name, scene.src.height, scene.src.width, scene.block_count, scene.block, scene.forwards,
         pred_path,
     )  # fmt: skip
     return pred_path, prob_path, scene.forwards
@@ -90,7 +91,7 @@ class SegmentationScenes:
     """What ``scripts/predict.py`` writes for a segmentation run: a class map per scene, made by
     the sliding window; every file is a scene."""
 
-    def prepare(self, run_dir: Path, spec, window: int, source: str) -> None:
+    def prepare(self, run_dir: Path, spec: DataSpec, window: int, source: str) -> None:
         """Check the manifest's classes; no tiles (None): one output pixel per scene pixel."""
         check_classes(spec, source)
         return None

@@ -471,6 +471,17 @@ MUTANTS = [
            "deflect/predict/blocks.py", "        normalise=not predictor.raw_input,",
            "        normalise=True,",
            ("tests/test_export.py::test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map",)),
+    # issue 27 (predict split by job)
+    Mutant("(27) the scene driver maps every file as a scene without asking the task for chips",
+           "deflect/predict/driver.py",
+           "    chip_files, scenes = writer.split(predictor, scenes, chips)\n",
+           "    chip_files: list = []\n",
+           ("tests/test_classification.py::test_predict_classifies_chips_into_one_table_as_evaluation_does",)),
+    Mutant("(27) scene prediction tiles on another grid than evaluation's sliding window",
+           "deflect/predict/blocks.py",
+           "grid = TileGrid(self.src.height, self.src.width, predictor.window, predictor.stride)",
+           "grid = TileGrid(self.src.height, self.src.width, predictor.window, predictor.window)",
+           ("tests/test_predict.py::test_map_and_probabilities_equal_the_whole_scene_sliding_window",)),
 ]  # fmt: skip
 
 

@@ -16,13 +16,13 @@ so model selection never sees the test files.
 
 from __future__ import annotations
 
-import random
 import re
 from typing import Any, ClassVar
 
 import torch
 
 from datasets.base import GeoTIFFSegmentationDataset, Sample
+from deflect.rasters import seeded_split
 
 IMAGE_SUFFIX = "_merged.tif"
 MASK_SUFFIX = ".mask.tif"
@@ -72,12 +72,7 @@ class HLSBurnScars(GeoTIFFSegmentationDataset):
         """``test``: ``validation/``; ``train``/``val``: the seeded split of ``training/``."""
         if split == "test":
             return self.chips("validation")
-        chips = self.chips("training")
-        order = list(range(len(chips)))
-        random.Random(self.split_seed).shuffle(order)
-        n_val = max(1, round(self.val_fraction * len(chips))) if len(chips) > 1 else 0
-        val = set(order[:n_val])
-        return [c for i, c in enumerate(chips) if (i in val) == (split == "val")]
+        return seeded_split(self.chips("training"), split, self.val_fraction, 0.0, self.split_seed)
 
     def sample_metadata(self, index: int) -> dict[str, torch.Tensor]:
         """``gsd``, ``temporal_coords`` (year, day of year) and ``location_coords`` (latitude,

@@ -350,8 +350,8 @@ class GeoTIFFFolderRegression(GeoTIFFFolder):
             value the target files declare, if any.
         target_scale: the target in its units is the stored value times ``target_scale`` (e.g.
             0.01 for canopy heights stored in cm, to learn metres); default 1.
-        **kwargs: those of :class:`GeoTIFFFolder` but ``masks``, ``classes``, ``ignore_index``
-            and ``label_offset`` (a regression has no classes).
+        **kwargs: those of :class:`GeoTIFFFolder` but ``masks``, ``classes`` and
+            ``label_offset`` (a regression has no classes).
     """
 
     layout: ClassVar[str] = "the images/targets patterns of the dataset config"
@@ -362,7 +362,7 @@ class GeoTIFFFolderRegression(GeoTIFFFolder):
                  target_names: list[str] | None = None, target_nodata: float | None = None,
                  target_scale: float = 1.0, **kwargs: Any) -> None:  # fmt: skip
         name = type(self).__name__
-        for key in ("masks", "classes", "ignore_index", "label_offset"):
+        for key in ("masks", "classes", "label_offset"):
             if key in kwargs:
                 raise TypeError(
                     f"{name}: dataset.{key} is for segmentation; a regression dataset has "
@@ -377,7 +377,7 @@ class GeoTIFFFolderRegression(GeoTIFFFolder):
         self.target_scale = scale
         self._target_names_arg = None if target_names is None else [str(t) for t in target_names]
         self._target_nodata_arg = target_nodata
-        super().__init__(root=root, split=split, masks=targets, **kwargs)
+        super().__init__(root=root, split=split, masks=targets, classes=[], **kwargs)
 
     # ---- the targets' facts, read from their headers -----------------------------------------
     def _read_headers(self) -> None:

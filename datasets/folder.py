@@ -18,7 +18,17 @@ Band names come from ``available_bands`` or, when it is null, from the GeoTIFF b
 descriptions. Per-band statistics come from ``band_stats`` or, when it is null, are computed
 over the training images (valid pixels only) and cached in ``<root>/band_stats.json`` with the
 size and modification time of every file they came from; they are recomputed when those change
-(``scripts/compute_stats.py`` does the same up front and prints them for the config).
+(``scripts/compute_stats.py`` does the same up front and prints them for the config). Those
+conventions are the raster-folder layer (:mod:`datasets.raster_folder`), shared with the
+own-chips dataset.
+
+For pixel-wise regression (``dataset=folder_regression``, :class:`GeoTIFFFolderRegression`) a
+float *target raster* per image takes the mask's place::
+
+    images: "{split}/{name}_image.tif"   targets: "{split}/{name}_target.tif"
+
+one band per target (names from ``target_names`` or the band descriptions), its own no-data
+value (``target_nodata``, else the files' tag; NaN always), ``target = stored x target_scale``.
 """
 
 from __future__ import annotations

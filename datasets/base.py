@@ -64,7 +64,8 @@ class Sample:
 
     Args:
         name: a name unique within the split, used for prediction file names.
-        mask: the label GeoTIFF; its georeferencing is the sample's georeferencing.
+        mask: the label GeoTIFF (a class mask, or a regression dataset's target raster); its
+            georeferencing is the sample's georeferencing.
         images: the image file(s), keyed as the dataset's ``read_image`` expects; the default
             reader expects a single multi-band file under ``"image"``.
     """

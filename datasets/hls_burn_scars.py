@@ -10,8 +10,9 @@ Bands in file order: B2, B3, B4, B8A, B11, B12 (reflectance); 9999 means no data
 scar, 0 not burned, -1 missing (ignored). Each sample also carries ``temporal_coords`` (year, day
 of year, from ``<date>`` = YYYYDDD in the name) and ``location_coords`` (latitude, longitude of
 the chip's centre, from its georeferencing) for Prithvi-EO-2.0 TL. The release has two folders: ``validation/`` is the
-test split, and train/val are a seeded split of ``training/`` (``val_fraction``, ``split_seed``),
-so model selection never sees the test files.
+test split, and train/val are a seeded split of ``training/`` (``val_fraction``, ``split_seed``;
+:func:`deflect.rasters.seeded_split`, the rule of every seeded split), so model selection never
+sees the test files.
 """
 
 from __future__ import annotations

@@ -135,8 +135,9 @@ def band_medians(images: Iterable[np.ndarray], bands: Sequence[str]) -> dict[str
     }  # fmt: skip
 
 
-def implausible_reflectance(medians: Mapping[str, float], scale: float,
-                            sensor: str) -> tuple[str, dict[str, float]] | None:  # fmt: skip
+def implausible_reflectance(medians: Mapping[str, float], scale: float, sensor: str,
+                            key: str = "dataset.reflectance_scale",
+                            ) -> tuple[str, dict[str, float]] | None:  # fmt: skip
     """The reflectance plausibility rule: are values stored at reflectance scale ``scale``
     plausible surface reflectance?
 
@@ -153,6 +154,8 @@ def implausible_reflectance(medians: Mapping[str, float], scale: float,
         medians: band -> median valid value in file units (NaN medians are left out).
         scale: the stored value of reflectance 1.0 the values are read at.
         sensor: spyndex sensor of the bands.
+        key: the setting that gives the scale, named in the message (prediction's is
+            ``--reflectance-scale``).
 
     Returns:
         None when plausible (or no band is judged); else ``(message, reflectance)``: a message
@@ -172,10 +175,9 @@ def implausible_reflectance(medians: Mapping[str, float], scale: float,
     median_raw = float(np.median([abs(v) for v in raw.values()]))
     guess = 10 ** round(math.log10(median_raw / 0.15)) if median_raw > 0 else None
     likely = (
-        f"The files look like they store reflectance x{guess:g}: set "
-        f"dataset.reflectance_scale={guess:g}"
+        f"The files look like they store reflectance x{guess:g}: set {key}={guess:g}"
         if guess and guess != scale
-        else "Check dataset.reflectance_scale (the file value of reflectance 1.0)"
+        else f"Check {key} (the file value of reflectance 1.0)"
     )
     shown = ", ".join(f"{b} {raw[b]:.4g} -> {reflectance[b]:.4g}" for b in raw)
     message = (

@@ -83,6 +83,9 @@ def test_a_scale_off_by_orders_of_magnitude_is_refused_with_the_likely_scale():
         {"B2": 0.05, "B3": 0.07, "B4": 0.09}, 10000.0, "sentinel2a"
     )
     assert message.endswith("set dataset.reflectance_scale=1")
+    # prediction names its own setting
+    message, _ = implausible_reflectance({"B2": 0.05}, 10000.0, "sentinel2a", "--reflectance-scale")
+    assert message.endswith("set --reflectance-scale=1")
 
 
 def test_a_dark_or_bright_scene_at_the_right_scale_is_plausible_reflectance():

@@ -199,8 +199,9 @@ class Chips:
         return f"chip_{index}"
 
 
-def run_writer(tmp_path, num_panels=2, size=32):
-    """Three 32-px samples through the writer (GeoTIFFs and pictures); their arrays."""
+def run_writer(tmp_path, num_panels=2, size=32, finish=True):
+    """Three 32-px samples through the writer (GeoTIFFs; pictures when ``finish``); their
+    arrays."""
     spec = s2_spec(["B2", "B3", "B4"])
     transforms = [north_up(500000 + 320 * i, 4200000, 10, 10) for i in range(3)]
     dataset = Chips(spec, rasterio.crs.CRS.from_epsg(32631), transforms)
@@ -213,12 +214,13 @@ def run_writer(tmp_path, num_panels=2, size=32):
     writer = RegressionWriter(dataset, tmp_path, ["height", "biomass"], num_panels, True, True,
                               nodata=-9999.0)  # fmt: skip
     writer(batch, torch.from_numpy(prediction), torch.from_numpy(prediction))
-    writer.finish(tmp_path)
+    if finish:
+        writer.finish(tmp_path)
     return dataset, image, prediction, target
 
 
 def test_prediction_geotiffs_carry_the_inputs_georeference_values_and_nodata(tmp_path):
-    dataset, image, prediction, _ = run_writer(tmp_path)
+    dataset, image, prediction, _ = run_writer(tmp_path, finish=False)
     for i in range(3):
         with rasterio.open(tmp_path / "predictions" / f"chip_{i}.tif") as src:
             assert src.crs == dataset.crs and src.transform == dataset.transforms[i]
@@ -240,6 +242,17 @@ def test_a_geotiff_without_a_crs_and_an_identity_transform_has_no_georeference(t
         np.testing.assert_array_equal(src.read(), values)
 
 
+def assert_titles(description: list[str], prediction, target) -> None:
+    """The scatter plot's title lines hold numpy's R², RMSE and valid pixels of each target."""
+    for t, name in enumerate(["height", "biomass"]):
+        expected = numpy_metrics(prediction, target, t)
+        match = re.fullmatch(rf"{name}: R² (\S+), RMSE (\S+) \((\d+) px\)", description[t])
+        assert match, description[t]
+        assert float(match[1]) == pytest.approx(expected["r2"], abs=5e-4)
+        assert float(match[2]) == pytest.approx(expected["rmse"], rel=1e-3)
+        assert int(match[3]) == expected["pixels"]
+
+
 def test_the_scatter_plot_is_drawn_with_the_splits_r2_and_rmse(tmp_path):
     _, _, prediction, target = run_writer(tmp_path)
     with Image.open(tmp_path / "test_scatter.png") as png:
@@ -248,13 +261,7 @@ def test_the_scatter_plot_is_drawn_with_the_splits_r2_and_rmse(tmp_path):
     # Drawn, not blank: a fair share of non-white pixels, in many colours (the density).
     assert (pixels.min(axis=2) < 200).mean() > 0.05
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
-    for t, name in enumerate(["height", "biomass"]):
-        expected = numpy_metrics(prediction, target, t)
-        match = re.fullmatch(rf"{name}: R² (\S+), RMSE (\S+) \((\d+) px\)", description[t])
-        assert match, description[t]
-        assert float(match[1]) == pytest.approx(expected["r2"], abs=5e-4)
-        assert float(match[2]) == pytest.approx(expected["rmse"], rel=1e-3)
-        assert int(match[3]) == expected["pixels"]
+    assert_titles(description, prediction, target)
 
 
 def test_the_error_map_panel_is_drawn(tmp_path):
@@ -320,3 +327,63 @@ def test_the_configs_build_the_task_its_loss_and_a_linear_upernet_regressor():
     assert torch.allclose(after[:, 0], torch.tensor(-3.0)) and torch.allclose(
         after[:, 1], torch.tensor(250.0))  # fmt: skip
     assert math.isclose(float(task.predict(after)[0, 1, 0, 0]), 250.0)
+
+
+def shard_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: its shard through the metric and the writer (rank 0 writes)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from deflect.engine.distributed import DistInfo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        prediction, target = two_shards()[rank]
+        metric = RegressionMetric(["height", "biomass"])
+        metric.update(torch.from_numpy(prediction), torch.from_numpy(target))
+        result = metric.compute()
+        info = DistInfo(rank, 2, rank, torch.device("cpu"))
+        dataset = Chips(s2_spec(["B2", "B3", "B4"]), None, [None] * 8)
+        writer = RegressionWriter(dataset, Path(out), ["height", "biomass"], 0, False,
+                                  rank == 0, info)  # fmt: skip
+        image = torch.zeros(prediction.shape[0], 3, *prediction.shape[2:])
+        batch = {"image": image, "target": torch.from_numpy(target),
+                 "index": torch.arange(prediction.shape[0])}  # fmt: skip
+        writer(batch, torch.from_numpy(prediction))
+        writer.finish(Path(out))
+        if rank == 0:
+            (Path(out) / "metrics.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def two_shards():
+    """Two ranks' shards of different sizes (4800 and 2400 pixels per target)."""
+    return [noisy_pair(20, shape=(2, 2, 40, 60)), noisy_pair(21, shape=(1, 2, 40, 60))]
+
+
+@pytest.mark.slow  # two processes start torch: about 45 s on 2 busy cores
+def test_two_gloo_ranks_score_and_plot_the_union_of_their_shards(tmp_path):
+    """Under DDP each rank holds a shard: the metric's all_reduce and the writer's gather give
+    the metrics of the union (numpy on the concatenated shards), in the scatter plot's titles
+    too."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(shard_worker, args=(port, str(tmp_path)), nprocs=2)
+    prediction, target = (np.concatenate(parts) for parts in zip(*two_shards()))
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert_metrics(result, prediction, target, ["height", "biomass"])
+    with Image.open(tmp_path / "test_scatter.png") as png:
+        description = png.text["Description"].splitlines()
+    assert_titles(description, prediction, target)

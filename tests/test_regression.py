@@ -186,6 +186,17 @@ def test_bad_loss_settings_name_the_key():
         )
 
 
+def test_a_task_without_target_names_says_how_to_name_them():
+    with pytest.raises(ValueError, match=r"task.targets=\[ndvi\]"):
+        RegressionTask().target_names(s2_spec(["B2", "B3", "B4"]))
+    with pytest.raises(ValueError, match=r"task.targets=\[ndvi\]"):
+        RegressionTask().infer(None, torch.zeros(1, 3, 8, 8), {}, None, 0)
+    with pytest.raises(ValueError, match="task.targets='ndvi'"):
+        RegressionTask(targets="ndvi")
+    with pytest.raises(ValueError, match="task.nodata=nan"):
+        RegressionTask(targets=["ndvi"], nodata=float("nan"))
+
+
 class Chips:
     """A stand-in for the regression dataset (not yet written): what the writer asks of it."""
 
@@ -301,7 +312,7 @@ def test_the_configs_build_the_task_its_loss_and_a_linear_upernet_regressor():
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[
             "task=regression", "loss=regression", "loss.name=huber", "loss.delta=0.5",
-            "+task.targets=[ndvi,evi]", "segmentor.channels=16", "img_size=32",
+            "task.targets=[ndvi,evi]", "segmentor.channels=16", "img_size=32",
         ])  # fmt: skip
     task = instantiate(cfg.task, _convert_="all")
     assert isinstance(task, RegressionTask) and task.targets == ("ndvi", "evi")
@@ -387,3 +398,12 @@ def test_two_gloo_ranks_score_and_plot_the_union_of_their_shards(tmp_path):
     with Image.open(tmp_path / "test_scatter.png") as png:
         description = png.text["Description"].splitlines()
     assert_titles(description, prediction, target)
+
+
+def test_the_task_takes_the_targets_named_by_the_dataset_yaml():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["task=regression", "+dataset.targets=[chm]"])
+    assert instantiate(cfg.task, _convert_="all").targets == ("chm",)

@@ -122,6 +122,11 @@ class RegressionTask(Task):
         """The sliding window's average of the overlapping windows' outputs: ``(B, T, H, W)``
         with ``T`` the named targets (``num_classes`` when the task names none)."""
         count = len(self.targets) if self.targets else num_classes
+        if count < 1:
+            raise ValueError(
+                "regression inference needs the number of targets: set task.targets, e.g. "
+                "task.targets=[ndvi]"
+            )
         return sliding_window_logits(model, images, settings.window, settings.step, count,
                                      **metadata)  # fmt: skip
 

@@ -490,6 +490,21 @@ MUTANTS = [
     Mutant("(27) a checkpoint trained on other regression targets loads", "deflect/engine/checkpoint.py",
            "if trained.targets and list(trained.targets) != list(data.targets):", "if False:",
            ("tests/test_band_manifest.py",)),
+    Mutant("(27.r1) regression metrics score the no-data target pixels (NaN mask dropped)",
+           "deflect/tasks/regression/metrics.py", "    valid = torch.isfinite(y)\n",
+           "    valid = torch.ones_like(y, dtype=torch.bool)\n",
+           ("tests/test_regression.py::test_metrics_over_batches_equal_numpy_on_the_whole_evaluation",)),
+    Mutant("(27.r2) regression losses train on the no-data target pixels (NaN mask dropped)",
+           "deflect/tasks/regression/loss.py", "        valid = torch.isfinite(target)\n",
+           "        valid = torch.ones_like(target, dtype=torch.bool)\n",
+           ("tests/test_regression.py::test_losses_equal_torch_on_the_valid_subset",)),
+    Mutant("(27.r3) R² about the mean of the predictions, not of the evaluation's targets",
+           "deflect/tasks/regression/metrics.py", "    mean = sy / n", "    mean = (sy + se) / n",
+           ("tests/test_regression.py::test_metrics_over_batches_equal_numpy_on_the_whole_evaluation",)),
+    Mutant("(27.r4) the regression monitor's direction inverted (rmse higher-is-better)",
+           "deflect/tasks/regression/metrics.py", 'HIGHER_IS_BETTER = {"rmse": False,',
+           'HIGHER_IS_BETTER = {"rmse": True,',
+           ("tests/test_regression.py::test_the_declared_directions_prefer_the_better_prediction",)),
 ]  # fmt: skip
 
 

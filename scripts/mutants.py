@@ -516,6 +516,10 @@ MUTANTS = [
            "grid = TileGrid(self.src.height, self.src.width, predictor.window, predictor.stride)",
            "grid = TileGrid(self.src.height, self.src.width, predictor.window, predictor.window)",
            ("tests/test_predict.py::test_map_and_probabilities_equal_the_whole_scene_sliding_window",)),
+    Mutant("(27) a regression scene keeps values where no input band has data",
+           "deflect/tasks/regression/scenes.py", "                values[:, invalid] = nodata\n",
+           "                pass\n",
+           ("tests/test_predict.py::test_a_regression_scene_is_evaluation_s_sliding_window_in_a_float_geotiff",)),
 ]  # fmt: skip
 
 

@@ -234,6 +234,54 @@ def test_the_driver_maps_a_scene_for_any_task_through_its_scene_writer(tmp_path)
     assert out.forwards == 30
 
 
+class Smooth(torch.nn.Module):
+    """A model whose output at a pixel depends on its neighbours (so tiles disagree at their
+    edges and their average matters): invalid inputs as 0, then a 5x5 convolution."""
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, outputs, 5, padding=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.nan_to_num(x))
+
+
+def test_a_regression_scene_is_evaluation_s_sliding_window_in_a_float_geotiff(tmp_path):
+    """A regression run's scene: a float32 GeoTIFF, one band per target named after it, whose
+    values are the regression task's evaluation inference (the sliding window over the whole
+    normalised scene at once) and the task's no-data value where every band is invalid."""
+    from deflect.data import DataSpec
+    from deflect.tasks import InferenceSettings
+    from deflect.tasks.regression import RegressionTask
+
+    image = demo_pixels(75, 53)
+    scene = write_scene(tmp_path / "s.tif", image)
+    mean = {b: 1000.0 + 100 * i for i, b in enumerate(DEMO_BANDS)}
+    std = {b: 500.0 + 10 * i for i, b in enumerate(DEMO_BANDS)}
+    spec = DataSpec(bands=tuple(DEMO_BANDS), mean=mean, std=std, reflectance_scale=10000,
+                    nodata=NODATA, targets=("gli", "height"))  # fmt: skip
+    task, model = RegressionTask(), Smooth(2).eval()
+    predictor = predict.Predictor(model, spec, WINDOW, STRIDE, torch.device("cpu"), task=task)
+    out = predict.predict_scene(predictor, scene, tmp_path / "out", batch_size=3, block=32,
+                                progress=False)  # fmt: skip
+
+    x = np.where(np.isfinite(image) & (image != NODATA), image, np.nan)
+    centre, scale = (np.array(list(d.values()))[:, None, None] for d in (mean, std))
+    x = torch.from_numpy(((x - centre) / scale).astype(np.float32))[None]
+    settings = InferenceSettings(WINDOW, STRIDE)
+    expected = task.infer(model, x, {}, settings, 2)[0].detach().numpy()
+    invalid = torch.isnan(x[0]).all(0).numpy()
+    assert invalid.sum() == 3 * 4 + 2 + 3 * 6
+    with rasterio.open(out.prediction) as src:
+        got = src.read()
+        assert src.dtypes == ("float32", "float32") and src.nodata == task.nodata
+        assert src.descriptions == ("gli", "height") and src.tags()["targets"] == "gli,height"
+        assert src.transform == TRANSFORM
+    np.testing.assert_allclose(got[:, ~invalid], expected[:, ~invalid], rtol=1e-5, atol=1e-5)
+    assert (got[:, invalid] == task.nodata).all()
+
+
 # ----------------------------------------------------------------------- bands and run folders
 
 

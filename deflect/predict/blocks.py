@@ -46,8 +46,9 @@ def predict_block(
         nodata: no-data values besides the training one (the scene's own declared value).
 
     Returns:
-        Logits ``(K, y1 - y0, x1 - x0)`` float32 on the CPU, the block's mask of pixels where
-        every band is invalid ``(y1 - y0, x1 - x0)``, and the number of tiles run.
+        Logits ``(K, y1 - y0, x1 - x0)`` float32 on the CPU (``K``: the model's output
+        channels, classes or targets), the block's mask of pixels where every band is invalid
+        ``(y1 - y0, x1 - x0)``, and the number of tiles run.
     """
     y0, y1, x0, x1 = box
     win = predictor.window
@@ -66,9 +67,7 @@ def predict_block(
     invalid = np.isnan(read[:, y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0]).all(axis=0)
     image = image.to(predictor.device)
 
-    num_classes = predictor.spec.num_classes
-    logits = torch.zeros((num_classes, y1 - y0, x1 - x0), dtype=torch.float32,
-                         device=predictor.device)  # fmt: skip
+    logits = None  # (K, h, w): K is what the model gives (classes, targets), read from it
     tiles = [(top, left) for top in tops for left in lefts]  # the order of sliding_window_logits
     warned = set() if warned is None else warned
     for first in range(0, len(tiles), batch_size):
@@ -77,6 +76,9 @@ def predict_block(
             [image[:, t - ey0 : t - ey0 + win, le - ex0 : le - ex0 + win] for t, le in chunk]
         )
         out = predictor.forward(batch, warned)
+        if logits is None:
+            logits = torch.zeros((out.shape[1], y1 - y0, x1 - x0), dtype=torch.float32,
+                                 device=predictor.device)  # fmt: skip
         for (top, left), tile in zip(chunk, out):
             # The part of the tile inside the block (and inside the scene).
             a0, a1 = max(top, y0), min(top + win, y1)

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from deflect.data import DataSpec
-from deflect.engine.inference import sliding_window_logits
 from deflect.tasks.base import InferenceSettings, Metric, Task
 from deflect.tasks.regression.loss import RegressionLoss
 from deflect.tasks.regression.metrics import HIGHER_IS_BETTER, RegressionMetric
 from deflect.tasks.regression.outputs import NODATA, RegressionWriter
+from deflect.tiling import sliding_window_logits
 
 #: The table's columns: (heading, metric key, format).
 COLUMNS = (("RMSE", "rmse", ".4g"), ("MAE", "mae", ".4g"), ("R²", "r2", ".4f"),
@@ -152,3 +152,8 @@ class RegressionTask(Task):
     def writer(self, dataset, out_dir, num_vis: int, save: bool, is_main: bool, info=None):
         return RegressionWriter(dataset, out_dir, self.target_names(dataset.spec), num_vis, save,
                                 is_main, info, self.nodata)  # fmt: skip
+
+    def scene_writer(self):
+        from deflect.tasks.regression.scenes import RegressionScenes
+
+        return RegressionScenes(self)

@@ -1,4 +1,6 @@
-"""Shared fixtures: the demo GeoTIFF cache, tiny run overrides and a CLI runner."""
+"""Shared fixtures: the demo GeoTIFF cache, tiny run overrides, a CLI runner, the runs several
+modules check (trained once per session, read-only: ``copy_run`` before writing into one) and
+the 11-band input tensors. Fake data files are written by tests/fakes.py."""
 
 from __future__ import annotations
 

@@ -126,6 +126,14 @@ def best_first(means: Mapping[str, float], higher_is_better: bool = True) -> lis
     return sorted(means, key=lambda m: -means[m] if higher_is_better else means[m])
 
 
+def ordered(seeds) -> list:
+    """Seeds sorted (numbers as numbers; mixed types by their text)."""
+    try:
+        return sorted(seeds)
+    except TypeError:
+        return sorted(seeds, key=str)
+
+
 def paired_difference(
     method: Mapping[object, float],
     reference: Mapping[object, float],
@@ -142,16 +150,16 @@ def paired_difference(
     Raises:
         ValueError: the two share no seed (nothing to pair).
     """
-    shared = sorted(set(method) & set(reference), key=str)
+    shared = ordered(set(method) & set(reference))
     if not shared:
         raise ValueError(
-            f"no seed in common: the method ran seeds {sorted(method, key=str)}, the reference "
-            f"{sorted(reference, key=str)}; run both on the same seeds to pair them"
+            f"no seed in common: the method ran seeds {ordered(method)}, the reference "
+            f"{ordered(reference)}; run both on the same seeds to pair them"
         )
     missing = set(method) ^ set(reference)
     if missing:
         warnings.warn(
-            f"paired on seeds {shared} only; seeds {sorted(missing, key=str)} ran for one side",
+            f"paired on seeds {shared} only; seeds {ordered(missing)} ran for one side",
             stacklevel=2,
         )
     sign = 1.0 if higher_is_better else -1.0

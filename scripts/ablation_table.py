@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from deflect.compare import across_datasets, paired_difference, summarise  # noqa: E402
 
 SEED = "seed"
+SELECTED = "+selected"  # stage 2 of the protocol (scripts/select_hparams.py): the method's option
 
 
 @dataclass
@@ -188,9 +189,11 @@ def varying_keys(jobs: list[list[str]]) -> list[str]:
 
 
 def method_of(run: Run) -> str:
-    """The fine-tuning method: the ``finetune`` override, else the saved adapter's method."""
-    if "finetune" in run.settings:
-        return run.settings["finetune"]
+    """The fine-tuning method: the ``finetune`` override (or the protocol's ``+selected``
+    option, a method at its chosen hyperparameters), else the saved adapter's method."""
+    for key in ("finetune", SELECTED):
+        if key in run.settings:
+            return run.settings[key]
     for path in run.folder.glob("adapter/*/deflect_config.json"):
         method = read_json(path).get("method")
         if method:
@@ -200,7 +203,7 @@ def method_of(run: Run) -> str:
 
 def row_label(run: Run, keys: list[str]) -> str:
     """The method and the other overrides that tell rows apart (seed excluded)."""
-    extra = [f"{k}={run.settings[k]}" for k in keys if k not in ("finetune", SEED)
+    extra = [f"{k}={run.settings[k]}" for k in keys if k not in ("finetune", SEED, SELECTED)
              and k in run.settings]  # fmt: skip
     return " ".join([method_of(run), *extra])
 

@@ -272,3 +272,42 @@ def test_rgb_random_kernel_saved_with_the_adapter_loads_exactly(tmp_path) -> Non
     with torch.no_grad():
         assert torch.equal(torch.cat([o.flatten() for o in loaded(x)]), out)
     assert model.num_adapter_parameters() == 0
+
+
+def test_spectral_kernel_new_bands_only_trains_the_new_columns_and_keeps_rgb_frozen(tmp_path):
+    """``new_bands_only``: D x (C - 3) x p x p trainable parameters (hand count: 32 x 8 x 8 x 8
+    for the 11 Sentinel-2 bands on an RGB encoder); after an optimiser step with a loss on every
+    output the pretrained kernel's B4, B3, B2 columns are exactly the pretrained kernel's, every
+    new column moved; the split kernel saves and reloads exactly."""
+    from deflect import SpectralKernelConfig
+
+    encoder = tiny_encoder()
+    pretrained = encoder.vit.patch_embed.proj.weight.detach().clone()  # (D, 3, p, p): B4 B3 B2
+    model = get_deflect_model(encoder, SpectralKernelConfig(new_bands_only=True))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == D * (len(S2_BANDS) - 3) * 8 * 8
+    kernel = next(m for n, m in model.named_modules() if n.endswith("bands_kernel.default"))
+    before = kernel.weight.detach().clone()
+    optimizer = torch.optim.SGD(trainable, lr=1.0)
+    x = torch.randn(2, len(S2_BANDS), 32, 32)
+    sum(o.square().mean() for o in model(x)).backward()
+    optimizer.step()
+    after = kernel.weight.detach()
+    for i, band in enumerate(RGB):
+        assert torch.equal(after[:, S2_BANDS.index(band)], pretrained[:, i]), band
+    for c, band in enumerate(S2_BANDS):
+        if band not in RGB:
+            assert not torch.equal(after[:, c], before[:, c]), band
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(5)
+    loaded = DeflectModel.from_pretrained(tiny_encoder(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(torch.cat([o.flatten() for o in loaded(x)]),
+                           torch.cat([o.flatten() for o in model(x)]))  # fmt: skip
+    usage = model.adapter_band_usage()
+    assert usage["B4"] == "patch embedding (frozen): pretrained kernel"
+    assert usage["B8"] == "patch embedding (trained): random kernel"
+    with pytest.raises(ValueError, match="use rgb_random"):
+        SpectralKernelConfig(band_strategy="repeat", new_bands_only=True)
+    with pytest.raises(ValueError, match="nothing would train"):
+        get_deflect_model(tiny_encoder(s2_spec(RGB)), SpectralKernelConfig(new_bands_only=True))

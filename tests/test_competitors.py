@@ -311,3 +311,20 @@ def test_spectral_kernel_new_bands_only_trains_the_new_columns_and_keeps_rgb_fro
         SpectralKernelConfig(band_strategy="repeat", new_bands_only=True)
     with pytest.raises(ValueError, match="nothing would train"):
         get_deflect_model(tiny_encoder(s2_spec(RGB)), SpectralKernelConfig(new_bands_only=True))
+
+
+def test_param_counts_lists_the_budget_matched_baselines_beside_deflect():
+    """scripts/param_counts.py's count on the tiny ViT (D 32, patch 8, RGB-pretrained) with
+    the 11 Sentinel-2 bands: the whole kernel D x 11 x p^2, the new bands' columns D x 8 x p^2
+    (hand counts), DEFLECT as the tuner itself counts it."""
+    from tests.conftest import load_script
+
+    script = load_script("param_counts")
+
+    def count(method, *overrides):
+        return script.count("tiny_vit", S2_BANDS, "sentinel2a", 32, method, list(overrides))[0]
+
+    assert count("spectral_kernel") == D * 11 * 8 * 8
+    assert count("spectral_kernel_new") == D * 8 * 8 * 8
+    deflect = get_deflect_model(tiny_encoder(), DeflectConfig())
+    assert count("deflect") == deflect.get_nb_trainable_parameters()[0]

@@ -95,7 +95,8 @@ def test_no_run_with_validation_metrics_or_an_unknown_metric_is_an_error(tmp_pat
 def test_the_protocol_end_to_end_through_run_py(demo_root, tmp_path):
     """Stage 1 (frozen and lora at two learning rates) through run.py's multirun, the
     selection from the runs' own records (the monitor from config.yaml), and stage 2 as the
-    one printed multirun: every job at its method's chosen learning rate, two seeds."""
+    one printed multirun: every job at its method's chosen learning rate, two seeds; its table
+    names the rows by method."""
     common = [*TINY, "epochs=1", "max_steps_per_epoch=1", "save_predictions=false",
               "num_vis=0", f"dataset.root={demo_root}"]  # fmt: skip
     stage1 = tmp_path / "stage1"
@@ -124,3 +125,9 @@ def test_the_protocol_end_to_end_through_run_py(demo_root, tmp_path):
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         method = "lora" if "Lora" in cfg["finetune"]["_target_"] else "frozen"
         assert cfg["optimizer"]["lr"] == pytest.approx(expected[method])
+    # The stage-2 table: rows named by method, paired against frozen on both seeds.
+    table = load_script("ablation_table")
+    assert table.main([str(stage2), "--reference", "frozen"]) == 0
+    text = (stage2 / "results.md").read_text()
+    assert "| frozen | 2 (0, 1) |" in text and "| lora | 2 (0, 1) |" in text
+    assert "(seeds 0, 1) |" in text and "All 4 jobs finished." in text

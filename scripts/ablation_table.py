@@ -265,6 +265,17 @@ def reference_row(rows: list[Row], reference: str) -> Row | None:
     return of_method[0] if of_method else None
 
 
+def check_reference(runs: list[Run], expected: list[list[str]], reference: str | None) -> None:
+    """Raise ValueError when ``--reference`` names no row of any dataset (listing the rows)."""
+    if not reference:
+        return
+    keys = [k for k in sweep_rows(runs, expected)[1] if k != "dataset"]
+    rows = [row for group in by_dataset(runs).values() for row in build_rows(group, keys)]
+    if not any(reference_row([row], reference) for row in rows):
+        labels = sorted({row.label for row in rows})
+        raise ValueError(f"--reference {reference!r} is no row of the table; rows: {labels}")
+
+
 def paired_cell(row: Row, ref: Row | None, key: str, higher_is_better: bool) -> str:
     """``+d [lo, hi] (seeds ...)`` in points: the row's paired improvement over the reference
     row (> 0: better, whatever the metric's direction), ``reference`` on that row itself."""
@@ -709,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run.stale_diagnostics}; re-run scripts/explain.py {run.folder}",
                   file=sys.stderr)  # fmt: skip
     try:
+        check_reference(runs, expected, args.reference)
         text = render_markdown(title, runs, expected, reference=args.reference)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -382,7 +382,7 @@ def test_interval_and_paired_difference_columns_by_hand(tmp_path):
     assert rows["lora"][column] == "+2.50 [+1.50, +3.50] (seeds 0, 1, 2, 3)"
     lower = table_rows(script.render_markdown(sweep, runs, [], "frozen", higher_is_better=False))
     assert lower["lora"][column] == "-2.50 [-3.50, -1.50] (seeds 0, 1, 2, 3)"
-    assert script.main([str(sweep), "--reference", "nothing"]) == 0  # no such row: no column
+    assert script.main([str(sweep), "--reference", "nothing"]) == 1  # names no row
     assert script.main([str(sweep), "--reference", "lora"]) == 0
     assert "| +0.00" not in (sweep / "results.md").read_text()
     assert "-2.50 [-3.50, -1.50]" in (sweep / "results.md").read_text()

@@ -507,6 +507,10 @@ MUTANTS = [
                           ('        ls2 = getattr(block, "ls2", nn.Identity())\n',
                            '        ls2 = getattr(block, "ls2", nn.Identity())\n'
                            '        ls1 = getattr(block, "ls1", nn.Identity())\n'))),
+    Mutant("(29.9) UPE's feature statistics also updated in evaluation",
+           "deflect/tuners/deflect/upe.py",
+           "if self.standardise_features and self.training:", "if self.standardise_features:",
+           ("tests/test_deflect_oracles.py::test_standardised_features_use_the_training_pixels_statistics_only",)),
 ]  # fmt: skip
 
 

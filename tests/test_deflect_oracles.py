@@ -17,7 +17,7 @@ import pytest
 import spyndex
 import torch
 
-from deflect import DataSpec, DeflectConfig, get_deflect_model
+from deflect import DataSpec, DeflectConfig, DeflectModel, get_deflect_model
 from deflect.tuners.deflect.layer import DeflectBlock
 from tests.conftest import S2_BANDS, tiny_timm_vit
 
@@ -371,3 +371,48 @@ def test_proj_drop_masks_both_updates_alike_and_layerscale_comes_before_the_cons
                 p.zero_()
     _, start = attention_step(adapted, x, seed=5)
     torch.testing.assert_close(start, frozen, **FP32)
+
+
+def test_standardised_features_use_the_training_pixels_statistics_only(tmp_path):
+    """``standardise_features``: after two training batches every feature's statistics are
+    numpy's mean and (population) std over the valid pixels of both batches (the reference
+    features above: spyndex indices, NaN where invalid); an evaluation batch leaves them as
+    they are; features are then (f - mean) / std at valid pixels and 0 elsewhere. Off (the
+    default): no statistics, the features unchanged."""
+    adapted, data = adapt(DeflectConfig(indices=INDICES, standardise_features=True))
+    upe = adapted.base_model.patch_embed.deflect_upe["default"]
+    first = batch(data)
+    second = first.flip(-1) * 0.7 + 0.1  # other values, the same invalid pixels mirrored
+    adapted.train()
+    upe(first)
+    upe(second)
+    pooled = np.concatenate([reference_pixel_features(b.double().numpy(), data)
+                             for b in (first, second)])  # fmt: skip
+    flat = pooled.transpose(1, 0, 2, 3).reshape(pooled.shape[1], -1)  # (F, pixels)
+    mean, std = np.nanmean(flat, axis=1), np.nanstd(flat, axis=1)
+    np.testing.assert_allclose(upe.feature_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        (upe.feature_m2 / upe.feature_count).sqrt().numpy(), std, rtol=1e-4, atol=1e-6
+    )
+    assert upe.feature_count.tolist() == np.isfinite(flat).sum(axis=1).tolist()
+    adapted.eval()
+    before = upe.feature_mean.clone()
+    upe(first * 3)
+    assert torch.equal(upe.feature_mean, before)
+    got, valid = upe.pixel_features(first)
+    expected = (reference_pixel_features(first.double().numpy(), data)
+                - mean[None, :, None, None]) / std[None, :, None, None]  # fmt: skip
+    assert np.array_equal(valid.numpy(), np.isfinite(expected))
+    np.testing.assert_allclose(got.numpy(), np.nan_to_num(expected, nan=0.0), rtol=1e-3,
+                               atol=1e-4)  # fmt: skip
+    adapted.save_pretrained(tmp_path)  # the statistics are part of the adapter
+    loaded = DeflectModel.from_pretrained(tiny_timm_vit(), tmp_path)
+    reloaded = loaded.base_model.patch_embed.deflect_upe["default"]
+    assert torch.equal(reloaded.feature_mean, upe.feature_mean)
+    assert torch.equal(reloaded.feature_m2, upe.feature_m2)
+    plain, _ = adapt(DeflectConfig(indices=INDICES))
+    upe_plain = plain.base_model.patch_embed.deflect_upe["default"]
+    assert "feature_mean" not in dict(upe_plain.named_buffers())
+    raw = np.nan_to_num(reference_pixel_features(first.double().numpy(), data), nan=0.0)
+    np.testing.assert_allclose(upe_plain.pixel_features(first)[0].numpy(), raw, rtol=1e-4,
+                               atol=1e-4)  # fmt: skip

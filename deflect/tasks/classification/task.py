@@ -251,3 +251,8 @@ class ClassificationTask(Task):
         from deflect.engine.outputs import ClassificationWriter
 
         return ClassificationWriter(dataset, out_dir, num_vis, is_main, self, info)
+
+    def scene_writer(self):
+        from deflect.tasks.classification.scenes import ClassificationScenes
+
+        return ClassificationScenes()

@@ -7,8 +7,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from deflect.data import DataSpec
-from deflect.engine.inference import sliding_window_logits
 from deflect.tasks.base import InferenceSettings, Metric, Task
+from deflect.tiling import sliding_window_logits
 
 
 class ConfusionMetric(Metric):
@@ -132,3 +132,8 @@ class SegmentationTask(Task):
         from deflect.engine.outputs import PredictionWriter
 
         return PredictionWriter(dataset, out_dir, num_vis, save, is_main)
+
+    def scene_writer(self):
+        from deflect.tasks.segmentation.scenes import SegmentationScenes
+
+        return SegmentationScenes()

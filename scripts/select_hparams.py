@@ -18,7 +18,8 @@ order on a tie).
 
 Each run's validation score is ``metrics.json``'s ``best_val`` (the monitored metric of the
 epoch ``best.pt`` was saved at; ``best_val_metrics.json`` for a run that has not been tested
-yet); the metric is the run's ``monitor`` (null: its task's headline), or ``--metric``.
+yet); the metric is the run's ``monitor`` (null: its task's headline), or ``--metric``, and its
+direction the task's (regression's ``rmse``: lower is better), or ``--lower-is-better``.
 
 Writes into the stage-1 folder: ``selected.yaml`` (per contestant: the chosen overrides, their
 mean validation score, every candidate's) and ``selected/selected/<contestant>.yaml``, one Hydra
@@ -89,14 +90,24 @@ def collect_trials(sweep: Path) -> list[Trial]:
     return trials
 
 
-def monitor_of(folder: Path) -> str:
-    """The metric ``best.pt`` was chosen on: the run's ``monitor``, else its task's headline."""
+def monitor_of(folder: Path, metric: str | None = None) -> tuple[str, bool]:
+    """``(metric, higher is better)``: ``metric``, else the run's ``monitor``, else its task's
+    headline; the direction is the task's for that metric (``task.better``; higher when the
+    task does not say, as for mIoU and mF1)."""
     from omegaconf import OmegaConf
 
     from deflect.engine.build import build_task
 
-    cfg = OmegaConf.load(folder / "config.yaml")
-    return str(cfg.get("monitor") or build_task(cfg).headline)
+    path = folder / "config.yaml"
+    if not path.is_file():  # a run folder without its config: the flags say it all
+        if metric is None:
+            raise KeyError(f"{path} is missing, so the run's monitor is unknown: pass --metric")
+        return metric, True
+    cfg = OmegaConf.load(path)
+    task = build_task(cfg)
+    metric = metric or str(cfg.get("monitor") or task.headline)
+    better = getattr(task, "better", None)
+    return metric, True if better is None else bool(better(metric, 1.0, 0.0))
 
 
 def split_keys(trials: list[Trial]) -> tuple[list[str], list[str], dict[str, str]]:
@@ -167,7 +178,7 @@ def option_yaml(groups: dict[str, str], chosen: dict[str, str]) -> str:
 
 
 def write_selection(sweep: Path, chosen: dict, common: dict[str, str], seeds: int,
-                    metric: str) -> str:  # fmt: skip
+                    metric: str, higher_is_better: bool) -> str:  # fmt: skip
     """Write ``selected.yaml`` and the options; return the stage-2 command."""
     import yaml
 
@@ -180,7 +191,8 @@ def write_selection(sweep: Path, chosen: dict, common: dict[str, str], seeds: in
         f"+{GROUP}={','.join(chosen)}", f"{SEED}={','.join(str(s) for s in range(seeds))}",
         *(f"{k}={v}" for k, v in common.items()),
     ])  # fmt: skip
-    summary = {"metric": metric, "split": "validation", "stage_2": command, "methods": chosen}
+    summary = {"metric": metric, "higher_is_better": higher_is_better, "split": "validation",
+               "stage_2": command, "methods": chosen}  # fmt: skip
     (sweep / "selected.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     return command
 
@@ -192,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="K: stage 2 runs seeds 0..K-1")
     parser.add_argument("--metric", default=None,
                         help="validation metric (default: the runs' monitor)")  # fmt: skip
-    parser.add_argument("--lower-is-better", action="store_true",
-                        help="the metric is better lower (e.g. rmse)")  # fmt: skip
+    parser.add_argument("--lower-is-better", action="store_true", default=None,
+                        help="the metric is better lower (default: the run's task says, e.g. "
+                             "rmse is lower-is-better)")  # fmt: skip
     args = parser.parse_args(argv)
     sweep = args.sweep.expanduser()
     trials = collect_trials(sweep) if sweep.is_dir() else []
@@ -202,13 +215,14 @@ def main(argv: list[str] | None = None) -> int:
               "or best_val_metrics.json); pass a stage-1 `run.py -m` sweep folder",
               file=sys.stderr)  # fmt: skip
         return 1
-    metric = args.metric or monitor_of(trials[0].folder)
     try:
-        chosen, contestant, common = select(trials, metric, not args.lower_is_better)
+        metric, higher = monitor_of(trials[0].folder, args.metric)
+        higher = higher and not args.lower_is_better
+        chosen, contestant, common = select(trials, metric, higher)
     except KeyError as error:
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 1
-    command = write_selection(sweep, chosen, common, args.seeds, metric)
+    command = write_selection(sweep, chosen, common, args.seeds, metric, higher)
     for name, entry in chosen.items():
         values = " ".join(f"{k}={v}" for k, v in entry["chosen"].items()) or "(nothing tuned)"
         print(f"{name}: {values}  (validation {metric} {entry['validation']:.4f}, "

@@ -65,6 +65,27 @@ def test_selection_is_on_validation_never_on_test(tmp_path):
     assert chosen["lora"]["chosen"] == {"optimizer.lr": "1e-4"}
 
 
+def test_the_direction_comes_from_the_runs_task(tmp_path):
+    """Runs whose config.yaml is a regression task's (monitor null: rmse, lower is better):
+    without any flag the selection takes the lowest validation rmse (deflect 1e-3: 0.56 mean,
+    lora 1e-4: 0.30), and selected.yaml records the direction."""
+    from omegaconf import OmegaConf
+
+    sweep = tmp_path / "stage1"
+    write_stage1(sweep, [(s, val, test) for s, val, test in DISAGREE])
+    for run in sweep.iterdir():
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["best_val"] = {"epoch": 2, "rmse": metrics["best_val"].pop("mIoU")}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        task = OmegaConf.load(REPO / "configs" / "task" / "regression.yaml")
+        (run / "config.yaml").write_text(OmegaConf.to_yaml({"task": task, "monitor": None}))
+    assert select_script().main([str(sweep)]) == 0
+    summary = yaml.safe_load((sweep / "selected.yaml").read_text())
+    assert summary["metric"] == "rmse" and summary["higher_is_better"] is False
+    assert summary["methods"]["deflect"]["chosen"] == {"optimizer.lr": "1e-3"}
+    assert summary["methods"]["lora"]["chosen"] == {"optimizer.lr": "1e-4"}
+
+
 def test_options_compose_to_the_chosen_values_through_hydra(tmp_path):
     """The written ``selected/selected/<method>.yaml`` composed by Hydra as stage 2 does: the
     method's config group and its chosen learning rate; the other's its own."""

@@ -7,8 +7,14 @@ Reads every run folder of the sweep (``<NNN>_<encoder>_<finetune>_<dataset>/``: 
 ``params.json``, ``metrics.json``, ``adapter/``, ``failed.txt``), pools the seeds of each
 configuration into one row, prints the table and writes it to ``<sweep>/results.md``, and draws
 ``<sweep>/results.png``: mIoU against the % of GFM parameters tuned (log x), one point per row
-with its seed spread as an error bar. Failed, unfinished and never-started jobs (those
-``multirun.yaml`` expects but that have no folder) are listed under the table.
+with its 95 % bootstrap interval over seeds as an error bar. Failed, unfinished and never-started
+jobs (those ``multirun.yaml`` expects but that have no folder) are listed under the table.
+
+The statistics (:mod:`deflect.compare`): the headline metric as ``mean ± std [lo, hi]`` (sample
+std, percentile-bootstrap 95 % interval of the mean over seeds); with ``--reference METHOD``, each
+row's paired difference against that method on the seeds both ran; over several datasets, the
+interquartile mean of min-max normalised scores with a stratified bootstrap interval
+(GEO-Bench-2's aggregate).
 """
 
 from __future__ import annotations
@@ -18,13 +24,17 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deflect.compare import across_datasets, paired_difference, summarise  # noqa: E402
+
 SEED = "seed"
+SELECTED = "+selected"  # stage 2 of the protocol (scripts/select_hparams.py): the method's option
 
 
 @dataclass
@@ -63,6 +73,10 @@ class Row:
     def values(self, key: str) -> list[float]:
         """``metrics.json``'s test ``key`` of every seed (fractions)."""
         return [float(r.metrics["test"][key]) for r in self.runs]
+
+    def by_seed(self, key: str) -> dict[int, float]:
+        """``{seed: test key}`` (what :func:`~deflect.compare.paired_difference` pairs on)."""
+        return {seed_of(r): float(r.metrics["test"][key]) for r in self.runs}
 
     @property
     def percent(self) -> float:
@@ -175,9 +189,11 @@ def varying_keys(jobs: list[list[str]]) -> list[str]:
 
 
 def method_of(run: Run) -> str:
-    """The fine-tuning method: the ``finetune`` override, else the saved adapter's method."""
-    if "finetune" in run.settings:
-        return run.settings["finetune"]
+    """The fine-tuning method: the ``finetune`` override (or the protocol's ``+selected``
+    option, a method at its chosen hyperparameters), else the saved adapter's method."""
+    for key in ("finetune", SELECTED):
+        if key in run.settings:
+            return run.settings[key]
     for path in run.folder.glob("adapter/*/deflect_config.json"):
         method = read_json(path).get("method")
         if method:
@@ -187,7 +203,7 @@ def method_of(run: Run) -> str:
 
 def row_label(run: Run, keys: list[str]) -> str:
     """The method and the other overrides that tell rows apart (seed excluded)."""
-    extra = [f"{k}={run.settings[k]}" for k in keys if k not in ("finetune", SEED)
+    extra = [f"{k}={run.settings[k]}" for k in keys if k not in ("finetune", SEED, SELECTED)
              and k in run.settings]  # fmt: skip
     return " ".join([method_of(run), *extra])
 
@@ -217,6 +233,87 @@ def mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{mean:.2f}"
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def mean_std_interval(values: list[float]) -> str:
+    """``mean ± std [lo, hi]`` in percent: :func:`mean_std` and the 95 % percentile-bootstrap
+    interval of the mean over the seeds (:func:`deflect.compare.summarise`, seed 0)."""
+    if len(values) < 2:
+        return mean_std(values)
+    s = summarise(values)
+    return f"{mean_std(values)} [{100 * s.lo:.2f}, {100 * s.hi:.2f}]"
+
+
+def direction(higher_is_better: bool | Mapping[str, bool], dataset: str) -> bool:
+    """The metric's direction on ``dataset`` (one for all, or ``{dataset: direction}``)."""
+    if isinstance(higher_is_better, Mapping):
+        return bool(higher_is_better.get(dataset, True))
+    return bool(higher_is_better)
+
+
+def reference_row(rows: list[Row], reference: str) -> Row | None:
+    """The row ``--reference`` names: its exact label, else the one row of that method."""
+    exact = [r for r in rows if r.label == reference]
+    if exact:
+        return exact[0]
+    of_method = [r for r in rows if method_of(r.runs[0]) == reference]
+    if len(of_method) > 1:
+        raise ValueError(
+            f"--reference {reference!r} matches rows {[r.label for r in of_method]}; pass one "
+            "row's full label"
+        )
+    return of_method[0] if of_method else None
+
+
+def check_reference(runs: list[Run], expected: list[list[str]], reference: str | None) -> None:
+    """Raise ValueError when ``--reference`` names no row of any dataset (listing the rows)."""
+    if not reference:
+        return
+    keys = [k for k in sweep_rows(runs, expected)[1] if k != "dataset"]
+    rows = [row for group in by_dataset(runs).values() for row in build_rows(group, keys)]
+    if not any(reference_row([row], reference) for row in rows):
+        labels = sorted({row.label for row in rows})
+        raise ValueError(f"--reference {reference!r} is no row of the table; rows: {labels}")
+
+
+def paired_cell(row: Row, ref: Row | None, key: str, higher_is_better: bool) -> str:
+    """``+d [lo, hi] (seeds ...)`` in points: the row's paired improvement over the reference
+    row (> 0: better, whatever the metric's direction), ``reference`` on that row itself."""
+    if ref is None:
+        return "-"
+    if row is ref:
+        return "reference"
+    mine, theirs = row.by_seed(key), ref.by_seed(key)
+    shared = sorted(set(mine) & set(theirs))
+    if not shared:
+        return "no shared seed"
+    d = paired_difference({s: mine[s] for s in shared}, {s: theirs[s] for s in shared},
+                          higher_is_better)  # fmt: skip
+    seeds = ", ".join(str(s) for s in d.seeds)
+    return f"{100 * d.mean:+.2f} [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}] (seeds {seeds})"
+
+
+def across_table(groups: dict[str, list[Row]],
+                 higher_is_better: bool | Mapping[str, bool] = True) -> list[str]:  # fmt: skip
+    """Markdown lines: per method (row label), the IQM of its normalised headline scores over
+    the datasets with its stratified bootstrap interval (:func:`deflect.compare.across_datasets`),
+    best first."""
+    table = {d: {row.label: row.values(row.runs[0].headline) for row in rows}
+             for d, rows in groups.items()}  # fmt: skip
+    stats = across_datasets(table, {d: direction(higher_is_better, d) for d in groups})
+    lines = ["## Across datasets", "",
+             "| method | datasets | IQM of normalised score [95 % CI] |", "|---|---|---|"]  # fmt: skip
+    for label in sorted(stats, key=lambda k: -stats[k].mean):
+        s = stats[label]
+        lines.append(
+            f"| {label} | {s.n} of {len(groups)} | {s.mean:.3f} [{s.lo:.3f}, {s.hi:.3f}] |"
+        )
+    lines += ["", "Each dataset's runs (every method, every seed) are min-max normalised to [0, 1] "
+              "(1: the dataset's best run, lower-is-better metrics flipped); the interquartile "
+              "mean (floor(n/4) dropped at each end, as rliable's IQM) pools a method's runs over "
+              "the datasets it ran on; the interval resamples seeds within each dataset "
+              "(stratified bootstrap, 10,000 resamples, seed 0).", ""]  # fmt: skip
+    return lines
 
 
 def human_bytes(size: int) -> str:
@@ -324,9 +421,14 @@ def task_columns(runs: list[Run]) -> tuple[tuple[str, ...], str]:
     return TASK_COLUMNS["multi-label" if multi else "classification"]
 
 
-def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> str:
+def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]],
+                    reference: str | None = None,
+                    higher_is_better: bool | Mapping[str, bool] = True) -> str:  # fmt: skip
     """The whole ``results.md``: common settings, a table per dataset (with its task's
-    metrics), and every job that did not finish."""
+    metrics; with ``reference``, each row's paired difference against that method), the
+    across-datasets IQM when there are several datasets, and every job that did not finish.
+
+    ``higher_is_better``: the headline metric's direction (one, or ``{dataset: direction}``)."""
     jobs, keys, _ = sweep_rows(runs, expected)
     keys = [k for k in keys if k != "dataset"]  # a table per dataset
     common = sorted({item for job in jobs for item in job
@@ -348,8 +450,11 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
                         and not r.stale_diagnostics for row in rows for r in row.runs)  # fmt: skip
         crossed = cross_sensor_names(rows)
         any_crossed = any_crossed or bool(crossed)
+        ref = reference_row(rows, reference) if reference else None
+        paired = [f"Δ {means[0]} vs {ref.label} [95 % CI]"] if ref else []
         header = ["method", "seeds", "trainable", "% of GFM tuned", "decoder trainable",
-                  "adapter file", *means, *(f"{means[0]} on {name}" for name in crossed),
+                  "adapter file", *means, *paired,
+                  *(f"{means[0]} on {name}" for name in crossed),
                   *(f"{per_class} {c}" for c in classes), "images/s",
                   "peak memory (MiB)",
                   *([f"top inputs ({means[0]} drop)"] if explained else [])]  # fmt: skip
@@ -365,7 +470,13 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
                 f"{row.percent:.4f} %",
                 f"{int(first.params.get('decoder_trainable', 0)):,}",
                 human_bytes(first.adapter_bytes),
-                *(mean_std(row.values(m)) for m in means),
+                mean_std_interval(row.values(means[0])),
+                *(mean_std(row.values(m)) for m in means[1:]),
+                *(
+                    [paired_cell(row, ref, means[0], direction(higher_is_better, dataset))]
+                    if ref
+                    else []
+                ),  # fmt: skip
                 *(cross_sensor_metric(row, name, means[0]) for name in crossed),
                 *(class_iou(row, c, per_class) for c in classes),
                 optional_mean([r.metrics.get("train_images_per_s") for r in row.runs], 1),
@@ -374,13 +485,22 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]]) -> 
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if len(groups) > 1:
+        tables = {d: build_rows(g, keys) for d, g in groups.items()}
+        lines += across_table({d: r for d, r in tables.items() if r}, higher_is_better)
     lines = lines[:-1]
     kinds.discard(None)
     lines += [
         "",
         "Metrics in %, on the test split, of each run's best validation checkpoint; mean ± "
-        "sample standard deviation over the seeds. % of GFM tuned excludes the decoder.",
+        "sample standard deviation over the seeds, then (headline metric) the 95 % "
+        "percentile-bootstrap interval of the mean [lo, hi] (10,000 resamples, seed 0). "
+        "% of GFM tuned excludes the decoder.",
     ]
+    if reference:
+        lines.append(f"Δ vs the reference: the row's paired improvement over `{reference}` "
+                     "(points; > 0 is better) on the seeds both ran, mean and bootstrap "
+                     "interval of the per-seed differences.")  # fmt: skip
     if any_crossed:
         lines.append("`<metric> on <dataset>_<sensor>`: the same checkpoint evaluated on another "
                      "sensor's data through the band mapping (`eval_dir=<run> dataset=<other>`), "
@@ -424,6 +544,13 @@ def figure_points(groups: dict[str, list[Row]]) -> dict[str, list[tuple[str, flo
     return points
 
 
+def error_bar(row: Row) -> tuple[float, float, float]:
+    """``(mean, below, above)`` of the row's headline metric in %: the error bar from the mean
+    down and up to its 95 % bootstrap interval over seeds (0, 0 for one seed)."""
+    s = summarise([100 * v for v in row.values(row.runs[0].headline)])
+    return s.mean, s.mean - s.lo, s.hi - s.mean
+
+
 def x_limits(xs: list[float]) -> tuple[float, float]:
     """Log-axis limits for percentages ``xs`` (all > 0): whole decades around them, never past
     100 % (no method tunes more than all of the GFM)."""
@@ -446,13 +573,15 @@ def label_offset(x: float, limits: tuple[float, float], row: int) -> tuple[tuple
 def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
     """The paper's Figure 1 over several datasets: per method, the mean over datasets of each
     dataset's headline metric (IoU for segmentation, F1 for classification) against the % of
-    GFM parameters tuned (log x); each dataset's own point drawn small beside it."""
+    GFM parameters tuned (log x); each dataset's own point drawn small beside it, with its 95 %
+    bootstrap interval over seeds as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = figure_points(groups)
+    bars = {(d, row.label): error_bar(row) for d, rows in groups.items() for row in rows}
     markers = dict(zip(groups, "osD^vP"))
     positive = [x for pts in points.values() for _, x, _ in pts if x > 0]
     zero_at = (min(positive) / 4) if positive else 1e-3
@@ -462,8 +591,9 @@ def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
         colour = f"C{i % 10}"
         xs = [x if x > 0 else zero_at for _, x, _ in pts]
         for (dataset, _, y), x in zip(pts, xs):
-            ax.plot(x, y, markers[dataset], color=colour, markersize=5, alpha=0.6,
-                    clip_on=False)  # fmt: skip
+            _, below, above = bars[(dataset, label)]
+            ax.errorbar(x, y, yerr=[[below], [above]], fmt=markers[dataset], color=colour,
+                        markersize=5, alpha=0.6, capsize=3, clip_on=False)  # fmt: skip
         x, y = statistics.mean(xs), statistics.mean(y for _, _, y in pts)
         star = label.startswith("deflect")
         ax.plot(x, y, "*" if star else "o", color=colour, markersize=13 if star else 9,
@@ -490,7 +620,7 @@ def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
 
 def draw_plot(rows: list[Row], path: Path, title: str) -> None:
     """The headline metric (mIoU, or mF1 for classification) against % of GFM parameters tuned
-    (log x), error bars = seed std (Figure 1)."""
+    (log x), error bars = the 95 % bootstrap interval of the mean over seeds (Figure 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -503,14 +633,12 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
     limits = x_limits(xs) if xs else (1e-3, 100.0)
     for i, row in enumerate(rows):
         x = row.percent if row.percent > 0 else zero_at
-        values = [100 * v for v in row.values(row.runs[0].headline)]
-        y = statistics.mean(values)
-        err = statistics.stdev(values) if len(values) > 1 else 0.0
+        y, below, above = error_bar(row)
         marker = "*" if row.label.startswith("deflect") else "o"
-        ax.errorbar(x, y, yerr=err, fmt=marker, markersize=11 if marker == "*" else 7,
+        ax.errorbar(x, y, yerr=[[below], [above]], fmt=marker, markersize=11 if marker == "*" else 7,
                     capsize=4, clip_on=False)  # fmt: skip
         short = row.label.replace("finetune.", "")  # the method's options, by their own names
-        label = short + (" (0 %)" if row.percent <= 0 else "") + f"  n={len(values)}"
+        label = short + (" (0 %)" if row.percent <= 0 else "") + f"  n={len(row.runs)}"
         offset, align = label_offset(x, limits, i)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, ha=align,
                     fontsize=8)  # fmt: skip
@@ -555,6 +683,9 @@ def plot_title(runs: list[Run]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the table, write ``results.md`` and ``results.png``; 0 when a run finished.
 
+    ``higher_is_better`` is given to :func:`render_markdown` (default: the headline metric is
+    better higher, as mIoU and mF1 are).
+
     Several sweep folders (e.g. one per arm of a study, each a ``run.py -m`` over seeds) make
     one table; it is written to ``--out`` (default: the first folder)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -562,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sweep folders (work_dirs/multirun/<time>)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None,
                         help="where results.md and results.png go (default: the first sweep)")  # fmt: skip
+    parser.add_argument("--reference", default=None, metavar="METHOD",
+                        help="method (or full row label) every row is compared to, paired by "
+                             "seed, e.g. --reference frozen")  # fmt: skip
     args = parser.parse_args(argv)
     runs: list[Run] = []
     expected: list[list[str]] = []
@@ -585,7 +719,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {run.folder}/diagnostics/explain.json is stale and left out: "
                   f"{run.stale_diagnostics}; re-run scripts/explain.py {run.folder}",
                   file=sys.stderr)  # fmt: skip
-    text = render_markdown(title, runs, expected)
+    try:
+        check_reference(runs, expected, args.reference)
+        text = render_markdown(title, runs, expected, reference=args.reference)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(text)
     write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(text))
     keys = [k for k in sweep_rows(runs, expected)[1] if k != "dataset"]

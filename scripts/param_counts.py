@@ -8,6 +8,12 @@ every registered method in turn, by the same code as ``run.py``, and prints a ma
 encoder's trainable parameters, their % of the GFM's own parameters, and the adapter's size; LoRA
 and SLR also at ``rank: auto`` (DEFLECT's count on the same encoder and bands), with the rank it
 picks. The decoder is left out, as in the paper.
+
+The budget-matched baselines sit beside DEFLECT: ``spectral_kernel_new`` (only the new bands'
+kernel columns train, ``D·(C - P)·p²``) against ``spectral_kernel`` (the whole kernel,
+``D·C·p²``), and LoRA at ``rank: auto`` (``finetune=lora_auto``). ViT-B/16 with the 7 bands
+B2, B3, B4, B8, B8A, B11, B12: DEFLECT 192,008, the whole kernel 1,376,256, the new bands'
+columns 786,432, LoRA rank 1 147,456.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ ORDER = [
     "bitfit",
     "norm_tuning",
     "deflect",
+    "spectral_kernel_new",
     "spectral_kernel",
     "lora",
     "scaled_lora",

@@ -80,7 +80,7 @@ def test_table_pools_seeds_and_lists_the_failed_jobs(sweep):
         row = rows[f"{method} precision=fp32"]
         miou = [100 * r["test"]["mIoU"] for r in runs]
         assert row[1] == "2 (0, 1)"
-        assert row[6] == f"{statistics.mean(miou):.2f} ± {statistics.stdev(miou):.2f}"
+        assert row[6].startswith(f"{statistics.mean(miou):.2f} ± {statistics.stdev(miou):.2f} [")
         assert row[2] == f"{runs[0]['params']['encoder_trainable']:,}"
         assert row[3] == f"{runs[0]['params']['encoder_trainable_percent']:.4f} %"
         bare = [100 * r["test"]["per_class"]["bare"]["IoU"] for r in runs]
@@ -335,3 +335,72 @@ def test_a_really_resumed_sweep_keeps_its_finished_job_in_the_table(demo_root, t
     common = next(line for line in text.splitlines() if line.startswith("Common settings:"))
     assert "resume" not in common.lower()
     assert text.count("- failed: ") == 1 and "precision='fp42'" in text
+
+
+def fake_sweep(folder: Path, scores: dict[tuple[str, str], dict[int, float]]) -> Path:
+    """A sweep folder as run.py leaves it, written by hand: ``{(dataset, method): {seed:
+    test mIoU}}``, one run folder per seed in a shuffled job order."""
+    jobs = [(d, m, s, v) for (d, m), seeds in scores.items() for s, v in seeds.items()]
+    jobs = jobs[1::2] + jobs[::2]  # the folders' order is not the seeds' order
+    for i, (dataset, method, seed, value) in enumerate(jobs):
+        run = folder / f"{i:03d}_tiny_vit_{method}_{dataset}"
+        run.mkdir(parents=True)
+        overrides = [f"dataset={dataset}", f"finetune={method}", f"seed={seed}"]
+        (run / "job.json").write_text(json.dumps({"overrides": overrides}))
+        params = {"encoder_trainable": 10, "encoder_trainable_percent": 1.0 + len(method)}
+        (run / "metrics.json").write_text(
+            json.dumps({"test": {"mIoU": value, "mF1": value}, "params": params})
+        )
+    return folder
+
+
+def table_rows(text: str) -> dict[str, dict[str, str]]:
+    """``{row label: {column: cell}}`` of the first markdown table in ``text``."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:]]
+    return {r[0]: dict(zip(header, r)) for r in rows if len(r) == len(header)}
+
+
+def test_interval_and_paired_difference_columns_by_hand(tmp_path):
+    """Four seeds of frozen at 40, 41, 42, 43 % mIoU: the bootstrap interval of their mean is
+    the exact resampling distribution's 2.5-97.5 % quantiles, 40.50 and 42.50 (the sum of 4
+    draws from {0..3}: P(<= 1) = 5/256 < 2.5 % < P(<= 2) = 15/256; tests/test_compare.py).
+    lora = frozen + 1, 2, 3, 4 points on seeds 0-3: paired +2.50 [+1.50, +3.50]; paired on the
+    seed, not the folder order. With lower-is-better the improvement changes sign."""
+    frozen = {0: 0.42, 1: 0.40, 2: 0.43, 3: 0.41}
+    lora = {s: v + 0.01 * (s + 1) for s, v in frozen.items()}
+    sweep = fake_sweep(tmp_path / "sweep", {("demo", "frozen"): frozen, ("demo", "lora"): lora})
+    script = ablation_script()
+    runs = script.collect_runs(sweep)
+    rows = table_rows(script.render_markdown(sweep, runs, [], reference="frozen"))
+    assert rows["frozen"]["mIoU"] == f"41.50 ± {100 * statistics.stdev(frozen.values()):.2f} " \
+                                     "[40.50, 42.50]"  # fmt: skip
+    column = "Δ mIoU vs frozen [95 % CI]"
+    assert rows["frozen"][column] == "reference"
+    assert rows["lora"][column] == "+2.50 [+1.50, +3.50] (seeds 0, 1, 2, 3)"
+    lower = table_rows(script.render_markdown(sweep, runs, [], "frozen", higher_is_better=False))
+    assert lower["lora"][column] == "-2.50 [-3.50, -1.50] (seeds 0, 1, 2, 3)"
+    assert script.main([str(sweep), "--reference", "nothing"]) == 1  # names no row
+    assert script.main([str(sweep), "--reference", "lora"]) == 0
+    assert "| +0.00" not in (sweep / "results.md").read_text()
+    assert "-2.50 [-3.50, -1.50]" in (sweep / "results.md").read_text()
+
+
+def test_across_datasets_table_is_the_iqm_of_normalised_scores(tmp_path):
+    """Two datasets; on each, lora beats frozen on every seed. Dataset a: frozen 0.2, 0.3,
+    lora 0.6, 0.7 -> normalised frozen 0, 0.2, lora 0.8, 1. Dataset b: frozen 0.5, 0.5, lora
+    0.9, 0.9 -> frozen 0, 0, lora 1, 1. lora's pooled runs 0.8, 1, 1, 1: IQM (drop one at each
+    end) = 1.0; frozen's 0, 0, 0, 0.2: IQM 0.0."""
+    scores = {("a", "frozen"): {0: 0.2, 1: 0.3}, ("a", "lora"): {0: 0.6, 1: 0.7},
+              ("b", "frozen"): {0: 0.5, 1: 0.5}, ("b", "lora"): {0: 0.9, 1: 0.9}}  # fmt: skip
+    sweep = fake_sweep(tmp_path / "sweep", scores)
+    script = ablation_script()
+    text = script.render_markdown(sweep, script.collect_runs(sweep), [])
+    across = text.split("## Across datasets")[1]
+    rows = table_rows(across)
+    assert rows["lora"]["datasets"] == "2 of 2"
+    assert rows["lora"]["IQM of normalised score [95 % CI]"].startswith("1.000 [")
+    assert rows["frozen"]["IQM of normalised score [95 % CI]"].startswith("0.000 [0.000, ")
+    assert across.index("| lora") < across.index("| frozen")  # best first
+    assert script.main([str(sweep)]) == 0 and (sweep / "results.png").stat().st_size > 10_000

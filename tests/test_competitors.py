@@ -272,3 +272,59 @@ def test_rgb_random_kernel_saved_with_the_adapter_loads_exactly(tmp_path) -> Non
     with torch.no_grad():
         assert torch.equal(torch.cat([o.flatten() for o in loaded(x)]), out)
     assert model.num_adapter_parameters() == 0
+
+
+def test_spectral_kernel_new_bands_only_trains_the_new_columns_and_keeps_rgb_frozen(tmp_path):
+    """``new_bands_only``: D x (C - 3) x p x p trainable parameters (hand count: 32 x 8 x 8 x 8
+    for the 11 Sentinel-2 bands on an RGB encoder); after an optimiser step with a loss on every
+    output the pretrained kernel's B4, B3, B2 columns are exactly the pretrained kernel's, every
+    new column moved; the split kernel saves and reloads exactly."""
+    from deflect import SpectralKernelConfig
+
+    encoder = tiny_encoder()
+    pretrained = encoder.vit.patch_embed.proj.weight.detach().clone()  # (D, 3, p, p): B4 B3 B2
+    model = get_deflect_model(encoder, SpectralKernelConfig(new_bands_only=True))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == D * (len(S2_BANDS) - 3) * 8 * 8
+    kernel = next(m for n, m in model.named_modules() if n.endswith("bands_kernel.default"))
+    before = kernel.weight.detach().clone()
+    optimizer = torch.optim.SGD(trainable, lr=1.0)
+    x = torch.randn(2, len(S2_BANDS), 32, 32)
+    sum(o.square().mean() for o in model(x)).backward()
+    optimizer.step()
+    after = kernel.weight.detach()
+    for i, band in enumerate(RGB):
+        assert torch.equal(after[:, S2_BANDS.index(band)], pretrained[:, i]), band
+    for c, band in enumerate(S2_BANDS):
+        if band not in RGB:
+            assert not torch.equal(after[:, c], before[:, c]), band
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(5)
+    loaded = DeflectModel.from_pretrained(tiny_encoder(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(torch.cat([o.flatten() for o in loaded(x)]),
+                           torch.cat([o.flatten() for o in model(x)]))  # fmt: skip
+    usage = model.adapter_band_usage()
+    assert usage["B4"] == "patch embedding (frozen): pretrained kernel"
+    assert usage["B8"] == "patch embedding (trained): random kernel"
+    with pytest.raises(ValueError, match="use rgb_random"):
+        SpectralKernelConfig(band_strategy="repeat", new_bands_only=True)
+    with pytest.raises(ValueError, match="nothing would train"):
+        get_deflect_model(tiny_encoder(s2_spec(RGB)), SpectralKernelConfig(new_bands_only=True))
+
+
+def test_param_counts_lists_the_budget_matched_baselines_beside_deflect():
+    """scripts/param_counts.py's count on the tiny ViT (D 32, patch 8, RGB-pretrained) with
+    the 11 Sentinel-2 bands: the whole kernel D x 11 x p^2, the new bands' columns D x 8 x p^2
+    (hand counts), DEFLECT as the tuner itself counts it."""
+    from tests.conftest import load_script
+
+    script = load_script("param_counts")
+
+    def count(method, *overrides):
+        return script.count("tiny_vit", S2_BANDS, "sentinel2a", 32, method, list(overrides))[0]
+
+    assert count("spectral_kernel") == D * 11 * 8 * 8
+    assert count("spectral_kernel_new") == D * 8 * 8 * 8
+    deflect = get_deflect_model(tiny_encoder(), DeflectConfig())
+    assert count("deflect") == deflect.get_nb_trainable_parameters()[0]

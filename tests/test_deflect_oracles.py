@@ -17,7 +17,7 @@ import pytest
 import spyndex
 import torch
 
-from deflect import DataSpec, DeflectConfig, get_deflect_model
+from deflect import DataSpec, DeflectConfig, DeflectModel, get_deflect_model
 from deflect.tuners.deflect.layer import DeflectBlock
 from tests.conftest import S2_BANDS, tiny_timm_vit
 
@@ -143,9 +143,16 @@ def attention(q, k, v, tau: float) -> np.ndarray:
     return out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
+def layer_scale(block, name: str) -> np.ndarray:
+    """The block's LayerScale γ ``ls1``/``ls2`` (float64), or 1 where it has none."""
+    gamma = getattr(getattr(block, name, None), "gamma", None)
+    return 1.0 if gamma is None else gamma.detach().double().numpy()
+
+
 def reference_block(block, uatt, x, spectral, deflection, temperature, lam=1.0):
-    """Sections 2-3: uAtt with spectral q, k and v, deflection, frozen MLP. Returns the block
-    output and the soft-deflection loss term."""
+    """Sections 2-3: uAtt with spectral q, k and v, both updates through LayerScale (γ ⊙ δ:
+    what each would add to the stream), deflection of those, frozen MLP (γ₂ ⊙ mlp). Returns
+    the block output and the soft-deflection loss term."""
     h = block.attn.num_heads
     u = layer_norm(x, block.norm1)
     q_p, k_p, v_p = heads(linear(u, block.attn.qkv), h)
@@ -155,6 +162,10 @@ def reference_block(block, uatt, x, spectral, deflection, temperature, lam=1.0):
     tau = 1 / math.sqrt(d) if temperature == "sqrt_d" else 1 / math.sqrt(2 * d)
     delta_rgb = linear(attention(q_p, k_p, v_p, 1 / math.sqrt(d)), block.attn.proj)
     delta_uatt = linear(attention(q_p + q_a, k_p + k_a, v_p + v_a, tau), block.attn.proj)
+    delta_rgb, delta_uatt = (
+        layer_scale(block, "ls1") * delta_rgb,
+        layer_scale(block, "ls1") * delta_uatt,
+    )
     n_uatt = np.linalg.norm(delta_uatt, axis=-1, keepdims=True)
     n_rgb = np.linalg.norm(delta_rgb, axis=-1, keepdims=True)
     delta = n_rgb * delta_uatt / n_uatt if deflection == "hard" else delta_uatt
@@ -169,7 +180,8 @@ def reference_block(block, uatt, x, spectral, deflection, temperature, lam=1.0):
     else:
         x = x + delta
     mlp = block.mlp
-    x = x + linear(gelu(linear(layer_norm(x, block.norm2), mlp.fc1)), mlp.fc2)
+    x = x + layer_scale(block, "ls2") * linear(gelu(linear(layer_norm(x, block.norm2), mlp.fc1)),
+                                               mlp.fc2)  # fmt: skip
     return x, loss
 
 
@@ -200,15 +212,19 @@ def reference_forward(adapted, x: torch.Tensor, data, config: DeflectConfig):
     return layer_norm(stream, vit.norm), float(np.mean(losses))
 
 
-def adapt(config: DeflectConfig):
+def adapt(config: DeflectConfig, **vit_kwargs):
+    """The tiny timm ViT (``vit_kwargs``: e.g. ``init_values`` for LayerScale, whose γ then
+    gets trained-looking per-channel values 0.05-2) adapted, with random adapter weights."""
     data = spec()
     torch.manual_seed(3)
-    adapted = get_deflect_model(tiny_timm_vit(), config, data=data)
+    adapted = get_deflect_model(tiny_timm_vit(**vit_kwargs), config, data=data)
     torch.manual_seed(4)
     with torch.no_grad():  # non-zero adapter weights everywhere (U_ℓ starts at zero)
         for name, p in adapted.named_parameters():
             if "deflect_" in name:
                 p.normal_(0, 0.4 if name.endswith("U.weight") else 0.2)
+            elif name.endswith("gamma"):
+                p.uniform_(0.05, 2.0)
     return adapted, data
 
 
@@ -223,8 +239,11 @@ def adapt(config: DeflectConfig):
     ],
     ids=["hard", "none", "soft-sqrt2d-learned", "embedding"],
 )  # fmt: skip
-def test_adapted_vit_equals_the_spec_formulas(config):
-    adapted, data = adapt(config)
+@pytest.mark.parametrize("init_values", [None, 0.1], ids=["plain", "layerscale"])
+def test_adapted_vit_equals_the_spec_formulas(config, init_values):
+    """With LayerScale (a DINOv2-style block), the constraints hold on γ ⊙ δ, what the block
+    adds: hard deflection constrained before LayerScale misses that length."""
+    adapted, data = adapt(config, init_values=init_values)
     x = batch(data)
     expected, soft_loss = reference_forward(adapted, x, data, config)
     adapted.train()  # no dropout in the tiny ViT; training mode reports the soft loss
@@ -293,3 +312,107 @@ def test_nan_pixels_do_not_spread():
     tokens_clean, tokens_dirty = upe(x), upe(dirty)
     changed = (tokens_clean - tokens_dirty).abs().amax(dim=-1)[0]  # (N,)
     assert changed[3 * 4 + 3] > 0 and changed[: 3 * 4 + 3].eq(0).all()  # only patch (3, 3)
+
+
+FP32 = {"rtol": 1e-5, "atol": 1e-5}  # float32 computations compared in float64
+
+
+def attention_step(adapted, x: torch.Tensor, seed: int, adapter: bool = True):
+    """Input and output of ``blocks[0]`` in training mode, from ``torch.manual_seed(seed)``:
+    the adapted block, or (``adapter=False``) the frozen block it wraps."""
+    seen = {}
+    block = adapted.base_model.blocks[0]
+    hook = block.register_forward_hook(lambda m, i, o: seen.update(x=i[0], out=o))
+    adapted.train()
+    torch.manual_seed(seed)
+    if adapter:
+        adapted.forward_features(x)
+    else:
+        with adapted.disable_adapter():
+            adapted.forward_features(x)
+    hook.remove()
+    return seen["x"].detach().double(), seen["out"].detach().double()
+
+
+@pytest.mark.parametrize("deflection", ["hard", "embedding"])
+def test_proj_drop_masks_both_updates_alike_and_layerscale_comes_before_the_constraint(
+    deflection,
+):
+    """A DINOv2-style ViT (LayerScale, ``proj_drop_rate`` 0.5) in training, block 0's MLP set
+    to 0 so its output is x + the attention update. The frozen block, run from the same seed,
+    draws the dropout mask m: its update is γ ⊙ m ⊙ δ_RGB, zero exactly where m is. The adapted
+    block draws the same mask for both updates: its update is zero there too, and its length
+    (hard) or the token's (embedding) is the frozen block's, dropout included. At
+    initialisation (U_ℓ = 0) the adapted block IS the frozen one, also in training."""
+    config = DeflectConfig(indices=INDICES, deflection=deflection, target_blocks=[0])
+    adapted, data = adapt(config, init_values=0.1, proj_drop_rate=0.5)
+    mlp = adapted.base_model.blocks[0].base_layer.mlp
+    with torch.no_grad():
+        mlp.fc2.weight.zero_()
+        mlp.fc2.bias.zero_()
+    x = torch.nan_to_num(batch(data), nan=0.0)
+    x0, frozen = attention_step(adapted, x, seed=5, adapter=False)
+    x1, out = attention_step(adapted, x, seed=5)
+    assert torch.equal(x0, x1)
+    dropped = (frozen - x0) == 0  # m = 0: about half of the channels
+    assert 0.3 < dropped.double().mean() < 0.7
+    assert not torch.allclose(out, frozen, atol=1e-3)  # the adapter acts
+    if deflection == "hard":
+        assert ((out - x1)[dropped] == 0).all()
+        torch.testing.assert_close((out - x1).norm(dim=-1), (frozen - x0).norm(dim=-1), **FP32)
+    else:  # the token is rescaled as a whole: where m = 0, out = s x with one s per token
+        torch.testing.assert_close(out.norm(dim=-1), frozen.norm(dim=-1), **FP32)
+        ratio = torch.where(dropped, out / x1, torch.nan)
+        spread = ratio.nan_to_num(0).amax(-1) - ratio.nan_to_num(1e9).amin(-1)
+        assert (spread.abs() < 1e-4).all()
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith("U.weight"):
+                p.zero_()
+    _, start = attention_step(adapted, x, seed=5)
+    torch.testing.assert_close(start, frozen, **FP32)
+
+
+def test_standardised_features_use_the_training_pixels_statistics_only(tmp_path):
+    """``standardise_features``: after two training batches every feature's statistics are
+    numpy's mean and (population) std over the valid pixels of both batches (the reference
+    features above: spyndex indices, NaN where invalid); an evaluation batch leaves them as
+    they are; features are then (f - mean) / std at valid pixels and 0 elsewhere. Off (the
+    default): no statistics, the features unchanged."""
+    adapted, data = adapt(DeflectConfig(indices=INDICES, standardise_features=True))
+    upe = adapted.base_model.patch_embed.deflect_upe["default"]
+    first = batch(data)
+    second = first.flip(-1) * 0.7 + 0.1  # other values, the same invalid pixels mirrored
+    adapted.train()
+    upe(first)
+    upe(second)
+    pooled = np.concatenate([reference_pixel_features(b.double().numpy(), data)
+                             for b in (first, second)])  # fmt: skip
+    flat = pooled.transpose(1, 0, 2, 3).reshape(pooled.shape[1], -1)  # (F, pixels)
+    mean, std = np.nanmean(flat, axis=1), np.nanstd(flat, axis=1)
+    np.testing.assert_allclose(upe.feature_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        (upe.feature_m2 / upe.feature_count).sqrt().numpy(), std, rtol=1e-4, atol=1e-6
+    )
+    assert upe.feature_count.tolist() == np.isfinite(flat).sum(axis=1).tolist()
+    adapted.eval()
+    before = upe.feature_mean.clone()
+    upe(first * 3)
+    assert torch.equal(upe.feature_mean, before)
+    got, valid = upe.pixel_features(first)
+    expected = (reference_pixel_features(first.double().numpy(), data)
+                - mean[None, :, None, None]) / std[None, :, None, None]  # fmt: skip
+    assert np.array_equal(valid.numpy(), np.isfinite(expected))
+    np.testing.assert_allclose(got.numpy(), np.nan_to_num(expected, nan=0.0), rtol=1e-3,
+                               atol=1e-4)  # fmt: skip
+    adapted.save_pretrained(tmp_path)  # the statistics are part of the adapter
+    loaded = DeflectModel.from_pretrained(tiny_timm_vit(), tmp_path)
+    reloaded = loaded.base_model.patch_embed.deflect_upe["default"]
+    assert torch.equal(reloaded.feature_mean, upe.feature_mean)
+    assert torch.equal(reloaded.feature_m2, upe.feature_m2)
+    plain, _ = adapt(DeflectConfig(indices=INDICES))
+    upe_plain = plain.base_model.patch_embed.deflect_upe["default"]
+    assert "feature_mean" not in dict(upe_plain.named_buffers())
+    raw = np.nan_to_num(reference_pixel_features(first.double().numpy(), data), nan=0.0)
+    np.testing.assert_allclose(upe_plain.pixel_features(first)[0].numpy(), raw, rtol=1e-4,
+                               atol=1e-4)  # fmt: skip

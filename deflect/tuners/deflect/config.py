@@ -36,6 +36,9 @@ class DeflectConfig(TunerConfig):
         norm_match: rescale spectral patch tokens to the norm of the geometry tokens.
         cls_token: ``mean`` (mean of the norm-matched spectral patch tokens) or ``learned``.
         index_clamp: spectral indices are clamped to ``[-index_clamp, index_clamp]``.
+        standardise_features: z-score each per-pixel feature (band or index) with its mean and
+            std over the training pixels (running statistics of the training batches, frozen
+            in evaluation and saved with the adapter) before the pixel-set statistics.
 
     uAtt and deflection:
         rank: rank r of U_ℓ V_ℓ.
@@ -58,6 +61,7 @@ class DeflectConfig(TunerConfig):
     norm_match: bool = True
     cls_token: str = "mean"
     index_clamp: float = 10.0
+    standardise_features: bool = False
     rank: int = 8
     target_blocks: list[int] = field(default_factory=lambda: [0, 1, 2])
     temperature: str = "sqrt_d"

@@ -166,8 +166,8 @@ class DeflectBlock(AdapterLayer):
 
     For an adapter with an :class:`UntangledAttention` here:
 
-        u = norm1(x); δ_uAtt, δ_RGB = uAtt(u, x̃_A); δ = deflect(δ_uAtt, δ_RGB)
-        x ← x + drop_path(ls1(δ));  x ← x + drop_path(ls2(mlp(norm2(x))))
+        u = norm1(x); δ_uAtt, δ_RGB = ls1(m ⊙ uAtt(u, x̃_A))   (m: one proj_drop mask for both)
+        x ← x + drop_path(deflect(x, δ_uAtt, δ_RGB));  x ← x + drop_path(ls2(mlp(norm2(x))))
 
     Otherwise (and when adapters are disabled) the block is its ``base_layer``. The wrapper of
     ``blocks[0]`` (``is_entry``) also finishes the spectral stream from its input x_P.
@@ -231,18 +231,31 @@ class DeflectBlock(AdapterLayer):
         delta_uatt, delta_rgb = untangled_attention(
             block.attn, u, uatt(spectral), uatt.temperature, attn_mask, is_causal
         )  # (B, P+N, D) each
-        delta = deflect_update(delta_uatt, delta_rgb, uatt.deflection, uatt.eps)
+        delta_uatt, delta_rgb = residual_updates(block, delta_uatt, delta_rgb)
         loss = None
         if uatt.deflection == "soft" and self.training:
             loss = uatt.lambda_deflection * deflection_loss(delta_uatt, delta_rgb, uatt.eps)
-        proj_drop = getattr(block.attn, "proj_drop", None)
-        if proj_drop is not None:
-            delta = proj_drop(delta)
-        ls1, ls2 = getattr(block, "ls1", nn.Identity()), getattr(block, "ls2", nn.Identity())
         drop1 = getattr(block, "drop_path1", getattr(block, "drop_path", nn.Identity()))
         drop2 = getattr(block, "drop_path2", getattr(block, "drop_path", nn.Identity()))
+        ls2 = getattr(block, "ls2", nn.Identity())
         if uatt.deflection == "embedding":  # the token keeps the frozen block's length
-            x = x + drop1(deflect_embedding(x, ls1(delta), ls1(delta_rgb), uatt.eps))
+            x = x + drop1(deflect_embedding(x, delta_uatt, delta_rgb, uatt.eps))
             return x + drop2(ls2(block.mlp(block.norm2(x)))), loss
-        x = x + drop1(ls1(delta))
+        x = x + drop1(deflect_update(delta_uatt, delta_rgb, uatt.deflection, uatt.eps))
         return x + drop2(ls2(block.mlp(block.norm2(x)))), loss
+
+
+def residual_updates(
+    block: nn.Module, delta_uatt: torch.Tensor, delta_rgb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both attention updates as the frozen block would add them to the residual stream:
+    ``proj_drop`` with ONE dropout mask for both (drawn as the frozen block draws its own), then
+    LayerScale ``ls1``. Every deflection constraint then compares what is really added: with
+    a trained LayerScale (a per-channel γ) ‖γ ⊙ δ‖ ≠ γ ‖δ‖, and a mask for δ_uAtt alone
+    would make the adapted block differ from the frozen one in training at initialisation."""
+    proj_drop = getattr(block.attn, "proj_drop", None)
+    if proj_drop is not None and proj_drop.training:
+        mask = proj_drop(torch.ones_like(delta_rgb))  # 0 or 1 / (1 - p), as for the frozen block
+        delta_uatt, delta_rgb = delta_uatt * mask, delta_rgb * mask
+    ls1 = getattr(block, "ls1", nn.Identity())
+    return ls1(delta_uatt), ls1(delta_rgb)

@@ -46,6 +46,7 @@ def build_upe(data, parts, config: DeflectConfig) -> UntangledPatchEmbedding:
         nir_from_b8a=config.nir_from_b8a,
         index_clamp=config.index_clamp,
         tubelet_size=parts.tubelet_size,
+        standardise_features=config.standardise_features,
     )
 
 

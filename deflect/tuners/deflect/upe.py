@@ -189,6 +189,10 @@ class UntangledPatchEmbedding(nn.Module):
         eps: floor of norms in divisions.
         nir_from_b8a, index_clamp: see :class:`SpectralIndices`.
         tubelet_size: frames per token of a tubelet (3-D) patch embedding, else None.
+        standardise_features: z-score every per-pixel feature with its mean and std over the
+            valid pixels of the TRAINING batches (accumulated in training mode only, frozen in
+            evaluation, saved with the adapter): the indices, in their own units, then weigh
+            like the z-scored bands in UPE's statistics. Off by default.
     """
 
     def __init__(
@@ -207,6 +211,7 @@ class UntangledPatchEmbedding(nn.Module):
         nir_from_b8a: bool = False,
         index_clamp: float = 10.0,
         tubelet_size: int | None = None,
+        standardise_features: bool = False,
     ) -> None:
         super().__init__()
         self.bands = list(data.bands)
@@ -226,6 +231,12 @@ class UntangledPatchEmbedding(nn.Module):
         self.num_features = len(self.bands) * raw_bands + len(indices)  # F
         if self.num_features == 0:
             raise ValueError("UPE has no per-pixel feature: set raw_bands=true or give indices")
+        self.standardise_features = standardise_features
+        if standardise_features:  # float64 running moments of the training pixels (Chan et al.)
+            f = self.num_features
+            self.register_buffer("feature_count", torch.zeros(f, dtype=torch.float64))
+            self.register_buffer("feature_mean", torch.zeros(f, dtype=torch.float64))
+            self.register_buffer("feature_m2", torch.zeros(f, dtype=torch.float64))
         in_dim = self.num_features * len(self.stats)  # F*S
         self.norm = nn.LayerNorm(in_dim, elementwise_affine=False)
         self.projection = nn.Linear(in_dim, embed_dim)
@@ -253,6 +264,42 @@ class UntangledPatchEmbedding(nn.Module):
         return self._band_tensors[key]
 
     def pixel_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel features F(X) in fp32 (standardised with the training statistics under
+        ``standardise_features``; 0 where invalid) and where they are valid."""
+        features, valid = self.raw_pixel_features(x)
+        return self.standardise(features, valid), valid
+
+    def update_feature_statistics(self, features: torch.Tensor, valid: torch.Tensor) -> None:
+        """Merge the valid pixels of ``features`` ``(B, F, ...)`` into the running per-feature
+        count, mean and sum of squared deviations (exact pooled moments, in float64)."""
+        dims = [d for d in range(features.ndim) if d != 1]
+        values = features.double() * valid
+        count = valid.double().sum(dims)  # (F,)
+        mean = values.sum(dims) / count.clamp_min(1)
+        m2 = ((features.double() - mean.view(1, -1, *[1] * (features.ndim - 2))) ** 2
+              * valid).sum(dims)  # fmt: skip
+        total = self.feature_count + count
+        delta = mean - self.feature_mean
+        share = count / total.clamp_min(1)
+        self.feature_mean += delta * share
+        self.feature_m2 += m2 + delta**2 * self.feature_count * share
+        self.feature_count.copy_(total)
+
+    def standardise(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``(features - mean) / std`` per feature with the training statistics (features
+        never seen in training, or constant ones, are left as they are); 0 where invalid."""
+        if not self.standardise_features:
+            return features
+        seen = self.feature_count > 1
+        std = (self.feature_m2 / self.feature_count.clamp_min(1)).sqrt()
+        seen &= std > 0
+        mean = torch.where(seen, self.feature_mean, 0.0).float()
+        std = torch.where(seen, std, 1.0).float()
+        shape = (1, -1, *[1] * (features.ndim - 2))
+        out = (features - mean.view(shape)) / std.view(shape)
+        return torch.where(valid, out, torch.zeros((), device=features.device))
+
+    def raw_pixel_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel features F(X) in fp32 and where they are valid, from the normalised bands.
 
         Args:
@@ -288,7 +335,10 @@ class UntangledPatchEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Spectral patch tokens before norm matching: ``(B, C, H, W) -> (B, N, D)``."""
         with torch.no_grad():  # the data, not the adapter, decides these: no graph to keep
-            features, valid = self.pixel_features(x)  # (B, F, H, W) each
+            features, valid = self.raw_pixel_features(x)  # (B, F, H, W) each
+            if self.standardise_features and self.training:
+                self.update_feature_statistics(features, valid)
+            features = self.standardise(features, valid)
             for f, value in self.occlude_features.items():
                 features[:, f] = torch.where(valid[:, f], value, 0.0)
             k = self.pixels_per_patch if self.training else None

@@ -5,6 +5,11 @@ kernel over every band (the pretrained kernel for the pretrained bands, a random
 others: ``band_strategy: rgb_random``) is the only encoder part that trains, ``D·C·p²``
 parameters. Nobody's comparison of parameter-efficient methods for multispectral data has this
 row, and it is the first baseline a spectral adapter such as DEFLECT must beat at its budget.
+
+``new_bands_only: true`` (``finetune=spectral_kernel_new``) is the budget-matched variant: the
+pretrained bands' kernel columns stay the pretrained ones, frozen, and only the new bands'
+columns train, ``D·(C - P)·p²`` parameters: DEFLECT's premise (the pretrained spatial prior kept
+intact, only the new spectrum learned) at about DEFLECT's count.
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ class SpectralKernelConfig(BandStrategyConfig):
         band_strategy: how the new kernel starts: ``rgb_random`` (the default: pretrained
             slices for the pretrained bands, random ones for the rest) or ``repeat``.
         train_patch_embed: must be true (or null): the kernel is what this method trains.
+        new_bands_only: train only the kernel columns of the bands the encoder was not
+            pretrained on; the pretrained columns stay frozen (needs ``rgb_random``, whose
+            pretrained columns are the pretrained kernel itself).
     """
 
     method: str = "spectral_kernel"
     band_strategy: str = "rgb_random"
     train_patch_embed: bool | None = True
+    new_bands_only: bool = False
 
     def __post_init__(self) -> None:
         if self.band_strategy == "rgb":
@@ -36,5 +45,10 @@ class SpectralKernelConfig(BandStrategyConfig):
             )
         if self.train_patch_embed is False:
             raise ValueError("spectral_kernel trains its kernel: train_patch_embed must be true")
+        if self.new_bands_only and self.band_strategy != "rgb_random":
+            raise ValueError(
+                f"new_bands_only keeps the pretrained columns as they were pretrained: "
+                f"band_strategy={self.band_strategy!r} rescales them; use rgb_random"
+            )
         self.train_patch_embed = True
         super().__post_init__()

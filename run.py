@@ -1,4 +1,4 @@
-"""Train a segmentor on a geospatial foundation model, or evaluate a finished run.
+"""Fine-tune a geospatial foundation model for a task, or evaluate a finished run.
 
     python run.py                                        # the demo
     torchrun --nproc_per_node=2 run.py encoder=vit_b16 dataset=demo finetune=deflect
@@ -78,12 +78,13 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
     try:
         if job.sweep_dir:
             warn_unread(check_run_config(cfg))  # in the job's train.log
-        build.train_settings(cfg)  # a bad precision, epochs or monitor fails before building
-        datasets = build.build_datasets(cfg)
-        model = build.build_model(cfg, datasets["train"].spec).to(info.device)
-        counts = report.describe_model(model, work_dir, info, datasets["train"])
+        task = build.build_task(cfg)  # once; handed to every part that asks it
+        build.train_settings(cfg, task)  # a bad precision, epochs or monitor fails at once
+        datasets = build.build_datasets(cfg, task)
+        model = build.build_model(cfg, datasets["train"].spec, task).to(info.device)
+        counts = report.describe_model(model, work_dir, info, datasets["train"], task)
 
-        trainer = build.build_trainer(cfg, model, datasets, work_dir, info)
+        trainer = build.build_trainer(cfg, model, datasets, work_dir, info, task)
         if report.resuming(cfg, work_dir):
             trainer.resume(report.last_checkpoint(work_dir))
         started = True
@@ -99,10 +100,11 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
             trainer.writer.close()
             return
 
-        metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
+        metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, task,
+                                   trainer.evaluator)  # fmt: skip
         report.close_run(
             cfg, model, metrics, counts, trainer.cost(), trainer.writer, trainer.settings.epochs,
-            work_dir, info,
+            work_dir, info, task,
             extra={**report.encoder_checkpoint_record(model), **trainer.early_stopping_record()},
             keep_last=bool(cfg.keep_last),
         )  # fmt: skip
@@ -148,12 +150,15 @@ def evaluate(work_dir: Path, run_cfg: DictConfig, info: DistInfo) -> None:
     # Evaluation rewrites the run's test outputs: never while another process writes the folder.
     lock = RunLock(work_dir).acquire() if info.is_main else None
     try:
+        task = build.build_task(run_cfg)
         if run_cfg.get("cross_sensor"):  # another sensor's bands, mapped to the trained ones
-            dataset, out_dir, extra = report.cross_sensor_dataset(run_cfg, work_dir)
+            dataset, out_dir, extra = report.cross_sensor_dataset(run_cfg, work_dir, task)
         else:
-            dataset, out_dir, extra = build.build_dataset(run_cfg, "test"), work_dir, None
-        model = build.build_model(run_cfg, dataset.spec).to(info.device)
-        report.test_best(run_cfg, model, dataset, work_dir, info, out_dir=out_dir, extra=extra)
+            dataset, out_dir = build.build_dataset(run_cfg, "test", task=task), work_dir
+            extra = None
+        model = build.build_model(run_cfg, dataset.spec, task).to(info.device)
+        report.test_best(run_cfg, model, dataset, work_dir, info, task, out_dir=out_dir,
+                         extra=extra)  # fmt: skip
     finally:
         if lock is not None:
             lock.release()

@@ -346,15 +346,17 @@ def _explain(run_dir: Path, split: str, device: str) -> dict:
 
     cfg = eval_config(run_dir, [])
     info = DistInfo(0, 1, 0, resolve_device(device))
-    dataset = build.build_dataset(cfg, split)
+    task = build.build_task(cfg)
+    dataset = build.build_dataset(cfg, split, task=task)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random-weights warnings: the checkpoint replaces them
-        model = build.build_model(cfg, dataset.spec).to(info.device)
+        model = build.build_model(cfg, dataset.spec, task).to(info.device)
     best = best_checkpoint(run_dir)
     load_model_state(model, load_checkpoint(best), str(best))
     model.eval()
-    evaluator = build.build_evaluator(cfg, model.data, info)
-    metric = build.build_task(cfg).headline
+    evaluator = build.build_evaluator(cfg, model.data, info, task)
+    metric = task.headline
+    sign = 1.0 if task.higher_is_better(metric) else -1.0  # a drop is a loss of quality
     loader = build.build_loader(dataset, cfg, info, train=False)
     upe = deflect_upe(model)
 
@@ -369,14 +371,14 @@ def _explain(run_dir: Path, split: str, device: str) -> dict:
     finally:
         for hook in hooks:
             hook.remove()
-    means = upe_training_means(model, build.build_dataset(cfg, "train")) if upe else {}
+    means = upe_training_means(model, build.build_dataset(cfg, "train", task=task)) if upe else {}
     rows = []
     for occlusion in occlusions(model, list(dataset.spec.bands)):
         with occluded(model, occlusion, means) as occluded_model:
             metrics = evaluator.evaluate(occluded_model, loader, desc=f"without {occlusion.name}")
         rows.append({
             "input": occlusion.name, "kind": occlusion.kind, "metric": metrics[metric],
-            "drop": baseline[metric] - metrics[metric],
+            "drop": sign * (baseline[metric] - metrics[metric]),
         })  # fmt: skip
     return {
         "run": str(run_dir),

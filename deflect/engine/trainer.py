@@ -70,7 +70,10 @@ class TrainSettings:
         precision: fp32, fp16 or bf16 (autocast; a GradScaler for fp16 only).
         grad_clip: max gradient norm (0 disables clipping).
         seed: base seed; every epoch re-seeds from (seed, epoch, rank).
-        monitor: validation metric selecting ``best.pt`` (higher is better; one of the task's).
+        monitor: validation metric selecting ``best.pt`` and counting the patience (one of the
+            task's monitors).
+        higher_is_better: whether a higher ``monitor`` is better (the task says; an error
+            metric is lower-is-better).
         log_interval: steps between TensorBoard loss/lr points.
         max_steps_per_epoch: cut epochs short (smoke tests); ``None`` for full epochs.
         stop_after_epochs: leave ``fit`` after this many epochs in total, as a job killed by a
@@ -78,15 +81,16 @@ class TrainSettings:
         early_stopping_patience: finish the run (test, export) once the monitored metric has
             not improved by more than ``early_stopping_min_delta`` for this many epochs in a
             row; ``None`` or 0: never.
-        early_stopping_min_delta: the improvement (in the metric's units, a fraction for mIoU)
-            that resets the patience; ``best.pt`` still follows every improvement.
+        early_stopping_min_delta: the improvement (in the metric's units, e.g. a fraction for
+            an IoU) that resets the patience; ``best.pt`` still follows every improvement.
     """
 
     epochs: int
     precision: str = "fp32"
     grad_clip: float = 1.0
     seed: int = 0
-    monitor: str = "mIoU"
+    monitor: str = ""
+    higher_is_better: bool = True
     log_interval: int = 10
     max_steps_per_epoch: int | None = None
     stop_after_epochs: int | None = None
@@ -98,6 +102,8 @@ class TrainSettings:
             raise ValueError(f"precision={self.precision!r} is not one of {list(AUTOCAST_DTYPES)}")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if not self.monitor:
+            raise ValueError("monitor is empty: name one of the task's monitors (its headline)")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
             raise ValueError(
                 f"early_stopping_patience={self.early_stopping_patience} must be >= 0 (0 or "
@@ -110,7 +116,7 @@ class TrainSettings:
 
 
 class Trainer:
-    """Trains a segmentor and keeps its best and last checkpoints.
+    """Trains a model for the run's task and keeps its best and last checkpoints.
 
     Args:
         model: the model to step (DDP-wrapped under torchrun).
@@ -151,17 +157,19 @@ class Trainer:
         self.train_loader, self.loader_generator = train_loader, loader_generator
         self.evaluator, self.val_loader = evaluator, val_loader
         self.work_dir, self.info, self.writer = work_dir, info, writer
-        self.ignore_index = evaluator.ignore_index
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=settings.precision == "fp16")
         self.start_epoch = 0
         self.global_step = 0
-        self.best_score = -math.inf
+        # The monitored metric's values as stored (best.pt, last.pt, the log): the worst value
+        # until an epoch is scored. Comparisons go through _better, so lower-is-better works too.
+        worst = -math.inf if settings.higher_is_better else math.inf
+        self.best_score = worst
         self.best_epoch = -1
         self.best_metrics: dict | None = None
         # Early stopping: the score the patience counts from, and epochs since it was set.
-        self.patience_score = -math.inf
+        self.patience_score = worst
         self.epochs_without_improvement = 0
         self.stopped_early_at: int | None = None  # the last epoch trained (1-based), if stopped
         self.fingerprint = frozen_fingerprint(raw_model)
@@ -246,11 +254,18 @@ class Trainer:
             }
         }
 
+    def _better(self, score: float, reference: float, margin: float = 0.0) -> bool:
+        """Whether ``score`` beats ``reference`` by more than ``margin`` in the monitored
+        metric's direction (NaN never does)."""
+        if self.settings.higher_is_better:
+            return score > reference + margin
+        return score < reference - margin
+
     def _patience_over(self, epoch: int, score: float) -> bool:
         """Count an epoch without improvement by more than min_delta; True (and logged) when
         the patience is used up."""
         patience = self.settings.early_stopping_patience
-        if score > self.patience_score + self.settings.early_stopping_min_delta:
+        if self._better(score, self.patience_score, self.settings.early_stopping_min_delta):
             self.patience_score, self.epochs_without_improvement = score, 0
         else:
             self.epochs_without_improvement += 1
@@ -285,7 +300,7 @@ class Trainer:
                 self.raw_model, self.val_loader, desc=f"val {epoch + 1}/{self.settings.epochs}"
             )
             score = metrics[self.settings.monitor]
-            improved = score > self.best_score
+            improved = self._better(score, self.best_score)
             if improved:
                 self.best_score, self.best_epoch, self.best_metrics = score, epoch, metrics
             if self.info.is_main:

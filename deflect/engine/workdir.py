@@ -303,6 +303,7 @@ def choose_work_dir(cfg: DictConfig, choices: dict, job: SweepJob | None = None)
 
 # ---- the run's top-level settings, checked before anything is built or written ----------------
 _INT, _FLOAT, _BOOL, _CHOICE = "an integer", "a number", "true or false", "one of"
+_NAME = "a name"
 _RANGE, _LIST = "a number in", "a list"
 #: key -> (kind, lower bound, choices or interval, may be null, an example); a key absent from
 #: the config (another dataset's or task's) is not checked. An interval is (low, high, low
@@ -328,8 +329,8 @@ RUN_SETTINGS: dict[str, tuple] = {
     "device": (_CHOICE, ("auto", "cpu", "cuda"), False, "device=cuda"),
     "matmul_precision": (_CHOICE, ("highest", "high", "medium"), False, "matmul_precision=high"),
     "cpu_allocator": (_CHOICE, ("tuned", "default"), False, "cpu_allocator=default"),
-    "monitor": (_CHOICE, ("mIoU", "mF1", "mPrecision", "mRecall", "OA", "microF1", "mAP"), True,
-                "monitor=mF1 (null: the task's own)"),
+    # Which names: the run's task says (deflect.engine.build.train_settings, before building).
+    "monitor": (_NAME, None, True, "monitor=<one of the task's monitors> (null: its headline)"),
     **{key: (_BOOL, None, False, f"{key}=true") for key in (
         "compile", "activation_checkpointing", "save_predictions", "resume",
         "resume_allow_changes", "keep_last", "check_reflectance_scale", "diagnostics",
@@ -401,6 +402,8 @@ def check_run_config(cfg: DictConfig) -> list[str]:
             ok = ok and (value <= high if high_in else value < high)
         elif kind == _LIST:
             ok = isinstance(value, (list, tuple, ListConfig))
+        elif kind == _NAME:
+            ok = isinstance(value, str) and bool(value.strip())
         if not ok:
             if kind == _RANGE:
                 low, high, low_in, high_in = bound

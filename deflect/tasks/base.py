@@ -79,10 +79,19 @@ class Task:
     min_batch_size: int = 1
     min_batch_reason: str = ""
 
+    #: The per-class (or per-target) metric of ``metrics["per_class"]`` that comparison tables
+    #: show beside the means (``None``: no such column).
+    per_class_metric: str | None = None
+
     @property
     def headline(self) -> str:
         """The task's main metric (the default ``monitor``)."""
         return next(iter(self.monitors))
+
+    @property
+    def table_metrics(self) -> tuple[str, ...]:
+        """The means a comparison table (``scripts/ablation_table.py``) shows, headline first."""
+        return tuple(self.monitors)[:2]
 
     def higher_is_better(self, monitor: str) -> bool:
         """Whether a higher value of ``monitor`` is better.

@@ -183,6 +183,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     target_key = "label"
+    per_class_metric = "F1"
     min_batch_size = 1  # the linear head has no batch statistics
 
     def __init__(self, multi_label: bool = False, threshold: float = 0.5, pooling: str = "cls",
@@ -206,6 +207,11 @@ class ClassificationTask(Task):
             else ("mF1", "OA", "mPrecision", "mRecall")
         )
         self.monitors = dict.fromkeys(names, True)
+
+    @property
+    def table_metrics(self) -> tuple[str, ...]:
+        """``mF1`` and ``OA``; for label sets ``mF1``, ``microF1`` and ``mAP``."""
+        return tuple(self.monitors)[: 3 if self.multi_label else 2]
 
     def build_model(self, encoder: nn.Module, data: DataSpec, head_config=None) -> nn.Module:
         from segmentors.classifier import ImageClassifier

@@ -30,6 +30,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     target_key = "mask"
     monitors = {"mIoU": True, "mF1": True, "mPrecision": True, "mRecall": True, "OA": True}
+    per_class_metric = "IoU"
     # UperNet's BatchNorm normalises over the batch: its pyramid pooling's 1x1 branch has one
     # value per channel per image.
     min_batch_size = 2

@@ -25,8 +25,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from deflect.engine import slurm
-
 # Only Hydra and the folder helpers here: torch, timm and torchvision (about ten seconds on a
 # small CPU) are imported once the config has composed, so a bad key or --help answers at once.
 from deflect.engine.workdir import (
@@ -40,6 +38,8 @@ from deflect.engine.workdir import (
     precheck_work_dir,
     run_suffix,
 )
+from deflect.launch import job as slurm_job
+from deflect.launch import submit as slurm_submit
 
 if TYPE_CHECKING:
     from deflect.engine.distributed import DistInfo
@@ -72,7 +72,7 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
     if run.finished:  # resume=true on a finished run: left untouched
         return
     if info.is_main:
-        slurm.record_start(run.path)  # under SLURM: the job id, and each requeue
+        slurm_job.record_start(run.path)  # under SLURM: the job id, and each requeue
     work_dir = run.path
     started = False
     try:
@@ -200,8 +200,8 @@ def main(cfg: DictConfig) -> None:
     if job.sweep_dir and not cfg.work_dir and not cfg.resume:
         folder = job.folder(run_suffix(cfg, HydraConfig.get().runtime.choices))
         # A requeued SLURM job (time limit, preemption) continues its own run from last.pt.
-        cfg.resume = slurm.requeued_into(folder)
-    slurm.export_rank_environment()  # each SLURM task of a multi-task job: one DDP rank
+        cfg.resume = slurm_job.requeued_into(folder)
+    slurm_job.export_rank_environment()  # each SLURM task of a multi-task job: one DDP rank
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
     from deflect.engine.logging import close_log_file
     from deflect.engine.runtime import apply_runtime
@@ -226,6 +226,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    slurm.check_launcher(sys.argv[1:])  # hydra/launcher=submitit_*: the extra, sbatch
-    slurm.wire_launcher()  # hydra/launcher=submitit_slurm submits through deflect.engine.slurm
+    slurm_submit.check_launcher(sys.argv[1:])  # hydra/launcher=submitit_*: the extra, sbatch
+    slurm_submit.wire_launcher()  # hydra/launcher=submitit_slurm submits through deflect.launch
     main()

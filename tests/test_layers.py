@@ -28,7 +28,7 @@ LAYERS = [
     # the package's facade (lazy names), the datasets and the heads
     {"deflect", "datasets", "segmentors"},
     {"deflect.tasks"},
-    {"deflect.engine"},
+    {"deflect.engine", "deflect.launch"},
     {"deflect.predict", "deflect.export"},
     {"run"},
 ]

@@ -472,6 +472,24 @@ MUTANTS = [
            "deflect/engine/predict.py", "        normalise=not predictor.raw_input,",
            "        normalise=True,",
            ("tests/test_export.py::test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map",)),
+    # issue 27 (engine)
+    Mutant("(27) a lower-is-better monitor kept as if higher were better",
+           "deflect/engine/trainer.py", "        return score < reference - margin",
+           "        return score > reference + margin",
+           ("tests/test_early_stopping.py::test_a_lower_is_better_metric_selects_and_stops_as_its_mirror_image",)),
+    Mutant("(27) Figure 1 scores an error metric upwards", "scripts/ablation_table.py",
+           "((v - low) if higher_is_better else (high - v))", "(v - low)",
+           ("tests/test_ablation.py::test_figure_1_puts_a_lower_is_better_headline_on_the_same_scale_as_the_others",)),
+    Mutant("(27) a task imports the engine again", "deflect/tasks/confusion.py",
+           "from deflect.tasks.base import Metric\n",
+           "from deflect.tasks.base import Metric\nfrom deflect.engine.distributed import DistInfo  # noqa\n",
+           ("tests/test_layers.py::test_no_import_runs_back_up",)),
+    Mutant("(27) the engine names a metric", "deflect/engine/report.py",
+           "            task.log_line(metrics),", '            metrics["mIoU"],',
+           ("tests/test_layers.py::test_the_engine_names_no_task_and_no_metric",)),
+    Mutant("(27) the task config's options are dropped", "deflect/tasks/registry.py",
+           "    return task_class(str(name))(**options)", "    return task_class(str(name))()",
+           ("tests/test_task_registry.py",)),
 ]  # fmt: skip
 
 

@@ -16,10 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from datasets import ChipFolder, GeoBench
-from deflect.tasks.confusion import metrics_from_confusion
 from deflect.engine.workdir import check_run_config
 from deflect.tasks import ClassificationTask
 from deflect.tasks.classification import ClassificationLoss
+from deflect.tasks.confusion import metrics_from_confusion
 from tests.conftest import REPO
 from tests.geobench_fixtures import write_geobench
 from tests.test_classification import CHANNELS, CLASSES, spec

@@ -205,8 +205,11 @@ def test_the_scan_sees_names_and_strings_but_not_comments_or_docstrings():
 @pytest.mark.parametrize(
     "path",
     [
-        *(p for p in sorted(REPO.glob("deflect/engine/**/*.py"))
-          if str(p.relative_to(REPO)) not in LEAVING_ENGINE),
+        *(
+            p
+            for p in sorted(REPO.glob("deflect/engine/**/*.py"))
+            if str(p.relative_to(REPO)) not in LEAVING_ENGINE
+        ),
         REPO / "run.py",
     ],
     ids=lambda p: str(p.relative_to(REPO)),

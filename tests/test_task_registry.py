@@ -61,5 +61,7 @@ def test_two_tasks_of_one_name_are_refused():
 def test_a_monitor_outside_the_tasks_is_refused_naming_them():
     task = SegmentationTask()
     assert task.headline == "mIoU" and task.higher_is_better("mIoU")
-    with pytest.raises(ValueError, match=r"monitor='rmse': a segmentation run can monitor \['mIoU'"):
+    with pytest.raises(
+        ValueError, match=r"monitor='rmse': a segmentation run can monitor \['mIoU'"
+    ):
         task.higher_is_better("rmse")

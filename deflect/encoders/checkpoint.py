@@ -17,6 +17,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
+
 import torch
 from torch import nn
 

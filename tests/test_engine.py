@@ -241,6 +241,21 @@ def test_optimizer_groups_scale_the_encoder_lr_and_skip_decay_on_vectors(tmp_pat
     assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter in one group
 
 
+def test_a_run_saved_with_its_task_as_a_class_resumes_under_its_name_without_a_change():
+    """Configs saved before tasks had names hold ``task._target_``; the same task by name is no
+    change, another task is one."""
+    from omegaconf import OmegaConf
+
+    from deflect.engine.workdir import resume_config_changes
+
+    saved = OmegaConf.create({"task": {"_target_": "deflect.tasks.ClassificationTask",
+                                       "multi_label": False}})  # fmt: skip
+    same = OmegaConf.create({"task": {"name": "classification", "multi_label": False}})
+    assert resume_config_changes(saved, same) == []
+    other = OmegaConf.create({"task": {"name": "segmentation", "multi_label": False}})
+    assert resume_config_changes(saved, other) == ["task.name: 'classification' -> 'segmentation'"]
+
+
 def test_resume_config_changes_lists_what_differs_but_not_free_keys():
     from omegaconf import OmegaConf
 

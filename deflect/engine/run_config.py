@@ -310,9 +310,19 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
 ADDED_SETTINGS = {"early_stopping_patience": None, "early_stopping_min_delta": 0.0}
 
 
+def _named_task(settings: dict[str, object]) -> dict[str, object]:
+    """A config saved when tasks were built from ``task._target_`` (``deflect.tasks.XTask``),
+    as ``task.name`` (``x``) names the same task now: resuming it changes nothing."""
+    target = settings.get("task._target_")
+    if isinstance(target, str) and "task.name" not in settings:
+        settings = {k: v for k, v in settings.items() if k != "task._target_"}
+        settings["task.name"] = target.rsplit(".", 1)[-1].removesuffix("Task").lower()
+    return settings
+
+
 def resume_config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
     """``key: saved -> current`` for every setting a resumed run changes (free keys aside)."""
-    old = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(saved, resolve=True))}
+    old = {**ADDED_SETTINGS, **_named_task(_flatten(OmegaConf.to_container(saved, resolve=True)))}
     new = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(current, resolve=True))}
     changes = []
     for key in sorted(set(old) | set(new)):

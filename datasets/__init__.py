@@ -9,8 +9,14 @@ from datasets.base import (
     read_raster,
 )
 from datasets.classification import ChipFolder, ImageClassificationDataset
-from datasets.demo import DEMO_BAND_STATS, DEMO_CLASSES, DemoVegetation, prepare_demo
-from datasets.folder import GeoTIFFFolder, compute_band_stats
+from datasets.demo import (
+    DEMO_BAND_STATS,
+    DEMO_CLASSES,
+    DemoIndexRegression,
+    DemoVegetation,
+    prepare_demo,
+)
+from datasets.folder import GeoTIFFFolder, GeoTIFFFolderRegression, compute_band_stats
 from datasets.geobench import GeoBench
 from datasets.hls_burn_scars import HLSBurnScars
 from datasets.mados import MADOS, MADOS_CLASSES
@@ -28,9 +34,11 @@ __all__ = [
     "DEMO_BAND_STATS",
     "DEMO_CLASSES",
     "SPLITS",
+    "DemoIndexRegression",
     "DemoVegetation",
     "FolderSegmentation",
     "GeoTIFFFolder",
+    "GeoTIFFFolderRegression",
     "GeoBench",
     "GeoTIFFSegmentationDataset",
     "HLSBurnScars",

@@ -29,13 +29,12 @@ georeferencing of predictions) lives here once.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import rasterio
@@ -46,9 +45,14 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch.utils.data import Dataset
 
-from deflect.data import DataSpec, invalid_to_nan, reflectance_bands
-
-T = TypeVar("T")
+from deflect.data import DataSpec, invalid_to_nan
+from deflect.rasters import (  # noqa: F401 - seeded_split re-exported for the datasets
+    band_medians,
+    implausible_reflectance,
+    reflectance_bands,
+    reflectance_factors,
+    seeded_split,
+)
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -60,7 +64,8 @@ class Sample:
 
     Args:
         name: a name unique within the split, used for prediction file names.
-        mask: the label GeoTIFF; its georeferencing is the sample's georeferencing.
+        mask: the label GeoTIFF (a class mask, or a regression dataset's target raster); its
+            georeferencing is the sample's georeferencing.
         images: the image file(s), keyed as the dataset's ``read_image`` expects; the default
             reader expects a single multi-band file under ``"image"``.
     """
@@ -126,40 +131,6 @@ def _read_bands(src: rasterio.DatasetReader, path: Path, indexes: list[int] | No
         ) from err
 
 
-def seeded_split(items: Sequence[T], split: str, val_fraction: float, test_fraction: float,
-                 seed: int, strata: Sequence[str] | None = None) -> list[T]:  # fmt: skip
-    """The items of ``split`` in a seeded split of ``items`` (the same on every run and machine):
-    a permutation by ``seed``, its first ``test_fraction`` for test, the next ``val_fraction`` for
-    val, the rest for train, each in the original order. Used by ``dataset=folder`` and ``chips``.
-
-    With ``strata`` (each item's class, single-label chips) the split is stratified: each class
-    is permuted on its own (classes in sorted order, one generator) and the classes are
-    interleaved by relative position (item ``j`` of a class of ``n`` at ``(j + 0.5) / n``), so
-    every split holds each class in proportion to its size (as far as rounding allows) and the
-    splits' sizes are those of the unstratified split."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be fractions "
-            "in [0, 1) summing to less than 1"
-        )
-    rng = np.random.default_rng(seed)
-    if strata is None:
-        order = rng.permutation(len(items))
-    else:
-        if len(strata) != len(items):
-            raise ValueError(f"seeded_split: {len(strata)} strata for {len(items)} items")
-        keyed = []
-        for rank, stratum in enumerate(sorted(set(strata))):
-            members = [i for i, s in enumerate(strata) if s == stratum]
-            for j, k in enumerate(rng.permutation(len(members))):
-                keyed.append(((j + 0.5) / len(members), rank, members[k]))
-        order = np.array([i for *_, i in sorted(keyed)], dtype=np.int64)
-    n_test, n_val = round(test_fraction * len(items)), round(val_fraction * len(items))
-    chosen = {"test": order[:n_test], "val": order[n_test : n_test + n_val],
-              "train": order[n_test + n_val :]}[split]  # fmt: skip
-    return [items[i] for i in sorted(chosen)]
-
-
 class SpecView:
     """The data description's facts as dataset attributes, for any dataset with ``spec``."""
 
@@ -191,13 +162,12 @@ class ReflectanceCheck:
     ``len()`` and ``read_sample(i) -> (image in file units with NaN, target)``."""
 
     def check_reflectance_scale(self, samples: int = 8) -> dict[str, float]:
-        """Check that ``reflectance_scale`` turns the files' values into plausible reflectance.
+        """Check that ``reflectance_scale`` turns the files' values into plausible reflectance
+        (the one rule, :func:`deflect.rasters.implausible_reflectance`, which prediction
+        applies to scenes too).
 
-        The median of the valid pixels of each reflectance band (optical bands spyndex knows for
-        the sensor) is taken over up to ``samples`` samples spread over the split. Surface
-        reflectance lies in about [0, 1]: medians above 1.5, or all bands below 0.002, mean the
-        scale is wrong (DEFLECT's spectral indices and any physical reading of the bands would
-        then be computed on values off by orders of magnitude).
+        The median of the valid pixels of each reflectance band is taken over up to ``samples``
+        samples spread over the split (:func:`deflect.rasters.band_medians`).
 
         Returns:
             The reflectance median per band checked (empty when no band is a reflectance band).
@@ -211,40 +181,16 @@ class ReflectanceCheck:
             return {}
         index = [self.bands.index(b) for b in bands]
         picks = sorted({round(i * (len(self) - 1) / max(samples - 1, 1)) for i in range(samples)})
-        values: list[list[np.ndarray]] = [[] for _ in bands]
-        for i in picks[: len(self)]:
-            image, _ = self.read_sample(i)
-            for k, c in enumerate(index):
-                band = image[c][np.isfinite(image[c])]
-                values[k].append(band[:: max(1, band.size // 20000)])
-        raw = {
-            b: float(np.median(np.concatenate(v))) for b, v in zip(bands, values)
-            if sum(x.size for x in v)
-        }  # fmt: skip
-        if not raw:
-            return {}
+        images = (self.read_sample(i)[0][index] for i in picks[: len(self)])
+        medians = band_medians(images, bands)
         scale = self.spec.reflectance_scale
-        reflectance = {b: v / scale for b, v in raw.items()}
-        typical = float(np.median(list(reflectance.values())))
-        too_high = typical > 1.5
-        too_low = max(abs(v) for v in reflectance.values()) < 0.002
-        if too_high or too_low:
-            median_raw = float(np.median([abs(v) for v in raw.values()]))
-            guess = 10 ** round(math.log10(median_raw / 0.15)) if median_raw > 0 else None
-            likely = (
-                f"the files look like they store reflectance x{guess:g}: set "
-                f"dataset.reflectance_scale={guess:g}"
-                if guess and guess != scale
-                else "check dataset.reflectance_scale (the file value of reflectance 1.0)"
-            )
-            shown = ", ".join(f"{b} {raw[b]:.4g} -> {reflectance[b]:.4g}" for b in raw)
+        problem = implausible_reflectance(medians, scale, self.spec.sensor)
+        if problem is not None:
             raise ValueError(
-                f"{type(self).__name__} ({self.split}): with reflectance_scale={scale:g} the "
-                f"data are not plausible reflectance: median valid value -> reflectance per band "
-                f"{shown} (surface reflectance lies in about 0..1). {likely[0].upper()}{likely[1:]}. If these bands are "
-                "not reflectance (or the values are right), set check_reflectance_scale=false"
+                f"{type(self).__name__} ({self.split}): {problem[0]}. If these bands are not "
+                "reflectance (or the values are right), set check_reflectance_scale=false"
             )
-        return reflectance
+        return {b: v / scale for b, v in medians.items()}
 
 
 class GeoTIFFSegmentationDataset(SpecView, ReflectanceCheck, Dataset):
@@ -283,6 +229,8 @@ class GeoTIFFSegmentationDataset(SpecView, ReflectanceCheck, Dataset):
     label_offset: ClassVar[int] = 0
     georeferenced: ClassVar[bool] = True
     layout: ClassVar[str] = "see the dataset's docstring"
+    #: The batch key of a sample's target: ``mask`` (classes), ``target`` (regression).
+    target_key: ClassVar[str] = "mask"
 
     def __init__(
         self,
@@ -319,12 +267,7 @@ class GeoTIFFSegmentationDataset(SpecView, ReflectanceCheck, Dataset):
                     f"{name}: band_stats has no {key!r} table; give dataset.band_stats.{key} as "
                     f"{{band: value}} for bands {bands}"
                 )
-        if len(list(classes)) < 2:
-            raise ValueError(
-                f"{name}: dataset.classes={list(classes)} has {len(list(classes))} class(es); "
-                "segmentation needs at least 2: list every class the masks hold, e.g. "
-                "[background, <your class>]"
-            )
+        classes = self._validated_classes(list(classes))
         try:
             self.spec = DataSpec(
                 bands=tuple(bands),
@@ -337,6 +280,7 @@ class GeoTIFFSegmentationDataset(SpecView, ReflectanceCheck, Dataset):
                 classes=tuple(classes),
                 ignore_index=ignore_index,
                 display_bands=None if display_bands is None else tuple(display_bands),
+                **self._spec_extras(),
             )
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
@@ -363,6 +307,20 @@ class GeoTIFFSegmentationDataset(SpecView, ReflectanceCheck, Dataset):
             )
 
     # ----------------------------------------------------------------------------- validation
+
+    def _validated_classes(self, classes: list[str]) -> list[str]:
+        """The class names; segmentation needs at least two."""
+        if len(classes) < 2:
+            raise ValueError(
+                f"{type(self).__name__}: dataset.classes={classes} has {len(classes)} class(es); "
+                "segmentation needs at least 2: list every class the masks hold, e.g. "
+                "[background, <your class>]"
+            )
+        return classes
+
+    def _spec_extras(self) -> dict[str, Any]:
+        """More fields of the data description (a regression dataset's target names)."""
+        return {}
 
     def _validated_bands(self, bands: list[str]) -> list[str]:
         name = type(self).__name__
@@ -551,11 +509,11 @@ class BandMappedDataset(SpecView, Dataset):
         self.dataset = dataset
         self.spec = trained
         self.index = [dataset.bands.index(b) for b in given_bands]
-        reflectance = set(reflectance_bands(trained.bands, trained.sensor))
-        factor = trained.reflectance_scale / dataset.spec.reflectance_scale
-        self.factors = np.array(
-            [factor if b in reflectance else 1.0 for b in trained.bands], dtype=np.float32
-        )[:, None, None]
+        factors = reflectance_factors(trained.bands, trained.sensor,
+                                      dataset.spec.reflectance_scale, trained.reflectance_scale)  # fmt: skip
+        self.factors = (
+            np.ones((len(trained.bands), 1, 1), np.float32) if factors is None else factors
+        )
         self.transform = None
 
     def __len__(self) -> int:
@@ -564,9 +522,11 @@ class BandMappedDataset(SpecView, Dataset):
     def read_sample(self, index: int) -> tuple[np.ndarray, Any]:
         """The trained bands (C, H, W) in trained units, NaN where invalid, and the target (a
         mask's ignored pixels, or an image's missing class, marked with the trained
-        ``ignore_index``; a multi-hot label set as it is)."""
+        ``ignore_index``; a multi-hot label set or a regression target as it is)."""
         image, target = self.dataset.read_sample(index)
-        if not getattr(self.dataset, "multi_label", False):
+        if getattr(self.dataset, "target_key", "mask") == "mask" and not getattr(
+            self.dataset, "multi_label", False
+        ):
             target = np.where(np.asarray(target) == self.dataset.ignore_index,
                               self.spec.ignore_index, target)  # fmt: skip
         return image[self.index] * self.factors, target
@@ -575,8 +535,8 @@ class BandMappedDataset(SpecView, Dataset):
         image, target = self.read_sample(index)
         if hasattr(self.dataset, "label_tensor"):  # an image-level dataset
             key, target_t = "label", self.dataset.label_tensor(target)
-        else:
-            key, target_t = "mask", torch.from_numpy(target)
+        else:  # a pixel-wise dataset: its mask or its target raster
+            key, target_t = self.dataset.target_key, torch.from_numpy(target)
         image_t = torch.from_numpy(image)
         if self.transform is not None:
             image_t, target_t = self.transform(image_t, target_t)

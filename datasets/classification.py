@@ -10,10 +10,12 @@ transform (``datasets.transforms.ImageTransform``) brings every image to the enc
     <root>/labels.csv + <root>/images/<name>.tif  labels: labels.csv (columns name,label[,split];
                                                   a multi-label label is "class;class;...")
 
-with the conventions of ``dataset=folder``: band names from each file's band descriptions
-(read by name per file; codes, common names or wavelengths), statistics computed over the
-training chips and cached in ``<root>/band_stats.json``, a seeded split when the layout has
-none (stratified by class for single-label chips), errors naming the file and the fix.
+with the conventions of ``dataset=folder``, from the same raster-folder layer
+(:mod:`datasets.raster_folder`): band names from each file's band descriptions (read by name
+per file; codes, common names or wavelengths), the no-data value the files declare, statistics
+computed over the training chips and cached in ``<root>/band_stats.json``; a seeded split when
+the layout has none (:func:`deflect.rasters.seeded_split`, stratified by class for single-label
+chips), errors naming the file and the fix.
 
 A labels CSV is read as a spreadsheet writes it (a byte-order mark; ``,``, ``;`` or a tab
 between columns, found from the header); a chip listed twice, a name leaving the root and a
@@ -26,10 +28,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import re
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,24 +37,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.base import (
-    SPLITS,
-    ReflectanceCheck,
-    SpecView,
-    _open_raster,
-    _read_bands,
-    seeded_split,
-)
-from datasets.folder import (
-    STATS_VERSION,
-    compute_band_stats,
-    file_header,
-    file_record,
+from datasets.base import SPLITS, ReflectanceCheck, SpecView
+from datasets.raster_folder import (
+    cached_band_stats,
+    declared_nodata,
+    header_band_names,
     log_once,
-    resolve_bands,
+    read_named_bands,
 )
 from deflect.data import DataSpec, check_bool, invalid_to_nan
-from deflect.io import atomic_path
+from deflect.rasters import seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -295,12 +287,15 @@ class ChipFolder(ImageClassificationDataset):
         self._classes = classes
         self._warn_missing_classes()
         sensor = kwargs.get("sensor") or "sentinel2a"
-        self._orders: dict[Path, list[str]] = {}
-        first = next(iter(table.values()))[0]
-        self.available_bands = self._band_names(first, available_bands, sensor)
+        files = [path for path, _, _ in table.values()]
+        self.band_names = header_band_names(files, available_bands, sensor, name, "chip")
+        self.available_bands = self.band_names.bands
+        kwargs["nodata"] = declared_nodata(files, kwargs.get("nodata"), name, "chip")
         bands = list(bands) if bands else list(self.available_bands)
         if band_stats is None:
-            band_stats = self._training_stats(kwargs.get("nodata"))
+            train = sorted(p for p, s, _ in table.values() if s == "train")
+            band_stats = cached_band_stats(self.root, train, self.band_names, kwargs["nodata"],
+                                           name, "training chips")  # fmt: skip
         super().__init__(split=split, bands=bands, classes=classes, band_stats=band_stats,
                          multi_label=multi_label, **kwargs)  # fmt: skip
         self.names = sorted(n for n, (_, s, _) in table.items() if s == split)
@@ -426,74 +421,9 @@ class ChipFolder(ImageClassificationDataset):
                     f"dataset.{split}_fraction when the split is seeded"
                 ))  # fmt: skip
 
-    def _band_names(self, first: Path, available_bands: list[str] | None,
-                    sensor: str) -> list[str]:  # fmt: skip
-        fix = "give dataset.available_bands=[...] in file order"
-        owner = type(self).__name__
-        if available_bands is not None:
-            return resolve_bands([str(b) for b in available_bands], sensor,
-                                 "dataset.available_bands", fix, owner)  # fmt: skip
-        reference = None
-        for path, _, _ in self._table.values():
-            descriptions = file_header(path).descriptions
-            if not all(descriptions):
-                raise ValueError(f"{owner}: {str(path)!r} has no band descriptions; {fix}")
-            order = resolve_bands(list(descriptions), sensor, repr(str(path)), fix, owner)
-            if reference is None:
-                reference = (path, order)
-            elif set(order) != set(reference[1]):
-                raise ValueError(
-                    f"{owner}: {str(path)!r} has bands {order} but {str(reference[0])!r} has "
-                    f"{reference[1]}; every chip must hold the same bands (any order)"
-                )
-            self._orders[path] = order
-        return reference[1]
-
-    def _training_stats(self, nodata: float | None) -> dict[str, dict]:
-        """Per-band mean and std over the training chips, cached in ``<root>/band_stats.json``."""
-        train = sorted(p for p, s, _ in self._table.values() if s == "train")
-        if not train:
-            raise ValueError(f"{type(self).__name__}: no training chips to compute statistics")
-        files = {}
-        for path in train:
-            record = file_record(path)
-            if self._orders.get(path, self.available_bands) != self.available_bands:
-                record["bands"] = self._orders[path]
-            files[path.relative_to(self.root).as_posix()] = record
-        key = {"version": STATS_VERSION, "bands": self.available_bands, "nodata": nodata,
-               "files": files}  # fmt: skip
-        cache = self.root / "band_stats.json"
-        cached = f"band statistics from {cache} ({len(files)} training chips)"
-        if cache.is_file():
-            try:
-                saved = json.loads(cache.read_text())
-                if {k: saved.get(k) for k in key} == key:
-                    log_once(log.info, cached)
-                    return {"mean": saved["mean"], "std": saved["std"]}
-            except (OSError, ValueError):
-                pass
-        start = time.time()
-        orders = [[self._orders.get(p, self.available_bands).index(b) + 1
-                   for b in self.available_bands] for p in train]  # fmt: skip
-        mean, std, pixels = compute_band_stats(train, nodata, orders)
-        stats = {"mean": dict(zip(self.available_bands, mean)),
-                 "std": dict(zip(self.available_bands, std))}  # fmt: skip
-        log.info("computed band statistics over %d training chips in %.1f s (cached in %s)",
-                 len(train), time.time() - start, cache)  # fmt: skip
-        log_once(lambda _: None, cached)  # the other splits read them back: said once is enough
-        try:
-            with atomic_path(cache) as tmp:
-                tmp.write_text(json.dumps({**key, **stats}, indent=1))
-        except OSError as err:
-            log.warning("could not cache band statistics in %s (%s)", cache, err)
-        return stats
-
     # ---- reading --------------------------------------------------------------------------------
     def read_image(self, index: int) -> np.ndarray:
-        path = self._table[self.names[index]][0]
-        order = self._orders.get(path, self.available_bands)
-        with _open_raster(path) as src:
-            return _read_bands(src, path, [order.index(b) + 1 for b in self.bands])
+        return read_named_bands(self._table[self.names[index]][0], self.band_names, self.bands)
 
     def read_label(self, index: int) -> int | np.ndarray:
         labels = self._table[self.names[index]][2]

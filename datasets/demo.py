@@ -42,6 +42,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from datasets.base import FolderSegmentation
+from datasets.folder import GeoTIFFFolderRegression
 
 DEMO_BANDS = ["B2", "B3", "B4", "B8"]
 DEMO_CLASSES = ["bare", "sparse", "moderate", "dense"]
@@ -66,6 +67,12 @@ DEMO_BAND_STATS = {
 DEMO_REFLECTANCE_SCALE = 10000.0
 _MANIFEST = "manifest.json"
 _FORMAT_VERSION = 1
+#: The regression demo: its input bands (RGB only) and its target, a spectral index of them.
+DEMO_RGB_BANDS = ["B2", "B3", "B4"]
+DEMO_INDEX = "GLI"
+#: The label files of each demo form: the segmentation demo's masks, the regression demo's
+#: target rasters (``dataset=folder``'s default patterns of each form).
+_LABEL_SUFFIX = {"segmentation": "_mask.tif", "regression": "_target.tif"}
 _SPYNDEX_BANDS = {"B2": "B02", "B3": "B03", "B4": "B04", "B8": "B08"}
 
 
@@ -118,24 +125,39 @@ def demo_tile_transform(row: int, col: int) -> Affine:
     )
 
 
-def _cache_is_complete(root: Path) -> bool:
+def demo_index(scene: np.ndarray) -> np.ndarray:
+    """The regression demo's target, :data:`DEMO_INDEX` (GLI, the green leaf index
+    (2G - R - B) / (2G + R + B)) of every pixel of ``scene`` (bands ``DEMO_BANDS``, reflectance
+    x10000), computed by spyndex from reflectance: (H, W) float32."""
+    blue, green, red = (scene[DEMO_BANDS.index(b)] / DEMO_REFLECTANCE_SCALE for b in DEMO_RGB_BANDS)
+    params = {"B": blue, "G": green, "R": red}
+    return np.asarray(spyndex.computeIndex(DEMO_INDEX, params=params), dtype=np.float32)
+
+
+def _cache_is_complete(root: Path, kind: str = "segmentation") -> bool:
     try:
         manifest = json.loads((root / _MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    if manifest.get("format") != _FORMAT_VERSION:
+    if manifest.get("format") != _FORMAT_VERSION or manifest.get("kind", "segmentation") != kind:
         return False
     return all(
         (root / split / f"{tile}{suffix}").is_file()
         for split, tiles in manifest.get("splits", {}).items()
         for tile in tiles
-        for suffix in ("_image.tif", "_mask.tif")
+        for suffix in ("_image.tif", _LABEL_SUFFIX[kind])
     )
 
 
-def _write_tiles(folder: Path) -> dict[str, list[str]]:
+def _write_tiles(folder: Path, kind: str = "segmentation") -> dict[str, list[str]]:
+    """Write every tile of every split under ``folder``: the segmentation demo's four bands and
+    class masks, or the regression demo's RGB bands and :func:`demo_index` target rasters (NaN
+    where the segmentation demo's masks say ``DEMO_NOT_EVALUATED``)."""
     scene = demo_scene()  # (4, 300, 300)
     labels = demo_labels(scene)  # (300, 300)
+    index = demo_index(scene) if kind == "regression" else None  # (300, 300)
+    bands = DEMO_RGB_BANDS if kind == "regression" else DEMO_BANDS
+    channels = [DEMO_BANDS.index(b) for b in bands]
     crs = CRS.from_string(DEMO_CRS)
     size = DEMO_TILE_SIZE
     splits: dict[str, list[str]] = {}
@@ -159,27 +181,37 @@ def _write_tiles(folder: Path) -> dict[str, list[str]]:
                 "transform": demo_tile_transform(row, col),
             }
             with rasterio.open(
-                folder / split / f"{tile}_image.tif", "w", count=4, dtype="uint16", **profile
-            ) as dst:
-                dst.write(scene[(slice(None), *window)].astype(np.uint16))
-                dst.descriptions = tuple(DEMO_BANDS)
-            with rasterio.open(
-                folder / split / f"{tile}_mask.tif", "w", count=1, dtype="uint8", **profile
-            ) as dst:
-                dst.write(mask[None])
+                folder / split / f"{tile}_image.tif", "w", count=len(bands), dtype="uint16",
+                **profile,
+            ) as dst:  # fmt: skip
+                dst.write(scene[(channels, *window)].astype(np.uint16))
+                dst.descriptions = tuple(bands)
+            label = folder / split / f"{tile}{_LABEL_SUFFIX[kind]}"
+            if kind == "regression":
+                target = np.where(mask == DEMO_NOT_EVALUATED, np.nan, index[window])
+                with rasterio.open(label, "w", count=1, dtype="float32", nodata=np.nan,
+                                   **profile) as dst:  # fmt: skip
+                    dst.write(target[None].astype(np.float32))
+                    dst.descriptions = (DEMO_INDEX,)
+            else:
+                with rasterio.open(label, "w", count=1, dtype="uint8", **profile) as dst:
+                    dst.write(mask[None])
             splits[split].append(tile)
     return splits
 
 
-def prepare_demo(root: str) -> Path:
+def prepare_demo(root: str, kind: str = "segmentation") -> Path:
     """Write the demo tiles under ``root`` once, atomically; reuse a complete cache.
+
+    ``kind``: ``segmentation`` (the vegetation classes) or ``regression`` (RGB tiles and their
+    :data:`DEMO_INDEX` target rasters); each form has its own folder.
 
     The tiles are written to a temporary folder next to ``root``, with ``manifest.json`` last,
     and the folder is renamed to ``root``. Several processes (DDP ranks) may call this at once:
     the first rename wins and the others discard their copy. Returns ``root`` as a Path.
     """
     root = Path(root).expanduser()
-    if _cache_is_complete(root):
+    if _cache_is_complete(root, kind):
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(
@@ -190,7 +222,7 @@ def prepare_demo(root: str) -> Path:
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        splits = _write_tiles(tmp)
+        splits = _write_tiles(tmp) if kind == "segmentation" else _write_tiles(tmp, kind)
         manifest = {
             "format": _FORMAT_VERSION,
             "source": 'spyndex.datasets.open("sentinel")',
@@ -199,12 +231,15 @@ def prepare_demo(root: str) -> Path:
             "crs": DEMO_CRS + " (placeholder)",
             "splits": splits,
         }
+        if kind == "regression":
+            manifest.update(kind=kind, bands=DEMO_RGB_BANDS, targets=[DEMO_INDEX])
+            del manifest["classes"]
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
             # Replaces an empty folder; fails if another process has already put its copy there.
             os.rename(tmp, root)
         except OSError:
-            if not _cache_is_complete(root):
+            if not _cache_is_complete(root, kind):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,3 +289,29 @@ class DemoVegetation(FolderSegmentation):
             reflectance_scale=reflectance_scale,
             **kwargs,
         )
+
+
+class DemoIndexRegression(GeoTIFFFolderRegression):
+    """The regression demo: the green leaf index (GLI) of the spyndex Sentinel-2 sample,
+    predicted from its RGB bands only, so the answer is known exactly.
+
+    The same tiles and splits as :class:`DemoVegetation` (the module docstring), written once
+    under ``root`` in ``dataset=folder``'s regression layout (``<split>/<tile>_image.tif``: B2,
+    B3, B4 as reflectance x10000; ``<split>/<tile>_target.tif``: GLI, float32, NaN where the
+    val/test tiles overlap, so each pixel is scored once) and read by
+    :class:`~datasets.folder.GeoTIFFFolderRegression`, the loader of a user's own targets.
+
+    Arguments are those of :class:`~datasets.folder.GeoTIFFFolderRegression`, with the demo's
+    own values as defaults (the RGB bands' ``DEMO_BAND_STATS``, ``reflectance_scale=10000``).
+    """
+
+    gsd = DEMO_PIXEL_SIZE
+
+    def __init__(self, *, root: str, split: str,
+                 band_stats: dict[str, dict[str, float]] | None = None,
+                 reflectance_scale: float = DEMO_REFLECTANCE_SCALE, **kwargs) -> None:  # fmt: skip
+        prepare_demo(root, kind="regression")
+        if band_stats is None:
+            band_stats = {k: {b: v[b] for b in DEMO_RGB_BANDS} for k, v in DEMO_BAND_STATS.items()}
+        super().__init__(root=root, split=split, band_stats=band_stats,
+                         reflectance_scale=reflectance_scale, **kwargs)  # fmt: skip

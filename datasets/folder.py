@@ -18,37 +18,50 @@ Band names come from ``available_bands`` or, when it is null, from the GeoTIFF b
 descriptions. Per-band statistics come from ``band_stats`` or, when it is null, are computed
 over the training images (valid pixels only) and cached in ``<root>/band_stats.json`` with the
 size and modification time of every file they came from; they are recomputed when those change
-(``scripts/compute_stats.py`` does the same up front and prints them for the config).
+(``scripts/compute_stats.py`` does the same up front and prints them for the config). Those
+conventions are the raster-folder layer (:mod:`datasets.raster_folder`), shared with the
+own-chips dataset.
+
+For pixel-wise regression (``dataset=folder_regression``, :class:`GeoTIFFFolderRegression`) a
+float *target raster* per image takes the mask's place::
+
+    images: "{split}/{name}_image.tif"   targets: "{split}/{name}_target.tif"
+
+one band per target (names from ``target_names`` or the band descriptions), its own no-data
+value (``target_nodata``, else the files' tag; NaN always), ``target = stored x target_scale``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
-from datasets.base import (
-    GeoTIFFSegmentationDataset,
-    Sample,
-    _open_raster,
-    _read_bands,
-    read_raster,
-    seeded_split,
+from datasets.base import GeoTIFFSegmentationDataset, Sample, read_raster
+from datasets.raster_folder import (  # noqa: F401 - re-exported: the folder's public names
+    STATS_FILE,
+    STATS_VERSION,
+    BandNames,
+    FileHeader,
+    cached_band_stats,
+    compute_band_stats,
+    content_fingerprint,
+    declared_nodata,
+    file_header,
+    file_record,
+    header_band_names,
+    log_once,
+    read_named_bands,
+    resolve_bands,
 )
-from deflect.data import canonical_band, resolve_band_name, sensor_band_codes
-from deflect.io import atomic_path
+from deflect.data import band_code, invalid_to_nan
+from deflect.rasters import seeded_split
 
 log = logging.getLogger(__name__)
-
-STATS_FILE = "band_stats.json"
-STATS_VERSION = 2  # 2: file records hold a content fingerprint and the file's band order
 
 
 def _pattern_regex(template: str) -> re.Pattern:
@@ -83,156 +96,6 @@ def find_files(root: Path, template: str) -> dict[str, Path]:
     return out
 
 
-#: Bytes of a file hashed for the statistics cache: this many chunks of this size, spread evenly.
-FINGERPRINT_CHUNKS, FINGERPRINT_CHUNK = 16, 4096
-
-
-def content_fingerprint(path: Path) -> str:
-    """A cheap digest of a file's contents: BLAKE2 of 16 chunks of 4 KiB spread over it (the
-    whole file when smaller). Catches contents rewritten with size and time kept."""
-    size = path.stat().st_size
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        if size <= FINGERPRINT_CHUNKS * FINGERPRINT_CHUNK:
-            digest.update(f.read())
-        else:
-            step = (size - FINGERPRINT_CHUNK) // (FINGERPRINT_CHUNKS - 1)
-            for i in range(FINGERPRINT_CHUNKS):
-                f.seek(i * step)
-                digest.update(f.read(FINGERPRINT_CHUNK))
-    return digest.hexdigest()
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """Size, modification time and a content fingerprint: what the statistics cache compares."""
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "content": content_fingerprint(path)}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class FileHeader:
-    """What a GeoTIFF's header says (no pixels read)."""
-
-    height: int
-    width: int
-    count: int
-    crs: Any
-    descriptions: tuple[str | None, ...]
-    nodata: float | None
-
-
-_HEADERS: dict[tuple[Path, int, int], FileHeader] = {}
-
-
-def file_header(path: Path) -> FileHeader:
-    """The header of ``path``, cached by path, size and time (the three splits of a dataset
-    are built from the same files)."""
-    stat = Path(path).stat() if Path(path).is_file() else None
-    key = (Path(path), stat.st_size, stat.st_mtime_ns) if stat else None
-    if key is not None and key in _HEADERS:
-        return _HEADERS[key]
-    with _open_raster(path) as src:
-        header = FileHeader(src.height, src.width, src.count, src.crs, tuple(src.descriptions),
-                            src.nodata)  # fmt: skip
-    if key is not None:
-        _HEADERS[key] = header
-    return header
-
-
-_LOGGED: set[str] = set()
-
-
-def log_once(emit, message: str) -> None:
-    """Log ``message`` once per process (the three splits of a dataset say the same things)."""
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        emit(message)
-
-
-def _codes(sensor: str) -> set[str]:
-    try:
-        return set(sensor_band_codes(sensor))
-    except ValueError:
-        return set()
-
-
-def resolve_bands(names: list[str], sensor: str, source: str, fix: str, owner: str) -> list[str]:
-    """Band names as files and configs give them (codes, common names, wavelengths) -> the
-    framework's codes for ``sensor``; short codes spyndex does not know (VV, VH, DEM) are kept.
-
-    Raises:
-        ValueError: a name that maps to nothing, or two names mapping to one band.
-    """
-    out = []
-    for given in names:
-        band = resolve_band_name(given, sensor)
-        if band is None:
-            canon = canonical_band(given)
-            if re.fullmatch(r"[A-Z][A-Z0-9]{0,3}", canon):  # a code (VV, VH, HH, DEM, ...)
-                band = canon
-            else:
-                raise ValueError(
-                    f"{owner}: band {given!r} of {source} is neither a band of sensor {sensor!r} "
-                    f"({sorted(_codes(sensor))}) nor a common name (Blue, Green, Red, NIR, NIR "
-                    f"Narrow, Red Edge 1, SWIR 1, SWIR 2, ...) or a wavelength (842 nm) of one; {fix}"
-                )
-        out.append(band)
-    repeated = sorted({b for b in out if out.count(b) > 1})
-    if repeated:
-        raise ValueError(
-            f"{owner}: {source} names bands {names}, which map to {out}: {repeated} twice; {fix}"
-        )
-    return out
-
-
-def compute_band_stats(
-    images: list[Path], nodata: float | None, orders: list[list[int]] | None = None
-) -> tuple[list[float], list[float], list[int]]:
-    """Mean, standard deviation (population) and number of valid pixels of every band over
-    ``images``, in file units: NaN, infinities and ``nodata`` are left out. Files are combined
-    exactly with Chan et al.'s pairwise update (float64), one file in memory at a time.
-
-    Args:
-        images: the files.
-        nodata: the no-data value, or None.
-        orders: per file, the 1-based band numbers to read, in the output's band order (files
-            whose bands are in another order); None reads every band in file order.
-
-    Raises:
-        ValueError: a band without a single valid pixel.
-        OSError: a file whose pixels cannot be read (names it).
-    """
-    count = mean = m2 = None
-    for i, path in enumerate(images):
-        with _open_raster(path) as src:
-            raw = _read_bands(src, path, orders[i] if orders else None)  # (C, H, W)
-        valid = (
-            np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else np.ones(raw.shape, bool)
-        )
-        if nodata is not None:
-            valid &= raw != nodata
-        x = raw.astype(np.float64)
-        n_f = valid.sum(axis=(1, 2)).astype(np.float64)  # (C,)
-        sums = np.where(valid, x, 0.0).sum(axis=(1, 2))
-        mean_f = np.divide(sums, n_f, out=np.zeros_like(sums), where=n_f > 0)
-        m2_f = np.where(valid, (x - mean_f[:, None, None]) ** 2, 0.0).sum(axis=(1, 2))
-        if count is None:
-            count, mean, m2 = n_f, mean_f, m2_f
-            continue
-        total = count + n_f
-        delta = mean_f - mean
-        safe = np.where(total > 0, total, 1.0)
-        mean = mean + delta * n_f / safe
-        m2 = m2 + m2_f + delta**2 * count * n_f / safe
-        count = total
-    empty = [i for i, n in enumerate(count) if n == 0]
-    if empty:
-        raise ValueError(f"band(s) {empty} have no valid pixel in the training images")
-    std = np.sqrt(m2 / count)
-    return mean.tolist(), std.tolist(), count.astype(int).tolist()
-
-
 class GeoTIFFFolder(GeoTIFFSegmentationDataset):
     """Any folder of image/mask GeoTIFF pairs (see the module docstring).
 
@@ -254,6 +117,9 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
     """
 
     layout: ClassVar[str] = "the images/masks patterns of the dataset config"
+    #: What the label files are called in messages, and the config key of their pattern.
+    label_noun: ClassVar[str] = "mask"
+    label_key: ClassVar[str] = "masks"
 
     def __init__(
         self,
@@ -272,13 +138,13 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         label_offset: int = 0,
         **kwargs: Any,
     ) -> None:
-        name = type(self).__name__
+        name, key = type(self).__name__, self.label_key
         images, masks = (
-            _with_name(t, f"dataset.{k}") for k, t in (("images", images), ("masks", masks))
+            _with_name(t, f"dataset.{k}") for k, t in (("images", images), (key, masks))
         )
         if ("{split}" in images) != ("{split}" in masks):
             raise ValueError(
-                f"{name}: use {{split}} in both dataset.images and dataset.masks, or in neither"
+                f"{name}: use {{split}} in both dataset.images and dataset.{key}, or in neither"
             )
         if not (
             0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1
@@ -306,15 +172,16 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         first = next((p for s in self._splits.values() for p in s), None)
         if first is None:
             raise ValueError(
-                f"{name}: no image/mask pair under {str(root_path)!r} matches images={images!r} "
-                f"and masks={masks!r}; check dataset.root and the two patterns"
+                f"{name}: no image/{self.label_noun} pair under {str(root_path)!r} matches "
+                f"images={images!r} and {key}={masks!r}; check dataset.root and the two patterns"
             )
         sensor = self._sensor = kwargs.get("sensor") or type(self).sensor
-        headers = self._read_headers()
-        self.available_bands, self.band_sources = self._band_names(
-            headers, first.images["image"], available_bands, sensor
-        )
-        kwargs["nodata"] = self._nodata(headers, kwargs.get("nodata"))
+        self._read_headers()
+        images_ = [s.images["image"] for s in self._all_samples()]
+        self.band_names = header_band_names(images_, available_bands, sensor, name)
+        self.available_bands = self.band_names.bands
+        self.band_sources = self.band_names.sources
+        kwargs["nodata"] = declared_nodata(images_, kwargs.get("nodata"), name)
         bands = list(bands) if bands else list(self.available_bands)
         if band_stats is None:
             band_stats = self.training_stats(kwargs["nodata"])
@@ -324,8 +191,8 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
 
     # ---- pairing and splits ------------------------------------------------------------------------
     def _pairs_of(self, split: str | None) -> list[Sample]:
-        """Every image/mask pair matching the patterns (of ``split`` when they have
-        ``{split}``), by name; a mask without an image is an error."""
+        """Every image/label pair matching the patterns (of ``split`` when they have
+        ``{split}``), by name; a label file without an image is an error."""
         fill = (lambda t: t.replace("{split}", split)) if split else (lambda t: t)
         images = find_files(self.root, fill(self.images_pattern))
         masks = find_files(self.root, fill(self.masks_pattern))
@@ -333,14 +200,14 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         if orphans:
             expected = self.root / fill(self.images_pattern).replace("{name}", orphans[0])
             raise FileNotFoundError(
-                f"{type(self).__name__}: {len(orphans)} mask(s) without an image, e.g. "
-                f"{str(masks[orphans[0]])!r} (expected {str(expected)!r}); restore the images or "
-                "fix dataset.images / dataset.masks"
+                f"{type(self).__name__}: {len(orphans)} {self.label_noun}(s) without an image, "
+                f"e.g. {str(masks[orphans[0]])!r} (expected {str(expected)!r}); restore the "
+                f"images or fix dataset.images / dataset.{self.label_key}"
             )
         unlabelled = sorted(set(images) - set(masks))
         if unlabelled:
-            log_once(log.warning, f"{len(unlabelled)} image(s) have no mask and are not used, "
-                     f"e.g. {images[unlabelled[0]]}")  # fmt: skip
+            log_once(log.warning, f"{len(unlabelled)} image(s) have no {self.label_noun} and "
+                     f"are not used, e.g. {images[unlabelled[0]]}")  # fmt: skip
         return [Sample(name=n, mask=masks[n], images={"image": images[n]}) for n in sorted(masks)]
 
     def _pairs(self, split: str) -> list[Sample]:
@@ -377,7 +244,7 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         if unknown:
             raise ValueError(
                 f"{type(self).__name__}: {len(unknown)} name(s) of {str(path)!r} match no "
-                f"image/mask pair, e.g. {unknown[:3]}; names are the {{name}} part of the patterns"
+                f"image/{self.label_noun} pair, e.g. {unknown[:3]}; names are the {{name}} part of the patterns"
             )
         return out
 
@@ -388,20 +255,19 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
     def _all_samples(self) -> list[Sample]:
         return [s for pairs in self._splits.values() for s in pairs]
 
-    def _read_headers(self) -> dict[Path, FileHeader]:
-        """The header of every image and mask (no pixels read); image and mask of a pair must
-        have the same size, every image the first one's band count and CRS."""
-        headers: dict[Path, FileHeader] = {}
+    def _read_headers(self) -> None:
+        """Read the header of every image and label file (no pixels): image and label of a
+        pair must have the same size, every image the first one's band count and CRS."""
         reference = None
+        noun = self.label_noun
         for sample in self._all_samples():
             image, mask = sample.images["image"], sample.mask
-            headers[image] = h = file_header(image)
-            headers[mask] = m = file_header(mask)
+            h, m = file_header(image), file_header(mask)
             if (m.height, m.width) != (h.height, h.width):
                 raise ValueError(
                     f"{type(self).__name__}: image {str(image)!r} is {h.height}x{h.width} px but "
-                    f"its mask {str(mask)!r} is {m.height}x{m.width}; every mask must cover its "
-                    "image pixel for pixel (resample or crop the mask)"
+                    f"its {noun} {str(mask)!r} is {m.height}x{m.width}; every {noun} must cover "
+                    f"its image pixel for pixel (resample or crop the {noun})"
                 )
             if reference is None:
                 reference = (image, h)
@@ -411,178 +277,23 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
                     f"{str(reference[0])!r} has {reference[1].count} bands in {reference[1].crs}; "
                     "every image must have the same bands and CRS (reproject or split the folder)"
                 )
-        return headers
-
-    def _resolve(self, names: list[str], sensor: str, source: str, fix: str) -> list[str]:
-        return resolve_bands(names, sensor, source, fix, type(self).__name__)
-
-    def _band_names(
-        self,
-        headers: dict[Path, FileHeader],
-        first: Path,
-        available_bands: list[str] | None,
-        sensor: str,
-    ) -> tuple[list[str], dict[str, str]]:
-        """The bands of the images, by name, and how the files (or the config) name each.
-
-        From ``available_bands`` (the same order for every file) or, when it is null, from
-        each file's own band descriptions: every file is read by name, whatever its order.
-        """
-        fix = "give dataset.available_bands=[...] in file order"
-        self._file_orders: dict[Path, list[str]] = {}
-        count = headers[first].count
-        if available_bands is not None:
-            bands = self._resolve(
-                [str(b) for b in available_bands], sensor, "dataset.available_bands",
-                "fix dataset.available_bands",
-            )  # fmt: skip
-            if len(bands) != count:
-                raise ValueError(
-                    f"{type(self).__name__}: dataset.available_bands lists {len(bands)} bands "
-                    f"{bands} but {str(first)!r} has {count}"
-                )
-            return bands, dict(zip(bands, (str(b) for b in available_bands)))
-        reference = None
-        for sample in self._all_samples():
-            image = sample.images["image"]
-            descriptions = headers[image].descriptions
-            if not all(descriptions):
-                raise ValueError(
-                    f"{type(self).__name__}: {str(image)!r} has no band descriptions to name "
-                    f"its {headers[image].count} bands; {fix}"
-                )
-            order = self._resolve(list(descriptions), sensor, f"{str(image)!r}", fix)
-            if reference is None:
-                reference = (image, order, list(descriptions))
-            elif set(order) != set(reference[1]):
-                raise ValueError(
-                    f"{type(self).__name__}: {str(image)!r} has bands {order} but "
-                    f"{str(reference[0])!r} has {reference[1]}; every image must hold the same "
-                    "bands (in any order: they are read by name)"
-                )
-            self._file_orders[image] = order
-        _, bands, names = reference
-        return bands, dict(zip(bands, names))
-
-    def _nodata(self, headers: dict[Path, FileHeader], nodata: float | None) -> float | None:
-        """The no-data value: ``dataset.nodata`` when given, else the one the image files
-        declare (they must agree)."""
-        declared: dict[float, Path] = {}
-        for sample in self._all_samples():
-            value = headers[sample.images["image"]].nodata
-            if value is not None and not np.isnan(value):
-                declared.setdefault(float(value), sample.images["image"])
-        if nodata is not None:
-            other = {v: p for v, p in declared.items() if v != float(nodata)}
-            if other:
-                value, path = next(iter(other.items()))
-                log_once(
-                    log.warning,
-                    f"{type(self).__name__}: dataset.nodata={nodata:g} overrides the no-data "
-                    f"value {value:g} that {str(path)!r} declares: pixels of {value:g} are read "
-                    "as data",
-                )
-            return nodata
-        if len(declared) > 1:
-            (a, pa), (b, pb) = list(declared.items())[:2]
-            raise ValueError(
-                f"{type(self).__name__}: the image files declare different no-data values: "
-                f"{a:g} in {str(pa)!r}, {b:g} in {str(pb)!r}; set dataset.nodata to the value "
-                "that marks missing pixels in all of them (or fix the files' no-data tags)"
-            )
-        if declared:
-            value, path = next(iter(declared.items()))
-            log_once(
-                log.info,
-                f"no-data value {value:g} from the image files' headers (e.g. {str(path)!r}); "
-                "dataset.nodata overrides it",
-            )
-            return value
-        return None
 
     def read_image(self, sample: Sample) -> np.ndarray:
         """The bands ``self.bands`` of the sample, found by name in its own file's order."""
-        path = sample.images["image"]
-        order = self._file_orders.get(path, self.available_bands)
-        with _open_raster(path, self.georeferenced) as src:
-            if src.count != len(order):
-                raise ValueError(
-                    f"GeoTIFF {str(path)!r} has {src.count} bands but {len(order)} were expected "
-                    f"({order}); the file changed since the dataset was listed"
-                )
-            return _read_bands(src, path, [order.index(b) + 1 for b in self.bands])
+        return read_named_bands(sample.images["image"], self.band_names, self.bands,
+                                self.georeferenced)  # fmt: skip
 
     def _validated_bands(self, bands: list[str]) -> list[str]:
-        return super()._validated_bands(
-            [resolve_band_name(b, self._sensor) or canonical_band(b) for b in bands]
-        )
+        return super()._validated_bands([band_code(b, self._sensor) for b in bands])
 
     # ---- statistics ----------------------------------------------------------------------------
     def training_stats(self, nodata: float | None, force: bool = False) -> dict[str, dict]:
-        """Per-band mean and std over the training images: read from ``<root>/band_stats.json``
-        when it was computed from exactly these files (size, time, a sample of their bytes, band
-        order), else computed and cached."""
+        """Per-band mean and std over the training images, cached in ``<root>/band_stats.json``
+        (:func:`~datasets.raster_folder.cached_band_stats`); the training labels are checked
+        before they are computed."""
         train = [s.images["image"] for s in self._splits["train"]]
-        if not train:
-            raise ValueError(
-                f"{type(self).__name__}: no training images to compute band statistics from"
-            )
-        files = {}
-        for path in train:
-            record = file_record(path)
-            order = self._file_orders.get(path)
-            if order is not None and order != self.available_bands:
-                record["bands"] = order
-            files[path.relative_to(self.root).as_posix()] = record
-        key = {
-            "version": STATS_VERSION,
-            "bands": self.available_bands,
-            "nodata": nodata,
-            "files": files,
-        }
-        cache = self.root / STATS_FILE
-        if cache.is_file() and not force:
-            try:
-                saved = json.loads(cache.read_text())
-                if {k: saved.get(k) for k in key} == key:
-                    log_once(log.info, f"band statistics from {cache} ({len(files)} training "
-                             "images)")  # fmt: skip
-                    return {"mean": saved["mean"], "std": saved["std"]}
-            except (OSError, ValueError):
-                pass
-        start = time.time()
-        self._check_training_masks()
-        orders = [
-            [self._file_orders.get(p, self.available_bands).index(b) + 1
-             for b in self.available_bands]
-            for p in train
-        ]  # fmt: skip
-        mean, std, pixels = compute_band_stats(train, nodata, orders)
-        stats = {
-            "mean": dict(zip(self.available_bands, mean)),
-            "std": dict(zip(self.available_bands, std)),
-        }
-        log.info(
-            "computed band statistics over %d training images in %.1f s",
-            len(train),
-            time.time() - start,
-        )
-        try:
-            with atomic_path(cache) as tmp:
-                tmp.write_text(
-                    json.dumps(
-                        {**key, **stats, "pixels": dict(zip(self.available_bands, pixels))},
-                        indent=1,
-                    )
-                )
-            log.info("cached them in %s; they are recomputed when those files change", cache)
-        except OSError as err:
-            log.warning(
-                "could not cache band statistics in %s (%s); they are recomputed next time",
-                cache,
-                err,
-            )
-        return stats
+        return cached_band_stats(self.root, train, self.band_names, nodata, type(self).__name__,
+                                 "training images", force, self._check_training_masks)  # fmt: skip
 
     def _check_training_masks(self) -> None:
         for sample in self._splits["train"]:
@@ -625,3 +336,138 @@ class GeoTIFFFolder(GeoTIFFSegmentationDataset):
         mask = super().read_mask(sample)
         self._check_classes(sample, mask)
         return mask
+
+
+class GeoTIFFFolderRegression(GeoTIFFFolder):
+    """``dataset=folder`` for pixel-wise regression: a float *target raster* per image instead
+    of a class mask (``configs/dataset/folder_regression.yaml``).
+
+    Layout: the patterns of :class:`GeoTIFFFolder`, ``targets`` instead of ``masks``::
+
+        images: "{split}/{name}_image.tif"   targets: "{split}/{name}_target.tif"   # default
+
+    A target raster covers its image pixel for pixel, one band per target (canopy height,
+    biomass, a spectral index). A sample is ``{"image": float32 (C, H, W), "target": float32
+    (T, H, W), "index": int}``; the target is NaN at every pixel without a valid target: the
+    target's no-data value or NaN in the file, and pixels where no image band is valid (nothing
+    to predict from); augmentation pads with NaN too (:class:`datasets.transforms.JointTransform`).
+
+    Args:
+        targets: pattern of the target rasters (``{name}``, optional ``{split}``).
+        target_names: a name per target band, in file order; null reads the target files' band
+            descriptions (``target`` / ``target1``, ``target2``, ... where they have none).
+        target_nodata: the target value meaning "no target" (NaN always is); null takes the
+            value the target files declare, if any.
+        target_scale: the target in its units is the stored value times ``target_scale`` (e.g.
+            0.01 for canopy heights stored in cm, to learn metres); default 1.
+        **kwargs: those of :class:`GeoTIFFFolder` but ``masks``, ``classes`` and
+            ``label_offset`` (a regression has no classes).
+    """
+
+    layout: ClassVar[str] = "the images/targets patterns of the dataset config"
+    label_noun: ClassVar[str] = "target"
+    label_key: ClassVar[str] = "targets"
+
+    def __init__(self, *, root: str, split: str, targets: str = "{split}/{name}_target.tif",
+                 target_names: list[str] | None = None, target_nodata: float | None = None,
+                 target_scale: float = 1.0, **kwargs: Any) -> None:  # fmt: skip
+        name = type(self).__name__
+        for key in ("masks", "classes", "label_offset"):
+            if key in kwargs:
+                raise TypeError(
+                    f"{name}: dataset.{key} is for segmentation; a regression dataset has "
+                    "targets (dataset.targets, dataset.target_names) instead: remove it"
+                )
+        scale = float(target_scale)
+        if not (np.isfinite(scale) and scale != 0):
+            raise ValueError(
+                f"{name}: target_scale={target_scale} must be a finite non-zero number (the "
+                "target is the stored value times target_scale)"
+            )
+        self.target_scale = scale
+        self._target_names_arg = None if target_names is None else [str(t) for t in target_names]
+        self._target_nodata_arg = target_nodata
+        super().__init__(root=root, split=split, masks=targets, classes=[], **kwargs)
+
+    # ---- the targets' facts, read from their headers -----------------------------------------
+    def _read_headers(self) -> None:
+        """Besides the image checks: every target raster has the same number of bands, the
+        target names (one per band) and the targets' no-data value are settled."""
+        super()._read_headers()
+        name = type(self).__name__
+        files = [s.mask for s in self._all_samples()]
+        first = file_header(files[0])
+        for path in files[1:]:
+            if file_header(path).count != first.count:
+                raise ValueError(
+                    f"{name}: target raster {str(path)!r} has {file_header(path).count} bands "
+                    f"but {str(files[0])!r} has {first.count}; every target raster must hold "
+                    "the same targets"
+                )
+        self.target_names = self._names_of_targets(files[0], first)
+        self.target_nodata = declared_nodata(files, self._target_nodata_arg, name, "target")
+
+    def _names_of_targets(self, path: Path, header: FileHeader) -> list[str]:
+        """``target_names`` when given (one per band), else the band descriptions."""
+        name = type(self).__name__
+        given = self._target_names_arg
+        if given is not None:
+            if len(given) != header.count or len(set(given)) != len(given):
+                raise ValueError(
+                    f"{name}: dataset.target_names={given} must name each of the {header.count} "
+                    f"band(s) of the target rasters (e.g. {str(path)!r}) once, in file order"
+                )
+            return given
+        if all(header.descriptions):
+            return [str(d) for d in header.descriptions]
+        names = ["target"] if header.count == 1 else [f"target{i + 1}" for i in range(header.count)]
+        log_once(log.info, f"{name}: the target rasters (e.g. {str(path)!r}) have no band "
+                 f"descriptions: their targets are called {names}; set dataset.target_names "
+                 "to name them")  # fmt: skip
+        return names
+
+    # ---- no classes: the data description holds the targets ---------------------------------
+    def _validated_classes(self, classes: list[str]) -> list[str]:
+        return []
+
+    def _spec_extras(self) -> dict[str, Any]:
+        return {"targets": tuple(self.target_names)}
+
+    def _check_training_masks(self) -> None:
+        """Nothing to check before the statistics: any float is a target."""
+
+    # ---- reading -------------------------------------------------------------------------------
+    def read_target(self, sample: Sample) -> np.ndarray:
+        """The target raster of ``sample`` in target units: (T, H, W) float32, NaN where the
+        file holds NaN or the targets' no-data value."""
+        raw = read_raster(sample.mask, None, self.georeferenced)  # (T, H, W), the file's dtype
+        return invalid_to_nan(raw, self.target_nodata) * np.float32(self.target_scale)
+
+    def read_sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw image (C, H, W) float32 with NaN at invalid pixels, and the target (T, H, W)
+        float32 with NaN at every pixel without a valid target, or without a valid band."""
+        sample = self.samples[index]
+        image = invalid_to_nan(np.asarray(self.read_image(sample)), self.spec.nodata)
+        target = self.read_target(sample)
+        if image.shape[1:] != target.shape[1:]:
+            raise ValueError(
+                f"{type(self).__name__}: sample {sample.name!r} has image {image.shape[1:]} but "
+                f"target {target.shape[1:]} ({str(sample.mask)!r}); image and target must align"
+            )
+        target[:, np.isnan(image).all(axis=0)] = np.nan  # nothing to predict from
+        return image, target
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, target = self.read_sample(index)
+        image_t, target_t = torch.from_numpy(image), torch.from_numpy(target)
+        if self.transform is not None:
+            image_t, target_t = self.transform(image_t, target_t)
+        sample = {"image": image_t, "target": target_t, "index": index}
+        sample.update(self.sample_metadata(index))
+        return sample
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+            f"samples={len(self)}, bands={self.bands}, targets={self.target_names})"
+        )

@@ -10,19 +10,20 @@ Bands in file order: B2, B3, B4, B8A, B11, B12 (reflectance); 9999 means no data
 scar, 0 not burned, -1 missing (ignored). Each sample also carries ``temporal_coords`` (year, day
 of year, from ``<date>`` = YYYYDDD in the name) and ``location_coords`` (latitude, longitude of
 the chip's centre, from its georeferencing) for Prithvi-EO-2.0 TL. The release has two folders: ``validation/`` is the
-test split, and train/val are a seeded split of ``training/`` (``val_fraction``, ``split_seed``),
-so model selection never sees the test files.
+test split, and train/val are a seeded split of ``training/`` (``val_fraction``, ``split_seed``;
+:func:`deflect.rasters.seeded_split`, the rule of every seeded split), so model selection never
+sees the test files.
 """
 
 from __future__ import annotations
 
-import random
 import re
 from typing import Any, ClassVar
 
 import torch
 
 from datasets.base import GeoTIFFSegmentationDataset, Sample
+from deflect.rasters import seeded_split
 
 IMAGE_SUFFIX = "_merged.tif"
 MASK_SUFFIX = ".mask.tif"
@@ -72,12 +73,7 @@ class HLSBurnScars(GeoTIFFSegmentationDataset):
         """``test``: ``validation/``; ``train``/``val``: the seeded split of ``training/``."""
         if split == "test":
             return self.chips("validation")
-        chips = self.chips("training")
-        order = list(range(len(chips)))
-        random.Random(self.split_seed).shuffle(order)
-        n_val = max(1, round(self.val_fraction * len(chips))) if len(chips) > 1 else 0
-        val = set(order[:n_val])
-        return [c for i, c in enumerate(chips) if (i in val) == (split == "val")]
+        return seeded_split(self.chips("training"), split, self.val_fraction, 0.0, self.split_seed)
 
     def sample_metadata(self, index: int) -> dict[str, torch.Tensor]:
         """``gsd``, ``temporal_coords`` (year, day of year) and ``location_coords`` (latitude,

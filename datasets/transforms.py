@@ -1,9 +1,11 @@
 """Joint image/mask transforms on tensors: random crop, flips, 90° rotations, normalisation.
 
 Geometric operations act on the last two (spatial) axes of both the image (C, H, W) and the
-mask (H, W) with the same random draw, so band order is never touched and labels stay aligned
-with pixels. Padding marks the added pixels invalid: NaN in the image (as the sliding window
-pads at evaluation), ``ignore_index`` in the mask. Randomness comes from torch's global RNG:
+pixel target, a class mask (H, W) or a regression target raster (T, H, W) float, with the same
+random draw, so band order is never touched and targets stay aligned with pixels. Each moves
+whole pixels (no interpolation), so no invalid (NaN) value is ever mixed into a valid one.
+Padding marks the added pixels invalid: NaN in the image (as the sliding window pads at
+evaluation), ``ignore_index`` in a mask, NaN in a target raster. Randomness comes from torch's global RNG:
 seeding torch (and the data-loader's per-worker seeding) makes the augmentation reproducible.
 """
 
@@ -17,7 +19,8 @@ from deflect.data import DataSpec
 class JointTransform:
     """Random crop, flips and 90° rotations of image and mask together, then normalisation.
 
-    Called as ``image, mask = t(image, mask)`` with ``image`` (C, H, W) and ``mask`` (H, W).
+    Called as ``image, mask = t(image, mask)`` with ``image`` (C, H, W) and ``mask`` (H, W)
+    (classes) or a float target raster (T, H, W) (regression: NaN where there is no target).
 
     Args:
         mean: per-band mean, in the image's channel order and units.
@@ -79,9 +82,10 @@ class JointTransform:
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if image.ndim != 3 or mask.ndim != 2 or image.shape[-2:] != mask.shape:
+        if image.ndim != 3 or mask.ndim not in (2, 3) or image.shape[-2:] != mask.shape[-2:]:
             raise ValueError(
-                f"JointTransform: expected image (C, H, W) and mask (H, W) of the same H, W; "
+                f"JointTransform: expected image (C, H, W) and mask (H, W) or target (T, H, W) "
+                "of the same H, W; "
                 f"got image {tuple(image.shape)} and mask {tuple(mask.shape)}"
             )
         if image.shape[0] != self.mean.numel():
@@ -97,7 +101,7 @@ class JointTransform:
         if self.vflip > 0 and torch.rand(()).item() < self.vflip:
             image, mask = image.flip(-2), mask.flip(-2)
         if self.rot90:
-            height, width = mask.shape
+            height, width = mask.shape[-2:]
             # A non-square image keeps its shape (and batches) only under 0° or 180°.
             choices = 4 if height == width else 2
             k = int(torch.randint(choices, ()).item()) * (4 // choices)
@@ -108,16 +112,17 @@ class JointTransform:
     def _crop(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.crop_size
         assert size is not None
-        height, width = mask.shape
+        height, width = mask.shape[-2:]
         pad_h, pad_w = max(size - height, 0), max(size - width, 0)
         if pad_h or pad_w:
             image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=torch.nan)
-            mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=self.ignore_index)
-            height, width = mask.shape
+            fill = torch.nan if mask.is_floating_point() else self.ignore_index
+            mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=fill)
+            height, width = mask.shape[-2:]
 
         def window(top: int, left: int) -> tuple[torch.Tensor, torch.Tensor]:
             rows, cols = slice(top, top + size), slice(left, left + size)
-            return image[:, rows, cols], mask[rows, cols]
+            return image[:, rows, cols], mask[..., rows, cols]
 
         def draw() -> tuple[int, int]:
             top = int(torch.randint(height - size + 1, ()).item())
@@ -135,7 +140,7 @@ class JointTransform:
                 return window(top, left)
             if fraction > best_fraction:
                 best, best_fraction = (top, left), fraction
-        labelled = (mask != self.ignore_index).nonzero()  # (N, 2)
+        labelled = self._labelled(mask).nonzero()  # (N, 2)
         if len(labelled):
             row, col = labelled[int(torch.randint(len(labelled), ()).item())].tolist()
             top = min(max(row - size // 2, 0), height - size)
@@ -144,8 +149,15 @@ class JointTransform:
                 best = (top, left)
         return window(*best)
 
+    def _labelled(self, mask: torch.Tensor) -> torch.Tensor:
+        """(H, W) True where a pixel has a label: a class, or at least one finite target."""
+        if mask.is_floating_point():
+            finite = torch.isfinite(mask)
+            return finite.any(0) if mask.ndim == 3 else finite
+        return mask != self.ignore_index
+
     def _labelled_fraction(self, mask: torch.Tensor) -> float:
-        return (mask != self.ignore_index).float().mean().item()
+        return self._labelled(mask).float().mean().item()
 
     def __repr__(self) -> str:
         return (

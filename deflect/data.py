@@ -23,23 +23,30 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
-def invalid_to_nan(raw, nodata: float | Iterable[float] | None = None):
-    """A raster read from a file (numpy ``(C, H, W)``, the file's dtype) as float32 with NaN at
-    its invalid pixels: non-finite values and the no-data value(s).
+def valid_pixels(raw, nodata: float | Iterable[float] | None = None):
+    """The no-data validity rule, the one place it is written: a pixel of a raster read from a
+    file (numpy, the file's dtype) is valid when it is finite and equals none of the no-data
+    value(s). Used by training, evaluation, the statistics and prediction alike.
 
     No-data is compared in the file's own dtype: in float32, large integers near the no-data
     value would compare equal to it (16777217 == 16777216).
     """
     import numpy as np
 
-    invalid = (
-        ~np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else np.zeros(raw.shape, bool)
-    )
+    valid = np.isfinite(raw) if np.issubdtype(raw.dtype, np.floating) else np.ones(raw.shape, bool)
     values = [] if nodata is None else [nodata] if np.isscalar(nodata) else list(nodata)
     for value in values:
-        invalid |= raw == value
+        valid &= raw != value
+    return valid
+
+
+def invalid_to_nan(raw, nodata: float | Iterable[float] | None = None):
+    """A raster read from a file (numpy ``(C, H, W)``, the file's dtype) as float32 with NaN at
+    its invalid pixels (:func:`valid_pixels`: non-finite values and the no-data value(s))."""
+    import numpy as np
+
     image = raw.astype(np.float32)
-    image[invalid] = np.nan
+    image[~valid_pixels(raw, nodata)] = np.nan
     return image
 
 
@@ -146,6 +153,13 @@ def resolve_band_name(name: str, sensor: str = "sentinel2a") -> str | None:
     return None
 
 
+def band_code(name: str, sensor: str = "sentinel2a") -> str:
+    """Band-name resolution, the one rule: the sensor's code of a band named ``name``
+    (:func:`resolve_band_name`: a code, common name or wavelength), else ``name`` spelt
+    canonically (``VV``, ``DEM``, ``B02`` -> ``B2``: bands spyndex does not know keep their name)."""
+    return resolve_band_name(name, sensor) or canonical_band(name)
+
+
 #: How far (nm) a band's centre may lie outside another band's width and still stand in for it.
 CROSS_SENSOR_TOLERANCE_NM = 30.0
 
@@ -246,6 +260,8 @@ class DataSpec:
         sensor: spyndex sensor whose band table and wavelengths apply (``sentinel2a``, ...).
         gsd: ground sample distance in metres, when known (datasets may also give it per sample).
         classes: class names (empty for a model without a segmentation head).
+        targets: names of the pixel-wise regression targets, one output channel each in this
+            order (empty for a model without a regression head), e.g. ``("ndvi",)``.
         ignore_index: label of pixels that carry no class; outside ``[0, len(classes))``.
         display_bands: three bands (red, green, blue) for pictures; default B4, B3, B2 when
             present, else the first three bands.
@@ -262,6 +278,7 @@ class DataSpec:
     sensor: str = "sentinel2a"
     gsd: float | None = None
     classes: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
     ignore_index: int = -1
     display_bands: tuple[str, ...] | None = field(default=None)
 
@@ -324,6 +341,12 @@ class DataSpec:
         set_(self, "sensor", str(self.sensor))
         classes = tuple(str(c) for c in self.classes)
         set_(self, "classes", classes)
+        targets = tuple(str(t) for t in self.targets) if not isinstance(self.targets, str) else ()
+        if isinstance(self.targets, str) or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"targets {self.targets!r} must be a list of distinct target names, e.g. [ndvi]"
+            )
+        set_(self, "targets", targets)
         set_(self, "ignore_index", int(self.ignore_index))
         if 0 <= self.ignore_index < len(classes):
             raise ValueError(
@@ -382,7 +405,7 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (the band manifest saved with checkpoints and adapters)."""
         out = asdict(self)
-        for key in ("bands", "classes", "display_bands"):
+        for key in ("bands", "classes", "targets", "display_bands"):
             out[key] = list(out[key])
         for key in ("mean", "std"):
             out[key] = dict(out[key]) if out[key] is not None else None

@@ -211,7 +211,7 @@ def measure_predict(args: argparse.Namespace, model, data, device) -> dict:
     import torch
 
     from deflect.engine.evaluator import autocast_context
-    from deflect.engine.predict import Predictor, predict_scenes
+    from deflect.predict import Predictor, predict_scenes
     from deflect.tasks import InferenceSettings
 
     model.eval()

@@ -12,7 +12,9 @@ every band is invalid) and with ``--probabilities`` ``<OUT>/<stem>_prob.tif`` (f
 one band per class). The result equals the run's evaluation (sliding window over the whole
 scene), but the scene is processed in blocks of ``--block`` pixels: memory depends on the
 block, not on the scene. The scene's bands are matched to the model's by name (its band
-descriptions, or ``--bands``). Under torchrun, each rank predicts its share of the scenes.
+descriptions, or ``--bands``). Under torchrun, each rank predicts its share of the scenes. A
+regression run writes ``<stem>_pred.tif`` as float32, one band per target, the run's
+``task.nodata`` where every band is invalid.
 
 With a classification run, a file no larger than the run's training chips is a chip: all chips
 go into one table, ``<OUT>/predictions.csv`` (chip, predicted class, a probability per class),
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, load the run's best checkpoint and predict every scene."""
     from deflect.engine.distributed import cleanup_distributed, init_distributed
     from deflect.engine.logging import setup_logging
-    from deflect.engine.predict import DEFAULT_BLOCK, load_predictor, predict_scenes
+    from deflect.predict import DEFAULT_BLOCK, load_predictor, predict_scenes
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -310,7 +310,7 @@ def diagnose(run_dir: Path) -> dict:
     import torch
 
     from deflect.engine import build
-    from deflect.engine.predict import load_predictor
+    from deflect.predict import load_predictor
     from deflect.tuners.deflect import layer as deflect_layer
 
     predictor = load_predictor(run_dir, device="cpu")

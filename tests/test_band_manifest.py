@@ -18,7 +18,10 @@ from deflect import DeflectConfig, DeflectModel, get_deflect_model
 from deflect.engine.checkpoint import check_manifest
 from tests.conftest import S2_BANDS, s2_spec, tiny_encoder
 
-TRAINED = s2_spec(classes=("water", "forest", "urban"), ignore_index=255, nodata=0.0, gsd=10.0)
+TRAINED = dataclasses.replace(
+    s2_spec(classes=("water", "forest", "urban"), ignore_index=255, nodata=0.0, gsd=10.0),
+    targets=("ndvi", "height"),  # a regression head's outputs, compared like the classes
+)
 
 
 def one_field_changed(field: str):
@@ -49,6 +52,8 @@ def one_field_changed(field: str):
         return dataclasses.replace(TRAINED, sensor="sentinel2b"), "sensor 'sentinel2a'"
     if field == "classes":
         return dataclasses.replace(TRAINED, classes=("forest", "water", "urban")), "classes"
+    if field == "targets":
+        return dataclasses.replace(TRAINED, targets=("height", "ndvi")), "targets"
     # fields that do not change what the model computes from the pixels
     if field == "ignore_index":
         return dataclasses.replace(TRAINED, ignore_index=-1), None
@@ -62,18 +67,20 @@ def one_field_changed(field: str):
 REFUSED = ["bands-order", "bands-missing", "bands-extra", "mean", "std", "reflectance_scale",
            "nodata", "sensor"]  # fmt: skip
 ACCEPTED = ["ignore_index", "display_bands", "gsd"]
+HEAD = ["classes", "targets"]  # the head's outputs: a checkpoint's concern, not an adapter's
 
 
 def test_every_field_of_the_manifest_is_covered_here():
     """A new DataSpec field must be added to one of the lists above (refused or accepted)."""
-    covered = {f.split("-")[0] for f in [*REFUSED, *ACCEPTED, "classes"]}
+    covered = {f.split("-")[0] for f in [*REFUSED, *ACCEPTED, *HEAD]}
     assert covered == {f.name for f in dataclasses.fields(TRAINED)}
 
 
-@pytest.mark.parametrize("field", [*REFUSED, "classes"])
+@pytest.mark.parametrize("field", [*REFUSED, *HEAD])
 def test_a_checkpoint_trained_on_other_data_is_refused_naming_the_field(field):
     """``load_model_state``'s manifest check (eval_dir, resume, explain): a checkpoint holds
-    the head too, so other classes (names or order) are refused as well."""
+    the head too, so other classes or regression targets (names or order) are refused as
+    well."""
     given, words = one_field_changed(field)
     saved = json.dumps(TRAINED.to_dict())
     with pytest.raises(RuntimeError, match="trained on other input data") as err:
@@ -104,7 +111,7 @@ def test_an_adapter_trained_on_other_data_is_refused_naming_the_field(field, ada
     assert words in str(err.value)
 
 
-@pytest.mark.parametrize("field", [*ACCEPTED, "classes"])
+@pytest.mark.parametrize("field", [*ACCEPTED, *HEAD])
 def test_an_adapter_loads_onto_an_encoder_for_other_classes_or_pictures(field, adapter):
     """The adapter is the encoder's alone: another task's classes do not concern it."""
     given, _ = one_field_changed(field)

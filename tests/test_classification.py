@@ -316,7 +316,7 @@ def test_a_classification_run_maps_a_scene_one_pixel_per_tile(so2sat, so2sat_run
     import rasterio
     from affine import Affine
 
-    from deflect.engine import predict
+    from deflect import predict
 
     names = json.loads((so2sat / "default_partition.json").read_text())["test"]
     tiles = []
@@ -374,7 +374,7 @@ def test_predict_classifies_chips_into_one_table_as_evaluation_does(so2sat, so2s
     was trained at img_size 32). predict.py classifies each chip whole, resized to 32 px as
     evaluation resizes it, into one CSV: the class and every probability equal
     predictions.csv's on every test chip."""
-    from deflect.engine import predict
+    from deflect import predict
 
     names = write_test_chips(so2sat, tmp_path / "chips")
     predictor = predict.load_predictor(so2sat_run, device="cpu")

@@ -87,6 +87,19 @@ def dataset_overrides(option: str, demo_root: Path, tmp_path: Path) -> list[str]
             "dataset=folder", f"dataset.root={tmp_path / 'folder'}",
             f"dataset.available_bands=[{','.join(bands)}]", "dataset.classes=[a,b,c]",
         ]  # fmt: skip
+    if option == "folder_regression":
+        root = tmp_path / "folder_regression"
+        write_folder_dataset(root, ["B2", "B3", "B4", "B8"], classes=3)
+        for path in root.glob("*/*_mask.tif"):  # a float target raster in place of each mask
+            with rasterio.open(path) as src:
+                profile, target = src.profile, src.read().astype(np.float32) / 2
+            profile.update(dtype="float32")
+            with rasterio.open(str(path).replace("_mask", "_target"), "w", **profile) as dst:
+                dst.write(target)
+            path.unlink()
+        return ["dataset=folder_regression", f"dataset.root={root}"]
+    if option == "demo_regression":
+        return [f"dataset={option}", f"dataset.root={tmp_path / 'demo_regression'}"]
     return [f"dataset={option}", f"dataset.root={demo_root}"]
 
 
@@ -97,6 +110,8 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     shrink = SHRINK
+    if "regression" in option and not (CONFIGS / "task" / "regression.yaml").is_file():
+        pytest.skip("configs/task/regression.yaml (the regression task) is not here yet")
     if group == "dataset":
         overrides = dataset_overrides(option, demo_root, tmp_path)
     elif group in ("task", "loss") and option == "classification":
@@ -134,6 +149,8 @@ def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     task = build.build_task(cfg)
     if task.name == "classification":  # one logit per class (label) per image
         assert logits.shape == (2, dataset.num_classes)
+    elif dataset.spec.targets:  # regression: one output per target per pixel
+        assert logits.shape == (2, len(dataset.spec.targets), 32, 32)
     else:
         assert logits.shape == (2, dataset.num_classes, 32, 32)
     loss = build.build_loss(cfg, dataset.spec)(logits, task.target(batch))
@@ -200,3 +217,22 @@ def test_band_table_asks_each_part_what_it_does_with_each_band(demo_root):
     assert "NDWI" in rows["deflect"]["B3"] and "NDVI" not in rows["deflect"]["B3"]
     assert "not" not in rows["deflect"]  # every band feeds the model
     assert rows["deflect"]["B4"].split()[-1] == "R" and rows["deflect"]["B2"].split()[-1] == "B"
+
+
+@pytest.mark.parametrize("option", ["folder_regression", "demo_regression"])
+def test_the_regression_dataset_yamls_build_their_datasets(option, demo_root, tmp_path):
+    """Every key of the regression dataset YAMLs is an argument of their dataset, whose samples
+    hold a float target per pixel (composed with the regression task in the test above)."""
+    from hydra.utils import instantiate
+
+    root = dataset_overrides(option, demo_root, tmp_path)[1].split("=", 1)[1]
+    node = OmegaConf.load(CONFIGS / "dataset" / f"{option}.yaml")
+    node.pop("defaults")
+    node.pop("img_size")
+    node.root = root
+    if option == "folder_regression":
+        node.available_bands = ["B2", "B3", "B4", "B8"]
+    dataset = instantiate(node, split="train", _convert_="all")
+    sample = dataset[0]
+    assert sample["target"].dtype == torch.float32
+    assert sample["target"].shape == (len(dataset.spec.targets), *sample["image"].shape[-2:])

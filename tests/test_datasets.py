@@ -671,3 +671,59 @@ def test_a_class_list_of_one_is_refused_before_any_model_is_built(demo_root):
             root=str(demo_root), split="train", available_bands=["B2", "B3", "B4", "B8"],
             bands=["B2"], classes=["a"], band_stats={"mean": {}, "std": {}},
         )  # fmt: skip
+
+
+# ---- the regression demo ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_regression_root(tmp_path_factory) -> Path:
+    return prepare_demo(str(tmp_path_factory.mktemp("demo_regression") / "cache"), "regression")
+
+
+def test_the_regression_demo_target_is_the_green_leaf_index_of_the_scene(
+    demo_regression_root, demo_root, scene
+):
+    """The target of every tile is GLI = (2G - R - B) / (2G + R + B) of the raw spyndex sample
+    at the tile's place (found from its georeferencing), computed here with numpy and checked
+    against spyndex's formula; the input is the RGB bands only; the tiles and splits are the
+    segmentation demo's, and pixels scored in an earlier val/test tile are NaN (no target)."""
+    from datasets import DemoIndexRegression
+
+    blue, green, red = (scene[i].astype(np.float64) / 10000 for i in (0, 1, 2))
+    gli = (2 * green - red - blue) / (2 * green + red + blue)
+    np.testing.assert_allclose(
+        spyndex.computeIndex("GLI", params={"G": green, "R": red, "B": blue}), gli, rtol=1e-12
+    )
+    for split in ("train", "val", "test"):
+        ds = DemoIndexRegression(root=str(demo_regression_root), split=split)
+        demo = DemoVegetation(root=str(demo_root), split=split)
+        assert ds.bands == ["B2", "B3", "B4"] and ds.spec.targets == ("GLI",)
+        assert [ds.sample_name(i) for i in range(len(ds))] == [
+            demo.sample_name(i) for i in range(len(demo))
+        ]
+        for index in range(len(ds)):
+            row, col = tile_offset(ds, index)
+            window = (slice(row, row + 64), slice(col, col + 64))
+            image, target = ds.read_sample(index)
+            np.testing.assert_array_equal(image, scene[(slice(0, 3), *window)])
+            not_scored = demo.read_sample(index)[1] == -1
+            assert np.isnan(target[0][not_scored]).all()
+            np.testing.assert_allclose(target[0][~not_scored], gli[window][~not_scored],
+                                       rtol=1e-6, atol=1e-7)  # fmt: skip
+    # The test strip's own reflectance (rows 236-299), as the plausibility check reads it.
+    strip = {b: float(np.median(scene[i, 236:])) / 10000 for i, b in enumerate(["B2", "B3", "B4"])}
+    assert ds.check_reflectance_scale(samples=5) == pytest.approx(strip, rel=0.05)
+
+
+def test_the_regression_demo_batch_holds_nan_where_there_is_no_target(demo_regression_root):
+    """The right-aligned val tile (columns 236-299) shares columns 236-255 with its neighbour:
+    scored there only, so NaN in this tile's target, also in a batch."""
+    from datasets import DemoIndexRegression
+
+    ds = DemoIndexRegression(root=str(demo_regression_root), split="val")
+    ds.transform = build_transform(ds.spec, train=False, crop_size=None)
+    last = [ds.sample_name(i) for i in range(len(ds))].index("r172_c236")
+    batch = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [0, last]), 2)))
+    assert batch["target"].dtype == torch.float32 and batch["target"].shape == (2, 1, 64, 64)
+    assert not torch.isnan(batch["target"][0]).any()
+    assert torch.isnan(batch["target"][1, 0, :, :20]).all()
+    assert not torch.isnan(batch["target"][1, 0, :, 20:]).any()

@@ -15,10 +15,10 @@ from deflect.data import DataSpec
 from deflect.engine.checkpoint import atomic_save, load_checkpoint, trainable_state_dict
 from deflect.engine.distributed import DistInfo, ShardSampler
 from deflect.engine.evaluator import Evaluator
-from deflect.engine.inference import sliding_window_logits, window_starts
 from deflect.engine.scheduler import warmup_decay
 from deflect.tasks import InferenceSettings, SegmentationTask
 from deflect.tasks.segmentation import metrics_from_confusion
+from deflect.tiling import sliding_window_logits, window_starts
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -218,7 +218,7 @@ def test_a_scene_mapped_with_onnx_runtime_equals_the_pytorch_map(exported, tmp_p
     """The same tiler over a demo scene (NaN, no-data, an edge not on the tile grid): the
     ONNX Runtime map equals the PyTorch one on at least 99.9 % of the pixels (here: all), and the
     averaged probabilities within 1e-4."""
-    from deflect.engine import predict
+    from deflect import predict
     from deflect.export.runtime import load_onnx_predictor
 
     model, spec, path, _ = exported

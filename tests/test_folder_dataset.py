@@ -14,7 +14,7 @@ import pytest
 import rasterio
 import torch
 
-import datasets.folder as folder_module
+import datasets.raster_folder as raster_folder
 from datasets import GeoTIFFFolder
 from tests.conftest import TINY, load_script, north_up, run_cli
 
@@ -99,7 +99,7 @@ def test_statistics_equal_numpys_and_are_cached_with_their_files(tmp_path, monke
     def no_compute(*args, **kwargs):
         raise AssertionError("recomputed although nothing changed")
 
-    monkeypatch.setattr(folder_module, "compute_band_stats", no_compute)
+    monkeypatch.setattr(raster_folder, "compute_band_stats", no_compute)
     assert folder(root, "val").spec.mean_list() == data.spec.mean_list()  # from the cache
     monkeypatch.undo()
     image, _ = chip(99)
@@ -402,11 +402,111 @@ def test_the_three_splits_log_each_dataset_fact_once(tmp_path, caplog):
     root = write_split_folders(tmp_path / "a")
     image, _ = chip(30)
     write(root / "train" / "extra_image.tif", image, BANDS)  # an image without a mask
-    folder(root)  # computes and caches the statistics
-    caplog.clear()
     with caplog.at_level(logging.INFO):
+        folder(root)  # computes and caches the statistics
         for split in ("train", "val", "test"):
-            folder(root, split)
+            folder(root, split)  # read them back: said once is enough
     messages = [r.getMessage() for r in caplog.records]
-    assert sum("band statistics from" in m for m in messages) == 1
+    assert sum("band statistics" in m for m in messages) == 1
+    assert [m for m in messages if "band statistics" in m][0].startswith(
+        "computed band statistics over 5 training images"
+    )
     assert sum("have no mask" in m for m in messages) <= 1
+
+
+def test_a_seeded_split_asked_for_is_never_empty(tmp_path):
+    """Five pairs, 10 % each for val and test: 0.5 rounds to 0, and the old rule left val and
+    test empty, so building them failed ("split 'val' has no samples"), far from the cause.
+    The one rule (deflect.rasters.split_sizes, HLS Burn Scars' rule before) keeps one each."""
+    root = write_flat(tmp_path / "b", n=5)
+    sizes = [len(folder(root, s, **FLAT)) for s in ("train", "val", "test")]
+    assert sizes == [3, 1, 1]
+
+
+# ---- the regression form: a float target raster per image ---------------------------------------
+TARGET_NODATA = -1.0
+
+
+def write_regression(root: Path, target_descriptions=("height", "cover")) -> Path:
+    """Layout A with ``<name>_target.tif``: two float targets, -1 (declared) for no target,
+    and a NaN, beside images whose first row starts with 3 pixels without data."""
+    for split, seeds in {"train": range(4), "val": [10], "test": [20]}.items():
+        for seed in seeds:
+            image, _ = chip(seed)
+            target = np.random.default_rng(seed).uniform(0, 30, (2, 20, 20)).astype(np.float32)
+            target[0, 4, 4] = TARGET_NODATA
+            target[1, 6, 7] = np.nan
+            write(root / split / f"tile{seed:02d}_image.tif", image, BANDS)
+            write(root / split / f"tile{seed:02d}_target.tif", target, target_descriptions,
+                  nodata=TARGET_NODATA)  # fmt: skip
+    return root
+
+
+def regression(root: Path, split: str = "train", **kwargs):
+    from datasets import GeoTIFFFolderRegression
+
+    kwargs.setdefault("nodata", NODATA)
+    return GeoTIFFFolderRegression(root=str(root), split=split, **kwargs)
+
+
+def test_a_regression_target_is_the_file_times_target_scale_with_nan_where_there_is_none(tmp_path):
+    root = write_regression(tmp_path / "r")
+    data = regression(root, "val", target_scale=0.5)
+    assert data.spec.targets == ("height", "cover") and data.spec.classes == ()  # descriptions
+    sample = data[0]
+    assert sample["target"].dtype == torch.float32 and sample["target"].shape == (2, 20, 20)
+    with rasterio.open(root / "val" / "tile10_target.tif") as src:
+        expected = src.read().astype(np.float64) * 0.5
+    expected[0, 4, 4] = np.nan  # the declared no-data value
+    expected[:, 0, :3] = np.nan  # no image band has data there: nothing to predict from
+    np.testing.assert_array_equal(sample["target"].numpy(), expected.astype(np.float32))
+    assert torch.isnan(sample["target"][1, 6, 7])  # NaN always is no target
+    # target_nodata overrides the files' tag: -1 is then a target value (times the scale)
+    data = regression(root, "val", target_nodata=-5, target_names=["h", "c"])
+    assert data.spec.targets == ("h", "c") and data[0]["target"][0, 4, 4] == -1.0
+
+
+def test_augmentation_moves_the_targets_with_the_image_and_pads_with_nan(tmp_path):
+    from datasets.transforms import build_transform
+
+    root = write_regression(tmp_path / "r")
+    data = regression(root, "val")
+    raw_image, raw_target = data.read_sample(0)
+    mean, std = np.array(data.spec.mean_list()), np.array(data.spec.std_list())
+    data.transform = build_transform(data.spec, True, 24)  # larger than the 20-px image
+    padded = data[0]
+    assert padded["target"].shape == (2, 24, 24) and padded["image"].shape == (4, 24, 24)
+    assert (
+        torch.isnan(padded["target"][:, 20:]).all()
+        and torch.isnan(padded["target"][..., 20:]).all()
+    )
+    np.testing.assert_array_equal(padded["target"][:, :20, :20].numpy(), raw_target)
+    data.transform = build_transform(data.spec, True, 20, hflip=0.5, vflip=0.5, rot90=True)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = data[0]
+        image = out["image"].numpy() * std[:, None, None] + mean[:, None, None]
+        target = out["target"].numpy()
+        for k in range(4):  # which of the 8 flips/rotations: the image and the target agree
+            for flip in (False, True):
+                want_t = np.rot90(raw_target, k, axes=(1, 2))
+                want_i = np.rot90(raw_image, k, axes=(1, 2))
+                if flip:
+                    want_t, want_i = want_t[..., ::-1], want_i[..., ::-1]
+                if np.array_equal(want_t, target, equal_nan=True) and np.allclose(
+                    want_i, image, atol=0.05, equal_nan=True
+                ):
+                    seen.add((k, flip))
+    assert len(seen) >= 3  # several draws, each the same move of image and target
+
+
+def test_regression_errors_name_the_key_and_the_fix(tmp_path):
+    root = write_regression(tmp_path / "r")
+    with pytest.raises(ValueError, match=r"target_names=\['h'\] must name each of the 2 band"):
+        regression(root, target_names=["h"])
+    with pytest.raises(TypeError, match=r"dataset.classes is for segmentation"):
+        regression(root, classes=["a", "b"])
+    (root / "val" / "tile10_image.tif").rename(root / "val" / "gone.tif")
+    with pytest.raises(FileNotFoundError, match=r"1 target\(s\) without an image.*dataset.targets"):
+        regression(root)

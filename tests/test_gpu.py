@@ -165,7 +165,7 @@ def test_torchrun_trains_on_every_gpu_and_reevaluates_to_the_same_numbers(gpu_ru
 def test_predict_on_the_gpu_equals_the_cpu(gpu_run, demo_root, tmp_path):
     import rasterio
 
-    from deflect.engine.predict import load_predictor, predict_scenes
+    from deflect.predict import load_predictor, predict_scenes
 
     work_dir, _, _ = gpu_run
     scene = sorted((demo_root / "test").glob("*_image.tif"))[0]

@@ -22,7 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 #: Bottom to top: a unit may import its own layer and those below it, never one above.
 LAYERS = [
     # engine-neutral helpers
-    {"deflect.data", "deflect.io", "deflect.pictures", "deflect.geotiff", "deflect.tiling"},
+    {
+        "deflect.data",
+        "deflect.io",
+        "deflect.rasters",
+        "deflect.pictures",
+        "deflect.geotiff",
+        "deflect.tiling",
+    },
     {"deflect.encoders"},
     {"deflect.tuners"},
     # the package's facade (lazy names), the datasets and the heads
@@ -32,12 +39,6 @@ LAYERS = [
     {"deflect.predict", "deflect.export"},
     {"run"},
 ]
-#: Modules that belong to another unit than their folder says. The sliding window is moving to
-#: the engine-neutral ``deflect.tiling`` (same names); this line goes when it has.
-MOVING = {"deflect.engine.inference": "deflect.tiling"}
-#: Engine files leaving the engine: the scene predictor becomes ``deflect/predict/``, whose
-#: writers are the tasks' own. This line goes when it has.
-LEAVING_ENGINE = {"deflect/engine/predict.py"}
 
 
 def modules() -> dict[str, Path]:
@@ -58,8 +59,6 @@ MODULES = modules()
 
 def unit(module: str) -> str:
     """The layer unit of a module: ``deflect.<package or module>``, or its top folder."""
-    if module in MOVING:
-        return MOVING[module]
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] == "deflect" and len(parts) > 1 else parts[0]
 
@@ -205,11 +204,7 @@ def test_the_scan_sees_names_and_strings_but_not_comments_or_docstrings():
 @pytest.mark.parametrize(
     "path",
     [
-        *(
-            p
-            for p in sorted(REPO.glob("deflect/engine/**/*.py"))
-            if str(p.relative_to(REPO)) not in LEAVING_ENGINE
-        ),
+        *sorted(REPO.glob("deflect/engine/**/*.py")),
         REPO / "run.py",
     ],
     ids=lambda p: str(p.relative_to(REPO)),

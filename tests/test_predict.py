@@ -1,4 +1,4 @@
-"""Whole-scene prediction (``deflect/engine/predict.py``, ``scripts/predict.py``) against the
+"""Whole-scene prediction (``deflect/predict/``, ``scripts/predict.py``) against the
 whole-scene sliding window of evaluation: same map pixel for pixel, in bounded memory."""
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import rasterio
 import torch
 from omegaconf import OmegaConf
 
+from deflect import predict
 from deflect.data import invalid_to_nan
-from deflect.engine import predict
-from deflect.engine.inference import sliding_window_logits
 from deflect.engine.outputs import PALETTE
+from deflect.predict import reading
+from deflect.tasks import Task
+from deflect.tiling import sliding_window_logits
 from tests.conftest import (
     DEMO_BANDS,
     REPO,
@@ -168,6 +170,118 @@ def test_outputs_keep_the_georeference_and_are_tiled_compressed_geotiffs(predict
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s_pred.tif", "s_prob.tif"]
 
 
+class PixelValues:
+    """The scene writer of a task the scene driver has never heard of: the averaged model output
+    of every pixel, as float32 bands (NaN where every band is invalid)."""
+
+    def prepare(self, run_dir, spec, window, source):
+        return None
+
+    def split(self, predictor, paths, chips):
+        return [], list(paths)
+
+    def write_scene(self, predictor, scene, out_dir, probabilities, progress):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{scene.path.stem}_pred.tif"
+        profile = scene.profile(predictor.spec.num_classes, "float32", np.nan)
+        with rasterio.open(path, "w", **profile) as dst:
+            for window, logits, invalid in scene.dense_blocks(progress):
+                values = logits.numpy()
+                values[:, invalid] = np.nan
+                dst.write(values, window=window)
+        return path, None, scene.forwards
+
+
+class PixelTask(Task):
+    name = "pixel_values"
+
+    def scene_writer(self):
+        return PixelValues()
+
+
+def test_the_driver_maps_a_scene_for_any_task_through_its_scene_writer(tmp_path):
+    """A task that is neither segmentation nor classification, reached only through
+    ``scene_writer``: a per-pixel linear model (1x1 convolution) over a scene with overlapping
+    tiles and blocks that straddle them gives, at every pixel, the linear map of that pixel's
+    normalised bands computed here with numpy (tiles averaged over equal values)."""
+    from deflect.data import DataSpec
+
+    image = demo_pixels(75, 53)
+    scene = write_scene(tmp_path / "s.tif", image)
+    mean = {b: float(np.nanmean(np.where(image[i] == NODATA, np.nan, image[i])))
+            for i, b in enumerate(DEMO_BANDS)}  # fmt: skip
+    std = {b: 100.0 + 10 * i for i, b in enumerate(DEMO_BANDS)}
+    spec = DataSpec(bands=tuple(DEMO_BANDS), mean=mean, std=std, reflectance_scale=10000,
+                    nodata=NODATA, classes=("a", "b"))  # fmt: skip
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(4, 2, 1).eval()
+    predictor = predict.Predictor(model, spec, WINDOW, STRIDE, torch.device("cpu"),
+                                  task=PixelTask())  # fmt: skip
+    (out,) = predict.predict_scenes(predictor, [scene], tmp_path / "out", batch_size=3,
+                                    block=32, progress=False)  # fmt: skip
+    assert out.prediction == tmp_path / "out" / "s_pred.tif" and out.probabilities is None
+
+    x = np.where(np.isfinite(image) & (image != NODATA), image, np.nan)
+    centre, scale = (np.array(list(d.values()))[:, None, None] for d in (mean, std))
+    x = (x - centre) / scale
+    weight = model.weight.detach().numpy()[:, :, 0, 0]
+    expected = np.einsum("kc,chw->khw", weight, x) + model.bias.detach().numpy()[:, None, None]
+    got = read(out.prediction)
+    assert np.isnan(expected).any() and np.isfinite(expected).mean() > 0.9
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+    # Tile starts 0, 16, 32, 43 down and 0, 16, 21 across; blocks of 32 px meet 2, 3 and 1 of
+    # them down, 3 and 2 across: each block runs the tiles it meets, (2 + 3 + 1) x (3 + 2).
+    assert out.forwards == 30
+
+
+class Smooth(torch.nn.Module):
+    """A model whose output at a pixel depends on its neighbours (so tiles disagree at their
+    edges and their average matters): invalid inputs as 0, then a 5x5 convolution."""
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, outputs, 5, padding=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.nan_to_num(x))
+
+
+def test_a_regression_scene_is_evaluation_s_sliding_window_in_a_float_geotiff(tmp_path):
+    """A regression run's scene: a float32 GeoTIFF, one band per target named after it, whose
+    values are the regression task's evaluation inference (the sliding window over the whole
+    normalised scene at once) and the task's no-data value where every band is invalid."""
+    from deflect.data import DataSpec
+    from deflect.tasks import InferenceSettings
+    from deflect.tasks.regression import RegressionTask
+
+    image = demo_pixels(75, 53)
+    scene = write_scene(tmp_path / "s.tif", image)
+    mean = {b: 1000.0 + 100 * i for i, b in enumerate(DEMO_BANDS)}
+    std = {b: 500.0 + 10 * i for i, b in enumerate(DEMO_BANDS)}
+    spec = DataSpec(bands=tuple(DEMO_BANDS), mean=mean, std=std, reflectance_scale=10000,
+                    nodata=NODATA, targets=("gli", "height"))  # fmt: skip
+    task, model = RegressionTask(), Smooth(2).eval()
+    predictor = predict.Predictor(model, spec, WINDOW, STRIDE, torch.device("cpu"), task=task)
+    out = predict.predict_scene(predictor, scene, tmp_path / "out", batch_size=3, block=32,
+                                progress=False)  # fmt: skip
+
+    x = np.where(np.isfinite(image) & (image != NODATA), image, np.nan)
+    centre, scale = (np.array(list(d.values()))[:, None, None] for d in (mean, std))
+    x = torch.from_numpy(((x - centre) / scale).astype(np.float32))[None]
+    settings = InferenceSettings(WINDOW, STRIDE)
+    expected = task.infer(model, x, {}, settings, 2)[0].detach().numpy()
+    invalid = torch.isnan(x[0]).all(0).numpy()
+    assert invalid.sum() == 3 * 4 + 2 + 3 * 6
+    with rasterio.open(out.prediction) as src:
+        got = src.read()
+        assert src.dtypes == ("float32", "float32") and src.nodata == task.nodata
+        assert src.descriptions == ("gli", "height") and src.tags()["targets"] == "gli,height"
+        assert src.transform == TRANSFORM
+    np.testing.assert_allclose(got[:, ~invalid], expected[:, ~invalid], rtol=1e-5, atol=1e-5)
+    assert (got[:, invalid] == task.nodata).all()
+
+
 # ----------------------------------------------------------------------- bands and run folders
 
 
@@ -256,7 +370,7 @@ def test_reads_and_batches_stay_bounded_by_the_block_not_the_scene(
         return out
 
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", recording_read)
-    monkeypatch.setattr(predict, "SCALE_CHECK_SIZE", 24)  # the decimated read of the scale check
+    monkeypatch.setattr(reading, "SCALE_CHECK_SIZE", 24)  # the decimated read of the scale check
     recording = recording_predictor(predictor, batches)
     out = predict.predict_scene(recording, scene, tmp_path, batch_size=batch_size, block=block,
                                 progress=False)  # fmt: skip

@@ -94,7 +94,7 @@ def test_a_saved_config_may_not_instantiate_anything_outside_the_framework(tmp_p
         eval_config(run, [])
     proc = run_cli([f"eval_dir={run}"], tmp_path, check=False)
     assert proc.returncode != 0 and "refusing to instantiate it" in proc.stderr
-    from deflect.engine.predict import load_predictor
+    from deflect.predict import load_predictor
 
     with pytest.raises(ValueError, match="os.system"):
         load_predictor(run)

@@ -130,6 +130,8 @@ def check_manifest(model: nn.Module, saved: str, source: str) -> None:
     differences = trained.differences(data)
     if trained.classes and list(trained.classes) != list(data.classes):
         differences.append(f"classes {list(trained.classes)} != {list(data.classes)}")
+    if trained.targets and list(trained.targets) != list(data.targets):
+        differences.append(f"targets {list(trained.targets)} != {list(data.targets)}")
     if differences:
         raise RuntimeError(
             f"checkpoint {source} was trained on other input data than this model takes: "

@@ -356,8 +356,8 @@ def export_run(
         ExportError: the run is unfinished, the extra is missing, or the export failed.
         FileNotFoundError: not a run folder, or no best checkpoint.
     """
-    from deflect.engine.predict import default_stride, load_predictor, resolve_run_dir
     from deflect.engine.workdir import FINISHED_MARKER, eval_config, is_finished
+    from deflect.predict import default_stride, load_predictor, resolve_run_dir
 
     run_dir = resolve_run_dir(run_dir)
     if not is_finished(run_dir) and not allow_unfinished:

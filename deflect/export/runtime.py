@@ -3,7 +3,7 @@
     python scripts/predict.py --onnx work_dirs/<run>/export/model.onnx scene.tif --out maps/
 
 :func:`load_onnx_predictor` reads the file's metadata (band manifest, classes, task, window,
-stride) into a :class:`~deflect.engine.predict.Predictor` whose model is an :class:`OnnxModel`:
+stride) into a :class:`~deflect.predict.Predictor` whose model is an :class:`OnnxModel`:
 the tiler reads, matches bands, checks the reflectance scale and averages tiles exactly as for
 the PyTorch model, but hands the model raw tiles (no-data as NaN, in the files' units), since
 the file normalises them itself. Tiles are checked against what the file takes before ONNX
@@ -126,7 +126,7 @@ class OnnxModel(nn.Module):
 
 
 def load_onnx_predictor(path: str | Path, stride: int | None = None, threads: int | None = None):
-    """A :class:`~deflect.engine.predict.Predictor` running ``path`` with ONNX Runtime.
+    """A :class:`~deflect.predict.Predictor` running ``path`` with ONNX Runtime.
 
     Args:
         path: the exported ``model.onnx``.
@@ -137,7 +137,7 @@ def load_onnx_predictor(path: str | Path, stride: int | None = None, threads: in
         ExportError: onnxruntime missing, or not a file written by ``scripts/export.py``.
         ValueError: a bad stride.
     """
-    from deflect.engine.predict import Predictor
+    from deflect.predict import Predictor
     from deflect.tasks import ClassificationTask, SegmentationTask
 
     model = OnnxModel(path, threads)

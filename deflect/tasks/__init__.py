@@ -1,7 +1,7 @@
 """Tasks: what depends on what is predicted (see :mod:`deflect.tasks.base`).
 
-``segmentation`` (a class per pixel) and ``classification`` (a class, or a set of labels, per
-image). Each is a package that owns its head's construction, loss, transform, inference, metric
+``segmentation`` (a class per pixel), ``classification`` (a class, or a set of labels, per
+image) and ``regression`` (continuous targets per pixel). Each is a package that owns its head's construction, loss, transform, inference, metric
 accumulator and monitors (with their direction), log line, tables, test outputs and pictures,
 and registers its :class:`Task` by name (:func:`register_task`); the engine builds the run's one
 task from ``task.name`` (:func:`build_task`) and asks it, never naming a task or a metric.
@@ -24,6 +24,7 @@ Tasks depend only on engine-neutral parts (:mod:`deflect.data`, :mod:`deflect.io
 from deflect.tasks.base import InferenceSettings, Metric, Task
 from deflect.tasks.classification import ClassificationLoss, ClassificationTask
 from deflect.tasks.registry import TASKS, build_task, register_task, task_class
+from deflect.tasks.regression import RegressionTask
 from deflect.tasks.segmentation import SegmentationTask
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ClassificationTask",
     "InferenceSettings",
     "Metric",
+    "RegressionTask",
     "SegmentationTask",
     "Task",
     "build_task",

@@ -178,3 +178,15 @@ class Task:
 
     def test_pictures(self, metrics: dict, data: DataSpec, out_dir: Path) -> None:
         """Pictures of the test metrics (rank 0), e.g. the confusion matrix."""
+
+    def scene_writer(self):
+        """What ``scripts/predict.py`` writes for a scene (driven by :mod:`deflect.predict`, which
+        hands in the predictor and the open scene): an object with ``prepare(run_dir, spec,
+        window, source)`` (checks the band manifest; returns the tile a scene is cut into per
+        output pixel, or None for a per-pixel map by the sliding window), ``split(predictor,
+        paths, chips)`` (the files taken as chips, and as scenes), ``write_scene(predictor,
+        scene, out_dir, probabilities, progress)`` (returns the prediction's path, the
+        probabilities' or None, and the tiles run) and, where ``split`` gives chips,
+        ``chip_rows(predictor, paths, images, batch_size)`` and ``write_chip_table(predictor,
+        rows, out_dir)``."""
+        raise NotImplementedError

@@ -293,3 +293,8 @@ class ClassificationTask(Task):
         if "confusion_matrix" in metrics:
             save_confusion_png(metrics["confusion_matrix"], list(data.classes),
                                Path(out_dir) / "confusion_matrix.png")  # fmt: skip
+
+    def scene_writer(self):
+        from deflect.tasks.classification.scenes import ClassificationScenes
+
+        return ClassificationScenes()

@@ -9,9 +9,6 @@ from torch import nn
 
 from datasets.transforms import build_transform
 from deflect.data import DataSpec
-
-# The sliding window moves to the engine-neutral deflect.tiling (same name) at merge.
-from deflect.engine.inference import sliding_window_logits
 from deflect.pictures import save_confusion_png
 from deflect.tasks.base import InferenceSettings, Metric, Task
 from deflect.tasks.confusion import ConfusionMetric
@@ -19,6 +16,7 @@ from deflect.tasks.registry import register_task
 from deflect.tasks.segmentation.tables import metric_scalars, metrics_table
 from deflect.tasks.segmentation.writer import PredictionWriter
 from deflect.tasks.weights import class_weights
+from deflect.tiling import sliding_window_logits
 
 
 @register_task
@@ -97,3 +95,8 @@ class SegmentationTask(Task):
     def test_pictures(self, metrics: dict, data: DataSpec, out_dir: Path) -> None:
         save_confusion_png(metrics["confusion_matrix"], list(data.classes),
                            Path(out_dir) / "confusion_matrix.png")  # fmt: skip
+
+    def scene_writer(self):
+        from deflect.tasks.segmentation.scenes import SegmentationScenes
+
+        return SegmentationScenes()

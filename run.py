@@ -1,4 +1,4 @@
-"""Train a segmentor on a geospatial foundation model, or evaluate a finished run.
+"""Fine-tune a geospatial foundation model for a task, or evaluate a finished run.
 
     python run.py                                        # the demo
     torchrun --nproc_per_node=2 run.py encoder=vit_b16 dataset=demo finetune=deflect
@@ -25,8 +25,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from deflect.engine import slurm
-
 # Only Hydra and the folder helpers here: torch, timm and torchvision (about ten seconds on a
 # small CPU) are imported once the config has composed, so a bad key or --help answers at once.
 from deflect.engine.workdir import (
@@ -40,6 +38,8 @@ from deflect.engine.workdir import (
     precheck_work_dir,
     run_suffix,
 )
+from deflect.launch import job as slurm_job
+from deflect.launch import submit as slurm_submit
 
 if TYPE_CHECKING:
     from deflect.engine.distributed import DistInfo
@@ -72,18 +72,19 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
     if run.finished:  # resume=true on a finished run: left untouched
         return
     if info.is_main:
-        slurm.record_start(run.path)  # under SLURM: the job id, and each requeue
+        slurm_job.record_start(run.path)  # under SLURM: the job id, and each requeue
     work_dir = run.path
     started = False
     try:
         if job.sweep_dir:
             warn_unread(check_run_config(cfg))  # in the job's train.log
-        build.train_settings(cfg)  # a bad precision, epochs or monitor fails before building
-        datasets = build.build_datasets(cfg)
-        model = build.build_model(cfg, datasets["train"].spec).to(info.device)
-        counts = report.describe_model(model, work_dir, info, datasets["train"])
+        task = build.build_task(cfg)  # once; handed to every part that asks it
+        build.train_settings(cfg, task)  # a bad precision, epochs or monitor fails at once
+        datasets = build.build_datasets(cfg, task)
+        model = build.build_model(cfg, datasets["train"].spec, task).to(info.device)
+        counts = report.describe_model(model, work_dir, info, datasets["train"], task)
 
-        trainer = build.build_trainer(cfg, model, datasets, work_dir, info)
+        trainer = build.build_trainer(cfg, model, datasets, work_dir, info, task)
         if report.resuming(cfg, work_dir):
             trainer.resume(report.last_checkpoint(work_dir))
         started = True
@@ -99,10 +100,11 @@ def train(cfg: DictConfig, info: DistInfo, job: SweepJob) -> None:
             trainer.writer.close()
             return
 
-        metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, trainer.evaluator)
+        metrics = report.test_best(cfg, model, datasets["test"], work_dir, info, task,
+                                   trainer.evaluator)  # fmt: skip
         report.close_run(
             cfg, model, metrics, counts, trainer.cost(), trainer.writer, trainer.settings.epochs,
-            work_dir, info,
+            work_dir, info, task,
             extra={**report.encoder_checkpoint_record(model), **trainer.early_stopping_record()},
             keep_last=bool(cfg.keep_last),
         )  # fmt: skip
@@ -148,12 +150,15 @@ def evaluate(work_dir: Path, run_cfg: DictConfig, info: DistInfo) -> None:
     # Evaluation rewrites the run's test outputs: never while another process writes the folder.
     lock = RunLock(work_dir).acquire() if info.is_main else None
     try:
+        task = build.build_task(run_cfg)
         if run_cfg.get("cross_sensor"):  # another sensor's bands, mapped to the trained ones
-            dataset, out_dir, extra = report.cross_sensor_dataset(run_cfg, work_dir)
+            dataset, out_dir, extra = report.cross_sensor_dataset(run_cfg, work_dir, task)
         else:
-            dataset, out_dir, extra = build.build_dataset(run_cfg, "test"), work_dir, None
-        model = build.build_model(run_cfg, dataset.spec).to(info.device)
-        report.test_best(run_cfg, model, dataset, work_dir, info, out_dir=out_dir, extra=extra)
+            dataset, out_dir = build.build_dataset(run_cfg, "test", task=task), work_dir
+            extra = None
+        model = build.build_model(run_cfg, dataset.spec, task).to(info.device)
+        report.test_best(run_cfg, model, dataset, work_dir, info, task, out_dir=out_dir,
+                         extra=extra)  # fmt: skip
     finally:
         if lock is not None:
             lock.release()
@@ -195,8 +200,8 @@ def main(cfg: DictConfig) -> None:
     if job.sweep_dir and not cfg.work_dir and not cfg.resume:
         folder = job.folder(run_suffix(cfg, HydraConfig.get().runtime.choices))
         # A requeued SLURM job (time limit, preemption) continues its own run from last.pt.
-        cfg.resume = slurm.requeued_into(folder)
-    slurm.export_rank_environment()  # each SLURM task of a multi-task job: one DDP rank
+        cfg.resume = slurm_job.requeued_into(folder)
+    slurm_job.export_rank_environment()  # each SLURM task of a multi-task job: one DDP rank
     from deflect.engine.distributed import barrier, cleanup_distributed, init_distributed
     from deflect.engine.logging import close_log_file
     from deflect.engine.runtime import apply_runtime
@@ -221,6 +226,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    slurm.check_launcher(sys.argv[1:])  # hydra/launcher=submitit_*: the extra, sbatch
-    slurm.wire_launcher()  # hydra/launcher=submitit_slurm submits through deflect.engine.slurm
+    slurm_submit.check_launcher(sys.argv[1:])  # hydra/launcher=submitit_*: the extra, sbatch
+    slurm_submit.wire_launcher()  # hydra/launcher=submitit_slurm submits through deflect.launch
     main()

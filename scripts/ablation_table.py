@@ -37,6 +37,29 @@ SEED = "seed"
 SELECTED = "+selected"  # stage 2 of the protocol (scripts/select_hparams.py): the method's option
 
 
+@dataclass(frozen=True)
+class TaskView:
+    """What the table needs of a run's task, asked of the task registry
+    (:mod:`deflect.tasks`): its name, monitors with their direction, headline, table means and
+    per-class metric."""
+
+    name: str
+    monitors: dict[str, bool]
+    headline: str
+    table_metrics: tuple[str, ...]
+    per_class_metric: str | None
+
+
+def task_view(node: dict | None) -> TaskView:
+    """The :class:`TaskView` of a saved config's ``task`` node (``None``: a run saved before
+    tasks existed)."""
+    from deflect.tasks import build_task
+
+    task = build_task(node)
+    return TaskView(task.name, dict(task.monitors), task.headline, task.table_metrics,
+                    task.per_class_metric)  # fmt: skip
+
+
 @dataclass
 class Run:
     """One job of the sweep, as its folder tells it."""
@@ -49,13 +72,18 @@ class Run:
     error: str = ""
     adapter_bytes: int = 0
     dataset: str = ""
-    task: str = "segmentation"
+    task: TaskView = field(default_factory=lambda: task_view(None))
     stale_diagnostics: str | None = None  # why diagnostics/explain.json is not about best.pt
 
     @property
     def headline(self) -> str:
-        """The task's main metric: mIoU (segmentation) or mF1 (classification)."""
-        return "mIoU" if self.task == "segmentation" else "mF1"
+        """The task's main metric (its first monitor)."""
+        return self.task.headline
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a higher headline is better (an error metric's lower one is)."""
+        return self.task.monitors[self.task.headline]
 
     @property
     def settings(self) -> dict[str, str]:
@@ -147,17 +175,17 @@ def collect_runs(sweep: Path) -> list[Run]:
     return runs
 
 
-def dataset_and_task(folder: Path, overrides: list[str]) -> tuple[str, str]:
+def dataset_and_task(folder: Path, overrides: list[str]) -> tuple[str, TaskView]:
     """The run's dataset (its ``dataset=`` override, else its dataset class) and task."""
     settings = dict(item.split("=", 1) for item in overrides if "=" in item)
-    dataset, task = settings.get("dataset", ""), "segmentation"
+    dataset, task = settings.get("dataset", ""), task_view(None)
     path = folder / "config.yaml"
     if path.is_file():
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(path)
-        target = str((cfg.get("task") or {}).get("_target_", ""))
-        task = "classification" if target.endswith("ClassificationTask") else "segmentation"
+        node = cfg.get("task")
+        task = task_view(None if node is None else OmegaConf.to_container(node, resolve=True))
         if not dataset:
             dataset = str(cfg.dataset.get("_target_", "dataset")).rsplit(".", 1)[-1]
     return dataset or "dataset", task
@@ -405,20 +433,11 @@ def by_dataset(runs: list[Run]) -> dict[str, list[Run]]:
     return groups
 
 
-#: Per task: the mean metrics of the table and the per-class metric.
-TASK_COLUMNS = {
-    "segmentation": (("mIoU", "mF1"), "IoU"),
-    "classification": (("mF1", "OA"), "F1"),
-    "multi-label": (("mF1", "microF1", "mAP"), "F1"),
-}
-
-
-def task_columns(runs: list[Run]) -> tuple[tuple[str, ...], str]:
+def task_columns(runs: list[Run]) -> tuple[tuple[str, ...], str | None]:
+    """The mean metrics of a dataset's table and its per-class metric, as its task says."""
     finished = [r for r in runs if r.status == "finished"]
-    if not finished or finished[0].task == "segmentation":
-        return TASK_COLUMNS["segmentation"]
-    multi = "microF1" in finished[0].metrics.get("test", {})
-    return TASK_COLUMNS["multi-label" if multi else "classification"]
+    task = (finished or runs)[0].task if runs else task_view(None)
+    return task.table_metrics, task.per_class_metric
 
 
 def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]],
@@ -443,9 +462,9 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]],
     for dataset, group in groups.items():
         rows = build_rows(group, keys)
         means, per_class = task_columns(group)
-        classes = class_names(rows)
+        classes = class_names(rows) if per_class else []
         if len(groups) > 1:
-            lines += [f"## {dataset} ({group[0].task})", ""]
+            lines += [f"## {dataset} ({group[0].task.name})", ""]
         explained = any((r.folder / "diagnostics" / "explain.json").is_file()
                         and not r.stale_diagnostics for row in rows for r in row.runs)  # fmt: skip
         crossed = cross_sensor_names(rows)
@@ -533,21 +552,44 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]],
 
 
 # ---- the plot ------------------------------------------------------------------------------------
+def relative_figure(groups: dict[str, list[Row]]) -> bool:
+    """Whether Figure 1 shows relative scores (:func:`relative_scores`): when a dataset's
+    headline is lower-is-better (an error, in its target's units), it cannot be averaged with
+    the others' percentages."""
+    return any(not rows[0].runs[0].higher_is_better for rows in groups.values() if rows)
+
+
+def relative_scores(values: list[float], higher_is_better: bool) -> list[float]:
+    """Each value placed between the worst (0) and the best (100) of ``values``, in the metric's
+    direction; all 100 when they are equal."""
+    low, high = min(values), max(values)
+    if high == low:
+        return [100.0] * len(values)
+    return [100 * ((v - low) if higher_is_better else (high - v)) / (high - low) for v in values]
+
+
 def figure_points(groups: dict[str, list[Row]]) -> dict[str, list[tuple[str, float, float]]]:
-    """Per method (row label): ``(dataset, % of GFM tuned, headline metric in %)`` of each
-    dataset; the headline is mIoU for segmentation, mF1 for classification, mean over seeds."""
+    """Per method (row label): ``(dataset, % of GFM tuned, y)`` of each dataset, from the
+    dataset's headline metric (its task's first monitor), mean over seeds: in % when every
+    headline is higher-is-better (mIoU, mF1), else each dataset's relative score
+    (:func:`relative_scores`: 100 for its best method, 0 for its worst)."""
+    relative = relative_figure(groups)
     points: dict[str, list[tuple[str, float, float]]] = {}
     for dataset, rows in groups.items():
-        for row in rows:
-            y = 100 * statistics.mean(row.values(row.runs[0].headline))
+        means = [statistics.mean(row.values(row.runs[0].headline)) for row in rows]
+        higher = rows[0].runs[0].higher_is_better if rows else True
+        ys = relative_scores(means, higher) if relative else [100 * m for m in means]
+        for row, y in zip(rows, ys):
             points.setdefault(row.label, []).append((dataset, row.percent, y))
     return points
 
 
 def error_bar(row: Row) -> tuple[float, float, float]:
-    """``(mean, below, above)`` of the row's headline metric in %: the error bar from the mean
-    down and up to its 95 % bootstrap interval over seeds (0, 0 for one seed)."""
-    s = summarise([100 * v for v in row.values(row.runs[0].headline)])
+    """``(mean, below, above)`` of the row's headline metric (in % when higher is better, an
+    error in its own units otherwise): the error bar from the mean down and up to its 95 %
+    bootstrap interval over seeds (0, 0 for one seed)."""
+    scale = 100 if row.runs[0].higher_is_better else 1
+    s = summarise([scale * v for v in row.values(row.runs[0].headline)])
     return s.mean, s.mean - s.lo, s.hi - s.mean
 
 
@@ -602,14 +644,18 @@ def draw_across(groups: dict[str, list[Row]], path: Path, title: str) -> None:
         ax.annotate(f"{label.replace('finetune.', '')}  ({len(pts)} datasets)", (x, y),
                     textcoords="offset points", xytext=offset, ha=align, fontsize=8)  # fmt: skip
     for dataset, marker in markers.items():
-        ax.plot(
-            [], [], marker, color="grey", label=f"{dataset} ({groups[dataset][0].runs[0].headline})"
-        )
+        first = groups[dataset][0].runs[0]
+        lower = "" if first.higher_is_better else ", lower is better"
+        ax.plot([], [], marker, color="grey", label=f"{dataset} ({first.headline}{lower})")
     ax.plot([], [], "o", color="black", markersize=9, label="mean over datasets")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("% of GFM parameters tuned (log scale; decoder excluded)")
-    ax.set_ylabel("test IoU (segmentation) / F1 (classification), mean over datasets (%)")
+    if relative_figure(groups):
+        ax.set_ylabel("test headline metric relative to each dataset's methods (best 100, "
+                      "worst 0), mean over datasets")  # fmt: skip
+    else:
+        ax.set_ylabel("test IoU (segmentation) / F1 (classification), mean over datasets (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlim(*limits)
@@ -645,6 +691,9 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("% of GFM parameters tuned (log scale; decoder excluded)")
     ax.set_ylabel(f"test {rows[0].runs[0].headline} (%)" if rows else "test metric (%)")
+    if rows and not rows[0].runs[0].higher_is_better:  # up is better on every figure
+        ax.set_ylabel(f"test {rows[0].runs[0].headline} (lower is better; axis inverted)")
+        ax.invert_yaxis()
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlim(*limits)

@@ -172,11 +172,12 @@ def measure_eval(args: argparse.Namespace, model, data, device) -> dict:
     import torch
 
     from deflect.engine.distributed import DistInfo
-    from deflect.engine.evaluator import EvalSettings, Evaluator
+    from deflect.engine.evaluator import Evaluator
+    from deflect.tasks import InferenceSettings, SegmentationTask
 
     size = args.eval_size or args.img_size
-    settings = EvalSettings(args.img_size, args.eval_stride or None, args.precision)
-    evaluator = Evaluator(settings, data, DistInfo(0, 1, 0, device))
+    settings = InferenceSettings(args.img_size, args.eval_stride or None, args.precision)
+    evaluator = Evaluator(SegmentationTask(), settings, data, DistInfo(0, 1, 0, device))
     batch = {
         "image": torch.randn(args.batch_size, len(data.bands), size, size, device=device),
         "mask": torch.randint(0, data.num_classes, (args.batch_size, size, size), device=device),
@@ -193,7 +194,7 @@ def measure_eval(args: argparse.Namespace, model, data, device) -> dict:
     images = args.steps * args.batch_size
     return {
         "eval_size": size,
-        "stride": evaluator.stride,
+        "stride": settings.step,
         "images_per_s": images / seconds,
         "megapixels_per_s": images * size * size / seconds / 1e6,
         "gflop_per_step": flops / 1e9,

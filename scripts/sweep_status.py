@@ -19,7 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from deflect.engine.slurm import SWEEP_JOBS, queue_states, read_record
+from deflect.launch.job import SWEEP_JOBS, read_record
+from deflect.launch.submit import queue_states
 
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 

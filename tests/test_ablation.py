@@ -404,3 +404,33 @@ def test_across_datasets_table_is_the_iqm_of_normalised_scores(tmp_path):
     assert rows["frozen"]["IQM of normalised score [95 % CI]"].startswith("0.000 [0.000, ")
     assert across.index("| lora") < across.index("| frozen")  # best first
     assert script.main([str(sweep)]) == 0 and (sweep / "results.png").stat().st_size > 10_000
+
+
+def test_figure_1_puts_a_lower_is_better_headline_on_the_same_scale_as_the_others(tmp_path):
+    """A dataset whose headline is an error (lower is better) beside one scored by IoU: each
+    becomes relative, 100 for the dataset's best method and 0 for its worst, so the method with
+    the lowest error scores 100 there (worked by hand below)."""
+    table = ablation_script()
+    iou = table.TaskView("a", {"mIoU": True}, "mIoU", ("mIoU",), None)
+    error = table.TaskView("b", {"rmse": False}, "rmse", ("rmse",), None)
+
+    def row(label: str, task, values: list[float]):
+        runs = [table.Run(folder=tmp_path, overrides=[], status="finished", task=task,
+                          params={"encoder_trainable_percent": 1.0},
+                          metrics={"test": {task.headline: v}}) for v in values]  # fmt: skip
+        return table.Row(label, runs)
+
+    groups = {
+        "seg": [row("frozen", iou, [0.40, 0.50]), row("lora", iou, [0.60, 0.70])],
+        "reg": [row("frozen", error, [2.0, 2.0]), row("lora", error, [3.0, 5.0])],
+    }
+    points = table.figure_points(groups)
+    # seg: means 0.45 and 0.65 -> frozen worst (0), lora best (100); reg: means 2 and 4 -> the
+    # lower error (frozen) is best (100), lora worst (0).
+    assert points["frozen"] == [("seg", 1.0, pytest.approx(0.0)), ("reg", 1.0, 100.0)]
+    assert points["lora"] == [("seg", 1.0, pytest.approx(100.0)), ("reg", 1.0, 0.0)]
+    # Only higher-is-better headlines: the percentages themselves, as before.
+    assert table.figure_points({"seg": groups["seg"]})["lora"] == [
+        ("seg", 1.0, pytest.approx(65.0))
+    ]
+    assert table.relative_scores([1.0, 1.0], False) == [100.0, 100.0]

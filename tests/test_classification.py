@@ -20,7 +20,7 @@ from datasets import ChipFolder, GeoBench
 from datasets.safe_pickle import safe_loads
 from datasets.transforms import resize_nan_aware
 from deflect.data import DataSpec
-from deflect.engine.outputs import PALETTE
+from deflect.pictures import PALETTE
 from deflect.tasks import ClassificationTask
 from tests.conftest import CHIP_CLASSES, REPO, TINY, copy_run, run_cli
 from tests.fakes import (
@@ -263,7 +263,7 @@ def test_the_confusion_picture_draws_counts_and_row_shares():
     an empty row stays 0), each cell shaded by its row share (255 - 200 x share, blue kept)."""
     from PIL import Image
 
-    from deflect.engine.outputs import confusion_cells, save_confusion_png
+    from deflect.pictures import confusion_cells, save_confusion_png
 
     matrix = [[3, 1, 0], [0, 4, 0], [0, 0, 0]]
     counts, shares = confusion_cells(matrix)
@@ -285,7 +285,7 @@ def test_the_classification_picture_shows_misclassified_samples_first_under_one_
     stretch, so they look different (each stretched on its own, both were black)."""
     from PIL import Image
 
-    from deflect.engine.outputs import ClassificationWriter
+    from deflect.tasks.classification import ClassificationWriter
 
     class Samples:
         spec = DataSpec(bands=("B2", "B3", "B4"), mean=dict.fromkeys(("B2", "B3", "B4"), 0.0),

@@ -15,10 +15,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from datasets import ChipFolder, GeoBench
-from deflect.engine.evaluator import metrics_from_confusion
 from deflect.engine.workdir import check_run_config
 from deflect.tasks import ClassificationTask
 from deflect.tasks.classification import ClassificationLoss
+from deflect.tasks.confusion import metrics_from_confusion
 from tests.conftest import REPO
 from tests.fakes import CHIP_BANDS as BANDS
 from tests.fakes import write_geobench
@@ -193,7 +193,7 @@ def test_an_image_without_a_valid_pixel_is_never_scored(tmp_path):
 
 
 def test_an_image_without_a_valid_pixel_has_no_prediction_in_predictions_csv(tmp_path, caplog):
-    from deflect.engine.outputs import ClassificationWriter
+    from deflect.tasks.classification import ClassificationWriter
 
     rows = [("a", "x", "test"), ("e", "y", "test")]
     root = csv_chips(tmp_path, rows, "name,label,split")

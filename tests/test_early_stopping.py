@@ -48,6 +48,15 @@ class ScriptedEvaluator:
         return {"mIoU": SCRIPT[epoch - 1]}
 
 
+class ErrorEvaluator(ScriptedEvaluator):
+    """The same script negated, as an error metric whose lower values are better: a trainer
+    that follows the metric's direction selects and stops exactly where it does on the
+    script (negation is exact in floating point, so no comparison lands elsewhere)."""
+
+    def evaluate(self, model, loader, desc: str = "") -> dict:
+        return {"error": -super().evaluate(model, loader, desc)["mIoU"]}
+
+
 class Task:
     """What the trainer asks of a task, for a regression on ``target``."""
 
@@ -58,25 +67,26 @@ class Task:
         return batch["target"]
 
     def scalars(self, split: str, metrics: dict) -> dict:
-        return {f"{split}/mIoU": metrics["mIoU"]}
+        return {f"{split}/{name}": value for name, value in metrics.items()}
 
     def log_line(self, metrics: dict) -> str:
-        return f"mIoU {100 * metrics['mIoU']:.2f}"
+        return str(metrics)
 
 
-def trainer(work_dir: Path, patience: int | None, min_delta: float, **settings) -> Trainer:
+def trainer(work_dir: Path, patience: int | None, min_delta: float, evaluator=None,
+            **settings) -> Trainer:  # fmt: skip
     torch.manual_seed(0)
     model = Scalar()
     batches = [{"image": torch.ones(2, 1), "target": torch.full((2, 1), 0.5)}] * 2
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     return Trainer(
         model=model, raw_model=model, task=Task(),
-        settings=TrainSettings(epochs=len(SCRIPT), monitor="mIoU",
-                               early_stopping_patience=patience,
-                               early_stopping_min_delta=min_delta, **settings),
+        settings=TrainSettings(epochs=len(SCRIPT), early_stopping_patience=patience,
+                               early_stopping_min_delta=min_delta,
+                               **{"monitor": "mIoU", **settings}),
         loss_fn=nn.MSELoss(), optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        train_loader=batches, loader_generator=None, evaluator=ScriptedEvaluator(),
+        train_loader=batches, loader_generator=None, evaluator=evaluator or ScriptedEvaluator(),
         val_loader=[], work_dir=work_dir, info=DistInfo(0, 1, 0, torch.device("cpu")),
         writer=ScalarWriter(None),
     )  # fmt: skip
@@ -112,6 +122,24 @@ def test_training_stops_at_the_epoch_the_patience_runs_out(
         ]
     else:
         assert not said
+
+
+@pytest.mark.parametrize(
+    ("patience", "min_delta", "stops_at", "best"),
+    [(2, 0.02, 5, 5), (2, 0.0, 7, 5), (3, 0.0, 8, 5), (None, 0.0, None, 5)],
+)
+def test_a_lower_is_better_metric_selects_and_stops_as_its_mirror_image(
+    patience, min_delta, stops_at, best, tmp_path
+):
+    """The script negated and monitored lower-is-better: the same best epoch, the same stop;
+    best.pt holds the lowest error (a trainer that maximised it would keep epoch 1's)."""
+    run = trainer(tmp_path, patience, min_delta, ErrorEvaluator(), monitor="error",
+                  higher_is_better=False)  # fmt: skip
+    assert run.fit() is True
+    assert run.stopped_early_at == stops_at and run.best_epoch + 1 == best
+    assert run.best_score == -max(SCRIPT[: stops_at or len(SCRIPT)])
+    best_pt = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best_pt["epoch"] + 1 == best
 
 
 @pytest.mark.parametrize("stop_after", [4, 6])

@@ -14,8 +14,10 @@ from torchmetrics.functional.classification import multiclass_jaccard_index
 from deflect.data import DataSpec
 from deflect.engine.checkpoint import atomic_save, load_checkpoint, trainable_state_dict
 from deflect.engine.distributed import DistInfo, ShardSampler
-from deflect.engine.evaluator import EvalSettings, Evaluator, metrics_from_confusion
+from deflect.engine.evaluator import Evaluator
 from deflect.engine.scheduler import warmup_decay
+from deflect.tasks import InferenceSettings, SegmentationTask
+from deflect.tasks.segmentation import metrics_from_confusion
 from deflect.tiling import sliding_window_logits, window_starts
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -42,7 +44,7 @@ def test_metrics_equal_hand_counted_confusion_matrix_with_ignored_pixels():
     logits = torch.nn.functional.one_hot(torch.from_numpy(prediction), k).permute(0, 3, 1, 2)
     batch = {"image": logits.float(), "mask": torch.from_numpy(target)}
     data = DataSpec(bands=("B1",), classes=tuple("abcd"), ignore_index=ignore)
-    evaluator = Evaluator(EvalSettings(window=8), data, CPU)
+    evaluator = Evaluator(SegmentationTask(), InferenceSettings(window=8), data, CPU)
     metrics = evaluator.evaluate(LogitsAreInput(), [batch])
     assert np.array_equal(np.array(metrics["confusion_matrix"]), cm)
     for c, name in enumerate("abc"):
@@ -239,6 +241,21 @@ def test_optimizer_groups_scale_the_encoder_lr_and_skip_decay_on_vectors(tmp_pat
     assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter in one group
 
 
+def test_a_run_saved_with_its_task_as_a_class_resumes_under_its_name_without_a_change():
+    """Configs saved before tasks had names hold ``task._target_``; the same task by name is no
+    change, another task is one."""
+    from omegaconf import OmegaConf
+
+    from deflect.engine.workdir import resume_config_changes
+
+    saved = OmegaConf.create({"task": {"_target_": "deflect.tasks.ClassificationTask",
+                                       "multi_label": False}})  # fmt: skip
+    same = OmegaConf.create({"task": {"name": "classification", "multi_label": False}})
+    assert resume_config_changes(saved, same) == []
+    other = OmegaConf.create({"task": {"name": "segmentation", "multi_label": False}})
+    assert resume_config_changes(saved, other) == ["task.name: 'classification' -> 'segmentation'"]
+
+
 def test_resume_config_changes_lists_what_differs_but_not_free_keys():
     from omegaconf import OmegaConf
 
@@ -270,16 +287,22 @@ def test_batches_carry_the_gsd_to_encoders_that_take_it(demo_root):
     assert batch_metadata(torch.nn.Identity(), batch, torch.device("cpu")) == {}
 
 
-@pytest.mark.parametrize(("batch_size", "message"), [(1, "batch_size>=2"), (9, "fewer than")])
-def test_training_loader_refuses_a_batch_the_decoder_cannot_train_on(batch_size, message):
-    """One image per step would fail deep in BatchNorm; more than the split never steps."""
+def test_segmentation_refuses_a_batch_its_decoder_cannot_train_on():
+    """One image per step would fail deep in UperNet's BatchNorm: the task says so first."""
+    with pytest.raises(ValueError, match=r"batch_size=1: .*BatchNorm.*batch_size>=2"):
+        SegmentationTask().check_batch_size(1)
+    SegmentationTask().check_batch_size(2)
+
+
+def test_training_loader_refuses_a_batch_larger_than_the_split():
+    """More images per batch than the split holds never steps."""
     from omegaconf import OmegaConf
 
     from deflect.engine.build import build_loader
 
-    cfg = OmegaConf.create({"batch_size": batch_size, "num_workers": 0, "seed": 0})
+    cfg = OmegaConf.create({"batch_size": 9, "num_workers": 0, "seed": 0})
     info = DistInfo(0, 1, 0, torch.device("cpu"))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="fewer than"):
         build_loader(list(range(8)), cfg, info, train=True)
     cfg.batch_size = 2
     assert len(build_loader(list(range(8)), cfg, info, train=True)) == 4

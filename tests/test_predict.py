@@ -266,7 +266,7 @@ def test_a_regression_scene_is_evaluation_s_sliding_window_in_a_float_geotiff(tm
     centre, scale = (np.array(list(d.values()))[:, None, None] for d in (mean, std))
     x = torch.from_numpy(((x - centre) / scale).astype(np.float32))[None]
     settings = InferenceSettings(WINDOW, STRIDE)
-    expected = task.infer(model, x, {}, settings, 2)[0].detach().numpy()
+    expected = task.infer(model, x, {}, settings, spec)[0].detach().numpy()
     invalid = torch.isnan(x[0]).all(0).numpy()
     assert invalid.sum() == 3 * 4 + 2 + 3 * 6
     with rasterio.open(out.prediction) as src:

@@ -306,8 +306,8 @@ def test_the_configs_build_the_task_its_loss_and_a_linear_upernet_regressor():
     one output per target, trains on the valid pixels, and infers a larger test image with the
     sliding window (the average of the windows: a constant output stays that constant)."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
+    from deflect.engine.build import build_task
     from deflect.tasks.base import InferenceSettings
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -315,7 +315,7 @@ def test_the_configs_build_the_task_its_loss_and_a_linear_upernet_regressor():
             "task=regression", "loss=regression", "loss.name=huber", "loss.delta=0.5",
             "task.targets=[ndvi,evi]", "segmentor.channels=16", "img_size=32",
         ])  # fmt: skip
-    task = instantiate(cfg.task, _convert_="all")
+    task = build_task(cfg)
     assert isinstance(task, RegressionTask) and task.targets == ("ndvi", "evi")
     data = s2_spec(["B2", "B3", "B4"])
     loss = task.build_loss(cfg.loss, data)
@@ -403,8 +403,9 @@ def test_two_gloo_ranks_score_and_plot_the_union_of_their_shards(tmp_path):
 
 def test_the_task_takes_the_targets_named_by_the_dataset_yaml():
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+
+    from deflect.engine.build import build_task
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["task=regression", "+dataset.targets=[chm]"])
-    assert instantiate(cfg.task, _convert_="all").targets == ("chm",)
+    assert build_task(cfg).targets == ("chm",)

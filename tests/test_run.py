@@ -15,7 +15,7 @@ import rasterio
 import torch
 from PIL import Image
 
-from deflect.engine.outputs import PALETTE
+from deflect.pictures import PALETTE
 from tests.conftest import REPO, TINY, run_cli
 
 

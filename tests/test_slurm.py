@@ -163,7 +163,7 @@ def test_a_job_that_dies_before_python_starts_is_failed_with_its_log(slurm_clust
 
 def test_launcher_errors_say_the_fix(monkeypatch):
     """Without the slurm extra, or without sbatch: stopped before Hydra starts, with the fix."""
-    from deflect.engine import slurm
+    from deflect.launch import submit as slurm
 
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     with pytest.raises(SystemExit, match=r"needs the slurm extra .* pip install -e '\.\[slurm\]'"):
@@ -309,7 +309,7 @@ def test_a_sweep_larger_than_the_clusters_job_arrays_is_refused_before_submissio
     """The limit is the running cluster's MaxArraySize (1001, SLURM's default). Checked on the
     launcher's function: a 1002-job sweep through run.py spends minutes composing each job's
     config in Hydra's sweeper before the launcher sees it."""
-    from deflect.engine import slurm
+    from deflect.launch import submit as slurm
 
     assert slurm.max_array_size() == 1001
     slurm.check_array_size(1001)

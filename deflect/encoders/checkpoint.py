@@ -17,12 +17,9 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from deflect.encoders.base import Encoder
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +189,13 @@ def _top_prefixes(keys: list[str], limit: int = 8) -> list[str]:
 
 
 def load_encoder_checkpoint(
-    encoder: Encoder,
+    encoder: nn.Module,
     path: str | Path,
     key_map: dict[str, str] | None = None,
     min_coverage: float = DEFAULT_MIN_COVERAGE,
 ) -> dict:
-    """Load a checkpoint into ``encoder.vit``.
+    """Load a checkpoint into ``encoder.vit`` (``encoder``: a
+    :class:`~deflect.encoders.base.Encoder`, which imports this module, hence the plain type).
 
     Keys are remapped (:func:`remap_keys`), keys the model lacks (heads, MAE decoders, mask
     tokens) are dropped, positional embeddings of another size are resampled by the encoder's

@@ -1,8 +1,11 @@
 """Build every component from the composed config: the one place ``instantiate`` is called.
 
-Components take plain typed arguments; only this module reads the config tree. The dataset's
-:class:`~deflect.data.DataSpec` is built once (by the dataset) and handed to the encoder, the
-tuner (through the encoder), the transforms, the evaluator and the outputs.
+Components take plain typed arguments; only this module reads the config tree. The run's
+:class:`~deflect.tasks.Task` is built once (:func:`build_task`) and handed to every builder
+that depends on what is predicted (transform, head, loss, monitor, evaluator, trainer); each
+builder builds it from the config only when a caller (a script, a test) gives none. The
+dataset's :class:`~deflect.data.DataSpec` is built once (by the dataset) and handed to the
+encoder, the tuner (through the encoder), the transforms, the evaluator and the outputs.
 """
 
 from __future__ import annotations
@@ -15,15 +18,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from datasets.transforms import build_classification_transform, build_transform
 from deflect.data import DataSpec
 from deflect.engine.distributed import DistInfo, ShardSampler, distribute
 from deflect.engine.evaluator import Evaluator
 from deflect.engine.logging import ScalarWriter
 from deflect.engine.trainer import Trainer, TrainSettings
-from deflect.tasks import InferenceSettings, SegmentationTask, Task
-from deflect.tasks.segmentation import class_weights as weights_from_setting
-from deflect.tasks.segmentation import median_frequency_weights
+from deflect.tasks import InferenceSettings, Task
+from deflect.tasks import build_task as task_from_node
+from deflect.tasks.weights import class_weights as weights_from_setting
+from deflect.tasks.weights import median_frequency_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +38,15 @@ __all__ = ["class_weights", "median_frequency_weights"]
 
 
 def build_task(cfg: DictConfig) -> Task:
-    """The run's task (``configs/task/``); runs saved before tasks existed are segmentation."""
+    """The run's task, from the ``task`` group (``configs/task/``; :mod:`deflect.tasks`)."""
     node = cfg.get("task")
-    return SegmentationTask() if node is None else instantiate(node, _convert_="all")
+    return task_from_node(None if node is None else OmegaConf.to_container(node, resolve=True))
 
 
-def build_dataset(cfg: DictConfig, split: str, band_stats=None):
-    """The dataset of ``split`` with its transform (augmentation only for training): crops for
-    segmentation, the image brought to ``img_size`` for classification. ``band_stats`` given
-    replaces the dataset's own (which are then neither read nor computed)."""
+def build_dataset(cfg: DictConfig, split: str, band_stats=None, task: Task | None = None):
+    """The dataset of ``split`` with the task's transform (augmentation only for training).
+    ``band_stats`` given replaces the dataset's own (which are then neither read nor
+    computed)."""
     node = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in RUN_HINTS:  # e.g. the dataset's native tile size, read as ${dataset.img_size}
         node.pop(key, None)
@@ -54,41 +57,20 @@ def build_dataset(cfg: DictConfig, split: str, band_stats=None):
         dataset = instantiate(node, split=split, _convert_="all")
     if bool(cfg.get("check_reflectance_scale", True)):
         dataset.check_reflectance_scale()
+    task = task or build_task(cfg)
     aug = cfg.augmentation
-    task = build_task(cfg)
-    flips = {"hflip": float(aug.hflip), "vflip": float(aug.vflip), "rot90": bool(aug.rot90)}
-    if task.name == "classification":
-        dataset.transform = build_classification_transform(
-            dataset.spec, train=split == "train", size=int(cfg.img_size), mode=task.input, **flips
-        )
-        say_resize(dataset, int(cfg.img_size), task.input)
-    else:
-        dataset.transform = build_transform(
-            dataset.spec, train=split == "train", crop_size=int(cfg.img_size),
-            min_labelled_fraction=float(aug.min_labelled_fraction), **flips,
-        )  # fmt: skip
+    augmentation = {"hflip": float(aug.hflip), "vflip": float(aug.vflip),
+                    "rot90": bool(aug.rot90),
+                    "min_labelled_fraction": float(aug.min_labelled_fraction)}  # fmt: skip
+    dataset.transform = task.transform(dataset.spec, split == "train", int(cfg.img_size),
+                                       augmentation)  # fmt: skip
+    task.check_inputs(dataset, int(cfg.img_size))
     return dataset
 
 
-def say_resize(dataset, img_size: int, mode: str) -> None:
-    """Log once what happens to images of another size than ``img_size`` (their first sample's
-    size): upsampling small chips costs time and invents no detail."""
-    from datasets.folder import log_once
-
-    height, width = dataset.read_sample(0)[0].shape[-2:]
-    if (height, width) == (img_size, img_size):
-        return
-    how = "resized" if mode == "resize" else "centre-cropped (or padded with no-data)"
-    log_once(log.info, (
-        f"{type(dataset).__name__}: images are {height}x{width} px (the first one read), "
-        f"{how} to img_size={img_size} (task.input={mode}): set "
-        f"dataset.img_size={max(height, width)} (or img_size=...) to train at their own size"
-    ))  # fmt: skip
-
-
-def build_datasets(cfg: DictConfig) -> dict:
+def build_datasets(cfg: DictConfig, task: Task) -> dict:
     """All three splits, listed now so a missing or empty split fails before training."""
-    return {split: build_dataset(cfg, split) for split in SPLITS}
+    return {split: build_dataset(cfg, split, task=task) for split in SPLITS}
 
 
 def build_loader(
@@ -109,13 +91,6 @@ def build_loader(
         else:
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
         batch_size = int(cfg.batch_size)
-        if batch_size < build_task(cfg).min_batch_size:
-            raise ValueError(
-                f"batch_size={batch_size}: training needs at least 2 images per process and "
-                "step, since the decoder's BatchNorm normalises over the batch (the pyramid "
-                "pooling's 1x1 branch has one value per channel per image); set batch_size>=2 "
-                "(it is per process under torchrun)"
-            )
         if len(sampler) < batch_size:
             raise ValueError(
                 f"the training split has {len(sampler)} samples per process, fewer than "
@@ -136,9 +111,9 @@ def build_loader(
     )
 
 
-def build_model(cfg: DictConfig, data: DataSpec) -> nn.Module:
-    """Encoder (told what the data hold) -> fine-tuning method -> the task's head (UperNet for
-    segmentation, a linear head for classification).
+def build_model(cfg: DictConfig, data: DataSpec, task: Task | None = None) -> nn.Module:
+    """Encoder (told what the data hold) -> fine-tuning method -> the task's head (from the
+    ``segmentor`` group where the task uses it).
 
     Each part is seeded on its own, so frozen random weights are repeatable and every method
     starts from the same encoder and the same decoder: an ablation compares methods, not seeds.
@@ -154,7 +129,7 @@ def build_model(cfg: DictConfig, data: DataSpec) -> nn.Module:
     if bool(cfg.get("activation_checkpointing", False)):
         encoder.set_activation_checkpointing(True)
     torch.manual_seed(seed + 2)
-    return build_task(cfg).build_model(encoder, data, cfg.get("segmentor"))
+    return (task or build_task(cfg)).build_model(encoder, data, cfg.get("segmentor"))
 
 
 def class_weights(cfg: DictConfig, data: DataSpec) -> list[float] | None:
@@ -164,10 +139,10 @@ def class_weights(cfg: DictConfig, data: DataSpec) -> list[float] | None:
     return weights_from_setting(setting, data, cfg.dataset.get("class_frequencies"))
 
 
-def build_loss(cfg: DictConfig, data: DataSpec) -> nn.Module:
+def build_loss(cfg: DictConfig, data: DataSpec, task: Task | None = None) -> nn.Module:
     """The task's loss from the ``loss`` group (class weights, dice, label smoothing, ...)."""
     loss = cfg.get("loss") or {}
-    return build_task(cfg).build_loss(loss, data, cfg.dataset.get("class_frequencies"))
+    return (task or build_task(cfg)).build_loss(loss, data, cfg.dataset.get("class_frequencies"))
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -201,21 +176,18 @@ def build_scheduler(cfg: DictConfig, optimizer, total_steps: int):
     return instantiate(cfg.scheduler, _convert_="all")(optimizer, total_steps=total_steps)
 
 
-def train_settings(cfg: DictConfig) -> TrainSettings:
-    """The trainer's settings from the top-level keys; ``monitor`` null is the task's own."""
-    task = build_task(cfg)
+def train_settings(cfg: DictConfig, task: Task) -> TrainSettings:
+    """The trainer's settings from the top-level keys; ``monitor`` null is the task's own
+    headline, and the task says whether higher or lower is better."""
     monitor = cfg.get("monitor") or task.headline
-    if monitor not in task.monitors:
-        raise ValueError(
-            f"monitor={monitor!r}: a {task.name} run can monitor {list(task.monitors)} (null: "
-            f"{task.headline})"
-        )
+    higher_is_better = task.higher_is_better(monitor)  # names the task's monitors if not one
     return TrainSettings(
         epochs=int(cfg.epochs),
         precision=str(cfg.precision),
         grad_clip=float(cfg.grad_clip),
         seed=int(cfg.seed),
         monitor=str(monitor),
+        higher_is_better=higher_is_better,
         log_interval=int(cfg.log_interval),
         max_steps_per_epoch=cfg.max_steps_per_epoch,
         stop_after_epochs=cfg.stop_after_epochs,
@@ -231,20 +203,21 @@ def eval_settings(cfg: DictConfig) -> InferenceSettings:
                              precision=str(cfg.precision))  # fmt: skip
 
 
-def build_evaluator(cfg: DictConfig, data: DataSpec, info: DistInfo) -> Evaluator:
+def build_evaluator(cfg: DictConfig, data: DataSpec, info: DistInfo, task: Task) -> Evaluator:
     """The task's evaluation of a model on a loader."""
-    return Evaluator(build_task(cfg), eval_settings(cfg), data, info)
+    return Evaluator(task, eval_settings(cfg), data, info)
 
 
 def build_trainer(
-    cfg: DictConfig, model: nn.Module, datasets: dict, work_dir: Path, info: DistInfo
+    cfg: DictConfig, model: nn.Module, datasets: dict, work_dir: Path, info: DistInfo, task: Task
 ) -> Trainer:
     """The trainer with everything it steps: (DDP) model, loaders, loss, optimiser, schedule,
     validation, TensorBoard."""
+    settings = train_settings(cfg, task)
+    task.check_batch_size(int(cfg.batch_size))
     ddp_model = compile_if_asked(distribute(model, info), cfg)
     generator = torch.Generator()
     train_loader = build_loader(datasets["train"], cfg, info, train=True, generator=generator)
-    settings = train_settings(cfg)
     steps_per_epoch = len(train_loader)
     if settings.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(settings.max_steps_per_epoch))
@@ -252,14 +225,14 @@ def build_trainer(
     return Trainer(
         model=ddp_model,
         raw_model=model,
-        task=build_task(cfg),
+        task=task,
         settings=settings,
-        loss_fn=build_loss(cfg, model.data),
+        loss_fn=build_loss(cfg, model.data, task),
         optimizer=optimizer,
         scheduler=build_scheduler(cfg, optimizer, settings.epochs * steps_per_epoch),
         train_loader=train_loader,
         loader_generator=generator,
-        evaluator=build_evaluator(cfg, model.data, info),
+        evaluator=build_evaluator(cfg, model.data, info, task),
         val_loader=build_loader(datasets["val"], cfg, info, train=False),
         work_dir=work_dir,
         info=info,

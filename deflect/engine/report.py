@@ -29,6 +29,7 @@ from deflect.engine.workdir import (
     remove_stale_temporaries,
     resume_changes,
 )
+from deflect.tasks import Task
 
 log = logging.getLogger("run")
 
@@ -117,19 +118,16 @@ def resuming(cfg: DictConfig, work_dir: Path) -> bool:
     return bool(cfg.resume) and last_checkpoint(work_dir).is_file()
 
 
-def describe_model(model: nn.Module, work_dir: Path, info: DistInfo, dataset=None) -> dict:
+def describe_model(model: nn.Module, work_dir: Path, info: DistInfo, dataset, task: Task) -> dict:
     """Log the band table (with the file band each came from, when ``dataset`` renamed any)
-    and the parameter counts; write ``params.json``, and for an image-level training dataset
-    ``input.json`` (the images' size before ``img_size``, which ``scripts/predict.py`` tiles
-    scenes by)."""
+    and the parameter counts; write ``params.json`` and the task's records of the training
+    data (:meth:`~deflect.tasks.Task.run_records`, e.g. the image size ``scripts/predict.py``
+    tiles scenes by)."""
     counts = build.parameter_counts(model)
     if info.is_main:
         atomic_write_text(json.dumps(counts, indent=2), work_dir / "params.json")
-        if hasattr(dataset, "label_tensor"):  # an image-level dataset
-            from deflect.tasks.classification import INPUT_RECORD, chip_size
-
-            size = chip_size(dataset)
-            atomic_write_text(json.dumps({"chip_size": list(size)}), work_dir / INPUT_RECORD)
+        for name, record in task.run_records(dataset).items():
+            atomic_write_text(json.dumps(record), work_dir / name)
         sources = getattr(dataset, "band_sources", None)
         log.info("bands:\n%s", build.band_table(model, sources))
         log.info(
@@ -151,22 +149,22 @@ def test_best(
     dataset,
     work_dir: Path,
     info: DistInfo,
+    task: Task,
     evaluator: Evaluator | None = None,
     out_dir: Path | None = None,
     extra: dict | None = None,
 ) -> dict:
     """Load ``best.pt``, evaluate the test split (with the training run's evaluator when given),
-    write ``test_metrics.json`` (with ``extra``, e.g. a cross-sensor band mapping), the picture
-    panels and the GeoTIFF predictions into ``out_dir`` (default: the run folder); log the
-    per-class table."""
+    write ``test_metrics.json`` (with ``extra``, e.g. a cross-sensor band mapping) and the
+    task's outputs (predictions, pictures) into ``out_dir`` (default: the run folder); log the
+    task's table."""
     out_dir = Path(out_dir or work_dir)
-    task = build.build_task(cfg)
     best = best_checkpoint(work_dir)
     state = load_checkpoint(best)
     load_model_state(model, state, str(best))
     writer = task.writer(dataset, out_dir, int(cfg.num_vis), bool(cfg.save_predictions),
                          info.is_main, info)  # fmt: skip
-    evaluator = evaluator or build.build_evaluator(cfg, model.data, info)  # as in training
+    evaluator = evaluator or build.build_evaluator(cfg, model.data, info, task)  # as in training
     loader = build.build_loader(dataset, cfg, info, train=False)
     metrics = evaluator.evaluate(model, loader, desc="test", on_batch=writer)
     writer.finish(out_dir)  # every rank: the task's outputs may gather across ranks
@@ -174,11 +172,7 @@ def test_best(
         metrics["checkpoint_epoch"] = int(state["epoch"]) + 1
         metrics.update(extra or {})
         atomic_write_text(json.dumps(metrics, indent=2), out_dir / TEST_METRICS)
-        if "confusion_matrix" in metrics:  # segmentation and single-label classification
-            from deflect.engine.outputs import save_confusion_png
-
-            save_confusion_png(metrics["confusion_matrix"], list(dataset.spec.classes),
-                               out_dir / "confusion_matrix.png")  # fmt: skip
+        task.test_pictures(metrics, dataset.spec, out_dir)
         name = work_dir.name if out_dir == work_dir else f"{work_dir.name} on {out_dir.name}"
         log.info(
             "test metrics (%s, best epoch %d)\n%s",
@@ -231,7 +225,7 @@ def cross_sensor_folder(work_dir: Path, dataset: str, sensor: str, root: str | P
     raise ValueError(f"{work_dir / 'cross_sensor'} holds 999 evaluations of {base}; clear it")
 
 
-def cross_sensor_dataset(cfg: DictConfig, work_dir: Path):
+def cross_sensor_dataset(cfg: DictConfig, work_dir: Path, task: Task):
     """Another sensor's test split (``cfg.dataset``, whose config name ``cfg.cross_sensor``
     holds) seen through the bands the run was trained on.
 
@@ -249,10 +243,9 @@ def cross_sensor_dataset(cfg: DictConfig, work_dir: Path):
         ValueError: a trained band without a counterpart (named), or other classes.
     """
     from datasets import BandMappedDataset
-    from datasets.transforms import build_classification_transform, build_transform
     from deflect.data import DataSpec, map_bands
 
-    dataset = build.build_dataset(cfg, "test", {"mean": AnyBand(0.0), "std": AnyBand(1.0)})
+    dataset = build.build_dataset(cfg, "test", {"mean": AnyBand(0.0), "std": AnyBand(1.0)}, task)
     state = load_checkpoint(best_checkpoint(work_dir))
     trained = DataSpec.from_dict(json.loads(state["data"]))
     given = dataset.spec
@@ -268,12 +261,8 @@ def cross_sensor_dataset(cfg: DictConfig, work_dir: Path):
              cfg.dataset.get("root"), cfg.cross_sensor, given.sensor, trained.sensor,
              "\n".join(lines))  # fmt: skip
     mapped = BandMappedDataset(dataset, [g for _, g, _, _ in mapping], trained)
-    task = build.build_task(cfg)
-    if task.name == "classification":  # the trained statistics normalise, as in training
-        mapped.transform = build_classification_transform(trained, False, int(cfg.img_size),
-                                                          task.input)  # fmt: skip
-    else:
-        mapped.transform = build_transform(trained, train=False, crop_size=int(cfg.img_size))
+    # The trained statistics normalise, as in training.
+    mapped.transform = task.transform(trained, False, int(cfg.img_size))
     name = str(cfg.cross_sensor)  # the dataset config's name (dataset=<name>)
     root = Path(str(cfg.dataset.get("root") or dataset.root)).expanduser().resolve()
     record = [{"trained": t, "given": g, "trained_nm": tw, "given_nm": gw}
@@ -338,6 +327,7 @@ def close_run(
     epochs: int,
     work_dir: Path,
     info: DistInfo,
+    task: Task,
     extra: dict | None = None,
     keep_last: bool = False,
 ) -> None:
@@ -348,7 +338,6 @@ def close_run(
     if info.is_main:
         best_val = json.loads((work_dir / "best_val_metrics.json").read_text())
         model.encoder.save_pretrained(work_dir / "adapter")
-        task = build.build_task(cfg)
         writer.scalars(task.scalars("test", metrics), epochs)
         summary = {"best_val": best_val, "test": metrics, "params": counts, **cost,
                    **(extra or {})}  # fmt: skip
@@ -365,10 +354,8 @@ def close_run(
                         "(the ablation table leaves them out until then)", work_dir, stale,
                         work_dir)  # fmt: skip
         log.info(
-            "done: test %s %.2f; training %s images/s, peak memory %.0f MiB (%s); everything "
-            "is in %s",
-            task.headline,
-            100 * metrics[task.headline],
+            "done: test %s; training %s images/s, peak memory %.0f MiB (%s); everything is in %s",
+            task.log_line(metrics),
             cost["train_images_per_s"],
             cost["peak_memory_mb"],
             cost["peak_memory_kind"],

@@ -17,12 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -38,79 +35,24 @@ from deflect.engine.checkpoint import (
     trainable_state_dict,
 )
 from deflect.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, heartbeat
-from deflect.engine.evaluator import AUTOCAST_DTYPES, Evaluator, autocast_context, batch_metadata
+from deflect.engine.evaluator import Evaluator, autocast_context, batch_metadata
 from deflect.engine.logging import ScalarWriter
 from deflect.engine.meter import PeakMemory, ThroughputMeter
+from deflect.engine.train_settings import (
+    MAX_BAD_STEPS,
+    MAX_BAD_STEPS_FP16,
+    TrainSettings,
+    seed_epoch,
+)
 from deflect.tasks.base import Task
 
 log = logging.getLogger(__name__)
-
-MAX_BAD_STEPS = 5  # consecutive non-finite gradient steps before giving up
-# Under fp16 the GradScaler skips overflowing steps and halves its scale each time; 30 halvings
-# take the default 65536 far below 1, so more skips in a row mean NaNs, not overflow.
-MAX_BAD_STEPS_FP16 = 30
-
-
-def seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator | None) -> None:
-    """Seed Python, NumPy, torch and the loader's generator from (seed, epoch, rank)."""
-    value = (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**31)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-    if generator is not None:
-        generator.manual_seed(value)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How to train.
-
-    Args:
-        epochs: number of epochs.
-        precision: fp32, fp16 or bf16 (autocast; a GradScaler for fp16 only).
-        grad_clip: max gradient norm (0 disables clipping).
-        seed: base seed; every epoch re-seeds from (seed, epoch, rank).
-        monitor: validation metric selecting ``best.pt`` (higher is better; one of the task's).
-        log_interval: steps between TensorBoard loss/lr points.
-        max_steps_per_epoch: cut epochs short (smoke tests); ``None`` for full epochs.
-        stop_after_epochs: leave ``fit`` after this many epochs in total, as a job killed by a
-            time limit would, keeping ``last.pt`` for ``resume=true``; ``None`` runs them all.
-        early_stopping_patience: finish the run (test, export) once the monitored metric has
-            not improved by more than ``early_stopping_min_delta`` for this many epochs in a
-            row; ``None`` or 0: never.
-        early_stopping_min_delta: the improvement (in the metric's units, a fraction for mIoU)
-            that resets the patience; ``best.pt`` still follows every improvement.
-    """
-
-    epochs: int
-    precision: str = "fp32"
-    grad_clip: float = 1.0
-    seed: int = 0
-    monitor: str = "mIoU"
-    log_interval: int = 10
-    max_steps_per_epoch: int | None = None
-    stop_after_epochs: int | None = None
-    early_stopping_patience: int | None = None
-    early_stopping_min_delta: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"precision={self.precision!r} is not one of {list(AUTOCAST_DTYPES)}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} must be >= 1")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
-            raise ValueError(
-                f"early_stopping_patience={self.early_stopping_patience} must be >= 0 (0 or "
-                "null: off)"
-            )
-        if not self.early_stopping_min_delta >= 0:
-            raise ValueError(
-                f"early_stopping_min_delta={self.early_stopping_min_delta} must be >= 0"
-            )
+#: Importable from here as before (:mod:`deflect.engine.train_settings`).
+__all__ = ["MAX_BAD_STEPS", "MAX_BAD_STEPS_FP16", "TrainSettings", "Trainer", "seed_epoch"]
 
 
 class Trainer:
-    """Trains a segmentor and keeps its best and last checkpoints.
+    """Trains a model for the run's task and keeps its best and last checkpoints.
 
     Args:
         model: the model to step (DDP-wrapped under torchrun).
@@ -151,17 +93,19 @@ class Trainer:
         self.train_loader, self.loader_generator = train_loader, loader_generator
         self.evaluator, self.val_loader = evaluator, val_loader
         self.work_dir, self.info, self.writer = work_dir, info, writer
-        self.ignore_index = evaluator.ignore_index
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=settings.precision == "fp16")
         self.start_epoch = 0
         self.global_step = 0
-        self.best_score = -math.inf
+        # The monitored metric's values as stored (best.pt, last.pt, the log): the worst value
+        # until an epoch is scored. Comparisons go through _better, so lower-is-better works too.
+        worst = -math.inf if settings.higher_is_better else math.inf
+        self.best_score = worst
         self.best_epoch = -1
         self.best_metrics: dict | None = None
         # Early stopping: the score the patience counts from, and epochs since it was set.
-        self.patience_score = -math.inf
+        self.patience_score = worst
         self.epochs_without_improvement = 0
         self.stopped_early_at: int | None = None  # the last epoch trained (1-based), if stopped
         self.fingerprint = frozen_fingerprint(raw_model)
@@ -246,11 +190,18 @@ class Trainer:
             }
         }
 
+    def _better(self, score: float, reference: float, margin: float = 0.0) -> bool:
+        """Whether ``score`` beats ``reference`` by more than ``margin`` in the monitored
+        metric's direction (NaN never does)."""
+        if self.settings.higher_is_better:
+            return score > reference + margin
+        return score < reference - margin
+
     def _patience_over(self, epoch: int, score: float) -> bool:
         """Count an epoch without improvement by more than min_delta; True (and logged) when
         the patience is used up."""
         patience = self.settings.early_stopping_patience
-        if score > self.patience_score + self.settings.early_stopping_min_delta:
+        if self._better(score, self.patience_score, self.settings.early_stopping_min_delta):
             self.patience_score, self.epochs_without_improvement = score, 0
         else:
             self.epochs_without_improvement += 1
@@ -285,7 +236,7 @@ class Trainer:
                 self.raw_model, self.val_loader, desc=f"val {epoch + 1}/{self.settings.epochs}"
             )
             score = metrics[self.settings.monitor]
-            improved = score > self.best_score
+            improved = self._better(score, self.best_score)
             if improved:
                 self.best_score, self.best_epoch, self.best_metrics = score, epoch, metrics
             if self.info.is_main:

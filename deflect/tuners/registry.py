@@ -7,28 +7,23 @@ Adding a method is one new package under ``deflect/tuners/`` and one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the registry holds classes; it needs none of their modules to run
-    from deflect.tuners.base import BaseTuner
-    from deflect.tuners.config import TunerConfig
 
 
 @dataclass(frozen=True)
 class TunerMethod:
-    """One registered method."""
+    """One registered method: its name, its config class (a ``TunerConfig`` dataclass) and its
+    tuner class (a ``BaseTuner``). The registry holds the classes without importing their
+    modules, which import it (``config.py`` looks methods up here)."""
 
     name: str
-    config_cls: type[TunerConfig]
-    tuner_cls: type[BaseTuner]
+    config_cls: type
+    tuner_cls: type
 
 
 _METHODS: dict[str, TunerMethod] = {}
 
 
-def register_deflect_method(
-    name: str, config_cls: type[TunerConfig], tuner_cls: type[BaseTuner]
-) -> None:
+def register_deflect_method(name: str, config_cls: type, tuner_cls: type) -> None:
     """Register a tuning method under ``name``.
 
     Raises:

@@ -7,5 +7,12 @@ from deflect.tasks.classification.task import (
     ClassificationTask,
     chip_size,
 )
+from deflect.tasks.classification.writer import ClassificationWriter
 
-__all__ = ["INPUT_RECORD", "ClassificationLoss", "ClassificationTask", "chip_size"]
+__all__ = [
+    "INPUT_RECORD",
+    "ClassificationLoss",
+    "ClassificationTask",
+    "ClassificationWriter",
+    "chip_size",
+]

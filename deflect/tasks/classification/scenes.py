@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 # The class-map helpers (integrator: their neutral home after the engine branch's move).
 from deflect.data import DataSpec
-from deflect.engine.outputs import NODATA_CLASS, describe_classes, describe_labels
+from deflect.geotiff import NODATA_CLASS, describe_classes, describe_labels
 from deflect.io import atomic_path
 from deflect.tasks.classification.task import INPUT_RECORD
 from deflect.tasks.segmentation.scenes import check_classes

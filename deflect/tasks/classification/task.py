@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,9 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelStatScores
 
+from datasets.folder import log_once
+from datasets.transforms import build_classification_transform
 from deflect.data import DataSpec, check_bool
+from deflect.pictures import save_confusion_png
 from deflect.tasks.base import InferenceSettings, Metric, Task
-from deflect.tasks.segmentation import ConfusionMetric, class_weights
+from deflect.tasks.classification.tables import classification_table
+from deflect.tasks.classification.writer import ClassificationWriter
+from deflect.tasks.confusion import ConfusionMetric
+from deflect.tasks.registry import register_task
+from deflect.tasks.weights import class_weights
 from segmentors.losses import class_weight_tensor
 
 INPUT_MODES = ("resize", "center_crop")
@@ -159,6 +167,7 @@ class ClassificationLoss(nn.Module):
                                label_smoothing=self.label_smoothing)  # fmt: skip
 
 
+@register_task
 class ClassificationTask(Task):
     """Image-level classes (see the module docstring).
 
@@ -174,6 +183,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     target_key = "label"
+    per_class_metric = "F1"
     min_batch_size = 1  # the linear head has no batch statistics
 
     def __init__(self, multi_label: bool = False, threshold: float = 0.5, pooling: str = "cls",
@@ -191,11 +201,17 @@ class ClassificationTask(Task):
         self.pooling = pooling
         self.dropout = float(dropout)
         self.input = input
-        self.monitors = (
+        names = (
             ("mF1", "microF1", "mAP", "mPrecision", "mRecall")
             if self.multi_label
             else ("mF1", "OA", "mPrecision", "mRecall")
         )
+        self.monitors = dict.fromkeys(names, True)
+
+    @property
+    def table_metrics(self) -> tuple[str, ...]:
+        """``mF1`` and ``OA``; for label sets ``mF1``, ``microF1`` and ``mAP``."""
+        return tuple(self.monitors)[: 3 if self.multi_label else 2]
 
     def build_model(self, encoder: nn.Module, data: DataSpec, head_config=None) -> nn.Module:
         from segmentors.classifier import ImageClassifier
@@ -212,7 +228,31 @@ class ClassificationTask(Task):
     def has_signal(self, batch: dict, data: DataSpec) -> bool:
         return bool((batch["label"] != data.ignore_index).any())
 
-    def infer(self, model, images, metadata, settings: InferenceSettings, num_classes: int):
+    def transform(self, spec: DataSpec, train: bool, img_size: int, augmentation=None):
+        """The image brought to ``img_size`` (``task.input``), flipped in training."""
+        aug = augmentation or {}
+        flips = {key: aug[key] for key in ("hflip", "vflip", "rot90") if key in aug}
+        return build_classification_transform(spec, train=train, size=img_size, mode=self.input,
+                                              **flips)  # fmt: skip
+
+    def check_inputs(self, dataset, img_size: int) -> None:
+        """Log once what happens to images of another size than ``img_size`` (their first
+        sample's size): upsampling small chips costs time and invents no detail."""
+        height, width = dataset.read_sample(0)[0].shape[-2:]
+        if (height, width) == (img_size, img_size):
+            return
+        how = "resized" if self.input == "resize" else "centre-cropped (or padded with no-data)"
+        log_once(log.info, (
+            f"{type(dataset).__name__}: images are {height}x{width} px (the first one read), "
+            f"{how} to img_size={img_size} (task.input={self.input}): set "
+            f"dataset.img_size={max(height, width)} (or img_size=...) to train at their own size"
+        ))  # fmt: skip
+
+    def run_records(self, dataset) -> dict[str, dict]:
+        """``input.json``: the training images' size (:func:`chip_size`)."""
+        return {INPUT_RECORD: {"chip_size": list(chip_size(dataset))}}
+
+    def infer(self, model, images, metadata, settings: InferenceSettings, data: DataSpec):
         return model(images, **metadata)  # (B, K): images arrive at img_size
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
@@ -243,14 +283,16 @@ class ClassificationTask(Task):
         return out
 
     def table(self, metrics: dict, title: str) -> str:
-        from deflect.engine.logging import classification_table
-
         return classification_table(metrics, title, self.multi_label)
 
     def writer(self, dataset, out_dir, num_vis: int, save: bool, is_main: bool, info=None):
-        from deflect.engine.outputs import ClassificationWriter
-
         return ClassificationWriter(dataset, out_dir, num_vis, is_main, self, info)
+
+    def test_pictures(self, metrics: dict, data: DataSpec, out_dir: Path) -> None:
+        """The confusion matrix (single-label; label sets have none)."""
+        if "confusion_matrix" in metrics:
+            save_confusion_png(metrics["confusion_matrix"], list(data.classes),
+                               Path(out_dir) / "confusion_matrix.png")  # fmt: skip
 
     def scene_writer(self):
         from deflect.tasks.classification.scenes import ClassificationScenes

@@ -17,8 +17,10 @@ import math
 import torch
 from torch import nn
 
+from datasets.transforms import build_transform
 from deflect.data import DataSpec
 from deflect.tasks.base import InferenceSettings, Metric, Task
+from deflect.tasks.registry import register_task
 from deflect.tasks.regression.loss import RegressionLoss
 from deflect.tasks.regression.metrics import HIGHER_IS_BETTER, RegressionMetric
 from deflect.tasks.regression.outputs import NODATA, RegressionWriter
@@ -54,6 +56,7 @@ def regression_table(metrics: dict, title: str) -> str:
         return console.export_text()
 
 
+@register_task
 class RegressionTask(Task):
     """Continuous targets per pixel (see the module docstring).
 
@@ -65,11 +68,14 @@ class RegressionTask(Task):
 
     name = "regression"
     target_key = "target"
-    monitors = tuple(HIGHER_IS_BETTER)  # rmse (the default), mae, r2
-    #: Per monitor: whether a higher value is better (rmse and mae: lower is better).
-    higher_is_better = HIGHER_IS_BETTER
+    #: Per monitor: whether a higher value is better (rmse, the default, and mae: lower is).
+    monitors = dict(HIGHER_IS_BETTER)
     # UperNet's BatchNorm normalises over the batch (as for segmentation).
     min_batch_size = 2
+    min_batch_reason = (
+        "the decoder's BatchNorm normalises over the batch (the pyramid pooling's 1x1 branch "
+        "has one value per channel per image)"
+    )
 
     def __init__(self, targets=None, nodata: float = NODATA) -> None:
         if targets is not None and (isinstance(targets, str) or not len(targets)):
@@ -98,7 +104,7 @@ class RegressionTask(Task):
 
     def better(self, monitor: str, a: float, b: float) -> bool:
         """Whether ``a`` is a better value of ``monitor`` than ``b``."""
-        return a > b if self.higher_is_better[monitor] else a < b
+        return a > b if self.higher_is_better(monitor) else a < b
 
     # ---- the model and its training -------------------------------------------------------------
     def build_model(self, encoder: nn.Module, data: DataSpec, head_config) -> nn.Module:
@@ -117,16 +123,20 @@ class RegressionTask(Task):
     def has_signal(self, batch: dict, data: DataSpec) -> bool:
         return bool(torch.isfinite(batch["target"]).any())
 
+    def transform(self, spec: DataSpec, train: bool, img_size: int, augmentation=None):
+        """Crops of ``img_size`` with their target rasters moved alike (training: random, and
+        flips); evaluation: whole tiles."""
+        aug = augmentation or {}
+        return build_transform(spec, train=train, crop_size=img_size, **{
+            key: aug[key] for key in ("min_labelled_fraction", "hflip", "vflip", "rot90")
+            if key in aug
+        })  # fmt: skip
+
     # ---- inference and metrics ------------------------------------------------------------------
-    def infer(self, model, images, metadata, settings: InferenceSettings, num_classes: int):
+    def infer(self, model, images, metadata, settings: InferenceSettings, data: DataSpec):
         """The sliding window's average of the overlapping windows' outputs: ``(B, T, H, W)``
-        with ``T`` the named targets (``num_classes`` when the task names none)."""
-        count = len(self.targets) if self.targets else num_classes
-        if count < 1:
-            raise ValueError(
-                "regression inference needs the number of targets: set task.targets, e.g. "
-                "task.targets=[ndvi]"
-            )
+        with ``T`` the named targets (the task's, else ``data``'s)."""
+        count = len(self.targets) if self.targets else len(self.target_names(data))
         return sliding_window_logits(model, images, settings.window, settings.step, count,
                                      **metadata)  # fmt: skip
 

@@ -19,7 +19,7 @@ import torch
 
 # The class-map helpers (integrator: their neutral home after the engine branch's move).
 from deflect.data import DataSpec
-from deflect.engine.outputs import NODATA_CLASS, describe_classes
+from deflect.geotiff import NODATA_CLASS, describe_classes
 from deflect.io import atomic_path
 
 log = logging.getLogger(__name__)

@@ -1,29 +1,11 @@
-"""SLURM, through Hydra's submitit launcher (``python run.py -m hydra/launcher=submitit_slurm``).
-
-What the framework adds to hydra-submitit-launcher's ``SlurmLauncher`` (:func:`wire_launcher`
-makes its ``launch`` call :func:`submit_sweep`):
-
-* the sweep's jobs are listed in ``<sweep>/slurm_jobs.json`` (number, overrides, SLURM job id,
-  log files) as soon as ``sbatch`` accepts the array, so ``scripts/sweep_status.py`` can say where
-  each stands before any has started;
-* the submitting command waits for the jobs through ``squeue`` and the jobs' result files, not
-  ``sacct``, so it also ends on clusters without accounting, and a job that died before Python
-  started is reported as failed with its SLURM log named;
-* submission errors (a partition that does not exist, an array over ``MaxArraySize``) say the
-  fix next to SLURM's own message;
-* a job records its SLURM job id(s) and every start in ``<run>/slurm.json``; a requeued job
-  (time-limit warning, preemption, ``scontrol requeue``) finds its own id there and resumes from
-  ``checkpoints/last.pt`` as ``resume=true`` would;
-* each SLURM task of a job with ``tasks_per_node`` > 1 (or several nodes) becomes one DDP rank.
-"""
+"""The submitting side of a SLURM sweep: the launcher hook, the checks before ``sbatch``, the
+list of the sweep's jobs (``slurm_jobs.json``) and the wait for them through ``squeue``."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,16 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from deflect.launch.job import LAUNCHERS, POLL_S, SWEEP_JOBS
 
-#: Written by the submitting command in the sweep folder: every job and its SLURM id.
-SWEEP_JOBS = "slurm_jobs.json"
-#: Written by a job in its run folder: its SLURM job id(s) and every start (requeues included).
-RUN_RECORD = "slurm.json"
-#: The launcher configs that need the ``slurm`` extra.
-LAUNCHERS = ("submitit_slurm", "submitit_local")
-#: Seconds between two looks at the queue while the submitting command waits.
-POLL_S = 1.0
+log = logging.getLogger(__name__)
 
 
 class SlurmSubmissionError(RuntimeError):
@@ -104,89 +79,6 @@ def check_launcher(argv: Sequence[str]) -> None:
         )
 
 
-# ---- inside a job -----------------------------------------------------------------------------
-def job_id() -> str | None:
-    """This process's SLURM job id (``<array id>_<index>`` in a job array); None outside SLURM."""
-    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array and index:
-        return f"{array}_{index}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def export_rank_environment() -> None:
-    """In a submitit job of several tasks (SLURM's, or submitit_local's processes), give this
-    task the variables torchrun would (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-    ``MASTER_PORT``), so that
-    :func:`~deflect.engine.distributed.init_distributed` starts the same process group as under
-    torchrun. Left alone when torchrun (or the user) set them, or in a one-task job."""
-    if os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local") or "RANK" in os.environ:
-        return
-    from submitit import JobEnvironment
-    from submitit.helpers import TorchDistributedEnvironment
-
-    if JobEnvironment().num_tasks <= 1:
-        return
-    # The rendezvous is the first node of the job, on a port drawn from the job id (the same on
-    # every task). GPUs are left as SLURM gave them: each rank picks its own by local rank.
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
-def submitit_log(kind: str = "out") -> Path | None:
-    """This task's submitit log (``<submitit folder>/<job id>_<task>_log.<kind>``), if any."""
-    folder = os.environ.get("SUBMITIT_FOLDER")
-    jid = job_id()
-    if not folder or not jid:
-        return None
-    task = os.environ.get("SLURM_PROCID", "0")
-    return Path(folder.replace("%j", jid)) / f"{jid}_{task}_log.{kind}"
-
-
-def read_record(folder: Path) -> dict:
-    """A run folder's ``slurm.json`` (empty when it has none)."""
-    try:
-        return json.loads((Path(folder) / RUN_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def requeued_into(folder: Path) -> bool:
-    """Whether this process is a requeued start of the SLURM job that began ``folder``: the
-    folder's ``slurm.json`` already lists this job id, so the job continues it."""
-    jid = job_id()
-    return bool(jid) and jid in read_record(folder).get("job_ids", [])
-
-
-def record_start(folder: Path) -> dict | None:
-    """Add this start to ``<folder>/slurm.json`` (rank 0 only): the job id, SLURM's restart count,
-    the host, the time and the log. Returns the start's record; None outside SLURM."""
-    from deflect.engine.checkpoint import atomic_write_text
-
-    jid = job_id()
-    if not jid:
-        return None
-    record = read_record(folder)
-    starts = record.get("starts", [])
-    start = {
-        "job_id": jid,
-        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-        "host": socket.gethostname(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "tasks": int(os.environ.get("SLURM_NTASKS", "1")),
-        "log": str(submitit_log() or ""),
-    }
-    starts.append(start)
-    ids = record.get("job_ids", [])
-    if jid not in ids:
-        ids.append(jid)
-    record = {"job_ids": ids, "requeues": len(starts) - 1, "starts": starts}
-    atomic_write_text(json.dumps(record, indent=2), Path(folder) / RUN_RECORD)
-    if len(starts) > 1:
-        log.info("SLURM job %s started again (start %d, restart count %s): resuming",
-                 jid, len(starts), start["restart_count"])  # fmt: skip
-    return start
-
-
-# ---- the submitting side ----------------------------------------------------------------------
 def explain_submission_error(message: str, params: dict[str, Any], n_jobs: int) -> str:
     """SLURM's refusal of a submission, with the fix for the refusals users meet."""
     text = message.strip()

@@ -48,6 +48,12 @@ class TaskView:
     headline: str
     table_metrics: tuple[str, ...]
     per_class_metric: str | None
+    percent: bool = True  # its metrics are fractions shown in % (an error is in its own units)
+
+    @property
+    def scale(self) -> float:
+        """The factor from a stored metric to the table's number."""
+        return 100.0 if self.percent else 1.0
 
 
 def task_view(node: dict | None) -> TaskView:
@@ -56,8 +62,8 @@ def task_view(node: dict | None) -> TaskView:
     from deflect.tasks import build_task
 
     task = build_task(node)
-    return TaskView(task.name, dict(task.monitors), task.headline, task.table_metrics,
-                    task.per_class_metric)  # fmt: skip
+    return TaskView(task.name, dict(task.monitors), task.headline, tuple(task.table_metrics),
+                    task.per_class_metric, task.metrics_in_percent)  # fmt: skip
 
 
 @dataclass
@@ -255,25 +261,32 @@ def seed_of(run: Run) -> int:
 
 
 # ---- formatting ----------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> str:
-    """``mean ± std`` in percent (sample standard deviation); the mean alone for one seed."""
-    mean = 100 * statistics.mean(values)
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± std`` times ``scale`` (100: in percent; sample standard deviation); the mean
+    alone for one seed."""
+    mean = scale * statistics.mean(values)
+    digits = 2 if scale == 100 else 4
     if len(values) < 2:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
-def mean_std_interval(values: list[float]) -> str:
-    """``mean ± std [lo, hi]`` in percent: :func:`mean_std` and the 95 % percentile-bootstrap
-    interval of the mean over the seeds (:func:`deflect.compare.summarise`, seed 0)."""
+def mean_std_interval(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± std [lo, hi]`` times ``scale``: :func:`mean_std` and the 95 %
+    percentile-bootstrap interval of the mean over the seeds (:func:`deflect.compare.summarise`,
+    seed 0)."""
     if len(values) < 2:
-        return mean_std(values)
+        return mean_std(values, scale)
     s = summarise(values)
-    return f"{mean_std(values)} [{100 * s.lo:.2f}, {100 * s.hi:.2f}]"
+    digits = 2 if scale == 100 else 4
+    return f"{mean_std(values, scale)} [{scale * s.lo:.{digits}f}, {scale * s.hi:.{digits}f}]"
 
 
-def direction(higher_is_better: bool | Mapping[str, bool], dataset: str) -> bool:
-    """The metric's direction on ``dataset`` (one for all, or ``{dataset: direction}``)."""
+def direction(higher_is_better: bool | Mapping[str, bool] | None, dataset: str) -> bool:
+    """The metric's direction on ``dataset`` (one for all, or ``{dataset: direction}``; None or
+    a dataset not in it: higher is better)."""
+    if higher_is_better is None:
+        return True
     if isinstance(higher_is_better, Mapping):
         return bool(higher_is_better.get(dataset, True))
     return bool(higher_is_better)
@@ -318,14 +331,18 @@ def paired_cell(row: Row, ref: Row | None, key: str, higher_is_better: bool) -> 
     d = paired_difference({s: mine[s] for s in shared}, {s: theirs[s] for s in shared},
                           higher_is_better)  # fmt: skip
     seeds = ", ".join(str(s) for s in d.seeds)
-    return f"{100 * d.mean:+.2f} [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}] (seeds {seeds})"
+    k, digits = row.runs[0].task.scale, 2 if row.runs[0].task.percent else 4
+    return (f"{k * d.mean:+.{digits}f} [{k * d.lo:+.{digits}f}, {k * d.hi:+.{digits}f}] "
+            f"(seeds {seeds})")  # fmt: skip
 
 
 def across_table(groups: dict[str, list[Row]],
-                 higher_is_better: bool | Mapping[str, bool] = True) -> list[str]:  # fmt: skip
+                 higher_is_better: bool | Mapping[str, bool] | None = None) -> list[str]:  # fmt: skip
     """Markdown lines: per method (row label), the IQM of its normalised headline scores over
     the datasets with its stratified bootstrap interval (:func:`deflect.compare.across_datasets`),
     best first."""
+    if higher_is_better is None:
+        higher_is_better = {d: rows[0].runs[0].higher_is_better for d, rows in groups.items()}
     table = {d: {row.label: row.values(row.runs[0].headline) for row in rows}
              for d, rows in groups.items()}  # fmt: skip
     stats = across_datasets(table, {d: direction(higher_is_better, d) for d in groups})
@@ -371,7 +388,7 @@ def class_iou(row: Row, name: str, key: str = "IoU") -> str:
     it is defined, else ``n/a``."""
     values = [r.metrics["test"]["per_class"].get(name, {}).get(key) for r in row.runs]
     values = [v for v in values if v is not None]
-    return f"{100 * statistics.mean(values):.2f}" if values else "n/a"
+    return mean_std(values, row.runs[0].task.scale).split(" ±")[0] if values else "n/a"
 
 
 def top_inputs(row: Row, count: int = 3) -> str:
@@ -408,7 +425,7 @@ def cross_sensor_metric(row: Row, name: str, key: str) -> str:
     if not known:
         return "-"
     part = "" if len(known) == len(values) else f" ({len(known)} of {len(values)} seeds)"
-    return mean_std(known) + part
+    return mean_std(known, row.runs[0].task.scale) + part
 
 
 def optional_mean(values: list[float | None], digits: int) -> str:
@@ -442,12 +459,15 @@ def task_columns(runs: list[Run]) -> tuple[tuple[str, ...], str | None]:
 
 def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]],
                     reference: str | None = None,
-                    higher_is_better: bool | Mapping[str, bool] = True) -> str:  # fmt: skip
+                    higher_is_better: bool | Mapping[str, bool] | None = None) -> str:  # fmt: skip
     """The whole ``results.md``: common settings, a table per dataset (with its task's
     metrics; with ``reference``, each row's paired difference against that method), the
     across-datasets IQM when there are several datasets, and every job that did not finish.
 
-    ``higher_is_better``: the headline metric's direction (one, or ``{dataset: direction}``)."""
+    ``higher_is_better``: the headline metric's direction (one, or ``{dataset: direction}``);
+    ``None``: each dataset's, as its runs' task declares it (rmse: lower is better)."""
+    if higher_is_better is None:
+        higher_is_better = {d: g[0].higher_is_better for d, g in by_dataset(runs).items() if g}
     jobs, keys, _ = sweep_rows(runs, expected)
     keys = [k for k in keys if k != "dataset"]  # a table per dataset
     common = sorted({item for job in jobs for item in job
@@ -489,8 +509,8 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]],
                 f"{row.percent:.4f} %",
                 f"{int(first.params.get('decoder_trainable', 0)):,}",
                 human_bytes(first.adapter_bytes),
-                mean_std_interval(row.values(means[0])),
-                *(mean_std(row.values(m)) for m in means[1:]),
+                mean_std_interval(row.values(means[0]), first.task.scale),
+                *(mean_std(row.values(m), first.task.scale) for m in means[1:]),
                 *(
                     [paired_cell(row, ref, means[0], direction(higher_is_better, dataset))]
                     if ref
@@ -511,7 +531,12 @@ def render_markdown(sweep: Path, runs: list[Run], expected: list[list[str]],
     kinds.discard(None)
     lines += [
         "",
-        "Metrics in %, on the test split, of each run's best validation checkpoint; mean ± "
+        (
+            "Metrics in %"
+            if all(g[0].task.percent for g in groups.values() if g)
+            else "Metrics in % (a task whose metrics are no fractions, e.g. errors: in their units)"
+        )
+        + ", on the test split, of each run's best validation checkpoint; mean ± "
         "sample standard deviation over the seeds, then (headline metric) the 95 % "
         "percentile-bootstrap interval of the mean [lo, hi] (10,000 resamples, seed 0). "
         "% of GFM tuned excludes the decoder.",
@@ -585,10 +610,10 @@ def figure_points(groups: dict[str, list[Row]]) -> dict[str, list[tuple[str, flo
 
 
 def error_bar(row: Row) -> tuple[float, float, float]:
-    """``(mean, below, above)`` of the row's headline metric (in % when higher is better, an
-    error in its own units otherwise): the error bar from the mean down and up to its 95 %
+    """``(mean, below, above)`` of the row's headline metric (in % for fractions, an error in
+    its own units): the error bar from the mean down and up to its 95 %
     bootstrap interval over seeds (0, 0 for one seed)."""
-    scale = 100 if row.runs[0].higher_is_better else 1
+    scale = row.runs[0].task.scale
     s = summarise([scale * v for v in row.values(row.runs[0].headline)])
     return s.mean, s.mean - s.lo, s.hi - s.mean
 
@@ -690,7 +715,8 @@ def draw_plot(rows: list[Row], path: Path, title: str) -> None:
                     fontsize=8)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("% of GFM parameters tuned (log scale; decoder excluded)")
-    ax.set_ylabel(f"test {rows[0].runs[0].headline} (%)" if rows else "test metric (%)")
+    unit = " (%)" if not rows or rows[0].runs[0].task.percent else ""
+    ax.set_ylabel(f"test {rows[0].runs[0].headline}{unit}" if rows else "test metric (%)")
     if rows and not rows[0].runs[0].higher_is_better:  # up is better on every figure
         ax.set_ylabel(f"test {rows[0].runs[0].headline} (lower is better; axis inverted)")
         ax.invert_yaxis()

@@ -337,9 +337,12 @@ def test_a_really_resumed_sweep_keeps_its_finished_job_in_the_table(demo_root, t
     assert text.count("- failed: ") == 1 and "precision='fp42'" in text
 
 
-def fake_sweep(folder: Path, scores: dict[tuple[str, str], dict[int, float]]) -> Path:
+def fake_sweep(folder: Path, scores: dict[tuple[str, str], dict[int, float]],
+               task: str | None = None) -> Path:  # fmt: skip
     """A sweep folder as run.py leaves it, written by hand: ``{(dataset, method): {seed:
-    test mIoU}}``, one run folder per seed in a shuffled job order."""
+    test mIoU}}``, one run folder per seed in a shuffled job order; with ``task`` (e.g.
+    ``regression``), each run's ``config.yaml`` names that task and the score is its
+    headline."""
     jobs = [(d, m, s, v) for (d, m), seeds in scores.items() for s, v in seeds.items()]
     jobs = jobs[1::2] + jobs[::2]  # the folders' order is not the seeds' order
     for i, (dataset, method, seed, value) in enumerate(jobs):
@@ -348,9 +351,11 @@ def fake_sweep(folder: Path, scores: dict[tuple[str, str], dict[int, float]]) ->
         overrides = [f"dataset={dataset}", f"finetune={method}", f"seed={seed}"]
         (run / "job.json").write_text(json.dumps({"overrides": overrides}))
         params = {"encoder_trainable": 10, "encoder_trainable_percent": 1.0 + len(method)}
-        (run / "metrics.json").write_text(
-            json.dumps({"test": {"mIoU": value, "mF1": value}, "params": params})
-        )
+        test = {"mIoU": value, "mF1": value}
+        if task is not None:
+            (run / "config.yaml").write_text(f"task:\n  name: {task}\n")
+            test = {"rmse": value, "mae": value / 2, "r2": 1 - value}
+        (run / "metrics.json").write_text(json.dumps({"test": test, "params": params}))
     return folder
 
 
@@ -434,3 +439,20 @@ def test_figure_1_puts_a_lower_is_better_headline_on_the_same_scale_as_the_other
         ("seg", 1.0, pytest.approx(65.0))
     ]
     assert table.relative_scores([1.0, 1.0], False) == [100.0, 100.0]
+
+
+def test_a_lower_is_better_headline_is_shown_in_its_units_and_paired_the_right_way(tmp_path):
+    """A regression sweep: rmse in the target's units (not x100), and the method with the LOWER
+    error is the better one in the paired column: lora's rmse is 0.10 below frozen's on every
+    seed -> +0.1000 [+0.1000, +0.1000]; R² (1 - rmse here) is shown as a number too."""
+    frozen = {0: 0.50, 1: 0.60}
+    lora = {s: v - 0.10 for s, v in frozen.items()}
+    scores = {("reg", "frozen"): frozen, ("reg", "lora"): lora}
+    sweep = fake_sweep(tmp_path / "sweep", scores, task="regression")
+    script = ablation_script()
+    text = script.render_markdown(sweep, script.collect_runs(sweep), [], reference="frozen")
+    rows = table_rows(text)
+    assert rows["frozen"]["rmse"].startswith("0.5500 ± 0.0707 [0.5000, 0.6000]")
+    assert rows["lora"]["r2"] == "0.5500 ± 0.0707"
+    assert rows["lora"]["Δ rmse vs frozen [95 % CI]"] == "+0.1000 [+0.1000, +0.1000] (seeds 0, 1)"
+    assert "in their units" in text

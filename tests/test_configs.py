@@ -48,7 +48,7 @@ def write_random_folder(root: Path, bands: list[str], classes: int, targets: boo
                 (split, f"t{i}", image, labels.astype(np.float32) / 2 if targets else labels)
             )
     mask = "{split}/{name}_target.tif" if targets else "{split}/{name}_mask.tif"
-    write_folder_dataset(root, tiles, mask=mask, crs="EPSG:32631",
+    write_folder_dataset(root, tiles, bands, mask=mask, crs="EPSG:32631",
                          transform=north_up(0, 320, 10, 10))  # fmt: skip
 
 
@@ -98,12 +98,11 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_config_composes_and_builds(group, option, demo_root, tmp_path):
     shrink = SHRINK
-    if "regression" in option and not (CONFIGS / "task" / "regression.yaml").is_file():
-        pytest.skip("configs/task/regression.yaml (the regression task) is not here yet")
     if group == "dataset":
         overrides = dataset_overrides(option, demo_root, tmp_path)
-    elif group in ("task", "loss") and option == "classification":
-        overrides = dataset_overrides("chips", demo_root, tmp_path)
+    elif group in ("task", "loss") and option in ("classification", "regression"):
+        dataset = {"classification": "chips", "regression": "folder_regression"}[option]
+        overrides = dataset_overrides(dataset, demo_root, tmp_path)
     elif option.startswith("prithvi"):  # six HLS bands; the architecture is top-level
         overrides = [f"encoder={option}", *dataset_overrides("hls_burn_scars", demo_root, tmp_path)]
         shrink = [s for s in SHRINK if "arch_kwargs" not in s]

@@ -82,6 +82,9 @@ class Task:
     #: The per-class (or per-target) metric of ``metrics["per_class"]`` that comparison tables
     #: show beside the means (``None``: no such column).
     per_class_metric: str | None = None
+    #: Whether the metrics are fractions that tables show in % (IoU, F1); ``False``: in their
+    #: own units (an error in metres, R²).
+    metrics_in_percent: bool = True
 
     @property
     def headline(self) -> str:

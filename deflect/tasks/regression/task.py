@@ -70,6 +70,10 @@ class RegressionTask(Task):
     target_key = "target"
     #: Per monitor: whether a higher value is better (rmse, the default, and mae: lower is).
     monitors = dict(HIGHER_IS_BETTER)
+    #: Errors in the targets' units and R² as they are, never in %.
+    metrics_in_percent = False
+    #: A comparison table's means: the errors and the explained variance.
+    table_metrics = ("rmse", "mae", "r2")
     # UperNet's BatchNorm normalises over the batch (as for segmentation).
     min_batch_size = 2
     min_batch_reason = (

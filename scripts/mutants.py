@@ -588,6 +588,16 @@ MUTANTS = [
     Mutant("(27) the task config's options are dropped", "deflect/tasks/registry.py",
            "    return task_class(str(name))(**options)", "    return task_class(str(name))()",
            ("tests/test_task_registry.py",)),
+    # prediction on the unified data rules (branch wire)
+    Mutant("(27) prediction judges a scene at the model's scale whatever --reflectance-scale says",
+           "deflect/predict/reading.py",
+           "    scene_scale = float(reflectance_scale or spec.reflectance_scale)\n",
+           "    scene_scale = float(spec.reflectance_scale)\n",
+           ("tests/test_predict.py::test_a_dark_scene_at_the_right_scale_is_not_warned_about_but_one_at_the_wrong_scale_is",)),
+    Mutant("(27) prediction names the segmentation task for a bare model", "deflect/predict/run.py",
+           'object.__setattr__(self, "task", build_task(None))',
+           'object.__setattr__(self, "task", __import__("deflect.tasks").tasks.SegmentationTask())',
+           ("tests/test_layers.py::test_prediction_names_no_task",)),
 ]  # fmt: skip
 
 

@@ -214,3 +214,18 @@ def test_the_engine_names_no_task_and_no_metric(path):
     assert not hits, f"{path.relative_to(REPO)} names " + ", ".join(
         f"{word!r} (line {line})" for line, word in hits
     )
+
+
+@pytest.mark.parametrize(
+    "path", sorted(REPO.glob("deflect/predict/**/*.py")), ids=lambda p: str(p.relative_to(REPO))
+)
+def test_prediction_names_no_task(path):
+    """Scene prediction asks the run's task (or the registry's default) and names none: no
+    task's name, class or metric."""
+    from deflect.tasks import TASKS
+
+    banned = banned_names() | {cls.__name__ for cls in TASKS.values()}
+    hits = named(path.read_text(), banned)
+    assert not hits, f"{path.relative_to(REPO)} names " + ", ".join(
+        f"{word!r} (line {line})" for line, word in hits
+    )

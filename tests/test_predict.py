@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from deflect import predict
 from deflect.data import invalid_to_nan
-from deflect.engine.outputs import PALETTE
+from deflect.pictures import PALETTE
 from deflect.predict import reading
 from deflect.tasks import Task
 from deflect.tiling import sliding_window_logits
@@ -340,6 +340,41 @@ def test_a_scene_in_another_reflectance_scale_is_warned_about(predictor, tmp_pat
                               progress=False)  # fmt: skip
 
 
+def test_a_dark_scene_at_the_right_scale_is_not_warned_about_but_one_at_the_wrong_scale_is(
+    tmp_path,
+):
+    """The datasets' reflectance rule (:func:`deflect.rasters.implausible_reflectance`), not a
+    comparison with the training means: a lake (reflectance 0.005 .. 0.012) for a model of
+    float reflectance trained on bright fields (means 0.30 .. 0.40, 25x to 80x brighter) is
+    plausible; the same lake stored x10000 is not, unless its scale is given."""
+    from deflect.data import DataSpec
+
+    lake = np.array([0.012, 0.010, 0.008, 0.005], np.float32)[:, None, None]
+    noise = np.random.default_rng(0).uniform(0.9, 1.1, (4, 40, 40)).astype(np.float32)
+    image = lake * noise
+    mean = dict(zip(DEMO_BANDS, (0.30, 0.32, 0.34, 0.40)))
+    std = dict.fromkeys(DEMO_BANDS, 0.1)
+    spec = DataSpec(bands=tuple(DEMO_BANDS), mean=mean, std=std, reflectance_scale=1,
+                    nodata=NODATA, classes=("a", "b"))  # fmt: skip
+    torch.manual_seed(0)
+    predictor = predict.Predictor(torch.nn.Conv2d(4, 2, 1).eval(), spec, WINDOW, STRIDE,
+                                  torch.device("cpu"))  # fmt: skip
+    dark = write_scene(tmp_path / "lake.tif", image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right scale, however dark: no warning
+        predict.predict_scenes(predictor, [dark], tmp_path / "a", progress=False)
+    stored = write_scene(tmp_path / "lake_x10000.tif", image * 10000)
+    with pytest.warns(UserWarning, match=r"another reflectance scale.*B2 120.*the model expects "
+                      r"reflectance_scale=1 "):  # fmt: skip
+        predict.predict_scenes(predictor, [stored], tmp_path / "b", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its scale given: converted, and judged in its units
+        predict.predict_scenes(predictor, [stored], tmp_path / "c", progress=False,
+                               reflectance_scale=10000)  # fmt: skip
+    np.testing.assert_array_equal(read(tmp_path / "c" / "lake_x10000_pred.tif"),
+                                  read(tmp_path / "a" / "lake_pred.tif"))  # fmt: skip
+
+
 def test_nodata_is_compared_in_the_file_dtype():
     raw = np.array([16777216, 16777217, 5], dtype=np.int32)  # equal in float32, not in int32
     out = invalid_to_nan(raw, 16777216)
@@ -598,7 +633,7 @@ def test_a_class_map_gets_its_palette_without_a_gdal_error(tmp_path, caplog):
 
     from rasterio.enums import ColorInterp
 
-    from deflect.engine.outputs import class_colours, write_prediction_geotiff
+    from deflect.geotiff import class_colours, write_prediction_geotiff
 
     pred = np.array([[0, 1], [2, 255]], dtype=np.uint8).repeat(32, 0).repeat(32, 1)
     with caplog.at_level(logging.DEBUG, logger="rasterio._env"):

@@ -463,9 +463,9 @@ normalisation), the bands in this order:
   files to float32 (values above 2^24 lose precision).
 * Reflectance scale: the model expects stored values where reflectance 1.0 is
   {spec.reflectance_scale:g} (`reflectance_scale`). The graph cannot refuse another scale:
-  `scripts/predict.py --onnx` checks each scene before running it (a band's median more than
-  20x away from its training mean, for most bands, is warned about) and converts a scene of
-  another scale with `--reflectance-scale`; check your data the same way.
+  `scripts/predict.py --onnx` checks each scene before running it (band medians that are not
+  plausible surface reflectance, about 0..1, at that scale are warned about) and converts a
+  scene of another scale with `--reflectance-scale`; check your data the same way.
 * A wrong number of bands, or a size outside the above, is refused by ONNX Runtime with an
   `INVALID_ARGUMENT` or shape error: give exactly these {c} bands in this order.
 

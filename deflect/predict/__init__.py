@@ -41,12 +41,11 @@ size, one output pixel per tile; files no larger than a chip are classified whol
 table, ``predictions.csv``.
 """
 
-from deflect.engine.outputs import NODATA_CLASS
+from deflect.geotiff import NODATA_CLASS
 from deflect.predict.blocks import DEFAULT_BLOCK, SceneSource, predict_block
 from deflect.predict.driver import SceneOutputs, predict_scene, predict_scenes, read_chips
 from deflect.predict.listing import OUTPUT_ENDINGS, SCENE_SUFFIXES, list_scenes, select_bands
 from deflect.predict.reading import (
-    SCALE_CHECK_FACTOR,
     SCALE_CHECK_SIZE,
     SceneInput,
     band_medians,
@@ -69,7 +68,6 @@ __all__ = [
     "DEFAULT_BLOCK",
     "NODATA_CLASS",
     "OUTPUT_ENDINGS",
-    "SCALE_CHECK_FACTOR",
     "SCALE_CHECK_SIZE",
     "SCENE_SUFFIXES",
     "Predictor",

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from deflect import rasters
 from deflect.predict.blocks import DEFAULT_BLOCK, SceneSource
 from deflect.predict.listing import list_scenes
 from deflect.predict.reading import band_medians, check_reflectance_scale, open_scene, read_valid
@@ -91,10 +92,8 @@ def predict_scene(
     out_dir = Path(out_dir).expanduser()
     scene = open_scene(predictor, path, bands, sensor, reflectance_scale)
     with scene.src as src:
-        medians = band_medians(src, scene.indexes, spec, nodata=scene.nodata)
-        if scene.factors is not None:
-            medians = [m * float(f) for m, f in zip(medians, scene.factors.ravel())]
-        check_reflectance_scale(medians, spec, f"scene {str(path)!r}")
+        medians = band_medians(src, scene.indexes, spec, nodata=scene.nodata)  # file units
+        check_reflectance_scale(medians, spec, f"scene {str(path)!r}", reflectance_scale)
         source = SceneSource(predictor, path, scene, batch_size, block)
         written = predictor.task.scene_writer().write_scene(predictor, source, out_dir,
                                                             probabilities, progress)  # fmt: skip
@@ -118,11 +117,13 @@ def read_chips(
     for path in tqdm(paths, desc="chips", disable=not progress, leave=False, dynamic_ncols=True):
         scene = open_scene(predictor, path, bands, sensor, reflectance_scale, what="chip")
         with scene.src as src:
-            image = read_valid(src, scene.indexes, None, spec, scene.nodata, scene.factors)
+            image = read_valid(src, scene.indexes, None, spec, scene.nodata)  # file units
         if not np.isnan(image).all() and not warned_scale:
-            medians = [float(np.median(band[np.isfinite(band)])) if np.isfinite(band).any()
-                       else float("nan") for band in image]  # fmt: skip
-            warned_scale = check_reflectance_scale(medians, spec, f"chip {str(path)!r}")
+            medians = rasters.band_medians([image], spec.bands)
+            warned_scale = check_reflectance_scale(medians, spec, f"chip {str(path)!r}",
+                                                   reflectance_scale)  # fmt: skip
+        if scene.factors is not None:  # to the trained reflectance scale, as read_valid does
+            image = image * scene.factors
         images.append(torch.from_numpy(image))
     return images
 

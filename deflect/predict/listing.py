@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from deflect.data import DataSpec, canonical_band, map_bands, resolve_band_name
+from deflect.data import DataSpec, band_code, canonical_band, map_bands
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,13 @@ def select_bands(
             "--bands B2,B3,..."
         )
     if sensor and sensor != spec.sensor:
-        given = [resolve_band_name(n, sensor) or canonical_band(n) for n in names]
+        given = [band_code(n, sensor) for n in names]
         mapping = map_bands(spec.bands, spec.sensor, given, sensor)
         log.info("%s: %s bands mapped to the trained %s bands: %s", source, sensor, spec.sensor,
                  ", ".join(f"{t} <- {g}" for t, g, _, _ in mapping))  # fmt: skip
         return [given.index(g) + 1 for _, g, _, _ in mapping]
     # Codes, common names (Blue, NIR, SWIR 1) or wavelengths, for the model's sensor.
-    canon = [resolve_band_name(n, spec.sensor) or canonical_band(n) for n in names]
+    canon = [band_code(n, spec.sensor) for n in names]
     renamed = [f"{n} -> {c}" for n, c in zip(names, canon) if canonical_band(n) != c]
     if renamed:
         log.info("%s: band names read as %s", source, ", ".join(renamed))

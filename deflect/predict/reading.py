@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +21,10 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from deflect.data import DataSpec, invalid_to_nan, reflectance_bands
+from deflect import rasters
+from deflect.data import DataSpec, invalid_to_nan
 from deflect.predict.listing import select_bands
+from deflect.rasters import implausible_reflectance, reflectance_factors
 
 if TYPE_CHECKING:
     from deflect.predict.run import Predictor
@@ -33,8 +35,6 @@ log = logging.getLogger(__name__)
 OUTPUT_TILE = 256
 #: The reflectance-scale check reads the scene decimated to at most this many pixels a side.
 SCALE_CHECK_SIZE = 512
-#: Scene medians further than this factor from the training means look like another scale.
-SCALE_CHECK_FACTOR = 20.0
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,13 @@ def open_scene(
     except BaseException:
         src.close()
         raise
-    factors = None
-    if reflectance_scale and float(reflectance_scale) != spec.reflectance_scale:
-        optical = set(reflectance_bands(spec.bands, spec.sensor))
-        factor = spec.reflectance_scale / float(reflectance_scale)
-        factors = np.array([factor if b in optical else 1.0 for b in spec.bands],
-                           dtype=np.float32)[:, None, None]  # fmt: skip
+    factors = (
+        reflectance_factors(
+            spec.bands, spec.sensor, float(reflectance_scale), spec.reflectance_scale
+        )  # fmt: skip
+        if reflectance_scale
+        else None
+    )
     # The file's own no-data value is honoured too, as training honours its files' value.
     nodata = () if src.nodata is None or np.isnan(src.nodata) else (float(src.nodata),)
     if nodata and spec.nodata != nodata[0] and what == "scene":
@@ -162,17 +163,19 @@ def band_medians(
     spec: DataSpec,
     size: int | None = None,
     nodata: Sequence[float] = (),
-) -> list[float]:
-    """Median of the valid pixels of each band, from the scene decimated to ``size`` a side.
+) -> dict[str, float]:
+    """Median of the valid pixels of each band, from the scene decimated to ``size`` a side
+    (:func:`deflect.rasters.band_medians`, the rule the datasets use).
 
     Args:
         src: the open scene.
         indexes: 1-based band numbers, in the model's band order.
-        spec: the model's data description (its no-data value).
+        spec: the model's data description (its bands and no-data value).
         size: at most this many pixels a side are read (default :data:`SCALE_CHECK_SIZE`).
+        nodata: no-data values besides the training one (the scene's own declared value).
 
     Returns:
-        One median per band, in file units (NaN for a band without valid pixels).
+        The model's band -> its median in file units; bands without a valid pixel left out.
     """
     size = SCALE_CHECK_SIZE if size is None else size
     step = max(1, math.ceil(max(src.height, src.width) / size))
@@ -185,45 +188,39 @@ def band_medians(
             "or re-export this scene"
         ) from err
     image = invalid_to_nan(raw, [v for v in (spec.nodata, *nodata) if v is not None])
-    out = []
-    for band in image:
-        valid = band[np.isfinite(band)]
-        out.append(float(np.median(valid)) if valid.size else float("nan"))
-    return out
+    return rasters.band_medians([image], spec.bands)
 
 
-def check_reflectance_scale(medians: Sequence[float], spec: DataSpec, source: str) -> bool:
-    """Warn when the scene's values look like another reflectance scale than training's.
-
-    A band is off when its median and its training mean (both positive) differ by more than
-    :data:`SCALE_CHECK_FACTOR`; the warning is given when most bands are off, e.g. a scene of
-    integer reflectance x10000 for a model trained on float reflectance.
+def check_reflectance_scale(
+    medians: Mapping[str, float],
+    spec: DataSpec,
+    source: str,
+    reflectance_scale: float | None = None,
+) -> bool:
+    """Warn when the scene's values are not plausible reflectance at its reflectance scale
+    (:func:`deflect.rasters.implausible_reflectance`, the rule the datasets use): e.g. integer
+    reflectance x10000 given to a model of float reflectance. A dark (water) or bright (snow)
+    scene at the right scale is plausible, however far from the training means.
 
     Args:
-        medians: the scene's median per band, in the model's band order.
-        spec: the model's data description (band means, ``reflectance_scale``).
+        medians: the scene's band -> median, in the scene's own units (:func:`band_medians`).
+        spec: the model's data description (its sensor and ``reflectance_scale``).
         source: the scene, for the message.
+        reflectance_scale: the scene's stored value of reflectance 1.0 (``--reflectance-scale``);
+            None: the model's.
 
     Returns:
         True when it warned.
     """
-    means = spec.mean_list()
-    usable = [
-        (b, m, mean)
-        for b, m, mean in zip(spec.bands, medians, means)
-        if math.isfinite(m) and m > 0 and mean > 0
-    ]
-    off = [(b, m, mean) for b, m, mean in usable if max(m / mean, mean / m) > SCALE_CHECK_FACTOR]
-    if not off or len(off) * 2 <= len(usable):
+    scene_scale = float(reflectance_scale or spec.reflectance_scale)
+    found = implausible_reflectance(medians, scene_scale, spec.sensor, "--reflectance-scale")
+    if found is None:
         return False
-    ratio = float(np.median([m / mean for _, m, mean in off]))
     warnings.warn(
-        f"{source} looks like another reflectance scale than the model was trained on: bands "
-        f"{[b for b, _, _ in off]} have scene medians {[round(m, 4) for _, m, _ in off]} but "
-        f"training means {[round(mean, 4) for _, _, mean in off]} (about x{ratio:.3g}); the "
-        f"model expects reflectance_scale={spec.reflectance_scale:g} (the stored value of "
-        "reflectance 1.0). Rescale the scene to the training units, or predictions will be "
-        "meaningless",
+        f"{source} looks like another reflectance scale than the model was trained on: "
+        f"{found[0]}; the model expects reflectance_scale={spec.reflectance_scale:g} (the "
+        "stored value of reflectance 1.0). Rescale the scene to the training units or give its "
+        "scale with --reflectance-scale, or predictions will be meaningless",
         UserWarning,
         stacklevel=2,
     )

@@ -15,7 +15,7 @@ from torch import nn
 from deflect.data import DataSpec
 from deflect.engine.distributed import resolve_device
 from deflect.engine.evaluator import AUTOCAST_DTYPES, autocast_context
-from deflect.tasks import InferenceSettings, SegmentationTask, Task
+from deflect.tasks import InferenceSettings, Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class Predictor:
         file_patterns: file names of the run's training images and masks
             (:func:`file_patterns`): how folders are listed by default.
         task: the run's task, which writes what a scene gives (its ``scene_writer``); None is
-            read as a segmentation run (callers that build a Predictor from a bare model).
+            read as the registry's default task (:func:`~deflect.tasks.build_task` of no
+            task config: callers that build a Predictor from a bare model).
         tile: ``(height, width)`` of the tiles a scene is cut into, one output pixel each, when
             the task maps tiles rather than pixels (a classification run: the size of its
             training images, ``input.json``); None for the sliding window.
@@ -59,8 +60,8 @@ class Predictor:
     raw_input: bool = False
 
     def __post_init__(self) -> None:
-        if self.task is None:  # a bare model (benchmarks, tests): today's default task
-            object.__setattr__(self, "task", SegmentationTask())
+        if self.task is None:  # a bare model (benchmarks, tests): the registry's default task
+            object.__setattr__(self, "task", build_task(None))
 
     def forward(self, batch: torch.Tensor, warned: set[str]) -> torch.Tensor:
         """The model's float output for a batch of tiles, on ``device`` under the run's autocast,

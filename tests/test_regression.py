@@ -320,6 +320,8 @@ def test_the_configs_build_the_task_its_loss_and_a_linear_upernet_regressor():
     data = s2_spec(["B2", "B3", "B4"])
     loss = task.build_loss(cfg.loss, data)
     assert (loss.name, loss.delta) == ("huber", 0.5)
+    with pytest.raises(ValueError, match="loss.class_weights is no setting of a regression"):
+        task.build_loss({"class_weights": None, "dice_weight": 0.0}, data)  # segmentation's
     model = task.build_model(tiny_encoder(data), data, cfg.segmentor)
     torch.manual_seed(0)
     images = torch.randn(2, 3, 32, 32)

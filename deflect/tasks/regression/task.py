@@ -118,6 +118,15 @@ class RegressionTask(Task):
                            _convert_="all")  # fmt: skip
 
     def build_loss(self, loss_config, data: DataSpec, class_frequencies=None) -> nn.Module:
+        """The loss of ``configs/loss/regression.yaml``; another task's loss settings (class
+        weights, a Dice term) are refused rather than ignored."""
+        foreign = sorted(set(loss_config or {}) - {"name", "delta", "target_weights"})
+        if foreign:
+            raise ValueError(
+                f"loss.{foreign[0]} is no setting of a regression loss (it has name, delta, "
+                "target_weights): select loss=regression (a regression dataset's YAML does, "
+                "with `override /loss@_global_.loss: regression` in its defaults)"
+            )
         return RegressionLoss(
             name=loss_config.get("name", "l1"),
             delta=loss_config.get("delta", 1.0),

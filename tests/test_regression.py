@@ -409,5 +409,5 @@ def test_the_task_takes_the_targets_named_by_the_dataset_yaml():
     from deflect.engine.build import build_task
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=["task=regression", "+dataset.targets=[chm]"])
+        cfg = compose("config", overrides=["task=regression", "+dataset.target_names=[chm]"])
     assert build_task(cfg).targets == ("chm",)

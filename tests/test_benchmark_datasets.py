@@ -183,7 +183,14 @@ def test_sen1floods11_optical_and_sar_from_the_split_files(floods_root):
 
 
 # ---- end to end ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("dataset", ["mados", "hls_burn_scars", "sen1floods11"])
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        pytest.param("mados", marks=pytest.mark.slow),
+        "hls_burn_scars",
+        pytest.param("sen1floods11", marks=pytest.mark.slow),
+    ],
+)  # each reader is tested without training; one trains in the default suite
 def test_a_few_training_steps_on_each_fixture(dataset, mados_root, hls_root, floods_root,
                                               tmp_path):  # fmt: skip
     root = {"mados": mados_root, "hls_burn_scars": hls_root, "sen1floods11": floods_root}[dataset]

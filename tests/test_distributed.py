@@ -129,6 +129,7 @@ def test_torchrun_multirun_keeps_one_sweep_folder_and_one_process_group(demo_roo
         assert summary["train_images"] == 3 * 2 * 2  # 3 steps x 2 images x 2 ranks
 
 
+@pytest.mark.slow
 def test_an_error_on_another_rank_than_0_reaches_the_run_folder(demo_root, tmp_path):
     """Rank 1 alone meets a corrupt validation image (the evaluation sampler gives it sample
     1): failed.txt starts with its error naming the file, not with rank 0's "connection closed"

@@ -140,7 +140,9 @@ def test_split_files_name_the_samples(tmp_path):
         folder(root, "val", split_files=files, **FLAT)
 
 
-@pytest.mark.parametrize("layout", ["split_folders", "flat_with_split_files"])
+@pytest.mark.parametrize(
+    "layout", ["split_folders", pytest.param("flat_with_split_files", marks=pytest.mark.slow)]
+)
 def test_a_folder_of_geotiffs_trains_end_to_end(layout, tmp_path):
     if layout == "split_folders":
         root = write_split_folders(tmp_path / "data")

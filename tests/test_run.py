@@ -171,7 +171,7 @@ def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(demo_root, tmp
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["dataset.bands=[B2,B3,B4,B99]"], "B99"),
+        pytest.param(["dataset.bands=[B2,B3,B4,B99]"], "B99", marks=pytest.mark.slow),
         (["dataset.bands=[B2,B3,B8]"], "B4"),
         (["bogus_option=1"], "bogus_option"),
         (["encoder.bogus_option=1"], "bogus_option"),
@@ -302,7 +302,10 @@ def test_deflect_run_checkpoint_adapter_export_and_aux_loss(demo_root, tmp_path)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "precision",
+    ["bf16", pytest.param("fp16", marks=pytest.mark.slow)],  # one autocast on CPU
+)
 def test_mixed_precision_trains_and_evaluates_reproducibly(precision, demo_root, tmp_path):
     work_dir = tmp_path / precision
     run_cli([*TINY, f"dataset.root={demo_root}", f"precision={precision}", "epochs=1",

@@ -211,8 +211,8 @@ def load_predictor(
     model = model.to(dev).eval()
     epoch = int(state["epoch"]) + 1 if "epoch" in state else None
     log.info(
-        "model of %s (best epoch %s): bands %s, %d classes, window %d, %s, %s on %s",
-        run_dir.name, epoch, list(spec.bands), spec.num_classes, window,
+        "model of %s (best epoch %s): bands %s, outputs %s, window %d, %s, %s on %s",
+        run_dir.name, epoch, list(spec.bands), list(spec.classes or spec.targets), window,
         f"tiles of {tile[0]} x {tile[1]} px (the training chips) brought to {window} px"
         if tile else f"stride {stride}", precision, dev,
     )  # fmt: skip

@@ -18,6 +18,7 @@ import rasterio
 
 from deflect.data import DataSpec
 from deflect.io import atomic_path
+from deflect.tasks.dense import every_file_a_scene
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,8 @@ class RegressionScenes:
         return None
 
     def split(self, predictor, paths: list[Path], chips: bool | None) -> tuple[list, list]:
-        """No chips: every file is a scene.
-
-        Raises:
-            ValueError: ``chips`` given (``--chips``/``--scenes``).
-        """
-        if chips is not None:
-            raise ValueError(
-                f"--chips/--scenes apply to classification runs; {predictor.run_dir} is a "
-                "regression run, which maps every file as a scene"
-            )
-        return [], list(paths)
+        """No chips: every file is a scene (:func:`~deflect.tasks.dense.every_file_a_scene`)."""
+        return every_file_a_scene("regression", predictor.run_dir, paths, chips)
 
     def write_scene(self, predictor, scene, out_dir: Path, probabilities: bool,
                     progress: bool) -> tuple[Path, None, int]:  # fmt: skip

@@ -17,9 +17,9 @@ import math
 import torch
 from torch import nn
 
-from datasets.transforms import build_transform
 from deflect.data import DataSpec
 from deflect.tasks.base import InferenceSettings, Metric, Task
+from deflect.tasks.dense import dense_transform
 from deflect.tasks.registry import register_task
 from deflect.tasks.regression.loss import RegressionLoss
 from deflect.tasks.regression.metrics import HIGHER_IS_BETTER, RegressionMetric
@@ -139,11 +139,7 @@ class RegressionTask(Task):
     def transform(self, spec: DataSpec, train: bool, img_size: int, augmentation=None):
         """Crops of ``img_size`` with their target rasters moved alike (training: random, and
         flips); evaluation: whole tiles."""
-        aug = augmentation or {}
-        return build_transform(spec, train=train, crop_size=img_size, **{
-            key: aug[key] for key in ("min_labelled_fraction", "hflip", "vflip", "rot90")
-            if key in aug
-        })  # fmt: skip
+        return dense_transform(spec, train, img_size, augmentation)
 
     # ---- inference and metrics ------------------------------------------------------------------
     def infer(self, model, images, metadata, settings: InferenceSettings, data: DataSpec):

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from datasets.transforms import build_transform
 from deflect.data import DataSpec
 from deflect.pictures import save_confusion_png
 from deflect.tasks.base import InferenceSettings, Metric, Task
 from deflect.tasks.confusion import ConfusionMetric
+from deflect.tasks.dense import dense_transform
 from deflect.tasks.registry import register_task
 from deflect.tasks.segmentation.tables import metric_scalars, metrics_table
 from deflect.tasks.segmentation.writer import PredictionWriter
@@ -63,11 +63,7 @@ class SegmentationTask(Task):
     def transform(self, spec: DataSpec, train: bool, img_size: int, augmentation=None):
         """Crops of ``img_size`` with their mask (training: random, with at least
         ``min_labelled_fraction`` labelled pixels, and flips); evaluation: whole tiles."""
-        aug = augmentation or {}
-        return build_transform(spec, train=train, crop_size=img_size, **{
-            key: aug[key] for key in ("min_labelled_fraction", "hflip", "vflip", "rot90")
-            if key in aug
-        })  # fmt: skip
+        return dense_transform(spec, train, img_size, augmentation)
 
     def infer(self, model, images, metadata, settings: InferenceSettings, data: DataSpec):
         return sliding_window_logits(model, images, settings.window, settings.step,

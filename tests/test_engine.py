@@ -306,3 +306,36 @@ def test_training_loader_refuses_a_batch_larger_than_the_split():
         build_loader(list(range(8)), cfg, info, train=True)
     cfg.batch_size = 2
     assert len(build_loader(list(range(8)), cfg, info, train=True)) == 4
+
+
+def test_the_encoder_lr_scale_defaults_to_the_methods_own_and_the_top_level_key_wins(tmp_path):
+    """``encoder_lr_scale`` follows the method's YAML (``finetune.encoder_lr_scale``) unless set
+    at the top level; a scale that is no positive number is refused naming the key."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+
+    from deflect.engine import build
+    from tests.conftest import REPO
+
+    def encoder_lrs(*overrides):
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("config", overrides=["encoder=tiny_vit", "img_size=32",
+                                               "optimizer.lr=0.01", *overrides,
+                                               f"dataset.root={tmp_path / 'demo'}"])  # fmt: skip
+        model = build.build_model(cfg, build.build_dataset(cfg, "train").spec)
+        optimizer = build.build_optimizer(cfg, model)
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        lrs = {round(lr_of[id(p)], 12) for n, p in model.named_parameters()
+               if p.requires_grad and n.startswith("encoder.")}  # fmt: skip
+        (lr,) = lrs  # one encoder learning rate
+        return lr
+
+    own = yaml.safe_load((REPO / "configs" / "finetune" / "deflect.yaml").read_text())
+    assert encoder_lrs("finetune=deflect") == pytest.approx(0.01 * own["encoder_lr_scale"])
+    assert encoder_lrs("finetune=deflect", "finetune.encoder_lr_scale=7") == pytest.approx(0.07)
+    assert encoder_lrs("finetune=deflect", "finetune.encoder_lr_scale=7",
+                       "encoder_lr_scale=2") == pytest.approx(0.02)  # fmt: skip
+    from deflect.tuners import DeflectConfig
+
+    with pytest.raises(ValueError, match="encoder_lr_scale must be a number above 0"):
+        DeflectConfig(encoder_lr_scale=0)

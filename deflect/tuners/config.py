@@ -25,10 +25,16 @@ class TunerConfig:
             save with the adapter, e.g. ``["blocks.11.norm2"]``. They train in place; their
             pretrained values are kept aside (see :class:`~deflect.tuners.base.BaseTuner`). A
             name that matches no module with parameters is an error.
+        encoder_lr_scale: the learning rate of the method's trainable encoder parameters
+            relative to the decoder's (``optimizer.lr``), as validation chose it for the method
+            (``docs/spectral_study.md``); ``run.py``'s ``encoder_lr_scale`` defaults to it.
+            Adapters that start at zero or at random want more than 1; pretrained weights under
+            full fine-tuning less.
     """
 
     method: str = ""
     modules_to_save: list[str] = field(default_factory=list)
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         expected = type(self).__dataclass_fields__["method"].default
@@ -41,6 +47,14 @@ class TunerConfig:
                 f"modules_to_save must be a list of module names, got {self.modules_to_save!r}"
             )
         self.modules_to_save = [str(m) for m in self.modules_to_save]
+        if isinstance(self.encoder_lr_scale, bool) or not isinstance(
+            self.encoder_lr_scale, (int, float)
+        ) or not self.encoder_lr_scale > 0:
+            raise ValueError(
+                f"encoder_lr_scale must be a number above 0, got {self.encoder_lr_scale!r}; "
+                "e.g. finetune.encoder_lr_scale=10"
+            )
+        self.encoder_lr_scale = float(self.encoder_lr_scale)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field."""

@@ -14,7 +14,9 @@ jobs: config groups (``finetune``, ``dataset``, ``encoder``, ...) name a contest
 per contestant, e.g. per method and dataset); every other varying key (``optimizer.lr``,
 ``encoder_lr_scale``, ``finetune.rank``, ...) is a hyperparameter; ``seed`` is averaged over.
 Per contestant, the values with the best mean validation score win (the first in the sweep's
-order on a tie).
+order on a tie). ``--family deflect=deflect_hard,deflect_embedding`` makes several choices of a
+config group one contestant whose choice is tuned like a value (DEFLECT with the deflection
+validation prefers); its option overrides the group with the chosen member.
 
 Each run's validation score is ``metrics.json``'s ``best_val`` (the monitored metric of the
 epoch ``best.pt`` was saved at; ``best_val_metrics.json`` for a run that has not been tested
@@ -122,24 +124,54 @@ def split_keys(trials: list[Trial]) -> tuple[list[str], list[str], dict[str, str
     return contestant, tuned, common
 
 
-def name_of(settings: dict[str, str], contestant: list[str]) -> str:
-    """The contestant's option name: its config-group choices joined by ``-``."""
-    return "-".join(settings[k].replace("/", "_") for k in contestant) or "all"
+def name_of(settings: dict[str, str], contestant: list[str],
+            families: dict[str, list[str]] | None = None) -> str:  # fmt: skip
+    """The contestant's option name: its config-group choices joined by ``-``, a choice that
+    belongs to a family (``{family: [choices]}``) named by its family."""
+    family = {c: name for name, choices in (families or {}).items() for c in choices}
+    return "-".join(family.get(settings[k], settings[k]).replace("/", "_")
+                    for k in contestant) or "all"  # fmt: skip
+
+
+def check_families(trials: list[Trial], contestant: list[str],
+                   families: dict[str, list[str]]) -> None:  # fmt: skip
+    """Every choice a family lists is a config-group choice some stage-1 job made."""
+    made = {t.settings[k] for t in trials for k in contestant if k in t.settings}
+    for name, choices in families.items():
+        missing = [c for c in choices if c not in made]
+        if missing:
+            raise KeyError(
+                f"family {name!r} lists {missing}, which no stage-1 job chose (the sweep's "
+                f"config-group choices: {sorted(made)}); e.g. --family {name}="
+                + ",".join(c for c in choices if c in made)
+            )
 
 
 def select(
-    trials: list[Trial], metric: str, higher_is_better: bool = True
+    trials: list[Trial],
+    metric: str,
+    higher_is_better: bool = True,
+    families: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, dict], list[str], dict[str, str]]:
     """Per contestant, the tuned values with the best mean validation ``metric`` over seeds.
 
+    ``families`` (``{name: [config-group choices]}``) makes several choices of a config group
+    one contestant, ``name``, whose choice is tuned like a value: e.g. ``{"deflect":
+    ["deflect_hard", "deflect_embedding"]}`` picks one of the two per dataset.
+
     Returns:
         ``({contestant: {"groups", "chosen", "validation", "candidates"}}, contestant keys,
-        common settings)``.
+        common settings)``; ``groups`` holds the chosen family member, ``chosen`` the tuned
+        values (and, for a family, the group key with the member chosen).
 
     Raises:
-        KeyError: a run's validation metrics lack ``metric`` (listing those it has).
+        KeyError: a run's validation metrics lack ``metric`` (listing those it has), or a
+            family lists a choice no job made.
     """
     contestant, tuned, common = split_keys(trials)
+    families = families or {}
+    check_families(trials, contestant, families)
+    members = {c for choices in families.values() for c in choices}
     scores: dict[str, dict[tuple, list[float]]] = {}
     for trial in trials:
         if metric not in trial.validation:
@@ -147,16 +179,18 @@ def select(
                 f"{trial.folder}: validation metric {metric!r} not recorded; it has "
                 f"{sorted(k for k in trial.validation if k != 'epoch')}: pass --metric"
             )
-        values = tuple((k, trial.settings[k]) for k in tuned if k in trial.settings)
-        name = name_of(trial.settings, contestant)
+        values = tuple((k, trial.settings[k]) for k in contestant
+                       if trial.settings.get(k) in members)  # fmt: skip
+        values += tuple((k, trial.settings[k]) for k in tuned if k in trial.settings)
+        name = name_of(trial.settings, contestant, families)
         scores.setdefault(name, {}).setdefault(values, []).append(float(trial.validation[metric]))
     chosen = {}
     for name, candidates in scores.items():
         means = {values: statistics.mean(v) for values, v in candidates.items()}
         best = max(means, key=lambda v: means[v] if higher_is_better else -means[v])
-        first = next(t for t in trials if name_of(t.settings, contestant) == name)
+        first = next(t for t in trials if name_of(t.settings, contestant, families) == name)
         chosen[name] = {
-            "groups": {k: first.settings[k] for k in contestant},
+            "groups": {k: dict(best).get(k, first.settings[k]) for k in contestant},
             "chosen": dict(best),
             "validation": means[best],
             "candidates": [
@@ -173,6 +207,7 @@ def option_yaml(groups: dict[str, str], chosen: dict[str, str]) -> str:
 
     lines = ["# @package _global_", "# written by scripts/select_hparams.py", "defaults:"]
     lines += [f"  - override /{k.lstrip('+')}: {v}" for k, v in groups.items()]
+    chosen = {k: v for k, v in chosen.items() if k not in groups}  # a family's member: a group
     values = OmegaConf.to_yaml(OmegaConf.from_dotlist([f"{k}={v}" for k, v in chosen.items()]))
     return "\n".join(lines) + "\n" + (values if chosen else "")
 
@@ -207,7 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lower-is-better", action="store_true", default=None,
                         help="the metric is better lower (default: the run's task says, e.g. "
                              "rmse is lower-is-better)")  # fmt: skip
+    parser.add_argument("--family", action="append", default=[], metavar="NAME=C1,C2,...",
+                        help="config-group choices that are one contestant NAME whose choice is "
+                             "tuned, e.g. deflect=deflect_hard,deflect_embedding (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
+    families = {}
+    for item in args.family:
+        name, _, choices = item.partition("=")
+        if not name or not choices:
+            parser.error(f"--family {item!r}: use NAME=choice1,choice2, e.g. "
+                         "deflect=deflect_hard,deflect_embedding")  # fmt: skip
+        families[name] = choices.split(",")
     sweep = args.sweep.expanduser()
     trials = collect_trials(sweep) if sweep.is_dir() else []
     if not trials:
@@ -218,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metric, higher = monitor_of(trials[0].folder, args.metric)
         higher = higher and not args.lower_is_better
-        chosen, contestant, common = select(trials, metric, higher)
+        chosen, contestant, common = select(trials, metric, higher, families)
     except KeyError as error:
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 1

@@ -152,3 +152,48 @@ def test_the_protocol_end_to_end_through_run_py(demo_root, tmp_path):
     text = (stage2 / "results.md").read_text()
     assert "| frozen | 2 (0, 1) |" in text and "| lora | 2 (0, 1) |" in text
     assert "(seeds 0, 1) |" in text and "All 4 jobs finished." in text
+
+
+#: deflect_hard has the single best validation run (0.70) but deflect_embedding the best mean at
+#: lr scale 10 ((0.66 + 0.64) / 2 = 0.65 against hard's (0.70 + 0.50) / 2 = 0.60); test says hard.
+FAMILY = [
+    ({"finetune": "deflect_hard", "encoder_lr_scale": "10", "seed": "0"}, 0.70, 0.90),
+    ({"finetune": "deflect_hard", "encoder_lr_scale": "10", "seed": "1"}, 0.50, 0.90),
+    ({"finetune": "deflect_hard", "encoder_lr_scale": "1", "seed": "0"}, 0.40, 0.90),
+    ({"finetune": "deflect_hard", "encoder_lr_scale": "1", "seed": "1"}, 0.40, 0.90),
+    ({"finetune": "deflect_embedding", "encoder_lr_scale": "10", "seed": "0"}, 0.66, 0.10),
+    ({"finetune": "deflect_embedding", "encoder_lr_scale": "10", "seed": "1"}, 0.64, 0.10),
+    ({"finetune": "deflect_embedding", "encoder_lr_scale": "1", "seed": "0"}, 0.30, 0.10),
+    ({"finetune": "deflect_embedding", "encoder_lr_scale": "1", "seed": "1"}, 0.30, 0.10),
+    ({"finetune": "frozen", "encoder_lr_scale": "10", "seed": "0"}, 0.20, 0.50),
+    ({"finetune": "frozen", "encoder_lr_scale": "10", "seed": "1"}, 0.20, 0.50),
+    ({"finetune": "frozen", "encoder_lr_scale": "1", "seed": "0"}, 0.25, 0.50),
+    ({"finetune": "frozen", "encoder_lr_scale": "1", "seed": "1"}, 0.25, 0.50),
+]
+
+
+def test_a_family_is_one_contestant_whose_member_is_chosen_on_validation(tmp_path):
+    sweep = write_stage1(tmp_path / "stage1", FAMILY)
+    script = select_script()
+    assert script.main([str(sweep), "--metric", "mIoU",
+                        "--family", "deflect=deflect_hard,deflect_embedding"]) == 0  # fmt: skip
+    methods = yaml.safe_load((sweep / "selected.yaml").read_text())["methods"]
+    assert set(methods) == {"deflect", "frozen"}
+    assert methods["deflect"]["chosen"] == {"finetune": "deflect_embedding",
+                                            "encoder_lr_scale": "10"}  # fmt: skip
+    assert methods["deflect"]["validation"] == pytest.approx(0.65)
+    assert methods["deflect"]["groups"] == {"finetune": "deflect_embedding"}
+    assert len(methods["deflect"]["candidates"]) == 4
+    assert methods["frozen"]["chosen"] == {"encoder_lr_scale": "1"}
+    option = (sweep / "selected" / "selected" / "deflect.yaml").read_text()
+    assert "- override /finetune: deflect_embedding" in option
+    assert yaml.safe_load(option) == {"defaults": [{"override /finetune": "deflect_embedding"}],
+                                      "encoder_lr_scale": 10}  # fmt: skip
+
+
+def test_a_family_naming_a_choice_no_job_made_is_refused(tmp_path, capsys):
+    sweep = write_stage1(tmp_path / "stage1", FAMILY)
+    assert select_script().main([str(sweep), "--metric", "mIoU",
+                                 "--family", "deflect=deflect_hard,deflect_soft"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "family 'deflect' lists ['deflect_soft'], which no stage-1 job chose" in err

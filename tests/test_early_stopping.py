@@ -117,7 +117,7 @@ def test_training_stops_at_the_epoch_the_patience_runs_out(
     if stops_at:
         assert said == [
             f"early stopping after epoch {stops_at} of 10: val mIoU has not improved by more "
-            f"than {min_delta:g} for {patience} epochs (best 0.3600 at epoch 5); testing the "
+            f"than {min_delta:g} for {patience} validations (best 0.3600 at epoch 5); testing the "
             "best checkpoint"
         ]
     else:

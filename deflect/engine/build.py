@@ -193,6 +193,7 @@ def train_settings(cfg: DictConfig, task: Task) -> TrainSettings:
         stop_after_epochs=cfg.stop_after_epochs,
         early_stopping_patience=cfg.get("early_stopping_patience") or None,
         early_stopping_min_delta=float(cfg.get("early_stopping_min_delta") or 0.0),
+        val_every=cfg.get("val_every", 1),
     )
 
 

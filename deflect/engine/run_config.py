@@ -33,6 +33,7 @@ RUN_SETTINGS: dict[str, tuple] = {
     "stop_after_epochs": (_INT, 1, True, "stop_after_epochs=5"),
     "early_stopping_patience": (_INT, 0, True, "early_stopping_patience=5 (null or 0: off)"),
     "early_stopping_min_delta": (_FLOAT, 0.0, False, "early_stopping_min_delta=0.001"),
+    "val_every": (_INT, 1, False, "val_every=3 (validate every 3rd epoch and after the last)"),
     "log_interval": (_INT, 1, False, "log_interval=10"),
     "num_vis": (_INT, 0, False, "num_vis=4"),
     "eval_stride": (_INT, 1, True, "eval_stride=112 (null: half of img_size)"),
@@ -307,7 +308,8 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
 
 #: Settings added after runs were saved, with the value that does what runs did before them: a
 #: saved config without the key trained that way, so resuming it with that value changes nothing.
-ADDED_SETTINGS = {"early_stopping_patience": None, "early_stopping_min_delta": 0.0}
+ADDED_SETTINGS = {"early_stopping_patience": None, "early_stopping_min_delta": 0.0,
+                  "val_every": 1}  # fmt: skip
 
 
 def _named_task(settings: dict[str, object]) -> dict[str, object]:

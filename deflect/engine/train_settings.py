@@ -45,10 +45,12 @@ class TrainSettings:
         stop_after_epochs: leave ``fit`` after this many epochs in total, as a job killed by a
             time limit would, keeping ``last.pt`` for ``resume=true``; ``None`` runs them all.
         early_stopping_patience: finish the run (test, export) once the monitored metric has
-            not improved by more than ``early_stopping_min_delta`` for this many epochs in a
-            row; ``None`` or 0: never.
+            not improved by more than ``early_stopping_min_delta`` for this many validations in
+            a row (epochs when ``val_every`` is 1); ``None`` or 0: never.
         early_stopping_min_delta: the improvement (in the metric's units, e.g. a fraction for
             an IoU) that resets the patience; ``best.pt`` still follows every improvement.
+        val_every: validate every this many epochs and after the last one (an unvalidated
+            epoch saves no ``best.pt`` and leaves the patience as it is).
     """
 
     epochs: int
@@ -62,6 +64,7 @@ class TrainSettings:
     stop_after_epochs: int | None = None
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
+    val_every: int = 1
 
     def __post_init__(self) -> None:
         if self.precision not in AUTOCAST_DTYPES:
@@ -78,4 +81,11 @@ class TrainSettings:
         if not self.early_stopping_min_delta >= 0:
             raise ValueError(
                 f"early_stopping_min_delta={self.early_stopping_min_delta} must be >= 0"
+            )
+        if isinstance(self.val_every, bool) or not isinstance(self.val_every, int) or (
+            self.val_every < 1
+        ):
+            raise ValueError(
+                f"val_every={self.val_every!r}: expected an integer >= 1; e.g. val_every=3 "
+                "(validate every 3rd epoch and after the last)"
             )

@@ -4,10 +4,10 @@ what is logged).
 
 Per step: autocast forward, loss (+ any auxiliary loss the encoder reports, e.g. DEFLECT's soft
 deflection), backward (through a GradScaler for fp16 only), gradient clipping, optimiser and
-per-step scheduler. Per epoch: validation, ``best.pt`` when the monitored metric improves,
-``last.pt`` always (both written atomically). ``resume`` restores model, optimiser, scheduler,
+per-step scheduler. Per epoch: validation (every ``val_every``-th epoch and the last),
+``best.pt`` when the monitored metric improves, ``last.pt`` always (both written atomically). ``resume`` restores model, optimiser, scheduler,
 scaler, epoch and RNG state, and every epoch re-seeds its randomness from (seed, epoch, rank), so a
-resumed run ends exactly where an uninterrupted one does. Early stopping (``patience`` epochs
+resumed run ends exactly where an uninterrupted one does. Early stopping (``patience`` validations
 without an improvement of the monitored metric by more than ``min_delta``) keeps its count in
 ``last.pt`` too, so a resumed run stops at the same epoch.
 """
@@ -198,8 +198,8 @@ class Trainer:
         return score < reference - margin
 
     def _patience_over(self, epoch: int, score: float) -> bool:
-        """Count an epoch without improvement by more than min_delta; True (and logged) when
-        the patience is used up."""
+        """Count a validation without improvement by more than min_delta; True (and logged)
+        when the patience is used up."""
         patience = self.settings.early_stopping_patience
         if self._better(score, self.patience_score, self.settings.early_stopping_min_delta):
             self.patience_score, self.epochs_without_improvement = score, 0
@@ -211,12 +211,25 @@ class Trainer:
         if self.info.is_main:
             log.info(
                 "early stopping after epoch %d of %d: val %s has not improved by more than %g "
-                "for %d epochs (best %.4f at epoch %d); testing the best checkpoint",
+                "for %d validations (best %.4f at epoch %d); testing the best checkpoint",
                 epoch + 1, self.settings.epochs, self.settings.monitor,
                 self.settings.early_stopping_min_delta, patience, self.best_score,
                 self.best_epoch + 1,
             )  # fmt: skip
         return True
+
+    def validates(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) is validated for best.pt and the patience: every
+        ``val_every``-th epoch and the run's last."""
+        return (epoch + 1) % self.settings.val_every == 0 or epoch + 1 == self.settings.epochs
+
+    def _log_epoch_scalars(self, epoch: int, train_loss: float) -> None:
+        """The epoch's training loss and throughput in TensorBoard (rank 0)."""
+        self.writer.scalars({"train/epoch_loss": train_loss}, epoch + 1)
+        if self.throughput.images_per_second is not None:
+            self.writer.scalars(
+                {"train/images_per_s": self.throughput.images_per_second}, epoch + 1
+            )
 
     def fit(self) -> bool:
         """Train the remaining epochs; True when the run is done (every epoch trained, or
@@ -232,27 +245,36 @@ class Trainer:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             train_loss = self.train_one_epoch(epoch)
+            counts = self.validates(epoch)
+            # The last epoch before a stop_after_epochs exit is validated for the record (log,
+            # TensorBoard) but counts for nothing: a resumed run keeps best.pt and the patience
+            # exactly where an uninterrupted one has them.
+            if not counts and epoch + 1 < last_epoch:
+                if self.info.is_main:
+                    self._log_epoch_scalars(epoch, train_loss)
+                    log.info("epoch %d/%d  train loss %.4f  (not validated: val_every=%d)",
+                             epoch + 1, self.settings.epochs, train_loss,
+                             self.settings.val_every)  # fmt: skip
+                    self.save_last(epoch)
+                continue
             metrics = self.evaluator.evaluate(
                 self.raw_model, self.val_loader, desc=f"val {epoch + 1}/{self.settings.epochs}"
             )
             score = metrics[self.settings.monitor]
-            improved = self._better(score, self.best_score)
+            improved = counts and self._better(score, self.best_score)
             if improved:
                 self.best_score, self.best_epoch, self.best_metrics = score, epoch, metrics
             if self.info.is_main:
                 self.writer.scalars(self.task.scalars("val", metrics), epoch + 1)
-                self.writer.scalars({"train/epoch_loss": train_loss}, epoch + 1)
-                if self.throughput.images_per_second is not None:
-                    self.writer.scalars(
-                        {"train/images_per_s": self.throughput.images_per_second}, epoch + 1
-                    )
+                self._log_epoch_scalars(epoch, train_loss)
                 log.info(
                     "epoch %d/%d  train loss %.4f  val %s%s",
                     epoch + 1,
                     self.settings.epochs,
                     train_loss,
                     self.task.log_line(metrics),
-                    "  (best)" if improved else "",
+                    "  (best)" if improved else "" if counts else "  (before stopping; not "
+                    "counted for best.pt or the patience)",
                 )
                 if improved:
                     atomic_save(
@@ -266,7 +288,8 @@ class Trainer:
                         },
                         self.checkpoint_dir / "best.pt",
                     )
-            stop = self._patience_over(epoch, score)  # every rank: the same all-reduced score
+            # every rank: the same all-reduced score
+            stop = counts and self._patience_over(epoch, score)
             if self.info.is_main:
                 self.save_last(epoch)
             if stop:

@@ -137,9 +137,10 @@ def name_of(settings: dict[str, str], contestant: list[str],
     """The contestant's option name: its config-group choices joined by ``-``, a choice in a
     family (``family_of``: ``(key, choice) -> family``) named by its family."""
     family_of = family_of or {}
-    return "-".join(
-        family_of.get((k, settings[k]), settings[k]).replace("/", "_") for k in contestant
-    ) or "all"
+    return (
+        "-".join(family_of.get((k, settings[k]), settings[k]).replace("/", "_") for k in contestant)
+        or "all"
+    )
 
 
 def family_keys(trials: list[Trial], contestant: list[str],
@@ -183,7 +184,9 @@ def family_keys(trials: list[Trial], contestant: list[str],
 
 
 def select(
-    trials: list[Trial], metric: str, higher_is_better: bool = True,
+    trials: list[Trial],
+    metric: str,
+    higher_is_better: bool = True,
     families: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, dict], list[str], dict[str, str]]:
     """Per contestant, the tuned values with the best mean validation ``metric`` over seeds.

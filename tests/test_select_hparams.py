@@ -212,7 +212,8 @@ def test_a_family_is_one_contestant_whose_choice_is_tuned(tmp_path):
     option = (sweep / "selected" / "selected" / "deflect.yaml").read_text()
     assert "  - override /finetune: deflect_embedding\n" in option
     assert yaml.safe_load(option) == {
-        "defaults": [{"override /finetune": "deflect_embedding"}], "encoder_lr_scale": 3
+        "defaults": [{"override /finetune": "deflect_embedding"}],
+        "encoder_lr_scale": 3,
     }
     # without the family every choice is its own contestant, as before
     chosen, _, _ = script.select(script.collect_trials(sweep), "mIoU")

@@ -14,9 +14,17 @@ jobs: config groups (``finetune``, ``dataset``, ``encoder``, ...) name a contest
 per contestant, e.g. per method and dataset); every other varying key (``optimizer.lr``,
 ``encoder_lr_scale``, ``finetune.rank``, ...) is a hyperparameter; ``seed`` is averaged over.
 Per contestant, the values with the best mean validation score win (the first in the sweep's
-order on a tie). ``--family deflect=deflect_hard,deflect_embedding`` makes several choices of a
-config group one contestant whose choice is tuned like a value (DEFLECT with the deflection
-validation prefers); its option overrides the group with the chosen member.
+order on a tie).
+
+A config group's choices can instead be one contestant whose choice is tuned: ``--family
+NAME=choice1,choice2,...`` (repeatable; ``select(..., families={NAME: [choices]})`` from
+Python). With stage 1 ``finetune=frozen,deflect_hard,deflect_embedding,deflect_none
+encoder_lr_scale=3,30`` and ``--family deflect=deflect_hard,deflect_embedding,deflect_none``
+the contestants are ``frozen`` and ``deflect``: deflect's candidates are every (choice,
+values) pair, the best mean validation wins (not the choice with the best single run), its
+chosen values include ``finetune: deflect_embedding`` (say), and ``selected/selected/deflect.yaml``
+selects it as ``- override /finetune: deflect_embedding``. With other varying groups the name
+is joined as usual (``<dataset>-deflect``). Every listed choice must be one the sweep ran.
 
 Each run's validation score is ``metrics.json``'s ``best_val`` (the monitored metric of the
 epoch ``best.pt`` was saved at; ``best_val_metrics.json`` for a run that has not been tested
@@ -125,26 +133,54 @@ def split_keys(trials: list[Trial]) -> tuple[list[str], list[str], dict[str, str
 
 
 def name_of(settings: dict[str, str], contestant: list[str],
-            families: dict[str, list[str]] | None = None) -> str:  # fmt: skip
-    """The contestant's option name: its config-group choices joined by ``-``, a choice that
-    belongs to a family (``{family: [choices]}``) named by its family."""
-    family = {c: name for name, choices in (families or {}).items() for c in choices}
-    return "-".join(family.get(settings[k], settings[k]).replace("/", "_")
-                    for k in contestant) or "all"  # fmt: skip
+            family_of: dict[tuple[str, str], str] | None = None) -> str:  # fmt: skip
+    """The contestant's option name: its config-group choices joined by ``-``, a choice in a
+    family (``family_of``: ``(key, choice) -> family``) named by its family."""
+    family_of = family_of or {}
+    return (
+        "-".join(family_of.get((k, settings[k]), settings[k]).replace("/", "_") for k in contestant)
+        or "all"
+    )
 
 
-def check_families(trials: list[Trial], contestant: list[str],
-                   families: dict[str, list[str]]) -> None:  # fmt: skip
-    """Every choice a family lists is a config-group choice some stage-1 job made."""
-    made = {t.settings[k] for t in trials for k in contestant if k in t.settings}
+def family_keys(trials: list[Trial], contestant: list[str],
+                families: dict[str, list[str]]) -> dict[tuple[str, str], str]:  # fmt: skip
+    """``(config-group key, choice) -> family`` for ``families`` (``{name: [choices]}``).
+
+    Raises:
+        ValueError: a family without choices, a choice the sweep did not run as a varying
+            config group's, a family's choices in two groups, a choice in two families, or a
+            family named as a choice of the sweep.
+    """
+    ran = {k: list(dict.fromkeys(t.settings[k] for t in trials if k in t.settings))
+           for k in contestant}  # fmt: skip
+    family_of: dict[tuple[str, str], str] = {}
     for name, choices in families.items():
-        missing = [c for c in choices if c not in made]
-        if missing:
-            raise KeyError(
-                f"family {name!r} lists {missing}, which no stage-1 job chose (the sweep's "
-                f"config-group choices: {sorted(made)}); e.g. --family {name}="
-                + ",".join(c for c in choices if c in made)
-            )
+        if not choices:
+            raise ValueError(f"family {name!r} lists no choice: --family {name}=<choice>,...")
+        keys = set()
+        for choice in choices:
+            where = [k for k in contestant if choice in ran[k]]
+            if not where:
+                varied = "; ".join(f"{k}: {', '.join(v)}" for k, v in ran.items()) or "none"
+                raise ValueError(
+                    f"family {name!r}: {choice!r} is not a choice the sweep ran of a config "
+                    f"group it varies ({varied}); list only those, e.g. --family "
+                    f"{name}=<choice>,<choice>"
+                )
+            keys.update(where)
+            if (where[0], choice) in family_of:
+                raise ValueError(f"{choice!r} is in two families: {family_of[where[0], choice]!r}"
+                                 f" and {name!r}")  # fmt: skip
+            family_of[where[0], choice] = name
+        if len(keys) > 1:
+            raise ValueError(f"family {name!r} mixes config groups {sorted(keys)}: a family's "
+                             "choices are one group's")  # fmt: skip
+        clash = [k for k in contestant if name in ran[k] and (k, name) not in family_of]
+        if clash:
+            raise ValueError(f"family {name!r} is also a {clash[0]} choice the sweep ran: "
+                             "name the family otherwise")  # fmt: skip
+    return family_of
 
 
 def select(
@@ -155,23 +191,21 @@ def select(
 ) -> tuple[dict[str, dict], list[str], dict[str, str]]:
     """Per contestant, the tuned values with the best mean validation ``metric`` over seeds.
 
-    ``families`` (``{name: [config-group choices]}``) makes several choices of a config group
-    one contestant, ``name``, whose choice is tuned like a value: e.g. ``{"deflect":
-    ["deflect_hard", "deflect_embedding"]}`` picks one of the two per dataset.
+    Args:
+        families: ``{name: [choices of one config group]}``: those choices are one contestant
+            ``name`` whose choice is tuned with its values (the key is in its ``chosen``, and
+            its ``groups`` hold the winning choice).
 
     Returns:
         ``({contestant: {"groups", "chosen", "validation", "candidates"}}, contestant keys,
-        common settings)``; ``groups`` holds the chosen family member, ``chosen`` the tuned
-        values (and, for a family, the group key with the member chosen).
+        common settings)``.
 
     Raises:
-        KeyError: a run's validation metrics lack ``metric`` (listing those it has), or a
-            family lists a choice no job made.
+        KeyError: a run's validation metrics lack ``metric`` (listing those it has).
+        ValueError: a family's choice the sweep did not run (see :func:`family_keys`).
     """
     contestant, tuned, common = split_keys(trials)
-    families = families or {}
-    check_families(trials, contestant, families)
-    members = {c for choices in families.values() for c in choices}
+    family_of = family_keys(trials, contestant, families or {})
     scores: dict[str, dict[tuple, list[float]]] = {}
     for trial in trials:
         if metric not in trial.validation:
@@ -179,16 +213,17 @@ def select(
                 f"{trial.folder}: validation metric {metric!r} not recorded; it has "
                 f"{sorted(k for k in trial.validation if k != 'epoch')}: pass --metric"
             )
-        values = tuple((k, trial.settings[k]) for k in contestant
-                       if trial.settings.get(k) in members)  # fmt: skip
-        values += tuple((k, trial.settings[k]) for k in tuned if k in trial.settings)
-        name = name_of(trial.settings, contestant, families)
+        values = tuple((k, trial.settings[k]) for k in tuned if k in trial.settings)
+        family = tuple((k, trial.settings[k]) for k in contestant
+                       if (k, trial.settings[k]) in family_of)  # fmt: skip
+        values = family + values  # a family's choice is tuned like a value
+        name = name_of(trial.settings, contestant, family_of)
         scores.setdefault(name, {}).setdefault(values, []).append(float(trial.validation[metric]))
     chosen = {}
     for name, candidates in scores.items():
         means = {values: statistics.mean(v) for values, v in candidates.items()}
         best = max(means, key=lambda v: means[v] if higher_is_better else -means[v])
-        first = next(t for t in trials if name_of(t.settings, contestant, families) == name)
+        first = next(t for t in trials if name_of(t.settings, contestant, family_of) == name)
         chosen[name] = {
             "groups": {k: dict(best).get(k, first.settings[k]) for k in contestant},
             "chosen": dict(best),
@@ -207,7 +242,7 @@ def option_yaml(groups: dict[str, str], chosen: dict[str, str]) -> str:
 
     lines = ["# @package _global_", "# written by scripts/select_hparams.py", "defaults:"]
     lines += [f"  - override /{k.lstrip('+')}: {v}" for k, v in groups.items()]
-    chosen = {k: v for k, v in chosen.items() if k not in groups}  # a family's member: a group
+    chosen = {k: v for k, v in chosen.items() if k not in groups}  # a family's choice: above
     values = OmegaConf.to_yaml(OmegaConf.from_dotlist([f"{k}={v}" for k, v in chosen.items()]))
     return "\n".join(lines) + "\n" + (values if chosen else "")
 
@@ -243,16 +278,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the metric is better lower (default: the run's task says, e.g. "
                              "rmse is lower-is-better)")  # fmt: skip
     parser.add_argument("--family", action="append", default=[], metavar="NAME=C1,C2,...",
-                        help="config-group choices that are one contestant NAME whose choice is "
-                             "tuned, e.g. deflect=deflect_hard,deflect_embedding (repeatable)")  # fmt: skip
+                        help="one config group's choices as one contestant NAME whose choice is "
+                             "tuned, not compared (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     families = {}
     for item in args.family:
         name, _, choices = item.partition("=")
         if not name or not choices:
-            parser.error(f"--family {item!r}: use NAME=choice1,choice2, e.g. "
-                         "deflect=deflect_hard,deflect_embedding")  # fmt: skip
-        families[name] = choices.split(",")
+            parser.error(f"--family {item!r}: expected NAME=choice1,choice2,... e.g. "
+                         "--family deflect=deflect_hard,deflect_embedding")  # fmt: skip
+        families[name] = [c for c in choices.split(",") if c]
     sweep = args.sweep.expanduser()
     trials = collect_trials(sweep) if sweep.is_dir() else []
     if not trials:
@@ -263,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metric, higher = monitor_of(trials[0].folder, args.metric)
         higher = higher and not args.lower_is_better
-        chosen, contestant, common = select(trials, metric, higher, families)
-    except KeyError as error:
+        chosen, contestant, common = select(trials, metric, higher, families=families)
+    except (KeyError, ValueError) as error:
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 1
     command = write_selection(sweep, chosen, common, args.seeds, metric, higher)

@@ -20,7 +20,7 @@ from deflect.engine.distributed import DistInfo
 from deflect.engine.trainer import Trainer, TrainSettings
 from deflect.engine.workdir import check_run_config
 from tests.conftest import TINY, run_cli
-from tests.test_early_stopping import SCRIPT, Scalar, ScriptedEvaluator, Task
+from tests.test_early_stopping import Scalar, ScriptedEvaluator, Task
 
 
 class RecordingWriter:
@@ -71,6 +71,17 @@ def test_every_third_epoch_and_the_last_are_validated(tmp_path, caplog):
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 6
     # every epoch trained: the epoch losses are in TensorBoard for all seven
     assert [s for tag, s in run.writer.points if tag == "train/epoch_loss"] == list(range(1, 8))
+
+
+def test_the_last_epoch_counts_even_off_the_schedule(tmp_path, caplog):
+    """epochs=5, val_every=3: validated 3 (0.35) and 5 (0.36), the last, which improves: best.pt
+    is epoch 5's, and its log line says (best)."""
+    run = trainer(tmp_path, epochs=5, val_every=3)
+    with caplog.at_level(logging.INFO):
+        assert run.fit() is True
+    assert run.writer.val_steps() == [3, 5] and run.best_epoch + 1 == 5
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 4
+    assert [r.getMessage() for r in caplog.records][-1].endswith("(best)")
 
 
 def test_the_patience_counts_validations_not_epochs(tmp_path):
@@ -148,4 +159,6 @@ def test_val_every_through_run_py(demo_root, tmp_path):
     assert best in (3, 6, 7)
     bad = run_cli([*args[:-1], f"work_dir={tmp_path / 'bad'}", "val_every=0"], tmp_path,
                   check=False)  # fmt: skip
-    assert bad.returncode != 0 and "val_every=0: expected an integer >= 1" in bad.stderr + bad.stdout
+    assert (
+        bad.returncode != 0 and "val_every=0: expected an integer >= 1" in bad.stderr + bad.stdout
+    )

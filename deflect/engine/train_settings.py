@@ -82,8 +82,10 @@ class TrainSettings:
             raise ValueError(
                 f"early_stopping_min_delta={self.early_stopping_min_delta} must be >= 0"
             )
-        if isinstance(self.val_every, bool) or not isinstance(self.val_every, int) or (
-            self.val_every < 1
+        if (
+            isinstance(self.val_every, bool)
+            or not isinstance(self.val_every, int)
+            or (self.val_every < 1)
         ):
             raise ValueError(
                 f"val_every={self.val_every!r}: expected an integer >= 1; e.g. val_every=3 "

@@ -47,6 +47,8 @@ from deflect.engine.train_settings import (
 from deflect.tasks.base import Task
 
 log = logging.getLogger(__name__)
+#: The log line's mark of a validation made only for the record (before a stop_after_epochs exit).
+RECORD_ONLY = "  (before stopping; not counted for best.pt or the patience)"
 #: Importable from here as before (:mod:`deflect.engine.train_settings`).
 __all__ = ["MAX_BAD_STEPS", "MAX_BAD_STEPS_FP16", "TrainSettings", "Trainer", "seed_epoch"]
 
@@ -273,8 +275,7 @@ class Trainer:
                     self.settings.epochs,
                     train_loss,
                     self.task.log_line(metrics),
-                    "  (best)" if improved else "" if counts else "  (before stopping; not "
-                    "counted for best.pt or the patience)",
+                    "  (best)" if improved else "" if counts else RECORD_ONLY,
                 )
                 if improved:
                     atomic_save(

@@ -63,9 +63,23 @@ class Trial:
     validation: dict
 
 
-def config_groups() -> set[str]:
-    """The framework's config groups (folders of ``configs/``)."""
-    return {p.name for p in (REPO / "configs").iterdir() if p.is_dir() and p.name != "hydra"}
+def search_path(sweep: Path | None) -> list[Path]:
+    """The folders of the sweep's ``hydra.searchpath`` (``file://`` entries of its
+    ``multirun.yaml``): where options of the user's own config groups live."""
+    if sweep is None or not (sweep / "multirun.yaml").is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    entries = OmegaConf.load(sweep / "multirun.yaml").get("hydra", {}).get("searchpath") or []
+    return [Path(str(e)[len("file://") :]) for e in entries if str(e).startswith("file://")]
+
+
+def config_groups(sweep: Path | None = None) -> set[str]:
+    """The config groups: folders of the framework's ``configs/``, and of the folders on the
+    sweep's search path (e.g. ``+study=...`` options of one's own)."""
+    roots = [REPO / "configs", *search_path(sweep)]
+    return {p.name for root in roots if root.is_dir() for p in root.iterdir()
+            if p.is_dir() and p.name not in ("hydra", GROUP)}  # fmt: skip
 
 
 def read_json(path: Path) -> dict:
@@ -125,7 +139,7 @@ def split_keys(trials: list[Trial]) -> tuple[list[str], list[str], dict[str, str
     varying keys (seed excluded), and the keys every job shares."""
     keys = list(dict.fromkeys(k for t in trials for k in t.settings))
     varying = [k for k in keys if len({t.settings.get(k) for t in trials}) > 1]
-    groups = config_groups()
+    groups = config_groups(trials[0].folder.parent if trials else None)
     contestant = [k for k in varying if k.lstrip("+~") in groups]
     tuned = [k for k in varying if k not in contestant and k != SEED]
     common = {k: v for k, v in trials[0].settings.items() if k not in varying and k != SEED}
@@ -241,7 +255,10 @@ def option_yaml(groups: dict[str, str], chosen: dict[str, str]) -> str:
     from omegaconf import OmegaConf
 
     lines = ["# @package _global_", "# written by scripts/select_hparams.py", "defaults:"]
-    lines += [f"  - override /{k.lstrip('+')}: {v}" for k, v in groups.items()]
+    lines += [
+        f"  - /{k[1:]}: {v}" if k.startswith("+") else f"  - override /{k}: {v}"
+        for k, v in groups.items()
+    ]  # fmt: skip  (an appended group: no override)
     chosen = {k: v for k, v in chosen.items() if k not in groups}  # a family's choice: above
     values = OmegaConf.to_yaml(OmegaConf.from_dotlist([f"{k}={v}" for k, v in chosen.items()]))
     return "\n".join(lines) + "\n" + (values if chosen else "")
@@ -256,8 +273,9 @@ def write_selection(sweep: Path, chosen: dict, common: dict[str, str], seeds: in
     options.mkdir(parents=True, exist_ok=True)
     for name, entry in chosen.items():
         (options / f"{name}.yaml").write_text(option_yaml(entry["groups"], entry["chosen"]))
+    path = ",".join(f"file://{p}" for p in [(sweep / "selected").resolve(), *search_path(sweep)])
     command = " ".join([
-        "python run.py -m", f"'hydra.searchpath=[file://{(sweep / 'selected').resolve()}]'",
+        "python run.py -m", f"'hydra.searchpath=[{path}]'",
         f"+{GROUP}={','.join(chosen)}", f"{SEED}={','.join(str(s) for s in range(seeds))}",
         *(f"{k}={v}" for k, v in common.items()),
     ])  # fmt: skip

@@ -97,7 +97,7 @@ def test_a_planted_nir_task_ranks_nir_first_and_an_irrelevant_band_near_zero(tmp
     root = tmp_path / "nir"
     for split, n in (("train", 24), ("val", 4), ("test", 4)):
         for i in range(n):
-            mask = s.class_map(rng, 32, 2, 4)
+            mask = s.class_map(rng, 32, 4) % 2  # 4 regions, 2 classes
             means = np.array([[0.06, 0.09, 0.08, 0.15, 0.22, 0.25, 0.15],
                               [0.06, 0.09, 0.08, 0.15, 0.42, 0.25, 0.15]])  # fmt: skip
             image = means[mask].transpose(2, 0, 1) + rng.normal(0, 0.01, (7, 32, 32))

@@ -317,3 +317,25 @@ def test_deflects_family_member_and_scale_are_chosen_together_on_validation(tmp_
     assert "- override /finetune: deflect_embedding" in option
     assert yaml.safe_load(option) == {"defaults": [{"override /finetune": "deflect_embedding"}],
                                       "encoder_lr_scale": 10}  # fmt: skip
+
+
+def test_groups_on_the_sweeps_search_path_are_contestants_and_options_append_them(tmp_path):
+    """``+study=a,b`` from one's own search path (the sweep's ``multirun.yaml`` names it) is a
+    contestant like ``dataset``, and its option appends the group (``- /study: a``: no
+    ``override``, the group is not in the defaults)."""
+    own = tmp_path / "own"
+    (own / "study").mkdir(parents=True)
+    for name in ("a", "b"):
+        (own / "study" / f"{name}.yaml").write_text("# @package _global_\nepochs: 2\n")
+    runs = [({"+study": s, "encoder_lr_scale": lr, "seed": "0"}, val, 0.5)
+            for s, lr, val in (("a", "1", 0.4), ("a", "10", 0.6), ("b", "1", 0.7),
+                               ("b", "10", 0.2))]  # fmt: skip
+    sweep = write_stage1(tmp_path / "stage1", runs)
+    (sweep / "multirun.yaml").write_text(f"hydra:\n  searchpath:\n  - file://{own}\n")
+    assert select_script().main([str(sweep), "--metric", "mIoU"]) == 0
+    summary = yaml.safe_load((sweep / "selected.yaml").read_text())
+    chosen = {k: v["chosen"] for k, v in summary["methods"].items()}
+    assert chosen == {"a": {"encoder_lr_scale": "10"}, "b": {"encoder_lr_scale": "1"}}
+    option = yaml.safe_load((sweep / "selected" / "selected" / "a.yaml").read_text())
+    assert option == {"defaults": [{"/study": "a"}], "encoder_lr_scale": 10}
+    assert f"file://{own}" in summary["stage_2"]  # stage 2 finds the options it appends

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,slurm,export]'
+	$(BIN)/pip install --quiet -e '.[dev,slurm,export,parallel]'
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project

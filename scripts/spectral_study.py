@@ -822,7 +822,8 @@ def report(out: Path, scale: Scale, table: dict[str, Contestant], oracles: dict,
     lines = ["# Spectral study", "",
              f"Tiles {scale.tile} px, patch {PATCH}; training sets of "
              f"{', '.join(str(n) for n, *_ in scale.sizes)} tiles "
-             f"(epochs {', '.join(str(e) for _, e, *_ in scale.sizes)}), 8-tile batches, "
+             f"(epochs {', '.join(str(e) for _, e, *_ in scale.sizes)}, batches of "
+             f"{', '.join(str(b) for *_, b in scale.sizes)} tiles), "
              f"{scale.tiles['val']} validation and {scale.tiles['test']} test tiles; seeds "
              f"0-{max(scale.seeds)} (the training subset drawn with the seed). Test mIoU (%): "
              "mean ± std [95 % bootstrap interval of the mean]. Learning-rate scale (and "
@@ -916,7 +917,7 @@ def draw(out: Path, scale: Scale, table: dict[str, Contestant], oracles: dict) -
 
     from deflect.compare import summarise
 
-    fig, axes = plt.subplots(1, len(scale.tasks), figsize=(6 * len(scale.tasks), 4.5), dpi=120,
+    fig, axes = plt.subplots(1, len(scale.tasks), figsize=(6 * len(scale.tasks), 5.2), dpi=120,
                              squeeze=False)  # fmt: skip
     methods = list(dict.fromkeys(c.method for c in table.values()))
     for ax, task in zip(axes[0], scale.tasks):
@@ -929,20 +930,24 @@ def draw(out: Path, scale: Scale, table: dict[str, Contestant], oracles: dict) -
                     s = summarise(list(item.test.values()))
                     xs.append(n * (1 + 0.02 * (i - len(methods) / 2)))
                     ys.append(s.mean), los.append(s.mean - s.lo), his.append(s.hi - s.mean)
-            style = {"color": "C3", "linewidth": 2.5} if method == "deflect" else {}
+            others = [m for m in methods if m != "deflect"]
+            style = ({"color": "C3", "linewidth": 2.5} if method == "deflect"
+                     else {"color": ["C0", "C1", "C2", "C4", "C5", "C6"][others.index(method) % 6]})  # fmt: skip
             ax.errorbar(xs, ys, yerr=[los, his], marker="o", capsize=3,
                         label=LABELS.get(method, method), **style)  # fmt: skip
         for key, colour in (("pixel", "k"), ("patch", "grey")):
             ax.axhline(oracles[task][key], color=colour, linestyle="--", linewidth=1,
                        label=f"{key} oracle")  # fmt: skip
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks([n for n, *_ in scale.sizes], [str(n) for n, *_ in scale.sizes])
         ax.set_xlabel("training tiles")
         ax.set_ylabel("test mIoU (%)")
         ax.set_title(task)
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path = out / "study.png"
     fig.savefig(path)
     plt.close(fig)

@@ -465,6 +465,19 @@ def patch_majority(masks: np.ndarray, classes: int) -> np.ndarray:
     return counts.argmax(-1).ravel()
 
 
+def block_tokens(vit, x: torch.Tensor) -> list[np.ndarray]:
+    """The patch tokens after each block, ``(N * patches, D)`` per block (prefix tokens left out)."""
+    import torch
+
+    per_block = []
+    with torch.no_grad():
+        tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        for block in vit.blocks:
+            tokens = block(tokens)
+            per_block.append(tokens[:, vit.num_prefix_tokens :].flatten(0, 1).numpy())
+    return per_block
+
+
 def encoder_quality(out: Path, scale: Scale, data: Path) -> dict:
     """The pretrained encoder against a random one of the same shape: a linear probe of the
     frozen patch tokens (blocks 1 and 5) on ``rededge_subclass``'s RGB classes (water,
@@ -486,12 +499,7 @@ def encoder_quality(out: Path, scale: Scale, data: Path) -> dict:
         features = {}
         for split, (images, masks) in splits.items():
             x = torch.tensor((images[:, rgb] - mean) / std, dtype=torch.float32)
-            with torch.no_grad():
-                tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
-                per_block = []
-                for block in vit.blocks:
-                    tokens = block(tokens)
-                    per_block.append(tokens[:, vit.num_prefix_tokens :].flatten(0, 1).numpy())
+            per_block = block_tokens(vit, x)
             features[split] = (per_block, merged[patch_majority(masks, 4)])
             if split == "test":
                 result.setdefault("norms", {})[name] = token_norms(vit, x)
@@ -504,13 +512,8 @@ def encoder_quality(out: Path, scale: Scale, data: Path) -> dict:
         for split, count in (("train", 32), ("test", 16)):
             images, labels = orientation_tiles(np.random.default_rng(len(split)), count, scale.tile)
             x = torch.tensor((images - mean) / std, dtype=torch.float32)
-            with torch.no_grad():
-                tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
-                per_block = []
-                for block in vit.blocks:
-                    tokens = block(tokens)
-                    per_block.append(tokens[:, vit.num_prefix_tokens :].flatten(0, 1).numpy())
-            texture[split] = (per_block, labels.repeat(tokens.shape[1] - vit.num_prefix_tokens))
+            per_block = block_tokens(vit, x)
+            texture[split] = (per_block, labels.repeat(len(per_block[0]) // len(labels)))
         result.setdefault("orientation_probe", {})[name] = {
             f"block {b}": ridge_probe(texture["train"][0][b], texture["train"][1],
                                       texture["test"][0][b], texture["test"][1], 4)
